@@ -1,0 +1,255 @@
+"""Reference Azure ML entry script: a TensorFlow SavedModel of image classification behind @rawhttp.
+
+POST the bytes of one JPEG or PNG (any Content-Type but application/json) -> the top classes of that image.
+POST application/json {"images": [base64, ...]} -> one result per image, scored in one model call.
+Runs unchanged under Azure ML's server (azmlinfsrv) and under `scorehost serve`. `run_batch` is scorehost's
+optional dynamic-batching hook: several requests scored in one model call; Azure ML never calls it.
+
+Settings (environment): AZUREML_MODEL_DIR (where the model is: Azure ML's <dir>/<name>/<version>/ layout, or a plain
+directory holding saved_model.pb), SCORE_MAX_IMAGES (images per request, default 64), SCORE_MAX_PIXELS (per image,
+default 40,000,000).
+
+Locally, without a server:  python score.py [--model-dir DIR] IMAGE...
+"""
+
+import base64
+import binascii
+import io
+import logging
+import os
+import sys
+import time
+
+import ujson
+from azureml.contrib.services.aml_request import AMLRequest, rawhttp
+from azureml.contrib.services.aml_response import AMLResponse
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
+
+log = logging.getLogger("score")
+
+MAX_IMAGES = int(os.environ.get("SCORE_MAX_IMAGES", "64"))
+MAX_PIXELS = int(os.environ.get("SCORE_MAX_PIXELS", "40000000"))
+FORMATS = ("JPEG", "PNG")
+
+model = None  # set by init(): the Model below
+
+
+class BadRequest(Exception):
+    """What was wrong with the client's input; becomes a 4xx JSON answer, never a traceback."""
+
+    def __init__(self, status, message):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+class Model:
+    """The SavedModel's serving signature, its labels and its name/version."""
+
+    def __init__(self, path):
+        import tensorflow as tf
+
+        self.tf = tf
+        started = time.perf_counter()
+        loaded = tf.saved_model.load(path)
+        self._loaded = loaded  # keeps the signature's variables alive
+        self.infer = loaded.signatures["serving_default"]
+        inputs = self.infer.structured_input_signature[1]
+        if len(inputs) != 1:
+            raise ValueError(f"The model's serving signature must take exactly one input (a batch of encoded "
+                             f"images); it takes {len(inputs)}: {sorted(inputs)}")
+        self.input_name = next(iter(inputs))
+        with open(os.path.join(path, "labels.txt"), encoding="utf-8") as f:
+            self.labels = f.read().splitlines()
+        parent, version = os.path.split(os.path.normpath(path))
+        self.name, self.version = os.path.basename(parent), version
+        if "metadata" in loaded.signatures:
+            meta = {k: v.numpy().decode() for k, v in loaded.signatures["metadata"]().items()}
+            self.name, self.version = meta.get("name", self.name), meta.get("version", self.version)
+            log.warning("model %s version %s: %s", self.name, self.version, meta.get("description", ""))
+        log.info("loaded %s in %.1f s", path, time.perf_counter() - started)
+
+    def predict(self, images):
+        """Top classes for each encoded image, in one model call. Never called with an empty list."""
+        out = self.infer(**{self.input_name: self.tf.constant(images)})
+        ids, probabilities = out["class_ids"].numpy(), out["probabilities"].numpy()
+        return [[{"label": self.labels[c], "class_id": int(c), "probability": round(float(p), 6)}
+                 for c, p in zip(row_ids, row_p)] for row_ids, row_p in zip(ids, probabilities)]
+
+    def undecodable(self, images):
+        """Indices of the images the model's decoder rejects (asked only after a batch failed)."""
+        bad = []
+        for i, image in enumerate(images):
+            try:
+                self.tf.io.decode_image(image, channels=3, expand_animations=False)
+            except self.tf.errors.InvalidArgumentError:
+                bad.append(i)
+        return bad
+
+
+def find_saved_model(model_dir):
+    """The one directory under model_dir that holds saved_model.pb (Azure ML nests it as <name>/<version>/)."""
+    if not model_dir or not os.path.isdir(model_dir):
+        raise FileNotFoundError(f"AZUREML_MODEL_DIR is {model_dir!r}: not a directory")
+    found = sorted(root for root, _, files in os.walk(model_dir) if "saved_model.pb" in files)
+    if not found:
+        raise FileNotFoundError(f"No saved_model.pb under AZUREML_MODEL_DIR={model_dir}")
+    if len(found) > 1:
+        raise ValueError(f"Several SavedModels under AZUREML_MODEL_DIR={model_dir}: {found}; point it at one")
+    return found[0]
+
+
+def init():
+    global model
+    model = Model(find_saved_model(os.environ.get("AZUREML_MODEL_DIR")))
+    model.predict([_warm_up_image()])  # traces the graph now, so the first request is not the slow one
+
+
+def _warm_up_image():
+    import tensorflow as tf
+
+    return tf.io.encode_png(tf.zeros([8, 8, 3], tf.uint8)).numpy()
+
+
+def check_image(data, where):
+    """Refuse what the model cannot decode, or must not (decompression bombs), before any model call."""
+    from PIL import Image
+
+    if not data:
+        raise BadRequest(400, f"{where} is empty: send the bytes of a JPEG or PNG image")
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            kind, (width, height) = image.format, image.size
+    except Image.DecompressionBombError:
+        raise BadRequest(413, f"{where} has too many pixels (limit {MAX_PIXELS})") from None
+    except Exception:  # Pillow raises several types for unreadable data
+        raise BadRequest(400, f"{where} is not an image: send the bytes of a JPEG or PNG image") from None
+    if kind not in FORMATS:
+        raise BadRequest(415, f"{where} is a {kind} image; only JPEG and PNG are accepted")
+    if width * height > MAX_PIXELS:
+        raise BadRequest(413, f"{where} is {width}x{height} pixels; the limit is {MAX_PIXELS} pixels")
+
+
+def images_of(request):
+    """The encoded images a request carries, checked, or BadRequest."""
+    if request.method != "POST":
+        raise BadRequest(405, f"{request.method} is not supported: POST an image, or JSON {{\"images\": [...]}}")
+    body = request.get_data()
+    if not request.is_json:
+        check_image(body, "The request body")
+        return [body]
+    try:
+        payload = ujson.loads(body)
+    except ValueError as ex:
+        raise BadRequest(400, f"The body is not valid JSON: {ex}") from None
+    images = payload.get("images") if isinstance(payload, dict) else None
+    if not isinstance(images, list) or not images:
+        raise BadRequest(400, 'Expected JSON {"images": [<base64 JPEG or PNG>, ...]} with at least one image')
+    if len(images) > MAX_IMAGES:
+        raise BadRequest(413, f"{len(images)} images in one request; the limit is {MAX_IMAGES}")
+    decoded = []
+    for i, item in enumerate(images):
+        if not isinstance(item, str):
+            raise BadRequest(400, f"images[{i}] is not a base64 string")
+        try:
+            data = base64.b64decode(item, validate=True)
+        except (binascii.Error, ValueError):
+            raise BadRequest(400, f"images[{i}] is not valid base64") from None
+        check_image(data, f"images[{i}]")
+        decoded.append(data)
+    return decoded
+
+
+def _error(status, message):
+    from flask import g  # both Azure ML's server and scorehost keep the request id there
+
+    body = {"message": message}
+    if g and g.get("request_id"):
+        body["request_id"] = g.request_id
+    return AMLResponse(body, status, json_str=True)
+
+
+def _answer(request, predictions):
+    body = {"model": model.name, "version": model.version}
+    if request.is_json:
+        body["results"] = [{"predictions": p} for p in predictions]
+    else:
+        body["predictions"] = predictions[0]
+    return AMLResponse(body, 200, json_str=True)
+
+
+@rawhttp
+def run(request: AMLRequest):
+    return run_batch([request])[0]
+
+
+def run_batch(requests):
+    """Score several requests with one model call; each gets exactly the answer run() alone would give it."""
+    answers = [None] * len(requests)
+    images, owners = [], []  # owners[j]: index of the request that images[j] came from
+    for i, request in enumerate(requests):
+        try:
+            for image in images_of(request):
+                images.append(image)
+                owners.append(i)
+        except BadRequest as ex:
+            answers[i] = _error(ex.status, ex.message)
+    if images:
+        _predict_into(requests, answers, images, owners)
+    return answers
+
+
+def _predict_into(requests, answers, images, owners):
+    try:
+        predictions = model.predict(images)
+    except model.tf.errors.InvalidArgumentError:
+        # Headers looked fine but some image is corrupt: find which, fail only their requests, score the rest.
+        bad = set(model.undecodable(images))
+        if not bad:
+            raise
+        for j in sorted(bad):
+            i = owners[j]
+            if answers[i] is None:
+                where = f"images[{j - owners.index(i)}]" if requests[i].is_json else "The request body"
+                answers[i] = _error(400, f"{where} could not be decoded: the image data is corrupt or truncated")
+        keep = [j for j in range(len(images)) if answers[owners[j]] is None]
+        if keep:
+            _predict_into(requests, answers, [images[j] for j in keep], [owners[j] for j in keep])
+        return
+    per_request = {}
+    for owner, prediction in zip(owners, predictions):
+        per_request.setdefault(owner, []).append(prediction)
+    for i, found in per_request.items():
+        answers[i] = _answer(requests[i], found)
+
+
+def _main(argv):
+    import argparse
+
+    from werkzeug.test import EnvironBuilder
+    from flask import Request
+
+    parser = argparse.ArgumentParser(description="Score image files with this entry script, without a server.")
+    parser.add_argument("--model-dir", default=os.environ.get("AZUREML_MODEL_DIR"),
+                        help="model directory (default: AZUREML_MODEL_DIR)")
+    parser.add_argument("images", nargs="+")
+    args = parser.parse_args(argv)
+    os.environ["AZUREML_MODEL_DIR"] = args.model_dir or ""
+    logging.basicConfig(level=logging.INFO)
+    init()
+    status = 0
+    for path in args.images:
+        with open(path, "rb") as f:
+            data = f.read()
+        request = Request(EnvironBuilder(method="POST", data=data, content_type="application/octet-stream")
+                          .get_environ())
+        response = run(request)
+        print(f"{path}: {response.get_data(as_text=True)}")
+        status = status or (response.status_code >= 400)
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(_main(sys.argv[1:]))

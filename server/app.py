@@ -1,0 +1,167 @@
+"""The Flask app: Azure ML's routes and the checks every request passes before the entry script sees it.
+
+The path of a scoring request, top to bottom:
+  gunicorn -> `_request_ids` (431) -> `_authorize` (401) -> `_read_body` (413)
+  -> `score()` -> EntryScript.call_run (input mode: 400/405/415) -> Invoker.invoke (run(), timeout: 500)
+  -> `_as_response` (what run() returned, as Azure ML shapes it) -> `_contract_headers`.
+Errors are raised as `errors.ServerError` types and turned into responses by one handler.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import os
+import uuid
+from typing import Any, Optional
+
+import flask
+from azureml.contrib.services.aml_response import AMLResponse
+from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
+
+from . import __version__
+from .entry_script import EntryScript
+from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, PayloadTooLarge, ServerError, Unauthorized,
+                     error_response, message_response)
+from .invoke import Invoker
+from .settings import Settings
+from .swagger import Swagger, SwaggerNotFound
+
+log = logging.getLogger("scorehost.app")
+
+HEADER_LIMIT = 100  # characters, for the request id headers, as Azure ML
+PROTECTED = ("/score", "/swagger.json", "/metrics")
+
+
+def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flask.Flask:
+    """Load the entry script, call its init(), and return the app that serves it.
+
+    `script` may be passed already loaded and initialised (tests, benchmarks); otherwise it is loaded from settings.
+    """
+    if script is None:
+        script = EntryScript.load(settings.entry_script, settings.app_root)
+        script.init()
+    app = flask.Flask("scorehost")
+    # One byte over the limit: werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the limit itself
+    # is checked in `_read_body` on what was read.
+    app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
+    invoker = Invoker(settings.threads, settings.scoring_timeout_ms)
+    swagger = Swagger(script.run, settings.app_root)
+    server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
+    key = settings.auth_key.encode() if settings.auth_key else None
+    app.extensions["scorehost"] = {"script": script, "invoker": invoker, "settings": settings}
+
+    if settings.cors_origins:
+        import flask_cors
+
+        flask_cors.CORS(app, methods=["GET", "POST"],
+                        origins=[o.strip() for o in settings.cors_origins.split(",")])
+
+    @app.before_request
+    def _request_ids() -> None:
+        """x-request-id and the client ids, by Azure ML's rules (x-ms-request-id is the deprecated client id)."""
+        g = flask.g
+        g.request_id = g.client_request_id = g.legacy_client_request_id = ""
+        request_id = flask.request.headers.get("x-request-id", str(uuid.uuid4()))
+        if len(request_id) > HEADER_LIMIT:
+            raise HeaderTooLong(f"x-request-id must not exceed {HEADER_LIMIT} characters")
+        g.request_id = request_id
+        legacy = flask.request.headers.get("x-ms-request-id", "")
+        client = flask.request.headers.get("x-ms-client-request-id", "")
+        if legacy:
+            client = client or legacy
+        else:
+            legacy = client or request_id
+        if len(legacy) > HEADER_LIMIT or len(client) > HEADER_LIMIT:
+            raise HeaderTooLong(
+                f"x-ms-request-id and x-ms-client-request-id must not exceed {HEADER_LIMIT} characters")
+        g.legacy_client_request_id, g.client_request_id = legacy, client
+
+    @app.before_request
+    def _authorize() -> None:
+        if key is None or flask.request.path not in PROTECTED:
+            return
+        header = flask.request.headers.get("Authorization", "")
+        scheme, _, given = header.partition(" ")
+        if not header:
+            raise Unauthorized("Missing Authorization header: send 'Authorization: Bearer <key>'.")
+        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+            raise Unauthorized("Invalid key in the Authorization header.")
+
+    @app.before_request
+    def _read_body() -> None:
+        """Read the body of a scoring request now, so a too-large one is refused before the script sees it."""
+        if flask.request.path != "/score":
+            return
+        length = flask.request.content_length
+        if length is not None and length > settings.max_body_bytes:
+            raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {settings.max_body_bytes} bytes.")
+        try:
+            too_large = len(flask.request.get_data()) > settings.max_body_bytes
+        except RequestEntityTooLarge:
+            too_large = True
+        if too_large:
+            raise PayloadTooLarge(f"Request body exceeds the limit of {settings.max_body_bytes} bytes.")
+
+    @app.route("/", methods=["GET"])
+    def health() -> str:
+        return "Healthy"
+
+    @app.route("/swagger.json", methods=["GET"])
+    def swagger_json() -> flask.Response:
+        try:
+            return AMLResponse(swagger.get(flask.request.args.get("version", "2")), 200, json_str=True)
+        except SwaggerNotFound as ex:
+            return message_response(404, str(ex))
+
+    @app.route("/score", methods=["GET", "POST", "OPTIONS"], provide_automatic_options=False)
+    def score() -> flask.Response:
+        try:
+            call = script.call_run(flask.request)
+        except MethodNotAllowed:
+            if flask.request.method == "OPTIONS":
+                return AMLResponse("", 200)
+            raise
+        timed = invoker.invoke(call)
+        response = _as_response(timed.output)
+        response.headers.add("x-ms-run-fn-exec-ms", f"{timed.elapsed_ms:.3f}")
+        return response
+
+    @app.errorhandler(ServerError)
+    def _server_error(error: ServerError) -> flask.Response:
+        return error_response(error, flask.g.get("request_id"))
+
+    @app.errorhandler(HTTPException)
+    def _http_error(error: HTTPException) -> flask.Response:
+        return message_response(error.code or 500, error.description or error.name)
+
+    @app.errorhandler(Exception)
+    def _unexpected(error: Exception) -> flask.Response:
+        log.exception("unhandled error while serving %s %s", flask.request.method, flask.request.path)
+        return error_response(InternalError(), flask.g.get("request_id"))
+
+    @app.after_request
+    def _contract_headers(response: flask.Response) -> flask.Response:
+        g = flask.g
+        if server_version:
+            response.headers.add("x-ms-server-version", server_version)
+        if g.get("request_id"):
+            response.headers["x-request-id"] = g.request_id
+        if g.get("legacy_client_request_id"):
+            response.headers["x-ms-request-id"] = g.legacy_client_request_id
+        if g.get("client_request_id"):
+            response.headers["x-ms-client-request-id"] = g.client_request_id
+        if "TraceId" in flask.request.headers:
+            response.headers.add("TraceId", flask.request.headers["TraceId"])
+        return response
+
+    return app
+
+
+def _as_response(output: Any) -> flask.Response:
+    """A Response from run() passes through (5xx marked as a run failure); anything else becomes 200 JSON."""
+    if isinstance(output, flask.Response):
+        if output.status_code >= 500:
+            output.headers["x-ms-run-function-failed"] = "True"
+        return output
+    return AMLResponse(output, 200, json_str=True)

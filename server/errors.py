@@ -1,0 +1,121 @@
+"""Every error the server answers with, and its HTTP status, in one place.
+
+Each error is a type; `STATUS` maps the type to its status code, and `error_response` turns any of them into the
+JSON body Azure ML's server sends (`{"message": ...}`). Errors that exist only in scorehost (auth, size limit,
+overload) also carry the request id in the body, since no Azure ML client depends on their shape.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from azureml.contrib.services.aml_response import AMLResponse
+
+
+class ServerError(Exception):
+    """Base of every error the server turns into a response; `message` goes to the client as is."""
+
+    extra_headers: dict[str, str] = {}
+    #: run() itself failed: Azure ML marks such answers with x-ms-run-function-failed: True.
+    run_function_failed = False
+    #: scorehost-only error: its body also names the request id.
+    scorehost_only = False
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+
+class BadInput(ServerError):
+    """The request body or query cannot be turned into run()'s arguments."""
+
+
+class UnsupportedInput(ServerError):
+    """The body has a Content-Type the script's input mode cannot take."""
+
+
+class MethodNotAllowed(ServerError):
+    def __init__(self) -> None:
+        super().__init__("Method not allowed")
+
+
+class HeaderTooLong(ServerError):
+    """A request id header is longer than Azure ML allows (100 characters)."""
+
+
+class Unauthorized(ServerError):
+    scorehost_only = True
+    extra_headers = {"WWW-Authenticate": "Bearer"}
+
+
+class PayloadTooLarge(ServerError):
+    scorehost_only = True
+
+
+class Overloaded(ServerError):
+    """The batching queue is full: the client should come back, not pile up."""
+
+    scorehost_only = True
+
+    def __init__(self, message: str, retry_after_s: int = 1):
+        super().__init__(message)
+        self.extra_headers = {"Retry-After": str(retry_after_s)}
+
+
+class ScoringTimeout(ServerError):
+    run_function_failed = True
+
+    def __init__(self, timeout_ms: int):
+        super().__init__(f"Scoring timeout after {timeout_ms} ms")
+
+
+class ScriptFailed(ServerError):
+    """run() raised; the traceback goes to the log only."""
+
+    run_function_failed = True
+
+    def __init__(self) -> None:
+        super().__init__("An unexpected error occurred in scoring script. Check the logs for more info.")
+
+
+class InternalError(ServerError):
+    def __init__(self) -> None:
+        super().__init__("An unexpected internal error occurred. Check the logs for more info.")
+
+
+STATUS: dict[type[ServerError], int] = {
+    BadInput: 400,
+    Unauthorized: 401,
+    MethodNotAllowed: 405,
+    PayloadTooLarge: 413,
+    UnsupportedInput: 415,
+    HeaderTooLong: 431,
+    ScoringTimeout: 500,
+    ScriptFailed: 500,
+    InternalError: 500,
+    Overloaded: 503,
+}
+
+
+def status_of(error: ServerError) -> int:
+    for cls in type(error).__mro__:
+        if cls in STATUS:
+            return STATUS[cls]
+    return 500
+
+
+def message_response(status: int, message: str, request_id: Optional[str] = None,
+                     run_function_failed: bool = False) -> AMLResponse:
+    """The JSON error answer, built exactly as Azure ML's server builds it."""
+    body = {"message": message}
+    if request_id:
+        body["request_id"] = request_id
+    return AMLResponse(body, status, json_str=True, run_function_failed=run_function_failed)
+
+
+def error_response(error: ServerError, request_id: Optional[str]) -> AMLResponse:
+    response = message_response(status_of(error), error.message,
+                                request_id if error.scorehost_only else None, error.run_function_failed)
+    for name, value in error.extra_headers.items():
+        response.headers[name] = value
+    return response

@@ -1,0 +1,100 @@
+"""Runs the app under gunicorn, with every gunicorn setting chosen on purpose.
+
+- Worker class `gthread`: threads overlap network I/O with run() and feed the batcher, and idle keep-alive
+  connections wait in the worker's poller rather than holding a thread (slow clients cannot take every thread).
+- Each worker imports the entry script and calls init() itself, after the fork: TensorFlow and CUDA are not
+  fork-safe, so nothing heavy is preloaded in the master. A worker that cannot load exits with gunicorn's boot-error
+  code, which stops the master with that code instead of restarting the worker forever.
+- init() gets `init_timeout` seconds; the worker keeps telling the master it is alive meanwhile, so a slow model
+  load is not mistaken for a hung worker, and a hung init() fails start-up with a clear message.
+- Request line, header count and header size limits are gunicorn's defaults (4094 bytes, 100 fields, 8190 bytes);
+  the body limit is the app's (`max_body_bytes`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+import threading
+import traceback
+from typing import Any, Optional
+
+import gunicorn.app.base
+
+from .settings import Settings
+
+BOOT_ERROR = 3  # gunicorn's WORKER_BOOT_ERROR: the master halts with it
+
+
+class ScoreServer(gunicorn.app.base.BaseApplication):
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._worker: Any = None
+        super().__init__()
+
+    def load_config(self) -> None:
+        s = self.settings
+        options = {
+            "bind": [f"{s.host}:{s.port}"],
+            "workers": s.workers,
+            "worker_class": "gthread",
+            "threads": s.threads,
+            "timeout": s.worker_timeout,
+            "graceful_timeout": s.graceful_timeout,
+            "keepalive": s.keepalive,
+            "accesslog": "-" if s.access_log else None,
+            "errorlog": "-",
+            "loglevel": os.environ.get("AZUREML_LOG_LEVEL", "info").lower(),
+            "post_fork": self._remember_worker,
+            "proc_name": "scorehost",
+            "control_socket_disable": True,  # gunicorn 24+'s control socket is one per user: servers side by side clash
+        }
+        for name, value in options.items():
+            self.cfg.set(name, value)
+
+    def _remember_worker(self, arbiter: Any, worker: Any) -> None:
+        self._worker = worker
+
+    def load(self) -> Any:
+        """In each worker: import the script and run init() within init_timeout, or exit with a boot error."""
+        from .app import create_app
+
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        result: dict[str, Any] = {}
+
+        def build() -> None:
+            try:
+                result["app"] = create_app(self.settings)
+            except BaseException:  # noqa: B036 - report anything, SystemExit from a script included
+                result["error"] = traceback.format_exc()
+
+        thread = threading.Thread(target=build, name="init", daemon=True)
+        thread.start()
+        waited = 0.0
+        while thread.is_alive() and waited < self.settings.init_timeout:
+            thread.join(timeout=1.0)
+            waited += 1.0
+            if self._worker is not None:
+                self._worker.notify()
+        if thread.is_alive():
+            _fail(f"init() did not finish within {self.settings.init_timeout} s (--init-timeout); "
+                  f"the entry script {self.settings.entry_script} is hung or too slow to load.")
+        if "error" in result:
+            _fail(f"The entry script {self.settings.entry_script} failed to load or init() raised:\n"
+                  f"{result['error']}")
+        return result["app"]
+
+
+def _fail(message: str) -> None:
+    print(f"scorehost: {message}", file=sys.stderr, flush=True)
+    os._exit(BOOT_ERROR)
+
+
+def serve(settings: Settings) -> Optional[int]:
+    """Run until stopped; returns the master's exit code (3 when a worker could not boot)."""
+    try:
+        ScoreServer(settings).run()
+    except SystemExit as ex:
+        return ex.code if isinstance(ex.code, int) else 1
+    return 0

@@ -1,0 +1,130 @@
+"""Every setting of the server, declared once: name, command-line flag, environment variable, default, doc.
+
+Like gunicorn's config module, the CLI, the app and the README's tables all read this one list, so a setting
+cannot drift between them. Environment variables carry Azure ML's names where Azure ML has one, so a container
+configured for Azure ML configures scorehost the same way. Precedence: flag, then environment, then default.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from typing import Any, Callable, Mapping, Optional
+
+MIB = 1024 * 1024
+
+
+def _bool(text: str) -> bool:
+    if text.lower() in ("1", "true", "yes", "on"):
+        return True
+    if text.lower() in ("0", "false", "no", "off"):
+        return False
+    raise ValueError(f"expected true or false, got {text!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    name: str
+    flag: str
+    env: Optional[str]
+    default: Any
+    type: Callable[[str], Any]
+    doc: str
+    secret: bool = False
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("entry_script", "--entry-script", "AZUREML_ENTRY_SCRIPT", None, str,
+            "The entry script with init() and run(). Default: the reference score.py with the demo model."),
+    Setting("model_dir", "--model-dir", "AZUREML_MODEL_DIR", None, str,
+            "Directory the entry script loads its model from (exported as AZUREML_MODEL_DIR). "
+            "Default with the reference score.py: the demo ResNet50, built on first use."),
+    Setting("app_root", "--app-root", "AML_APP_ROOT", ".", str,
+            "Directory a relative entry-script path is resolved against and appended to sys.path, as in Azure ML."),
+    Setting("host", "--host", "SCOREHOST_HOST", "127.0.0.1", str,
+            "Address to bind. 127.0.0.1 keeps a laptop server private; containers pass 0.0.0.0."),
+    Setting("port", "--port", "SCOREHOST_PORT", 5001, int, "Port to bind (Azure ML's is 5001)."),
+    Setting("workers", "--workers", "WORKER_COUNT", None, int,
+            "Worker processes, each with its own copy of the model. Default: one per visible GPU, else 1."),
+    Setting("threads", "--threads", "SCOREHOST_THREADS", 4, int,
+            "Threads per worker: they overlap network I/O with run(), and feed the batcher when batching is on."),
+    Setting("scoring_timeout_ms", "--scoring-timeout-ms", "SCORING_TIMEOUT_MS", 3_600_000, int,
+            "A run() that takes longer is answered with 500 'Scoring timeout after N ms'."),
+    Setting("worker_timeout", "--worker-timeout", "WORKER_TIMEOUT", 300, int,
+            "Seconds a silent worker may go before the master restarts it (gunicorn --timeout)."),
+    Setting("graceful_timeout", "--graceful-timeout", "SCOREHOST_GRACEFUL_TIMEOUT", 30, int,
+            "Seconds in-flight requests get to finish after SIGTERM before workers are killed."),
+    Setting("init_timeout", "--init-timeout", "SCOREHOST_INIT_TIMEOUT", 600, int,
+            "Seconds a worker may spend importing the entry script and running init() before start-up fails."),
+    Setting("keepalive", "--keepalive", "SCOREHOST_KEEPALIVE", 5, int,
+            "Seconds an idle keep-alive connection stays open (0 closes after each response, as Azure ML does)."),
+    Setting("cors_origins", "--cors-origins", "AML_CORS_ORIGINS", None, str,
+            "Comma-separated origins allowed by CORS (GET and POST), as Azure ML's AML_CORS_ORIGINS."),
+    Setting("auth_key", "--auth-key", "SCOREHOST_AUTH_KEY", None, str,
+            "When set, /score, /swagger.json and /metrics need 'Authorization: Bearer <key>', as AKS endpoints do.",
+            secret=True),
+    Setting("max_body_bytes", "--max-body-bytes", "SCOREHOST_MAX_BODY_BYTES", 16 * MIB, int,
+            "Largest request body accepted; a larger one is answered 413 before the entry script sees it."),
+    Setting("batch_max", "--batch-max", "SCOREHOST_BATCH_MAX", 0, int,
+            "Dynamic batching: most requests handed to run_batch() at once (0 = off; needs run_batch in the script)."),
+    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 5.0, float,
+            "Dynamic batching: how long the first request of a batch waits for others to join."),
+    Setting("batch_queue", "--batch-queue", "SCOREHOST_BATCH_QUEUE", 256, int,
+            "Dynamic batching: requests that may wait per worker; past that the server answers 503 with Retry-After."),
+    Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", False, _bool,
+            "Log one line per request to stdout (off by default: formatting it costs time on the hot path)."),
+)
+
+BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Resolved values, one attribute per Setting."""
+
+    values: Mapping[str, Any]
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self.values[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def replace(self, **changes: Any) -> "Settings":
+        return Settings({**self.values, **changes})
+
+    def describe(self) -> list[tuple[str, str]]:
+        """(doc name, shown value) pairs for the start-up banner; secrets are never shown."""
+        shown = []
+        for s in SETTINGS:
+            value = self.values[s.name]
+            if s.secret and value:
+                value = "set (hidden)"
+            shown.append((s.name, str(value)))
+        return shown
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    for s in SETTINGS:
+        env = f" [env {s.env}]" if s.env else ""
+        default = "" if s.default is None or s.secret else f" (default {s.default})"
+        parser.add_argument(s.flag, dest=s.name, type=s.type, default=None, help=f"{s.doc}{env}{default}")
+
+
+def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
+    """Flag beats environment beats default; a malformed environment value is an error naming the variable."""
+    flags = flags or {}
+    environ = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for s in SETTINGS:
+        if flags.get(s.name) is not None:
+            values[s.name] = flags[s.name]
+        elif s.env and environ.get(s.env, "") != "":
+            try:
+                values[s.name] = s.type(environ[s.env])
+            except ValueError as ex:
+                raise SystemExit(f"scorehost: environment variable {s.env}: {ex}") from None
+        else:
+            values[s.name] = s.default
+    return Settings(values)

@@ -1,0 +1,149 @@
+"""What scorehost does beyond Azure ML's server (auth, body limit, start-up failures), and its settings."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from conftest import script
+from corpus import Case, differences, send
+from scorehost import processes
+from server.settings import resolve
+
+KEY = "s3cret-key-for-tests"
+
+
+@pytest.fixture(scope="module")
+def keyed(start_server):
+    return start_server("scorehost", script("undecorated.py"),
+                        extra_args=("--auth-key", KEY, "--max-body-bytes", "1000"))
+
+
+def _ok_after(server) -> None:
+    """The next request on the same server succeeds: no bad input leaves a worker broken."""
+    assert send(server.url, Case("undecorated.py", "POST", "/score", b"next",
+                                 (("Authorization", f"Bearer {KEY}"),))).status == 200
+
+
+@pytest.mark.parametrize("authorization,message", [
+    (None, "Missing Authorization header"),
+    ("Bearer wrong", "Invalid key"),
+    (f"Basic {KEY}", "Invalid key"),
+    (f"Bearer {KEY}x", "Invalid key"),
+    ("Bearer", "Invalid key"),
+])
+def test_key_is_required(keyed, authorization, message):
+    headers = (("Authorization", authorization),) if authorization else ()
+    for path in ("/score", "/swagger.json"):
+        answer = send(keyed.url, Case("undecorated.py", "POST" if path == "/score" else "GET", path, b"x", headers))
+        body = json.loads(answer.body)
+        assert answer.status == 401 and message in body["message"]
+        assert body["request_id"] == answer.header("x-request-id")
+        assert answer.header("www-authenticate") == "Bearer"
+    _ok_after(keyed)
+
+
+def test_right_key_and_open_health_probe(keyed):
+    assert send(keyed.url, Case("undecorated.py", "GET", "/")).status == 200
+    answer = send(keyed.url, Case("undecorated.py", "GET", "/swagger.json", None,
+                                  (("Authorization", f"bearer {KEY}"),)))
+    assert answer.status == 200
+
+
+def test_key_never_logged(keyed):
+    send(keyed.url, Case("undecorated.py", "POST", "/score", b"x", (("Authorization", "Bearer guess"),)))
+    _ok_after(keyed)
+    assert KEY not in keyed.output() and "guess" not in keyed.output()
+
+
+@pytest.mark.parametrize("body,headers", [
+    (b"x" * 1001, ()),
+    (b"x" * 5000, ()),
+    (b"", (("Content-Length", "99999999"),)),
+])
+def test_body_over_the_limit_is_413(keyed, body, headers):
+    auth = (("Authorization", f"Bearer {KEY}"),)
+    if headers:  # a Content-Length that announces too much: refused on the header, before reading
+        answer = send(keyed.url, Case("undecorated.py", "POST", "/score", None, auth + headers))
+    else:
+        answer = send(keyed.url, Case("undecorated.py", "POST", "/score", body, auth))
+    assert answer.status == 413
+    assert "limit is 1000 bytes" in json.loads(answer.body)["message"]
+    _ok_after(keyed)
+
+
+def test_chunked_body_over_the_limit_is_413(keyed):
+    with socket.create_connection(("127.0.0.1", keyed.port), timeout=10) as s:
+        chunk = b"x" * 600
+        s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                  + f"Authorization: Bearer {KEY}\r\n\r\n".encode()
+                  + (b"%x\r\n" % len(chunk) + chunk + b"\r\n") * 3 + b"0\r\n\r\n")
+        reply = s.recv(65536).decode(errors="replace")
+    assert reply.startswith("HTTP/1.1 413") and "exceeds the limit of 1000 bytes" in reply
+    _ok_after(keyed)
+
+
+def test_body_at_the_limit_is_served(keyed):
+    answer = send(keyed.url, Case("undecorated.py", "POST", "/score", b"y" * 1000,
+                                  (("Authorization", f"Bearer {KEY}"),)))
+    assert answer.status == 200
+
+
+def test_cors_same_as_azure_ml(start_server):
+    env = {"AML_CORS_ORIGINS": "https://a.example, https://b.example"}
+    ours = start_server("scorehost", script("undecorated.py"), env=env)
+    theirs = start_server("aihs", script("undecorated.py"), env=env)
+    cases = [Case("undecorated.py", "POST", "/score", b"x", (("Origin", "https://a.example"),)),
+             Case("undecorated.py", "POST", "/score", b"x", (("Origin", "https://evil.example"),)),
+             Case("undecorated.py", "OPTIONS", "/score", None, (("Origin", "https://b.example"),
+                                                                ("Access-Control-Request-Method", "POST")))]
+    for case in cases:
+        assert differences(case, send(ours.url, case), send(theirs.url, case)) == []
+    assert send(ours.url, cases[0]).header("access-control-allow-origin") == "https://a.example"
+
+
+def _serve_until_exit(entry_script: str, *args: str, timeout: float = 60) -> subprocess.CompletedProcess:
+    return subprocess.run([processes._bin("scorehost"), "serve", "--entry-script", entry_script,
+                           "--port", str(processes.free_port()), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def test_init_failure_exits_nonzero_with_the_traceback():
+    done = _serve_until_exit(script("bad_init.py"))
+    assert done.returncode == 3
+    assert "INIT-FAILED-MARKER" in done.stderr + done.stdout and "Traceback" in done.stderr + done.stdout
+
+
+def test_hung_init_fails_startup_in_bounded_time():
+    started = time.monotonic()
+    done = _serve_until_exit(script("hang_init.py"), "--init-timeout", "3")
+    assert done.returncode == 3
+    assert "did not finish within 3 s" in done.stderr + done.stdout
+    assert time.monotonic() - started < 30
+
+
+def test_missing_script_exits_nonzero():
+    done = _serve_until_exit(script("does_not_exist.py"))
+    assert done.returncode == 3 and "does_not_exist.py" in done.stderr + done.stdout
+
+
+def test_settings_precedence_flag_env_default():
+    s = resolve({"port": 7000}, {"SCOREHOST_PORT": "6000", "WORKER_COUNT": "3", "SCORING_TIMEOUT_MS": "250"})
+    assert (s.port, s.workers, s.scoring_timeout_ms, s.host) == (7000, 3, 250, "127.0.0.1")
+    with pytest.raises(SystemExit, match="WORKER_COUNT"):
+        resolve({}, {"WORKER_COUNT": "many"})
+
+
+def test_cli_help_lists_every_setting():
+    from server.settings import SETTINGS
+
+    out = subprocess.run([sys.executable, "-m", "scorehost.cli", "serve", "--help"], capture_output=True,
+                         text=True, check=True).stdout
+    for s in SETTINGS:
+        assert s.flag in out and (s.env is None or s.env in out)
