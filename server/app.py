@@ -12,8 +12,9 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import time
 import uuid
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import flask
 from azureml.contrib.services.aml_response import AMLResponse
@@ -23,7 +24,9 @@ from . import __version__
 from .entry_script import EntryScript
 from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, PayloadTooLarge, ServerError, Unauthorized,
                      error_response, message_response)
-from .invoke import Invoker
+from .batching import Batcher
+from .invoke import Invoker, Timed
+from .metrics import Metrics
 from .settings import Settings
 from .swagger import Swagger, SwaggerNotFound
 
@@ -45,11 +48,12 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
     # One byte over the limit: werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the limit itself
     # is checked in `_read_body` on what was read.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
-    invoker = Invoker(settings.threads, settings.scoring_timeout_ms)
+    metrics = Metrics()
+    score_request = _scorer(script, settings, metrics)
     swagger = Swagger(script.run, settings.app_root)
     server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
     key = settings.auth_key.encode() if settings.auth_key else None
-    app.extensions["scorehost"] = {"script": script, "invoker": invoker, "settings": settings}
+    app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics}
 
     if settings.cors_origins:
         import flask_cors
@@ -61,6 +65,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
     def _request_ids() -> None:
         """x-request-id and the client ids, by Azure ML's rules (x-ms-request-id is the deprecated client id)."""
         g = flask.g
+        g.started = time.perf_counter()
         g.request_id = g.client_request_id = g.legacy_client_request_id = ""
         request_id = flask.request.headers.get("x-request-id", str(uuid.uuid4()))
         if len(request_id) > HEADER_LIMIT:
@@ -116,16 +121,20 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
 
     @app.route("/score", methods=["GET", "POST", "OPTIONS"], provide_automatic_options=False)
     def score() -> flask.Response:
-        try:
-            call = script.call_run(flask.request)
+        try:  # the request object itself, not Flask's thread-bound proxy: run_batch() runs on another thread
+            timed = score_request(flask.request._get_current_object())  # type: ignore[attr-defined]
         except MethodNotAllowed:
             if flask.request.method == "OPTIONS":
                 return AMLResponse("", 200)
             raise
-        timed = invoker.invoke(call)
         response = _as_response(timed.output)
         response.headers.add("x-ms-run-fn-exec-ms", f"{timed.elapsed_ms:.3f}")
         return response
+
+    @app.route("/metrics", methods=["GET"])
+    def prometheus_metrics() -> flask.Response:
+        body, content_type = metrics.exposition()
+        return flask.Response(body, 200, content_type=content_type)
 
     @app.errorhandler(ServerError)
     def _server_error(error: ServerError) -> flask.Response:
@@ -153,9 +162,37 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
             response.headers["x-ms-client-request-id"] = g.client_request_id
         if "TraceId" in flask.request.headers:
             response.headers.add("TraceId", flask.request.headers["TraceId"])
+        rule = flask.request.url_rule
+        metrics.observe_request(rule.rule if rule else "unmatched", flask.request.method, response.status_code,
+                                time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     return app
+
+
+def _scorer(script: EntryScript, settings: Settings, metrics: Metrics) -> Callable[[flask.Request], Timed]:
+    """How this worker turns a request into run()'s output: one call per request, or batched with others."""
+    if settings.batch_max > 1 and script.run_batch is not None:
+        batcher = Batcher(script.run_batch, settings.batch_max, settings.batch_delay_ms, settings.batch_queue,
+                          settings.scoring_timeout_ms, observe=metrics.observe_batch)
+
+        def batched(request: flask.Request) -> Timed:
+            timed = batcher.submit(script.batch_item(request))
+            metrics.queue_wait.observe(timed.queue_wait_s)
+            return timed
+
+        return batched
+    if settings.batch_max > 1:
+        log.warning("--batch-max is set but %s has no run_batch(): requests are scored one by one",
+                    script.path)
+    invoker = Invoker(settings.threads, settings.scoring_timeout_ms)
+
+    def one_by_one(request: flask.Request) -> Timed:
+        timed = invoker.invoke(script.call_run(request))
+        metrics.run_time.observe(timed.elapsed_ms / 1000)
+        return timed
+
+    return one_by_one
 
 
 def _as_response(output: Any) -> flask.Response:

@@ -202,6 +202,11 @@ class EntryScript:
     def init(self) -> None:
         self.module.init()
 
+    def batch_item(self, request: flask.Request) -> Any:
+        """What run_batch() gets for this request: run()'s one input (for @input_schema, its keyword arguments)."""
+        kwargs = self.input_mode.arguments(request)
+        return kwargs if isinstance(self.input_mode, SchemaInput) else next(iter(kwargs.values()))
+
     def call_run(self, request: flask.Request) -> Callable[[], Any]:
         """Parse the request now (bad input fails here, in the request thread) and return the run() call to make."""
         kwargs = self.input_mode.arguments(request)

@@ -22,6 +22,7 @@ from typing import Any, Optional
 
 import gunicorn.app.base
 
+from . import metrics
 from .settings import Settings
 
 BOOT_ERROR = 3  # gunicorn's WORKER_BOOT_ERROR: the master halts with it
@@ -47,6 +48,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             "errorlog": "-",
             "loglevel": os.environ.get("AZUREML_LOG_LEVEL", "info").lower(),
             "post_fork": self._remember_worker,
+            "child_exit": lambda arbiter, worker: metrics.worker_exited(worker.pid),
             "proc_name": "scorehost",
             "control_socket_disable": True,  # gunicorn 24+'s control socket is one per user: servers side by side clash
         }
@@ -93,6 +95,7 @@ def _fail(message: str) -> None:
 
 def serve(settings: Settings) -> Optional[int]:
     """Run until stopped; returns the master's exit code (3 when a worker could not boot)."""
+    metrics.prepare_multiprocess_dir()
     try:
         ScoreServer(settings).run()
     except SystemExit as ex:

@@ -1,0 +1,113 @@
+"""Prometheus metrics for /metrics, correct across gunicorn's worker processes.
+
+prometheus-client's multiprocess mode keeps each worker's samples in files under PROMETHEUS_MULTIPROC_DIR; the
+master creates that directory before forking (`prepare_multiprocess_dir`) and removes a dead worker's live gauges
+(`worker_exited`). A scrape, in whichever worker answers it, merges every worker's files. GPU utilisation and memory
+are read from NVML at scrape time, when a GPU is there.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from typing import Iterator
+
+ENV = "PROMETHEUS_MULTIPROC_DIR"
+LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .075, .1, .15, .25, .5, .75, 1, 2.5, 5, 10, 30)
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+
+
+def prepare_multiprocess_dir() -> str:
+    """In the master, before workers exist: a fresh directory for this server's samples."""
+    path = os.environ.get(ENV)
+    if path:
+        shutil.rmtree(path, ignore_errors=True)
+        os.makedirs(path)
+    else:
+        path = tempfile.mkdtemp(prefix="scorehost-metrics-")
+        os.environ[ENV] = path
+    return path
+
+
+def worker_exited(pid: int) -> None:
+    from prometheus_client import multiprocess
+
+    if os.environ.get(ENV):
+        multiprocess.mark_process_dead(pid)
+
+
+class Metrics:
+    """The server's instruments. Created in each worker (after the fork), so the multiprocess files are per pid."""
+
+    def __init__(self) -> None:
+        from prometheus_client import CollectorRegistry, Counter, Histogram
+
+        # Own registry: several apps in one process (tests, benchmarks) must not collide in the global one. Under
+        # gunicorn the samples also go to the multiprocess files, which is what a scrape reads.
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("scorehost_requests", "HTTP requests answered", ["route", "method", "status"],
+                                registry=r)
+        self.latency = Histogram("scorehost_request_duration_seconds", "Time from request to response, by route",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.run_time = Histogram("scorehost_run_duration_seconds",
+                                  "Time inside the entry script's run() or run_batch() call (model time)",
+                                  buckets=LATENCY_BUCKETS, registry=r)
+        self.queue_wait = Histogram("scorehost_batch_queue_wait_seconds",
+                                    "Time a request waited for its batch to start", buckets=LATENCY_BUCKETS,
+                                    registry=r)
+        self.batch_size = Histogram("scorehost_batch_size", "Requests per run_batch() call", buckets=BATCH_BUCKETS,
+                                    registry=r)
+
+    def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        self.requests.labels(route, method, str(status)).inc()
+        self.latency.labels(route).observe(seconds)
+
+    def observe_batch(self, size: int, seconds: float) -> None:
+        self.batch_size.observe(size)
+        self.run_time.observe(seconds)
+
+    def exposition(self) -> tuple[bytes, str]:
+        from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
+
+        if os.environ.get(ENV):
+            registry = CollectorRegistry()
+            multiprocess.MultiProcessCollector(registry)
+            text = generate_latest(registry)
+        else:
+            text = generate_latest(self.registry)
+        return text + generate_latest(_gpu_registry()), CONTENT_TYPE_LATEST
+
+
+def _gpu_registry():
+    from prometheus_client import CollectorRegistry
+
+    registry = CollectorRegistry()
+    registry.register(GpuCollector())
+    return registry
+
+
+class GpuCollector:
+    """scorehost_gpu_utilization_ratio and scorehost_gpu_memory_used_bytes per visible GPU, from NVML."""
+
+    def collect(self) -> Iterator:
+        from prometheus_client.core import GaugeMetricFamily
+
+        try:
+            import pynvml
+
+            pynvml.nvmlInit()
+        except Exception:  # no nvidia-ml-py or no driver: a CPU server has no GPU metrics
+            return
+        try:
+            util = GaugeMetricFamily("scorehost_gpu_utilization_ratio", "GPU busy fraction (NVML)", labels=["gpu"])
+            memory = GaugeMetricFamily("scorehost_gpu_memory_used_bytes", "GPU memory in use (NVML)", labels=["gpu"])
+            for i in range(pynvml.nvmlDeviceGetCount()):
+                handle = pynvml.nvmlDeviceGetHandleByIndex(i)
+                util.add_metric([str(i)], pynvml.nvmlDeviceGetUtilizationRates(handle).gpu / 100)
+                memory.add_metric([str(i)], pynvml.nvmlDeviceGetMemoryInfo(handle).used)
+            yield util
+            yield memory
+        finally:
+            pynvml.nvmlShutdown()
