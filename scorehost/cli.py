@@ -69,6 +69,37 @@ def cmd_model(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    from bench import report, run
+
+    scripts: dict[str, tuple[str, Optional[str]]] = {}
+    for name in args.scripts:
+        if name == "trivial":
+            scripts[name] = (run.TRIVIAL, None)
+        elif name == "resnet50":
+            scripts[name] = (REFERENCE_SCRIPT, demo_model_dir())
+        else:
+            label, _, path = name.partition("=")
+            if not path:
+                raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50 or NAME=PATH")
+            scripts[label] = (path, args.model_dir)
+    out = args.out or os.path.join("reports", time.strftime("bench-%Y%m%d-%H%M%S"))
+    cells = len(args.concurrency) * (1 if args.remote else len(scripts) * len(args.servers))
+
+    def progress(i: int, n: int, r) -> None:
+        bar = "#" * round(20 * i / n) + "-" * (20 - round(20 * i / n))
+        print(f"[{bar}] {i}/{n} {r.cell.server:9} {r.cell.script:10} clients={r.cell.concurrency:<3} "
+              f"{r.req_s:8.1f} req/s  p99 {r.p99_ms:6.0f} ms  errors {r.failures}", flush=True)
+
+    print(f"scorehost bench: {cells} cells of {args.seconds:g} s -> {out}", flush=True)
+    results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
+                             images=args.images or "", batch=args.batch, remote=args.remote or "",
+                             progress=progress, scorehost_args=tuple(args.scorehost_arg))
+    path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds)
+    print(f"report: {path}")
+    return 0
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from server.settings import add_arguments
 
@@ -85,7 +116,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     model.add_argument("--out", required=True, help="directory to write <name>/<version>/ into")
     model.set_defaults(func=cmd_model)
 
+    bench = sub.add_parser("bench", help="benchmark scorehost against Azure ML's server (or a remote endpoint)")
+    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"], choices=["scorehost", "aihs"])
+    bench.add_argument("--scripts", nargs="+", default=["trivial", "resnet50"],
+                       help="trivial, resnet50 (the reference score.py on the demo model), or NAME=PATH")
+    bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH scripts")
+    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
+    bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
+    bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
+    bench.add_argument("--images", help="directory of JPEG/PNG files to send (default: generated JPEGs)")
+    bench.add_argument("--remote", help="load this endpoint instead of local servers, e.g. https://.../score's base")
+    bench.add_argument("--key", help="bearer key (remote endpoint, or set on the local scorehost)")
+    bench.add_argument("--scorehost-arg", action="append", default=[],
+                       help="extra `scorehost serve` argument for the local scorehost (repeat), e.g. --batch-max=8")
+    bench.add_argument("--out", help="report folder (default: reports/bench-<time>)")
+    bench.set_defaults(func=cmd_bench)
+
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     return args.func(args)
 
 

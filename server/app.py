@@ -1,9 +1,9 @@
 """The Flask app: Azure ML's routes and the checks every request passes before the entry script sees it.
 
 The path of a scoring request, top to bottom:
-  gunicorn -> `_request_ids` (431) -> `_authorize` (401) -> `_read_body` (413)
-  -> `score()` -> EntryScript.call_run (input mode: 400/405/415) -> Invoker.invoke (run(), timeout: 500)
-  -> `_as_response` (what run() returned, as Azure ML shapes it) -> `_contract_headers`.
+  gunicorn -> `_admit`: `request_ids` (431) -> `authorize` (401) -> `read_body` (413)
+  -> `score()` -> EntryScript (input mode: 400/405/415) -> Invoker or Batcher (run(), timeout: 500, queue: 503)
+  -> `as_response` (what run() returned, shaped as Azure ML does) -> `_finish` (contract headers, metrics).
 Errors are raised as `errors.ServerError` types and turned into responses by one handler.
 """
 
@@ -21,10 +21,10 @@ from azureml.contrib.services.aml_response import AMLResponse
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
+from .batching import Batcher
 from .entry_script import EntryScript
 from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, PayloadTooLarge, ServerError, Unauthorized,
                      error_response, message_response)
-from .batching import Batcher
 from .invoke import Invoker, Timed
 from .metrics import Metrics
 from .settings import Settings
@@ -46,7 +46,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
         script.init()
     app = flask.Flask("scorehost")
     # One byte over the limit: werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the limit itself
-    # is checked in `_read_body` on what was read.
+    # is checked in `read_body` on what was read.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     metrics = Metrics()
     score_request = _scorer(script, settings, metrics)
@@ -62,51 +62,14 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
                         origins=[o.strip() for o in settings.cors_origins.split(",")])
 
     @app.before_request
-    def _request_ids() -> None:
-        """x-request-id and the client ids, by Azure ML's rules (x-ms-request-id is the deprecated client id)."""
-        g = flask.g
+    def _admit() -> None:
+        request, g = flask.request, flask.g
         g.started = time.perf_counter()
-        g.request_id = g.client_request_id = g.legacy_client_request_id = ""
-        request_id = flask.request.headers.get("x-request-id", str(uuid.uuid4()))
-        if len(request_id) > HEADER_LIMIT:
-            raise HeaderTooLong(f"x-request-id must not exceed {HEADER_LIMIT} characters")
-        g.request_id = request_id
-        legacy = flask.request.headers.get("x-ms-request-id", "")
-        client = flask.request.headers.get("x-ms-client-request-id", "")
-        if legacy:
-            client = client or legacy
-        else:
-            legacy = client or request_id
-        if len(legacy) > HEADER_LIMIT or len(client) > HEADER_LIMIT:
-            raise HeaderTooLong(
-                f"x-ms-request-id and x-ms-client-request-id must not exceed {HEADER_LIMIT} characters")
-        g.legacy_client_request_id, g.client_request_id = legacy, client
-
-    @app.before_request
-    def _authorize() -> None:
-        if key is None or flask.request.path not in PROTECTED:
-            return
-        header = flask.request.headers.get("Authorization", "")
-        scheme, _, given = header.partition(" ")
-        if not header:
-            raise Unauthorized("Missing Authorization header: send 'Authorization: Bearer <key>'.")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
-            raise Unauthorized("Invalid key in the Authorization header.")
-
-    @app.before_request
-    def _read_body() -> None:
-        """Read the body of a scoring request now, so a too-large one is refused before the script sees it."""
-        if flask.request.path != "/score":
-            return
-        length = flask.request.content_length
-        if length is not None and length > settings.max_body_bytes:
-            raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {settings.max_body_bytes} bytes.")
-        try:
-            too_large = len(flask.request.get_data()) > settings.max_body_bytes
-        except RequestEntityTooLarge:
-            too_large = True
-        if too_large:
-            raise PayloadTooLarge(f"Request body exceeds the limit of {settings.max_body_bytes} bytes.")
+        request_ids(request, g)
+        if key is not None and request.path in PROTECTED:
+            authorize(request.headers.get("Authorization", ""), key)
+        if request.path == "/score":
+            read_body(request, settings.max_body_bytes)
 
     @app.route("/", methods=["GET"])
     def health() -> str:
@@ -121,13 +84,14 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
 
     @app.route("/score", methods=["GET", "POST", "OPTIONS"], provide_automatic_options=False)
     def score() -> flask.Response:
-        try:  # the request object itself, not Flask's thread-bound proxy: run_batch() runs on another thread
-            timed = score_request(flask.request._get_current_object())  # type: ignore[attr-defined]
+        request = flask.request._get_current_object()  # type: ignore[attr-defined] # run_batch() is on another thread
+        try:
+            timed = score_request(request)
         except MethodNotAllowed:
-            if flask.request.method == "OPTIONS":
+            if request.method == "OPTIONS":
                 return AMLResponse("", 200)
             raise
-        response = _as_response(timed.output)
+        response = as_response(timed.output)
         response.headers.add("x-ms-run-fn-exec-ms", f"{timed.elapsed_ms:.3f}")
         return response
 
@@ -150,24 +114,71 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
         return error_response(InternalError(), flask.g.get("request_id"))
 
     @app.after_request
-    def _contract_headers(response: flask.Response) -> flask.Response:
-        g = flask.g
-        if server_version:
-            response.headers.add("x-ms-server-version", server_version)
-        if g.get("request_id"):
-            response.headers["x-request-id"] = g.request_id
-        if g.get("legacy_client_request_id"):
-            response.headers["x-ms-request-id"] = g.legacy_client_request_id
-        if g.get("client_request_id"):
-            response.headers["x-ms-client-request-id"] = g.client_request_id
-        if "TraceId" in flask.request.headers:
-            response.headers.add("TraceId", flask.request.headers["TraceId"])
-        rule = flask.request.url_rule
-        metrics.observe_request(rule.rule if rule else "unmatched", flask.request.method, response.status_code,
+    def _finish(response: flask.Response) -> flask.Response:
+        request, g = flask.request, flask.g
+        contract_headers(response, request, g, server_version)
+        rule = request.url_rule
+        metrics.observe_request(rule.rule if rule else "unmatched", request.method, response.status_code,
                                 time.perf_counter() - g.get("started", time.perf_counter()))
         return response
 
     return app
+
+
+def request_ids(request: flask.Request, g: Any) -> None:
+    """x-request-id and the client ids, by Azure ML's rules (x-ms-request-id is the deprecated client id)."""
+    g.request_id = g.client_request_id = g.legacy_client_request_id = ""
+    headers = request.headers
+    request_id = headers.get("x-request-id", str(uuid.uuid4()))
+    if len(request_id) > HEADER_LIMIT:
+        raise HeaderTooLong(f"x-request-id must not exceed {HEADER_LIMIT} characters")
+    g.request_id = request_id
+    legacy = headers.get("x-ms-request-id", "")
+    client = headers.get("x-ms-client-request-id", "")
+    if legacy:
+        client = client or legacy
+    else:
+        legacy = client or request_id
+    if len(legacy) > HEADER_LIMIT or len(client) > HEADER_LIMIT:
+        raise HeaderTooLong(f"x-ms-request-id and x-ms-client-request-id must not exceed {HEADER_LIMIT} characters")
+    g.legacy_client_request_id, g.client_request_id = legacy, client
+
+
+def authorize(header: str, key: bytes) -> None:
+    """`Authorization: Bearer <key>`, compared in constant time; the given value is never logged."""
+    if not header:
+        raise Unauthorized("Missing Authorization header: send 'Authorization: Bearer <key>'.")
+    scheme, _, given = header.partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
+        raise Unauthorized("Invalid key in the Authorization header.")
+
+
+def read_body(request: flask.Request, limit: int) -> None:
+    """Read the body now, so a too-large one is refused before the script sees it (announced or chunked)."""
+    length = request.content_length
+    if length is not None and length > limit:
+        raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {limit} bytes.")
+    try:
+        too_large = len(request.get_data()) > limit
+    except RequestEntityTooLarge:
+        too_large = True
+    if too_large:
+        raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+
+
+def contract_headers(response: flask.Response, request: flask.Request, g: Any, server_version: str) -> None:
+    headers = response.headers
+    if server_version:
+        headers.add("x-ms-server-version", server_version)
+    if g.get("request_id"):
+        headers["x-request-id"] = g.request_id
+    if g.get("legacy_client_request_id"):
+        headers["x-ms-request-id"] = g.legacy_client_request_id
+    if g.get("client_request_id"):
+        headers["x-ms-client-request-id"] = g.client_request_id
+    trace_id = request.headers.get("TraceId")
+    if trace_id is not None:
+        headers.add("TraceId", trace_id)
 
 
 def _scorer(script: EntryScript, settings: Settings, metrics: Metrics) -> Callable[[flask.Request], Timed]:
@@ -183,9 +194,8 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics) -> Callab
 
         return batched
     if settings.batch_max > 1:
-        log.warning("--batch-max is set but %s has no run_batch(): requests are scored one by one",
-                    script.path)
-    invoker = Invoker(settings.threads, settings.scoring_timeout_ms)
+        log.warning("--batch-max is set but %s has no run_batch(): requests are scored one by one", script.path)
+    invoker = Invoker(settings.scoring_timeout_ms)
 
     def one_by_one(request: flask.Request) -> Timed:
         timed = invoker.invoke(script.call_run(request))
@@ -195,7 +205,7 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics) -> Callab
     return one_by_one
 
 
-def _as_response(output: Any) -> flask.Response:
+def as_response(output: Any) -> flask.Response:
     """A Response from run() passes through (5xx marked as a run failure); anything else becomes 200 JSON."""
     if isinstance(output, flask.Response):
         if output.status_code >= 500:

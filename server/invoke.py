@@ -1,16 +1,16 @@
-"""Calls run() with a deadline.
+"""Calls run() on the request's own thread, with a deadline.
 
 Azure ML's server enforces SCORING_TIMEOUT_MS with SIGALRM, which works only on a process's main thread and so not
-under threaded workers. Here run() executes on a small pool beside the request threads; the request thread waits
-for it up to the deadline and then answers 500 on time. A run() that overran also gets a ScoringTimeout raised inside
-it (at its next Python instruction) so that a looping script gives its thread back; one stuck in native code
-finishes its call and its result is dropped.
+under threaded workers. Here one watchdog thread per worker watches the calls in flight; when one passes its
+deadline the watchdog raises `_Overran` inside it, and the client gets Azure ML's 500 "Scoring timeout after N ms".
+Python code stops at its next instruction; a call blocked in native code (a sleep, a model kernel) stops when that
+call returns, so its answer can come late but never leaves the thread stuck in the script's Python code.
+Handing run() to another thread instead would answer precisely on time, but costs a thread switch per request
+(measured: +150 us on a 140 us request, bench/RESULTS.md), so it is not done.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
-import contextvars
 import ctypes
 import logging
 import threading
@@ -32,48 +32,52 @@ class _Overran(BaseException):
     """Raised inside a run() that passed its deadline; BaseException so `except Exception` in scripts lets it pass."""
 
 
-def _interrupt(thread_id: int) -> None:
-    ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(thread_id), ctypes.py_object(_Overran))
+class _Call:
+    __slots__ = ("thread_id", "deadline", "finished", "interrupted")
+
+    def __init__(self, thread_id: int, deadline: float):
+        self.thread_id, self.deadline = thread_id, deadline
+        self.finished = self.interrupted = False
 
 
 class Invoker:
-    def __init__(self, threads: int, timeout_ms: int):
+    def __init__(self, timeout_ms: int):
         self.timeout_ms = timeout_ms
-        self._pool = concurrent.futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="run")
+        self._lock = threading.Lock()  # makes "interrupt" and "finish" exclusive: no interrupt lands after run()
+        self._calls: set[_Call] = set()
+        self._tick_s = min(1.0, max(0.01, timeout_ms / 10_000))
+        threading.Thread(target=self._watch, name="scoring-deadlines", daemon=True).start()
 
     def invoke(self, call: Callable[[], Any]) -> Timed:
         """Run `call` (run() with its arguments bound) and time it; every failure becomes a ServerError."""
-        # The lock makes "interrupt" and "finish" exclusive: an interrupt can only land while run() is still inside
-        # `timed`, never later in the pool's own loop, where it would kill the pool thread.
-        lock = threading.Lock()
-        state: dict[str, Any] = {"thread": None, "done": False}
-
-        def timed() -> Timed:
-            state["thread"] = threading.get_ident()
-            start = time.perf_counter()
+        started = time.perf_counter()
+        entry = _Call(threading.get_ident(), started + self.timeout_ms / 1000)
+        with self._lock:
+            self._calls.add(entry)
+        try:
             try:
                 output = call()
             finally:
-                with lock:
-                    state["done"] = True
-            return Timed(output, (time.perf_counter() - start) * 1000)
-
-        future = self._pool.submit(contextvars.copy_context().run, timed)
-        try:
-            return future.result(timeout=self.timeout_ms / 1000)
-        except concurrent.futures.TimeoutError:
-            with lock:
-                if state["thread"] is not None and not state["done"]:
-                    _interrupt(state["thread"])
-                elif state["thread"] is None:
-                    future.cancel()
+                with self._lock:
+                    entry.finished = True
+                    self._calls.discard(entry)
+        except _Overran:
             log.error("run() passed the scoring timeout of %d ms", self.timeout_ms)
             raise ScoringTimeout(self.timeout_ms) from None
-        except _Overran:
-            raise ScoringTimeout(self.timeout_ms) from None
-        except BaseException:
+        except BaseException:  # noqa: B036 - SystemExit from a script must not end the worker
+            if entry.interrupted:  # the interrupt landed inside the script's own exception handling
+                raise ScoringTimeout(self.timeout_ms) from None
             log.exception("run() raised")
             raise ScriptFailed() from None
+        return Timed(output, (time.perf_counter() - started) * 1000)
 
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
+    def _watch(self) -> None:
+        while True:
+            time.sleep(self._tick_s)
+            now = time.perf_counter()
+            with self._lock:
+                for entry in self._calls:
+                    if not entry.finished and not entry.interrupted and now >= entry.deadline:
+                        entry.interrupted = True
+                        ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(entry.thread_id),
+                                                                   ctypes.py_object(_Overran))

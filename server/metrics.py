@@ -57,12 +57,18 @@ class Metrics:
         self.queue_wait = Histogram("scorehost_batch_queue_wait_seconds",
                                     "Time a request waited for its batch to start", buckets=LATENCY_BUCKETS,
                                     registry=r)
+        self._children: dict[tuple[str, str, int], tuple] = {}
         self.batch_size = Histogram("scorehost_batch_size", "Requests per run_batch() call", buckets=BATCH_BUCKETS,
                                     registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
-        self.requests.labels(route, method, str(status)).inc()
-        self.latency.labels(route).observe(seconds)
+        key = (route, method, status)
+        children = self._children.get(key)
+        if children is None:  # labels() takes a lock and builds a tuple: once per label set, not per request
+            children = self._children[key] = (self.requests.labels(route, method, str(status)),
+                                               self.latency.labels(route))
+        children[0].inc()
+        children[1].observe(seconds)
 
     def observe_batch(self, size: int, seconds: float) -> None:
         self.batch_size.observe(size)

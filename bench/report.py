@@ -1,0 +1,148 @@
+"""The `scorehost bench` report: results.json, report.md (table and scorehost/AIHS ratios) and three PNG plots.
+
+How to read the plots: throughput.png (higher is better) and latency.png (p50/p95/p99, lower is better) against
+the number of concurrent clients, one panel per entry script; time_split.png splits the mean latency of each cell
+into time inside run() (the model, reported by the server in x-ms-run-fn-exec-ms) and everything else (server,
+network and client overhead).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import time
+from typing import Optional
+
+from bench.run import Result
+
+COLUMNS = ("server", "script", "clients", "requests", "errors", "req/s", "img/s", "p50 ms", "p95 ms", "p99 ms",
+           "run() ms", "overhead ms", "server CPU ms/req", "RSS MB")
+
+
+def _row(r: Result) -> list[str]:
+    rss = "-" if r.rss_mb is None else f"{r.rss_mb:.0f}"
+    cpu = "-" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.3f}"
+    return [r.cell.server, r.cell.script, str(r.cell.concurrency), str(r.requests), str(r.failures),
+            f"{r.req_s:.1f}", f"{r.img_s:.1f}", f"{r.p50_ms:.0f}", f"{r.p95_ms:.0f}", f"{r.p99_ms:.0f}",
+            f"{r.run_mean_ms:.2f}", f"{r.overhead_mean_ms:.2f}", cpu, rss]
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
+
+
+def ratios(results: list[Result]) -> list[dict]:
+    """scorehost / AIHS per (script, clients): throughput, p99 and memory."""
+    by = {(r.cell.server, r.cell.script, r.cell.concurrency): r for r in results}
+    out = []
+    for (server, script, c), ours in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
+        theirs = by.get(("aihs", script, c))
+        if server != "scorehost" or theirs is None:
+            continue
+        div = lambda a, b: (a / b) if b else None  # noqa: E731
+        out.append({"script": script, "clients": c, "img_s": div(ours.img_s, theirs.img_s),
+                    "req_s": div(ours.req_s, theirs.req_s), "p99": div(ours.p99_ms, theirs.p99_ms),
+                    "rss": div(ours.rss_mb or 0, theirs.rss_mb or 0),
+                    "cpu": div(ours.cpu_ms_per_request or 0, theirs.cpu_ms_per_request or 0)})
+    return out
+
+
+def _fmt(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}x"
+
+
+def markdown(results: list[Result], command: str, seconds: float) -> str:
+    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
+              f"Python {platform.python_version()}"
+    parts = [f"# scorehost bench\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+             f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop Locust clients (FastHttpUser)\n",
+             "## Results\n\n" + _table(list(COLUMNS), [_row(r) for r in results])]
+    rs = ratios(results)
+    if rs:
+        rows = [[r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]), _fmt(r["cpu"]),
+                 _fmt(r["rss"])] for r in rs]
+        parts.append("## scorehost / AIHS\n\nAbove 1 is better for req/s and img/s; below 1 is better for p99, server "
+                     "CPU per request and memory.\n\n"
+                     + _table(["script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
+    parts.append("## Plots\n\n![throughput](throughput.png)\n![latency](latency.png)\n![time split](time_split.png)"
+                 "\n\n" + __doc__.split("\n\n", 1)[1].strip())
+    return "\n\n".join(parts) + "\n"
+
+
+def plots(results: list[Result], out_dir: str) -> list[str]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    scripts = sorted({r.cell.script for r in results})
+    servers = sorted({r.cell.server for r in results})
+    series = lambda server, script: sorted((r for r in results  # noqa: E731
+                                            if r.cell.server == server and r.cell.script == script),
+                                           key=lambda r: r.cell.concurrency)
+    written = []
+
+    fig, axes = plt.subplots(1, len(scripts), figsize=(5.5 * len(scripts), 4), squeeze=False)
+    for ax, script in zip(axes[0], scripts):
+        for server in servers:
+            s = series(server, script)
+            ax.plot([r.cell.concurrency for r in s], [r.img_s for r in s], marker="o", label=server)
+        ax.set(title=f"{script}: throughput", xlabel="concurrent clients", ylabel="images/s (successful)")
+        ax.set_ylim(bottom=0)
+        ax.legend()
+        ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir, "throughput.png"))
+
+    fig, axes = plt.subplots(1, len(scripts), figsize=(5.5 * len(scripts), 4), squeeze=False)
+    for ax, script in zip(axes[0], scripts):
+        for server, color in zip(servers, ("tab:blue", "tab:orange", "tab:green")):
+            s = series(server, script)
+            x = [r.cell.concurrency for r in s]
+            for attr, style in (("p50_ms", ":"), ("p95_ms", "--"), ("p99_ms", "-")):
+                ax.plot(x, [getattr(r, attr) for r in s], style, color=color, marker=".",
+                        label=f"{server} {attr.split('_')[0]}")
+        ax.set(title=f"{script}: latency", xlabel="concurrent clients", ylabel="ms")
+        ax.set_ylim(bottom=0)
+        ax.legend(fontsize=7)
+        ax.grid(alpha=0.3)
+    written.append(_save(fig, out_dir, "latency.png"))
+
+    fig, axes = plt.subplots(1, len(scripts), figsize=(5.5 * len(scripts), 4), squeeze=False)
+    for ax, script in zip(axes[0], scripts):
+        labels, model, rest = [], [], []
+        for server in servers:
+            for r in series(server, script):
+                labels.append(f"{server}\n{r.cell.concurrency}")
+                model.append(r.run_mean_ms)
+                rest.append(r.overhead_mean_ms)
+        x = range(len(labels))
+        ax.bar(x, model, label="inside run() (model)")
+        ax.bar(x, rest, bottom=model, label="everything else (server, network, client)")
+        ax.set_xticks(list(x), labels, fontsize=7)
+        ax.set(title=f"{script}: where the mean latency goes", ylabel="ms", xlabel="server / clients")
+        ax.legend(fontsize=7)
+    written.append(_save(fig, out_dir, "time_split.png"))
+    return written
+
+
+def _save(fig, out_dir: str, name: str) -> str:
+    import matplotlib.pyplot as plt
+
+    path = os.path.join(out_dir, name)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return path
+
+
+def write(results: list[Result], out_dir: str, command: str, seconds: float) -> str:
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, "results.json"), "w") as f:
+        json.dump([{**dataclasses.asdict(r), "overhead_mean_ms": r.overhead_mean_ms} for r in results], f, indent=1)
+    with open(os.path.join(out_dir, "report.md"), "w") as f:
+        f.write(markdown(results, command, seconds))
+    plots(results, out_dir)
+    return os.path.join(out_dir, "report.md")

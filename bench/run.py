@@ -1,0 +1,206 @@
+"""`scorehost bench`: the server x script x concurrency matrix, each cell a headless Locust run of a fixed budget.
+
+Both servers run side by side with the same script; within each concurrency the order of the servers alternates
+(scorehost first, then AIHS first at the next level) so that drift on a noisy machine hits both alike. Each cell
+is a separate `locust --headless` process on bench/locustfile.py (the same file that loads a remote endpoint);
+the server's memory (master plus workers) is sampled while the cell runs and its peak kept.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import os
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from typing import Callable, Optional
+
+from scorehost import processes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+LOCUSTFILE = os.path.join(HERE, "locustfile.py")
+TRIVIAL = os.path.join(HERE, "scripts", "trivial.py")
+RUN_TIME_NAME = "run() [server]"  # the locustfile's name for x-ms-run-fn-exec-ms (never import the locustfile here:
+#                                   it monkey-patches the process with gevent)
+
+
+@dataclasses.dataclass(frozen=True)
+class Cell:
+    server: str
+    script: str
+    concurrency: int
+
+
+@dataclasses.dataclass
+class Result:
+    cell: Cell
+    requests: int = 0
+    failures: int = 0
+    req_s: float = 0.0
+    img_s: float = 0.0
+    p50_ms: float = 0.0
+    p95_ms: float = 0.0
+    p99_ms: float = 0.0
+    mean_ms: float = 0.0
+    run_mean_ms: float = 0.0  # inside run(), from x-ms-run-fn-exec-ms
+    rss_mb: Optional[float] = None
+    cpu_ms_per_request: Optional[float] = None  # server CPU (all processes), independent of the client's speed
+
+    @property
+    def overhead_mean_ms(self) -> float:
+        return max(0.0, self.mean_ms - self.run_mean_ms)
+
+
+def _tree(pid: int) -> list[int]:
+    """A process and all its descendants (gunicorn master + workers), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def tree_rss_mb(pid: int) -> float:
+    total_kb = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/status") as f:
+                total_kb += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+        except (OSError, StopIteration):
+            continue
+    return total_kb / 1024
+
+
+def tree_cpu_s(pid: int) -> float:
+    """User + system CPU seconds used so far by a process tree."""
+    ticks = 0
+    for p in _tree(pid):
+        try:
+            with open(f"/proc/{p}/stat") as f:
+                fields = f.read().rsplit(")", 1)[1].split()
+            ticks += int(fields[11]) + int(fields[12])
+        except (OSError, ValueError, IndexError):
+            continue
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class ServerUsage:
+    """While a cell runs: peak memory of the server tree (sampled every 0.5 s) and the CPU seconds it used."""
+
+    def __init__(self, pid: Optional[int]):
+        self.pid, self.peak, self.cpu_s = pid, 0.0, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self._stop.wait(0.5)
+
+    def __enter__(self) -> "ServerUsage":
+        if self.pid:
+            self._cpu_start = tree_cpu_s(self.pid)
+            self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        if self.pid:
+            self._thread.join()
+            self.peak = max(self.peak, tree_rss_mb(self.pid))
+            self.cpu_s = tree_cpu_s(self.pid) - self._cpu_start
+
+
+def locust_cell(url: str, concurrency: int, seconds: float, *, key: str = "", images: str = "",
+                batch: int = 1) -> dict[str, dict[str, str]]:
+    """One headless Locust run; returns its CSV stats rows by name."""
+    with tempfile.TemporaryDirectory() as tmp:
+        prefix = os.path.join(tmp, "cell")
+        argv = [sys.executable, "-m", "locust", "-f", LOCUSTFILE, "--headless", "--only-summary",
+                "-u", str(concurrency), "-r", str(concurrency), "-t", f"{max(1, round(seconds))}s",
+                "--host", url, "--csv", prefix, "--loglevel", "ERROR", "--batch", str(batch)]
+        if key:
+            argv += ["--key", key]
+        if images:
+            argv += ["--images", images]
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, cwd=tmp)
+        path = prefix + "_stats.csv"
+        if not os.path.exists(path):
+            raise RuntimeError(f"locust wrote no stats (exit {done.returncode}):\n{done.stderr[-3000:]}")
+        with open(path, newline="") as f:
+            return {row["Name"]: row for row in csv.DictReader(f)}
+
+
+def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int, usage: Optional[ServerUsage]) -> Result:
+    score, run = rows.get("/score", {}), rows.get(RUN_TIME_NAME, {})
+    f = lambda row, key: float(row.get(key) or 0)  # noqa: E731
+    requests, failures = int(f(score, "Request Count")), int(f(score, "Failure Count"))
+    req_s = f(score, "Requests/s")
+    ok_share = (requests - failures) / requests if requests else 0.0
+    cpu = usage.cpu_s * 1000 / requests if usage and requests else None
+    return Result(cell, requests, failures, req_s, req_s * ok_share * batch, f(score, "50%"), f(score, "95%"),
+                  f(score, "99%"), f(score, "Average Response Time"), f(run, "Average Response Time"),
+                  usage.peak if usage else None, cpu)
+
+
+def _warm(url: str, key: str) -> None:
+    from bench import images
+
+    body = images.generated(((224, 224),))[0]
+    headers = {"Content-Type": "image/jpeg", **({"Authorization": f"Bearer {key}"} if key else {})}
+    for _ in range(3):
+        try:
+            urllib.request.urlopen(urllib.request.Request(url + "/score", body, headers), timeout=60).read()
+        except OSError:
+            pass  # errors are the matrix's business, not the warm-up's
+
+
+def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
+               seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
+               progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
+               scorehost_args: tuple[str, ...] = ()) -> list[Result]:
+    """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint."""
+    results: list[Result] = []
+    total = len(concurrencies) * (1 if remote else len(scripts) * len(servers))
+    if remote:
+        for c in concurrencies:
+            cell = Cell("remote", "remote", c)
+            results.append(to_result(cell, locust_cell(remote, c, seconds, key=key, images=images, batch=batch),
+                                     batch, None))
+            progress(len(results), total, results[-1])
+        return results
+    for name, (entry_script, model_dir) in scripts.items():
+        running = {}
+        try:
+            for server in servers:
+                extra = scorehost_args + (("--auth-key", key) if key else ()) if server == "scorehost" else ()
+                running[server] = processes.start(server, entry_script, model_dir, extra_args=extra)
+            for server in running.values():
+                server.wait_healthy(300)
+                _warm(server.url, key)
+            for i, c in enumerate(concurrencies):
+                order = servers if i % 2 == 0 else servers[::-1]
+                for server in order:
+                    proc = running[server]
+                    with ServerUsage(proc.pid) as usage:
+                        rows = locust_cell(proc.url, c, seconds, key=key, images=images, batch=batch)
+                    results.append(to_result(Cell(server, name, c), rows, batch, usage))
+                    progress(len(results), total, results[-1])
+        finally:
+            for server in running.values():
+                server.stop()
+    return results
