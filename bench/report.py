@@ -58,7 +58,7 @@ def markdown(results: list[Result], command: str, seconds: float) -> str:
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
               f"Python {platform.python_version()}"
     parts = [f"# scorehost bench\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
-             f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop Locust clients (FastHttpUser)\n",
+             f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop clients\n",
              "## Results\n\n" + _table(list(COLUMNS), [_row(r) for r in results])]
     rs = ratios(results)
     if rs:

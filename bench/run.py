@@ -17,7 +17,7 @@ import tempfile
 import threading
 import time
 import urllib.request
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 from scorehost import processes
 
@@ -145,16 +145,41 @@ def locust_cell(url: str, concurrency: int, seconds: float, *, key: str = "", im
             return {row["Name"]: row for row in csv.DictReader(f)}
 
 
-def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int, usage: Optional[ServerUsage]) -> Result:
+def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int) -> Result:
     score, run = rows.get("/score", {}), rows.get(RUN_TIME_NAME, {})
     f = lambda row, key: float(row.get(key) or 0)  # noqa: E731
     requests, failures = int(f(score, "Request Count")), int(f(score, "Failure Count"))
     req_s = f(score, "Requests/s")
     ok_share = (requests - failures) / requests if requests else 0.0
-    cpu = usage.cpu_s * 1000 / requests if usage and requests else None
     return Result(cell, requests, failures, req_s, req_s * ok_share * batch, f(score, "50%"), f(score, "95%"),
-                  f(score, "99%"), f(score, "Average Response Time"), f(run, "Average Response Time"),
-                  usage.peak if usage else None, cpu)
+                  f(score, "99%"), f(score, "Average Response Time"), f(run, "Average Response Time"))
+
+
+def loadgen_cell(cell: Cell, url: str, seconds: float, *, key: str = "", images: str = "", batch: int = 1) -> Result:
+    """One cell with bench/loadgen.py (asyncio, one process)."""
+    from bench import loadgen
+
+    r = loadgen.run(url, cell.concurrency, seconds, loadgen.image_requests(images or None, batch), key)
+    errors = sum(n for label, n in r.statuses.items() if not label.endswith(" 200")) + r.dropped
+    total = r.answered + r.dropped
+    mean = sum(r.latencies_ms) / len(r.latencies_ms) if r.latencies_ms else 0.0
+    run_mean = sum(r.run_ms) / len(r.run_ms) if r.run_ms else 0.0
+    ok = total - errors
+    return Result(cell, total, errors, total / seconds, ok / seconds * batch, r.percentile(50), r.percentile(95),
+                  r.percentile(99), mean, run_mean)
+
+
+def measure(cell: Cell, url: str, seconds: float, client: str, **load: Any) -> Result:
+    """One cell with the chosen client: Locust (the default), or bench/loadgen.py (lighter, for high rates)."""
+    if client == "loadgen":
+        return loadgen_cell(cell, url, seconds, **load)
+    return to_result(cell, locust_cell(url, cell.concurrency, seconds, **load), load.get("batch", 1))
+
+
+def _with_usage(result: Result, usage: "ServerUsage") -> Result:
+    result.rss_mb = usage.peak
+    result.cpu_ms_per_request = usage.cpu_s * 1000 / result.requests if result.requests else None
+    return result
 
 
 def _warm(url: str, key: str) -> None:
@@ -172,15 +197,14 @@ def _warm(url: str, key: str) -> None:
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
                seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
                progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
-               scorehost_args: tuple[str, ...] = ()) -> list[Result]:
+               scorehost_args: tuple[str, ...] = (), client: str = "locust") -> list[Result]:
     """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint."""
     results: list[Result] = []
+    load = {"key": key, "images": images, "batch": batch}
     total = len(concurrencies) * (1 if remote else len(scripts) * len(servers))
     if remote:
         for c in concurrencies:
-            cell = Cell("remote", "remote", c)
-            results.append(to_result(cell, locust_cell(remote, c, seconds, key=key, images=images, batch=batch),
-                                     batch, None))
+            results.append(measure(Cell("remote", "remote", c), remote, seconds, client, **load))
             progress(len(results), total, results[-1])
         return results
     for name, (entry_script, model_dir) in scripts.items():
@@ -197,8 +221,8 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
                 for server in order:
                     proc = running[server]
                     with ServerUsage(proc.pid) as usage:
-                        rows = locust_cell(proc.url, c, seconds, key=key, images=images, batch=batch)
-                    results.append(to_result(Cell(server, name, c), rows, batch, usage))
+                        result = measure(Cell(server, name, c), proc.url, seconds, client, **load)
+                    results.append(_with_usage(result, usage))
                     progress(len(results), total, results[-1])
         finally:
             for server in running.values():

@@ -83,7 +83,8 @@ class DeploySettings:
 
     @property
     def aks_resource_id(self) -> str:
-        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+        return (f"/subscriptions/{self.subscription_id or '<subscription-id>'}"
+                f"/resourceGroups/{self.resource_group or '<resource-group>'}"
                 f"/providers/Microsoft.ContainerService/managedClusters/{self.aks_cluster}")
 
 

@@ -94,7 +94,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"scorehost bench: {cells} cells of {args.seconds:g} s -> {out}", flush=True)
     results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
                              images=args.images or "", batch=args.batch, remote=args.remote or "",
-                             progress=progress, scorehost_args=tuple(args.scorehost_arg))
+                             progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client)
     path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds)
     print(f"report: {path}")
     return 0
@@ -129,12 +129,24 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--key", help="bearer key (remote endpoint, or set on the local scorehost)")
     bench.add_argument("--scorehost-arg", action="append", default=[],
                        help="extra `scorehost serve` argument for the local scorehost (repeat), e.g. --batch-max=8")
+    bench.add_argument("--client", choices=["locust", "loadgen"], default="locust",
+                       help="load generator: Locust (bench/locustfile.py), or bench/loadgen.py (lighter, asyncio)")
     bench.add_argument("--out", help="report folder (default: reports/bench-<time>)")
     bench.set_defaults(func=cmd_bench)
 
+    from deploy.cli import register
+
+    register(sub)
+
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
-    return args.func(args)
+    try:
+        return args.func(args)
+    except SystemExit as ex:  # DeployError and friends: their message, exit code 1, no traceback
+        if isinstance(ex.code, str):
+            print(ex.code, file=sys.stderr)
+            return 1
+        raise
 
 
 if __name__ == "__main__":

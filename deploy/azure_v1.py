@@ -1,0 +1,84 @@
+"""`scorehost deploy aks --sdk v1`: the original flow with azureml-core (SDK v1), for users still on it.
+
+SDK v1 lost support on 2026-06-30; this prints a deprecation warning. The original used
+`InferenceConfig(..., gpu_enabled=True)`, a keyword that never existed (v1's was `enable_gpu`, itself deprecated):
+here the GPU comes from an Environment on Azure ML's CUDA base image, and `gpu_cores=1` on the AKS service.
+Install with `pip install 'scorehost[deploy-v1]'` in its own virtualenv (v1 and v2 pin conflicting packages).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any, Callable
+
+from deploy.plan import sha256
+from deploy.settings import DeploySettings, DeployError
+
+DEPRECATION = ("Azure ML SDK v1 (azureml-core) lost support on 2026-06-30: prefer the default --sdk v2. "
+               "NC6 sizes are retired; the default is Standard_NC4as_T4_v3.")
+
+
+def build(s: DeploySettings) -> dict[str, Any]:
+    """The v1 objects, offline: environment, inference config, AKS provisioning and deployment configs."""
+    from azureml.core import Environment
+    from azureml.core.compute import AksCompute
+    from azureml.core.model import InferenceConfig
+    from azureml.core.webservice import AksWebservice
+
+    environment = Environment.from_conda_specification(f"scorehost-{s.model_name}", s.conda_file)
+    environment.docker.base_image = s.base_image.split(":")[0] if s.base_image.endswith(":latest") else s.base_image
+    environment.inferencing_stack_version = "latest"
+    return {
+        "environment": environment,
+        "inference_config": InferenceConfig(entry_script=s.entry_script, environment=environment),
+        "provisioning": AksCompute.provisioning_configuration(vm_size=s.vm_size, agent_count=s.node_count,
+                                                              location=s.location),
+        "deployment_config": AksWebservice.deploy_configuration(
+            autoscale_enabled=False, num_replicas=s.replicas, cpu_cores=float(s.cpu),
+            memory_gb=float(s.memory.rstrip("Gi") or 4), gpu_cores=s.gpus, auth_enabled=True,
+            scoring_timeout_ms=s.request_timeout_ms, replica_max_concurrent_requests=s.max_concurrent_requests),
+    }
+
+
+def deploy(workspace: Any, s: DeploySettings, say: Callable[[str], None] = print) -> dict:
+    from azureml.core.compute import AksCompute, ComputeTarget
+    from azureml.core.model import Model
+
+    warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=2)
+    say(f"WARNING: {DEPRECATION}")
+    objects = build(s)
+    say(f"score.py sha256 {sha256(s.entry_script)}")
+    created: list[str] = []
+    try:
+        if s.create_cluster:
+            target = ComputeTarget.create(workspace, s.compute, objects["provisioning"])
+            target.wait_for_completion(show_output=True)
+            created.append(f"AKS compute {s.compute}")
+        else:
+            target = AksCompute(workspace, s.compute)
+        model = Model.register(workspace, model_path=s.model_dir, model_name=s.model_name)
+        created.append(f"model {s.model_name}")
+        service = Model.deploy(workspace, s.endpoint, [model], objects["inference_config"],
+                               objects["deployment_config"], deployment_target=target, overwrite=True)
+        created.append(f"service {s.endpoint}")
+        service.wait_for_deployment(show_output=True)
+        primary, _ = service.get_keys()
+    except Exception as ex:
+        raise DeployError(f"scorehost deploy aks --sdk v1 failed: {ex}\nCreated so far: {', '.join(created) or 'nothing'}"
+                          f"\nRemove it with: scorehost deploy teardown --sdk v1 --endpoint {s.endpoint} --yes") from ex
+    say(f"scoring URI: {service.scoring_uri}")
+    return {"scoring_uri": service.scoring_uri, "key": primary, "created": created}
+
+
+def teardown(workspace: Any, s: DeploySettings, with_compute: bool, say: Callable[[str], None] = print) -> list[str]:
+    from azureml.core.compute import AksCompute
+    from azureml.core.webservice import Webservice
+
+    deleted = []
+    say(f"deleting service {s.endpoint}")
+    Webservice(workspace, s.endpoint).delete()
+    deleted.append(f"service {s.endpoint}")
+    if with_compute:
+        AksCompute(workspace, s.compute).delete()
+        deleted.append(f"compute {s.compute}")
+    return deleted

@@ -1,0 +1,111 @@
+"""`scorehost parity URL [--key K]`: replay one request corpus against a deployed endpoint and a local server, and
+print a per-request diff. Exit status 0 only when every answer matches.
+
+The corpus: the reference JPEGs (several sizes) and a PNG, a JSON batch, and the bad inputs score.py refuses.
+Compared: the status, and the JSON body; probabilities within an absolute tolerance (GPU and CPU kernels differ in
+the last digits), everything else exactly; `request_id` is ignored (random by design).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import urllib.error
+import urllib.request
+from typing import Any, Optional
+
+TOLERANCE = 1e-3
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    name: str
+    body: bytes
+    content_type: str
+    method: str = "POST"
+
+
+def corpus() -> list[Probe]:
+    from bench import images
+
+    jpegs = images.generated()
+    png = images.generated(((96, 64),))[0]
+    from PIL import Image
+    import io
+
+    out = io.BytesIO()
+    Image.open(io.BytesIO(png)).save(out, "PNG")
+    batch = json.dumps({"images": [base64.b64encode(b).decode() for b in jpegs]}).encode()
+    probes = [Probe(f"jpeg {i}", b, "image/jpeg") for i, b in enumerate(jpegs)]
+    probes += [Probe("png", out.getvalue(), "image/png"), Probe("json batch of 3", batch, "application/json"),
+               Probe("empty body", b"", "image/jpeg"), Probe("not an image", b"hello", "image/jpeg"),
+               Probe("invalid json", b"{nope", "application/json"),
+               Probe("bad base64", b'{"images": ["%%%"]}', "application/json"),
+               Probe("truncated jpeg", jpegs[1][: len(jpegs[1]) // 2], "image/jpeg"),
+               Probe("GET", b"", "", "GET")]
+    return probes
+
+
+def send(url: str, probe: Probe, key: str = "", timeout: float = 120) -> tuple[int, Any]:
+    headers = {"Content-Type": probe.content_type} if probe.content_type else {}
+    if key:
+        headers["Authorization"] = f"Bearer {key}"
+    request = urllib.request.Request(url, probe.body if probe.method == "POST" else None, headers,
+                                     method=probe.method)
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            status, raw = r.status, r.read()
+    except urllib.error.HTTPError as e:
+        status, raw = e.code, e.read()
+    try:
+        return status, json.loads(raw)
+    except ValueError:
+        return status, raw.decode(errors="replace")
+
+
+def diff(a: Any, b: Any, path: str = "", tolerance: float = TOLERANCE) -> list[str]:
+    if isinstance(a, dict) and isinstance(b, dict):
+        keys = (set(a) | set(b)) - {"request_id"}
+        return [d for k in sorted(keys) for d in diff(a.get(k), b.get(k), f"{path}.{k}", tolerance)]
+    if isinstance(a, list) and isinstance(b, list):
+        if len(a) != len(b):
+            return [f"{path}: {len(a)} items != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in diff(x, y, f"{path}[{i}]", tolerance)]
+    if isinstance(a, float) and isinstance(b, (int, float)) and not isinstance(b, bool):
+        return [] if abs(a - b) <= tolerance else [f"{path}: {a} != {b} (tolerance {tolerance})"]
+    return [] if a == b else [f"{path}: {a!r} != {b!r}"]
+
+
+def compare(remote: str, local: str, key: str = "", local_key: str = "", tolerance: float = TOLERANCE,
+            say=print) -> bool:
+    """Replay the corpus against both; True when every answer matches."""
+    all_match = True
+    for probe in corpus():
+        r_status, r_body = send(remote, probe, key)
+        l_status, l_body = send(local, probe, local_key)
+        problems = ([f"status {r_status} != {l_status}"] if r_status != l_status else []) + \
+            diff(r_body, l_body, "body", tolerance)
+        all_match &= not problems
+        say(f"{'ok  ' if not problems else 'DIFF'} {probe.name:18} {r_status}" +
+            "".join(f"\n       {p}" for p in problems[:10]))
+    say("parity: all answers match" if all_match else "parity: answers differ")
+    return all_match
+
+
+def score_url(url: str) -> str:
+    """Accept a base URL or a scoring URI."""
+    url = url.rstrip("/")
+    return url if url.endswith("/score") else url + "/score"
+
+
+def run(url: str, key: str = "", local: Optional[str] = None, model_dir: Optional[str] = None,
+        tolerance: float = TOLERANCE) -> int:
+    """Compare `url` with `local` (a running server), or with a local scorehost started here on the demo model."""
+    if local:
+        return 0 if compare(score_url(url), score_url(local), key, tolerance=tolerance) else 1
+    from scorehost import REFERENCE_SCRIPT, processes
+    from scorehost.cli import demo_model_dir
+
+    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir(), timeout=300) as server:
+        return 0 if compare(score_url(url), server.url + "/score", key, tolerance=tolerance) else 1
