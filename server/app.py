@@ -24,7 +24,7 @@ from . import __version__
 from .batching import Batcher
 from .entry_script import EntryScript
 from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, PayloadTooLarge, ServerError, Unauthorized,
-                     error_response, message_response)
+                     UnreadableBody, error_response, message_response)
 from .invoke import Invoker, Timed
 from .metrics import Metrics
 from .settings import Settings
@@ -154,16 +154,21 @@ def authorize(header: str, key: bytes) -> None:
 
 
 def read_body(request: flask.Request, limit: int) -> None:
-    """Read the body now, so a too-large one is refused before the script sees it (announced or chunked)."""
+    """Read the whole body now: too large (announced or chunked) is 413, and a body that cannot be read as framed
+    (bad chunking, or fewer bytes than Content-Length) is 400, all before the script sees any of it."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {limit} bytes.")
     try:
-        too_large = len(request.get_data()) > limit
+        data = request.get_data()
     except RequestEntityTooLarge:
-        too_large = True
-    if too_large:
+        data = None
+    except Exception as ex:  # the server's reader: broken chunked framing, a client gone mid-body
+        raise UnreadableBody(f"The request body could not be read: {type(ex).__name__}: {ex}") from None
+    if data is None or len(data) > limit:
         raise PayloadTooLarge(f"Request body exceeds the limit of {limit} bytes.")
+    if length is not None and len(data) < length:
+        raise UnreadableBody(f"The request body ended after {len(data)} of the {length} bytes its Content-Length announced.")
 
 
 def contract_headers(response: flask.Response, request: flask.Request, g: Any, server_version: str) -> None:

@@ -19,7 +19,7 @@ import threading
 import time
 from typing import Any, Callable, Optional
 
-from .errors import Overloaded, ScoringTimeout, ScriptFailed
+from .errors import Overloaded, ScoringTimeout, ServerError, script_error
 from .invoke import Timed
 
 log = logging.getLogger("scorehost.batching")
@@ -89,17 +89,18 @@ class Batcher:
             outputs = list(self.run_batch([item.value for item in batch]))
             if len(outputs) != len(batch):
                 raise ValueError(f"run_batch() returned {len(outputs)} results for {len(batch)} inputs")
-        except BaseException:  # noqa: B036 - a failing script must not kill the batcher thread
+        except BaseException as ex:  # noqa: B036 - a failing script must not kill the batcher thread
             log.exception("run_batch() raised; failing the %d requests of this batch", len(batch))
-            outputs = [ScriptFailed() for _ in batch]
+            outputs = [script_error(ex) for _ in batch]
         elapsed_s = time.perf_counter() - started
         if self.observe:
             self.observe(len(batch), elapsed_s)
         for item, output in zip(batch, outputs):
-            if isinstance(output, BaseException):
-                if not isinstance(output, ScriptFailed):
-                    log.error("run_batch() failed one item: %r", output)
-                item.error = ScriptFailed()
+            if isinstance(output, ServerError):
+                item.error = output
+            elif isinstance(output, BaseException):
+                log.error("run_batch() failed one item: %r", output)
+                item.error = script_error(output)
             else:
                 item.result = Timed(output, elapsed_s * 1000, started - item.arrived)
             item.done.set()

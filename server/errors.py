@@ -30,6 +30,12 @@ class BadInput(ServerError):
     """The request body or query cannot be turned into run()'s arguments."""
 
 
+class UnreadableBody(BadInput):
+    """The body cannot be read as framed (broken chunking, fewer bytes than Content-Length). Azure ML: 500 or worse."""
+
+    scorehost_only = True
+
+
 class UnsupportedInput(ServerError):
     """The body has a Content-Type the script's input mode cannot take."""
 
@@ -78,6 +84,28 @@ class ScriptFailed(ServerError):
         super().__init__("An unexpected error occurred in scoring script. Check the logs for more info.")
 
 
+class ModelOutOfMemory(ServerError):
+    """The framework ran out of (GPU) memory: the request may well succeed later, or smaller. Azure ML says 500."""
+
+    scorehost_only = True
+    run_function_failed = True
+    extra_headers = {"Retry-After": "1"}
+
+    def __init__(self) -> None:
+        super().__init__("The model ran out of memory on this request: retry later, or send fewer images at once.")
+
+
+# Out-of-memory errors by class name, so that no framework needs importing: TensorFlow, PyTorch (CUDA), Python.
+OUT_OF_MEMORY_NAMES = {"ResourceExhaustedError", "OutOfMemoryError", "MemoryError"}
+
+
+def script_error(error: BaseException) -> ServerError:
+    """What an exception raised by the entry script becomes: 503 for out-of-memory, else Azure ML's 500."""
+    if any(cls.__name__ in OUT_OF_MEMORY_NAMES for cls in type(error).__mro__):
+        return ModelOutOfMemory()
+    return ScriptFailed()
+
+
 class InternalError(ServerError):
     def __init__(self) -> None:
         super().__init__("An unexpected internal error occurred. Check the logs for more info.")
@@ -94,6 +122,7 @@ STATUS: dict[type[ServerError], int] = {
     ScriptFailed: 500,
     InternalError: 500,
     Overloaded: 503,
+    ModelOutOfMemory: 503,
 }
 
 

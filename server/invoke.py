@@ -17,7 +17,7 @@ import threading
 import time
 from typing import Any, Callable, NamedTuple
 
-from .errors import ScoringTimeout, ScriptFailed
+from .errors import ScoringTimeout, script_error
 
 log = logging.getLogger("scorehost.invoke")
 
@@ -64,11 +64,11 @@ class Invoker:
         except _Overran:
             log.error("run() passed the scoring timeout of %d ms", self.timeout_ms)
             raise ScoringTimeout(self.timeout_ms) from None
-        except BaseException:  # noqa: B036 - SystemExit from a script must not end the worker
+        except BaseException as ex:  # noqa: B036 - SystemExit from a script must not end the worker
             if entry.interrupted:  # the interrupt landed inside the script's own exception handling
                 raise ScoringTimeout(self.timeout_ms) from None
             log.exception("run() raised")
-            raise ScriptFailed() from None
+            raise script_error(ex) from None
         return Timed(output, (time.perf_counter() - started) * 1000)
 
     def _watch(self) -> None:

@@ -1,6 +1,6 @@
 """Runs the app under gunicorn, with every gunicorn setting chosen on purpose.
 
-- Worker class `gthread`: threads overlap network I/O with run() and feed the batcher, and idle keep-alive
+- Worker class `gthread` (`ScoreWorker`, whose protocol-level errors are JSON): threads overlap network I/O with run() and feed the batcher, and idle keep-alive
   connections wait in the worker's poller rather than holding a thread (slow clients cannot take every thread).
 - Each worker imports the entry script and calls init() itself, after the fork: TensorFlow and CUDA are not
   fork-safe, so nothing heavy is preloaded in the master. A worker that cannot load exits with gunicorn's boot-error
@@ -14,14 +14,18 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
 import threading
 import traceback
+import uuid
 from typing import Any, Optional
 
 import gunicorn.app.base
+import gunicorn.util
+from gunicorn.workers.gthread import ThreadWorker
 
 from . import metrics
 from .gpus import GpuPinning
@@ -42,7 +46,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         options = {
             "bind": [f"{s.host}:{s.port}"],
             "workers": s.workers,
-            "worker_class": "gthread",
+            "worker_class": ScoreWorker,
             "threads": s.threads,
             "timeout": s.worker_timeout,
             "graceful_timeout": s.graceful_timeout,
@@ -91,6 +95,27 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             _fail(f"The entry script {self.settings.entry_script} failed to load or init() raised:\n"
                   f"{result['error']}")
         return result["app"]
+
+
+def write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
+    """gunicorn's answer to a request it cannot parse (line or headers too long, bad framing...), as JSON."""
+    request_id = str(uuid.uuid4())
+    body = json.dumps({"message": f"{reason}: {message}" if message else reason, "request_id": request_id}).encode()
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nx-request-id: {request_id}\r\n\r\n")
+    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
+
+
+class ScoreWorker(ThreadWorker):
+    """gunicorn's threaded worker, whose protocol-level errors are JSON like every other error of the server.
+
+    gunicorn writes those answers through one function, `gunicorn.util.write_error` (HTML); this worker process
+    replaces it with `write_json_error`, keeping gunicorn's own choice of status (400, 414, 431, 501...).
+    """
+
+    def init_process(self) -> None:
+        gunicorn.util.write_error = write_json_error
+        super().init_process()
 
 
 def _fail(message: str) -> None:

@@ -11,4 +11,4 @@ def init():
 @input_schema("b", StandardPythonParameterType("x"))
 @output_schema(StandardPythonParameterType({"a": 1, "b": "x", "custom": "c"}))
 def run(a, b="default", request_headers=None):
-    return {"a": a, "b": b, "custom": (request_headers or {}).get("X-Custom")}
+    return {"a": int(a), "b": str(b), "custom": (request_headers or {}).get("X-Custom", "")}

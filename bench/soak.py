@@ -1,0 +1,120 @@
+"""Soak: mixed traffic for a long while against the reference score.py on the small colour model, watching for
+failures, latency drift and memory growth.
+
+    python -m bench.soak --seconds 600 --out reports/soak      # the 10-minute soak
+    python -m bench.soak --seconds 30                          # the smoke version CI runs (tests/)
+
+Traffic, at 8 concurrent keep-alive clients (bench/loadgen.py): valid JPEGs and PNGs, JSON batches, and every bad
+input score.py refuses, interleaved. Every 10 s window records p99 and each worker's RSS. It fails (exit 1) on any
+answer other than the expected one for its kind (so any 5xx), on a dropped connection, or when a worker's memory
+grew 10% or more from the end of the warm-up (the first minute, or the first third of a shorter run) to the end;
+memory is judged only on runs of 2 minutes or more (TensorFlow's allocator is still growing in the first tens of
+seconds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import itertools
+import json
+import os
+import sys
+import time
+from typing import Optional
+
+from bench import images as corpus
+from bench import loadgen
+from bench.run import _tree, tree_rss_mb
+from scorehost import HOME, REFERENCE_SCRIPT, processes
+
+WINDOW_S = 10
+
+
+def requests() -> tuple[list[tuple[str, str, bytes]], dict[str, int]]:
+    """(label, content type, body) for each kind of request, and the status each kind must get."""
+    from PIL import Image
+    import io
+
+    jpegs = corpus.generated()
+    png = io.BytesIO()
+    Image.open(io.BytesIO(jpegs[0])).save(png, "PNG")
+    gif = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(gif, "GIF")
+    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
+    kinds = [
+        ("jpeg", "image/jpeg", jpegs[0], 200), ("jpeg-large", "image/jpeg", jpegs[2], 200),
+        ("png", "image/png", png.getvalue(), 200),
+        ("batch", "application/json", json.dumps({"images": [b64(j) for j in jpegs] + [b64(jpegs[0])]}).encode(), 200),
+        ("empty", "image/jpeg", b"", 400), ("not-an-image", "image/jpeg", b"hello world", 400),
+        ("truncated", "image/jpeg", jpegs[1][: len(jpegs[1]) // 2], 400), ("gif", "image/gif", gif.getvalue(), 415),
+        ("bad-json", "application/json", b"{nope", 400), ("bad-base64", "application/json", b'{"images": ["%%"]}', 400),
+        ("bad-in-batch", "application/json", json.dumps({"images": [b64(jpegs[0]), b64(b"junk")]}).encode(), 400),
+        ("too-many", "application/json", json.dumps({"images": [b64(jpegs[0])] * 65}).encode(), 413),
+    ]
+    # Valid requests three times as often as each bad kind.
+    mix = [k for k in kinds for _ in range(3 if k[3] == 200 else 1)]
+    return [(label, ctype, body) for label, ctype, body, _ in mix], {label: status for label, _, _, status in kinds}
+
+
+def colors_model_dir() -> str:
+    root = os.path.join(HOME, "models-colors")
+    if not os.path.exists(os.path.join(root, "colors", "1", "saved_model.pb")):
+        from scorehost.models import build_colors
+
+        build_colors(root)
+    return root
+
+
+def worker_rss(master_pid: int) -> dict[int, float]:
+    return {pid: tree_rss_mb(pid) for pid in _tree(master_pid) if pid != master_pid}
+
+
+def soak(seconds: float, clients: int = 8, model_dir: Optional[str] = None, workers: int = 2,
+         say=print) -> dict:
+    mix, expected = requests()
+    cycle = itertools.cycle(mix)
+    windows = []
+    totals: dict[str, int] = {}
+    dropped = 0
+    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or colors_model_dir(), workers=workers,
+                           extra_args=("--threads", "4"), timeout=300) as server:
+        started = time.monotonic()
+        while time.monotonic() - started < seconds:
+            window = min(WINDOW_S, seconds - (time.monotonic() - started))
+            r = loadgen.run(server.url, clients, max(1.0, window), lambda: next(cycle))
+            for key, n in r.statuses.items():
+                totals[key] = totals.get(key, 0) + n
+            dropped += r.dropped
+            windows.append({"t_s": round(time.monotonic() - started), "requests": r.answered,
+                            "p99_ms": round(r.percentile(99), 1), "rss_mb": worker_rss(server.pid)})
+            say(f"t={windows[-1]['t_s']:4d}s  {r.answered:5d} answers  p99 {windows[-1]['p99_ms']:7.1f} ms  "
+                f"worker RSS {sorted(round(v) for v in windows[-1]['rss_mb'].values())} MB")
+    unexpected = {k: n for k, n in totals.items() if int(k.rsplit(" ", 1)[1]) != expected[k.rsplit(" ", 1)[0]]}
+    warmup_s = min(60.0, seconds / 3)
+    after_warmup = [w for w in windows if w["t_s"] >= warmup_s] or windows[-1:]
+    first, last = after_warmup[0]["rss_mb"], windows[-1]["rss_mb"]
+    growth = {pid: (last[pid] - first[pid]) / first[pid] for pid in first if pid in last}
+    memory_ok = seconds < 120 or all(g < 0.10 for g in growth.values())
+    return {"seconds": seconds, "clients": clients, "totals": totals, "unexpected": unexpected, "dropped": dropped,
+            "windows": windows, "warmup_s": warmup_s, "rss_growth_after_warmup": growth,
+            "ok": not unexpected and not dropped and memory_ok}
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=600)
+    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--out", help="folder for soak.json")
+    args = parser.parse_args()
+    result = soak(args.seconds, args.clients)
+    print(json.dumps({k: v for k, v in result.items() if k != "windows"}, indent=1))
+    if args.out:
+        os.makedirs(args.out, exist_ok=True)
+        with open(os.path.join(args.out, "soak.json"), "w") as f:
+            json.dump(result, f, indent=1)
+    return 0 if result["ok"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
