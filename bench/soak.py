@@ -101,12 +101,35 @@ def soak(seconds: float, clients: int = 8, model_dir: Optional[str] = None, work
             "ok": not unexpected and not dropped and memory_ok}
 
 
+def worker_restart_seconds(model_dir: Optional[str] = None) -> float:
+    """kill -9 one of two workers serving the reference score.py: seconds until its replacement is ready to serve
+    (it logs "worker N ready" once the script is imported and init() is done)."""
+    import signal
+
+    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or colors_model_dir(), workers=2,
+                           timeout=300) as server:
+        before = set(worker_rss(server.pid))
+        os.kill(min(before), signal.SIGKILL)
+        killed = time.monotonic()
+        while time.monotonic() - killed < 120:
+            fresh = set(worker_rss(server.pid)) - before
+            if any(f"worker {pid} ready for serving traffic" in server.output() for pid in fresh):
+                return time.monotonic() - killed
+            time.sleep(0.05)
+        raise RuntimeError("the killed worker was not replaced within 120 s")
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=600)
     parser.add_argument("--clients", type=int, default=8)
     parser.add_argument("--out", help="folder for soak.json")
+    parser.add_argument("--restart-only", action="store_true",
+                        help="only measure how long a killed worker takes to serve again")
     args = parser.parse_args()
+    if args.restart_only:
+        print(f"worker back {worker_restart_seconds():.1f} s after kill -9")
+        return 0
     result = soak(args.seconds, args.clients)
     print(json.dumps({k: v for k, v in result.items() if k != "windows"}, indent=1))
     if args.out:
