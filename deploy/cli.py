@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 from typing import Any
 
 from deploy.settings import DeployError, DeploySettings, WorkspaceNotFound

@@ -14,7 +14,6 @@
 
 from __future__ import annotations
 
-import ctypes
 import json
 import logging
 import os
@@ -65,7 +64,6 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             self.cfg.set(name, value)
 
     def _post_fork(self, arbiter: Any, worker: Any) -> None:
-        limit_malloc_arenas()
         self._gpus.pin(worker)
         self._worker = worker  # so load() can keep telling the master this worker is alive during init()
 
@@ -98,16 +96,6 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
                   f"{result['error']}")
         logging.getLogger("scorehost.runner").info("worker %d ready for serving traffic", os.getpid())
         return result["app"]
-
-
-def limit_malloc_arenas(arenas: int = 2) -> None:
-    """glibc gives threads their own malloc arenas (up to 8 per core); with TensorFlow's varying buffer sizes each
-    arena keeps its own freed memory, and a long-running threaded worker's RSS creeps up in steps (measured in the
-    soak, bench/RESULTS.md). Two arenas bound that. Same effect as MALLOC_ARENA_MAX=2, set after the fork."""
-    try:
-        ctypes.CDLL("libc.so.6").mallopt(-8, arenas)  # -8: M_ARENA_MAX
-    except (OSError, AttributeError):  # not glibc: nothing to do
-        pass
 
 
 def write_json_error(sock: Any, status: int, reason: str, message: str) -> None:

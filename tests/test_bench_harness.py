@@ -4,7 +4,6 @@ every cell, the ratios and plots are there, and a script that fails shows its er
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 
 import pytest

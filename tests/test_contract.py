@@ -4,7 +4,6 @@ both running the same script as real processes; the answers must agree (see corp
 from __future__ import annotations
 
 import http.client
-import itertools
 
 import pytest
 

@@ -95,10 +95,10 @@ def test_v2_entities_validate_with_the_sdk(settings, tmp_path):
                                           "managedClusters/scorehost-gpu")
 
 
-def test_instance_type_manifest_validates(settings):
-    import kubernetes_validate
-
+def test_instance_type_asks_for_cpu_memory_and_a_gpu(settings):
     body = azure_v2.instance_type_manifest(settings)
+    assert (body["apiVersion"], body["kind"], body["metadata"]["name"]) == ("amlarc.azureml.com/v1alpha1",
+                                                                          "InstanceType", "gpu-t4")
     assert body["spec"]["resources"]["limits"] == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}
 
 

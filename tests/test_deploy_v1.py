@@ -13,7 +13,6 @@ azureml_core = pytest.importorskip("azureml.core")
 
 from deploy import azure_v1  # noqa: E402
 from deploy.settings import DeployError, DeploySettings  # noqa: E402
-from scorehost import REFERENCE_SCRIPT  # noqa: E402
 
 
 @pytest.fixture

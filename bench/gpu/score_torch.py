@@ -4,7 +4,6 @@ Same contract as the reference score.py: POST a JPEG -> top 5 classes. `run_batc
 forward pass, for scorehost's dynamic batching; `run` is the unbatched path Azure ML would call.
 """
 import io
-import os
 
 import torch
 import torchvision
