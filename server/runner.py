@@ -14,11 +14,13 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import logging
 import os
 import sys
 import threading
+import time
 import traceback
 import uuid
 from typing import Any, Optional
@@ -64,6 +66,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             self.cfg.set(name, value)
 
     def _post_fork(self, arbiter: Any, worker: Any) -> None:
+        start_memory_trimmer()
         self._gpus.pin(worker)
         self._worker = worker  # so load() can keep telling the master this worker is alive during init()
 
@@ -96,6 +99,26 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
                   f"{result['error']}")
         logging.getLogger("scorehost.runner").info("worker %d ready for serving traffic", os.getpid())
         return result["app"]
+
+
+def start_memory_trimmer(every_s: float = 10.0) -> None:
+    """Give freed heap memory back to the system every few seconds (glibc's malloc_trim).
+
+    glibc keeps memory freed by a thread in that thread's malloc arena; with TensorFlow's varying buffer sizes and
+    several request threads, a worker's RSS otherwise creeps up in steps over a long run (the soak,
+    bench/RESULTS.md). A trim takes milliseconds; not glibc: nothing to do.
+    """
+    try:
+        trim = ctypes.CDLL("libc.so.6").malloc_trim
+    except (OSError, AttributeError):
+        return
+
+    def loop() -> None:
+        while True:
+            time.sleep(every_s)
+            trim(0)
+
+    threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
 
 
 def write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
