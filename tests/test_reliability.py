@@ -155,12 +155,12 @@ def test_slow_clients_do_not_take_every_thread(start_server):
 
 # --- process faults -------------------------------------------------------------------------------------------
 
-def _pids(server, want: int, tries: int = 200) -> set[int]:
-    seen = set()
-    for _ in range(tries):
+def _pids(server, want: int, within_s: float = 60) -> set[int]:
+    """The worker pids seen answering, until `want` are seen (a worker still booting answers later)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + within_s
+    while len(seen) < want and time.monotonic() < deadline:
         seen.add(json.loads(send(server.url, Case("which_gpu.py", "POST", "/score", b"x")).body)["pid"])
-        if len(seen) >= want:
-            break
     return seen
 
 
@@ -190,7 +190,7 @@ def test_kill_9_a_worker_under_load(start_server):
     assert results.count(-1) <= 4  # at most the requests in flight on the killed worker
     after = _pids(server, 2)
     back_in = time.monotonic() - killed_at
-    assert victim not in after and len(after) == 2 and back_in < 10
+    assert victim not in after and len(after) == 2 and back_in < 30
 
 
 def test_sigterm_drains_in_flight_requests(tmp_path):
