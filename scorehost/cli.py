@@ -16,14 +16,18 @@ from . import HOME, REFERENCE_SCRIPT, __version__
 
 
 def demo_model_dir() -> str:
-    """The embedded default model: the demo ResNet50, built on first use (said on the console, with its time)."""
+    """The embedded default model: the demo ResNet50, built on first use (said on the console, with its time).
+
+    Built in a child process: `scorehost serve` forks gunicorn workers from this process, and TensorFlow imported
+    before a fork deadlocks the forked worker's init().
+    """
     root = os.path.join(HOME, "models")
     if not os.path.exists(os.path.join(root, "resnet50", "1", "saved_model.pb")):
-        from .models import build_resnet50
+        import subprocess
 
         print(f"scorehost: building the demo ResNet50 (random weights) in {root} ...", flush=True)
         started = time.perf_counter()
-        build_resnet50(root)
+        subprocess.run([sys.executable, "-m", "scorehost.cli", "model", "resnet50", "--out", root], check=True)
         print(f"scorehost: demo model built in {time.perf_counter() - started:.1f} s", flush=True)
     return root
 

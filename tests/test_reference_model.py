@@ -14,7 +14,7 @@ from flask import Request
 from werkzeug.test import EnvironBuilder
 
 from images import b64, png_claiming, solid, truncated_jpeg
-from scorehost import REFERENCE_SCRIPT
+from scorehost import REFERENCE_SCRIPT, processes
 from scorehost.models import COLORS
 from corpus import Case, send
 
@@ -191,3 +191,19 @@ def test_resnet50_gives_five_ranked_classes(resnet_model):
     batch = json.dumps({"images": [b64(solid((i * 30, 60, 90))) for i in range(4)]}).encode()
     status, body = answer(module.run(request(batch, "application/json")))
     assert status == 200 and len(body["results"]) == 4
+
+
+@pytest.mark.slow
+def test_serve_with_no_arguments_builds_the_demo_model_and_answers(tmp_path):
+    """The README's first command, from an empty model cache: the demo ResNet50 is built (in a child process: a
+    TensorFlow imported in gunicorn's master deadlocks the forked worker) and the server answers with 5 classes."""
+    port = processes.free_port()
+    env = {**os.environ, "SCOREHOST_HOME": str(tmp_path), "SCOREHOST_PORT": str(port)}
+    server = processes.ServerProcess("scorehost", [processes._bin("scorehost"), "serve"], env, port, str(tmp_path))
+    try:
+        server.wait_healthy(300)
+        answer = send(server.url, Case("score.py", "POST", "/score", solid((200, 120, 40), (320, 240)), JPEG))
+        assert answer.status == 200 and len(json.loads(answer.body)["predictions"]) == 5
+        assert "demo model built in" in server.output()
+    finally:
+        server.stop()
