@@ -204,6 +204,6 @@ def test_serve_with_no_arguments_builds_the_demo_model_and_answers(tmp_path):
         server.wait_healthy(300)
         answer = send(server.url, Case("score.py", "POST", "/score", solid((200, 120, 40), (320, 240)), JPEG))
         assert answer.status == 200 and len(json.loads(answer.body)["predictions"]) == 5
-        assert "demo model built in" in server.output()
+        assert (tmp_path / "models" / "resnet50" / "1" / "saved_model.pb").exists()  # built on first use
     finally:
         server.stop()
