@@ -198,7 +198,8 @@ def test_serve_with_no_arguments_builds_the_demo_model_and_answers(tmp_path):
     """The README's first command, from an empty model cache: the demo ResNet50 is built (in a child process: a
     TensorFlow imported in gunicorn's master deadlocks the forked worker) and the server answers with 5 classes."""
     port = processes.free_port()
-    env = {**os.environ, "SCOREHOST_HOME": str(tmp_path), "SCOREHOST_PORT": str(port)}
+    env = {k: v for k, v in os.environ.items() if k not in ("AZUREML_MODEL_DIR", "AZUREML_ENTRY_SCRIPT")}
+    env.update(SCOREHOST_HOME=str(tmp_path), SCOREHOST_PORT=str(port))  # no model set by earlier tests here
     server = processes.ServerProcess("scorehost", [processes._bin("scorehost"), "serve"], env, port, str(tmp_path))
     try:
         server.wait_healthy(300)
