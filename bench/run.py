@@ -54,7 +54,7 @@ class Result:
         return max(0.0, self.mean_ms - self.run_mean_ms)
 
 
-def _tree(pid: int) -> list[int]:
+def process_tree(pid: int) -> list[int]:
     """A process and all its descendants (gunicorn master + workers), from /proc."""
     children: dict[int, list[int]] = {}
     for entry in os.listdir("/proc"):
@@ -75,7 +75,7 @@ def _tree(pid: int) -> list[int]:
 
 def tree_rss_mb(pid: int) -> float:
     total_kb = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/status") as f:
                 total_kb += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
@@ -87,7 +87,7 @@ def tree_rss_mb(pid: int) -> float:
 def tree_cpu_s(pid: int) -> float:
     """User + system CPU seconds used so far by a process tree."""
     ticks = 0
-    for p in _tree(pid):
+    for p in process_tree(pid):
         try:
             with open(f"/proc/{p}/stat") as f:
                 fields = f.read().rsplit(")", 1)[1].split()

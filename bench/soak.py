@@ -25,7 +25,7 @@ from typing import Optional
 
 from bench import images as corpus
 from bench import loadgen
-from bench.run import _tree, tree_rss_mb
+from bench.run import process_tree, tree_rss_mb
 from scorehost import HOME, REFERENCE_SCRIPT, processes
 
 WINDOW_S = 10
@@ -67,7 +67,7 @@ def colors_model_dir() -> str:
 
 
 def worker_rss(master_pid: int) -> dict[int, float]:
-    return {pid: tree_rss_mb(pid) for pid in _tree(master_pid) if pid != master_pid}
+    return {pid: tree_rss_mb(pid) for pid in process_tree(master_pid) if pid != master_pid}
 
 
 def soak(seconds: float, clients: int = 8, model_dir: Optional[str] = None, workers: int = 2,
