@@ -35,15 +35,15 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def ratios(results: list[Result]) -> list[dict]:
-    """scorehost / AIHS per (script, clients): throughput, p99 and memory."""
+    """Each server / AIHS per (script, clients): throughput, p99 and memory."""
     by = {(r.cell.server, r.cell.script, r.cell.concurrency): r for r in results}
     out = []
     for (server, script, c), ours in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
         theirs = by.get(("aihs", script, c))
-        if server != "scorehost" or theirs is None:
+        if server == "aihs" or theirs is None:
             continue
         div = lambda a, b: (a / b) if b else None  # noqa: E731
-        out.append({"script": script, "clients": c, "img_s": div(ours.img_s, theirs.img_s),
+        out.append({"server": server, "script": script, "clients": c, "img_s": div(ours.img_s, theirs.img_s),
                     "req_s": div(ours.req_s, theirs.req_s), "p99": div(ours.p99_ms, theirs.p99_ms),
                     "rss": div(ours.rss_mb or 0, theirs.rss_mb or 0),
                     "cpu": div(ours.cpu_ms_per_request or 0, theirs.cpu_ms_per_request or 0)})
@@ -62,11 +62,11 @@ def markdown(results: list[Result], command: str, seconds: float) -> str:
              "## Results\n\n" + _table(list(COLUMNS), [_row(r) for r in results])]
     rs = ratios(results)
     if rs:
-        rows = [[r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]), _fmt(r["cpu"]),
+        rows = [[r["server"], r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]), _fmt(r["cpu"]),
                  _fmt(r["rss"])] for r in rs]
-        parts.append("## scorehost / AIHS\n\nAbove 1 is better for req/s and img/s; below 1 is better for p99, server "
+        parts.append("## Each server / AIHS\n\nAbove 1 is better for req/s and img/s; below 1 is better for p99, server "
                      "CPU per request and memory.\n\n"
-                     + _table(["script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
+                     + _table(["server", "script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
     parts.append("## Plots\n\n![throughput](throughput.png)\n![latency](latency.png)\n![time split](time_split.png)"
                  "\n\n" + __doc__.split("\n\n", 1)[1].strip())
     return "\n\n".join(parts) + "\n"

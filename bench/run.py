@@ -196,7 +196,7 @@ def _warm(url: str, key: str) -> None:
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
                seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
                progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
-               scorehost_args: tuple[str, ...] = (), client: str = "locust") -> list[Result]:
+               scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1) -> list[Result]:
     """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint."""
     results: list[Result] = []
     load = {"key": key, "images": images, "batch": batch}
@@ -211,7 +211,7 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
         try:
             for server in servers:
                 extra = scorehost_args + (("--auth-key", key) if key else ()) if server == "scorehost" else ()
-                running[server] = processes.start(server, entry_script, model_dir, extra_args=extra)
+                running[server] = processes.start(server, entry_script, model_dir, extra_args=extra, workers=workers)
             for server in running.values():
                 server.wait_healthy(300)
                 _warm(server.url, key)

@@ -57,6 +57,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
     if settings.workers is None:
         settings = settings.replace(workers=default_workers())
+    if settings.threads is None:
+        settings = settings.replace(threads=2 * settings.batch_max if settings.batch_max > 1 else 1)
     _banner(settings)
     return serve(settings) or 0
 
@@ -98,7 +100,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
     print(f"scorehost bench: {cells} cells of {args.seconds:g} s -> {out}", flush=True)
     results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
                              images=args.images or "", batch=args.batch, remote=args.remote or "",
-                             progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client)
+                             progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client,
+                             workers=args.workers)
     path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds)
     print(f"report: {path}")
     return 0
@@ -127,6 +130,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH scripts")
     bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
     bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
+    bench.add_argument("--workers", type=int, default=1, help="worker processes of every local server (AIHS too)")
     bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
     bench.add_argument("--images", help="directory of JPEG/PNG files to send (default: generated JPEGs)")
     bench.add_argument("--remote", help="load this endpoint instead of local servers, e.g. https://.../score's base")

@@ -33,6 +33,7 @@ from .swagger import Swagger, SwaggerNotFound
 log = logging.getLogger("scorehost.app")
 
 HEADER_LIMIT = 100  # characters, for the request id headers, as Azure ML
+BODY_ERROR = "scorehost.body_error"  # set by the HTTP front when a body could not be read as framed (server/front.py)
 PROTECTED = ("/score", "/swagger.json", "/metrics")
 
 
@@ -53,7 +54,8 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
     swagger = Swagger(script.run, settings.app_root)
     server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
     key = settings.auth_key.encode() if settings.auth_key else None
-    app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics}
+    app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics,
+                                   "admits_body": body_admission(key, settings.max_body_bytes)}
 
     if settings.cors_origins:
         import flask_cors
@@ -153,12 +155,32 @@ def authorize(header: str, key: bytes) -> None:
         raise Unauthorized("Invalid key in the Authorization header.")
 
 
+def body_admission(key: Optional[bytes], limit: int) -> Callable[[str, Optional[str], Optional[int]], bool]:
+    """For the HTTP front, on a request's head: would `_admit` take its body? If not (wrong key on a protected
+    route, a body announced over the limit), the front answers without reading the body, and an
+    `Expect: 100-continue` client is not invited to send it. The answer itself is still `_admit`'s."""
+
+    def admits_body(path: str, authorization: Optional[str], content_length: Optional[int]) -> bool:
+        if content_length is not None and content_length > limit:
+            return False
+        if key is not None and path in PROTECTED:
+            try:
+                authorize(authorization or "", key)
+            except Unauthorized:
+                return False
+        return True
+
+    return admits_body
+
+
 def read_body(request: flask.Request, limit: int) -> None:
     """Read the whole body now: too large (announced or chunked) is 413, and a body that cannot be read as framed
     (bad chunking, or fewer bytes than Content-Length) is 400, all before the script sees any of it."""
     length = request.content_length
     if length is not None and length > limit:
         raise PayloadTooLarge(f"Request body is {length} bytes; the limit is {limit} bytes.")
+    if BODY_ERROR in request.environ:
+        raise UnreadableBody(f"The request body could not be read: {request.environ[BODY_ERROR]}.")
     try:
         data = request.get_data()
     except RequestEntityTooLarge:

@@ -7,6 +7,9 @@ overload) also carry the request id in the body, since no Azure ML client depend
 
 from __future__ import annotations
 
+import http
+import json
+import uuid
 from typing import Optional
 
 from azureml.contrib.services.aml_response import AMLResponse
@@ -106,6 +109,29 @@ def script_error(error: BaseException) -> ServerError:
     return ScriptFailed()
 
 
+class ProtocolError(ServerError):
+    """The front could not read a request as HTTP (server/front.py): answered before any app code runs, then the
+    connection closes. The message names the HTTP reason and what was wrong."""
+
+    scorehost_only = True
+
+
+class MalformedRequest(ProtocolError):
+    pass
+
+
+class RequestTimeout(ProtocolError):
+    """The client stopped sending in the middle of a request (nginx's client_body_timeout)."""
+
+
+class RequestLineTooLong(ProtocolError):
+    pass
+
+
+class HeaderFieldsTooLarge(ProtocolError):
+    pass
+
+
 class InternalError(ServerError):
     def __init__(self) -> None:
         super().__init__("An unexpected internal error occurred. Check the logs for more info.")
@@ -113,11 +139,15 @@ class InternalError(ServerError):
 
 STATUS: dict[type[ServerError], int] = {
     BadInput: 400,
+    MalformedRequest: 400,
     Unauthorized: 401,
     MethodNotAllowed: 405,
+    RequestTimeout: 408,
     PayloadTooLarge: 413,
+    RequestLineTooLong: 414,
     UnsupportedInput: 415,
     HeaderTooLong: 431,
+    HeaderFieldsTooLarge: 431,
     ScoringTimeout: 500,
     ScriptFailed: 500,
     InternalError: 500,
@@ -148,3 +178,16 @@ def error_response(error: ServerError, request_id: Optional[str]) -> AMLResponse
     for name, value in error.extra_headers.items():
         response.headers[name] = value
     return response
+
+
+def raw_error_response(error: ServerError) -> bytes:
+    """A whole HTTP answer for an error met before (or without) the app: JSON with a new request id, then close."""
+    status = status_of(error)
+    reason = http.HTTPStatus(status).phrase
+    request_id = str(uuid.uuid4())
+    message = f"{reason}: {error.message}" if isinstance(error, ProtocolError) else error.message
+    body = json.dumps({"message": message, "request_id": request_id}).encode()
+    extra = "".join(f"{name}: {value}\r\n" for name, value in error.extra_headers.items())
+    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nx-request-id: {request_id}\r\n{extra}\r\n")
+    return head.encode("latin-1") + body

@@ -1,35 +1,33 @@
-"""Runs the app under gunicorn, with every gunicorn setting chosen on purpose.
+"""Runs the app under gunicorn's master, with every gunicorn setting chosen on purpose.
 
-- Worker class `gthread` (`ScoreWorker`, whose protocol-level errors are JSON): threads overlap network I/O with run() and feed the batcher, and idle keep-alive
-  connections wait in the worker's poller rather than holding a thread (slow clients cannot take every thread).
+- gunicorn is the process manager: it forks workers, replaces a dead one, drains on SIGTERM and runs the hooks that
+  pin GPUs. HTTP inside a worker is scorehost's own front (`front.FrontWorker`): an event loop reads whole requests,
+  app threads (`--threads`, default 1) run the app; chosen by measurement (bench/RESULTS.md, section 6).
 - Each worker imports the entry script and calls init() itself, after the fork: TensorFlow and CUDA are not
   fork-safe, so nothing heavy is preloaded in the master. A worker that cannot load exits with gunicorn's boot-error
   code, which stops the master with that code instead of restarting the worker forever.
 - Workers: by default one per visible GPU, each pinned to its card (`gpus.GpuPinning`).
 - init() gets `init_timeout` seconds; the worker keeps telling the master it is alive meanwhile, so a slow model
   load is not mistaken for a hung worker, and a hung init() fails start-up with a clear message.
-- Request line, header count and header size limits are gunicorn's defaults (4094 bytes, 100 fields, 8190 bytes);
-  the body limit is the app's (`max_body_bytes`).
+- Request line, header count and header size limits are gunicorn's defaults (4094 bytes, 100 fields, 8190 bytes),
+  enforced by the front; the body limit is the app's (`max_body_bytes`).
 """
 
 from __future__ import annotations
 
 import ctypes
-import json
 import logging
 import os
 import sys
 import threading
 import time
 import traceback
-import uuid
 from typing import Any, Optional
 
 import gunicorn.app.base
-import gunicorn.util
-from gunicorn.workers.gthread import ThreadWorker
 
 from . import metrics
+from .front import ConnectionShares, FrontWorker
 from .gpus import GpuPinning
 from .settings import Settings
 
@@ -41,6 +39,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         self.settings = settings
         self._worker: Any = None
         self._gpus = GpuPinning()
+        self.shares = ConnectionShares()
         super().__init__()
 
     def load_config(self) -> None:
@@ -48,7 +47,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         options = {
             "bind": [f"{s.host}:{s.port}"],
             "workers": s.workers,
-            "worker_class": ScoreWorker,
+            "worker_class": FrontWorker,
             "threads": s.threads,
             "timeout": s.worker_timeout,
             "graceful_timeout": s.graceful_timeout,
@@ -56,14 +55,22 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             "accesslog": "-" if s.access_log else None,
             "errorlog": "-",
             "loglevel": os.environ.get("AZUREML_LOG_LEVEL", "info").lower(),
-            "pre_fork": self._gpus.assign,
+            "pre_fork": self._pre_fork,
             "post_fork": self._post_fork,
-            "child_exit": lambda arbiter, worker: metrics.worker_exited(worker.pid),
+            "child_exit": self._child_exit,
             "proc_name": "scorehost",
             "control_socket_disable": True,  # gunicorn 24+'s control socket is one per user: servers side by side clash
         }
         for name, value in options.items():
             self.cfg.set(name, value)
+
+    def _pre_fork(self, arbiter: Any, worker: Any) -> None:
+        self._gpus.assign(arbiter, worker)
+        self.shares.assign(arbiter, worker)
+
+    def _child_exit(self, arbiter: Any, worker: Any) -> None:
+        metrics.worker_exited(worker.pid)
+        self.shares.release(worker)
 
     def _post_fork(self, arbiter: Any, worker: Any) -> None:
         start_memory_trimmer()
@@ -119,27 +126,6 @@ def start_memory_trimmer(every_s: float = 10.0) -> None:
             trim(0)
 
     threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
-
-
-def write_json_error(sock: Any, status: int, reason: str, message: str) -> None:
-    """gunicorn's answer to a request it cannot parse (line or headers too long, bad framing...), as JSON."""
-    request_id = str(uuid.uuid4())
-    body = json.dumps({"message": f"{reason}: {message}" if message else reason, "request_id": request_id}).encode()
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nx-request-id: {request_id}\r\n\r\n")
-    gunicorn.util.write_nonblock(sock, head.encode("latin-1") + body)
-
-
-class ScoreWorker(ThreadWorker):
-    """gunicorn's threaded worker, whose protocol-level errors are JSON like every other error of the server.
-
-    gunicorn writes those answers through one function, `gunicorn.util.write_error` (HTML); this worker process
-    replaces it with `write_json_error`, keeping gunicorn's own choice of status (400, 414, 431, 501...).
-    """
-
-    def init_process(self) -> None:
-        gunicorn.util.write_error = write_json_error
-        super().init_process()
 
 
 def _fail(message: str) -> None:

@@ -47,8 +47,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("port", "--port", "SCOREHOST_PORT", 5001, int, "Port to bind (Azure ML's is 5001)."),
     Setting("workers", "--workers", "WORKER_COUNT", None, int,
             "Worker processes, each with its own copy of the model. Default: one per visible GPU, else 1."),
-    Setting("threads", "--threads", "SCOREHOST_THREADS", 4, int,
-            "Threads per worker: they overlap network I/O with run(), and feed the batcher when batching is on."),
+    Setting("threads", "--threads", "SCOREHOST_THREADS", None, int,
+            "App threads per worker: how many run() calls may overlap in one worker. Default 1, as Azure ML: "
+            "scripts are written for one call at a time (a module global shared by two calls mixes two clients' "
+            "data); raise it only for a thread-safe script. Sockets are the worker's event loop's, so slow clients "
+            "need no threads. With batching, the threads feed the batcher (default 2 x --batch-max) and "
+            "run_batch() is still called one at a time."),
     Setting("scoring_timeout_ms", "--scoring-timeout-ms", "SCORING_TIMEOUT_MS", 3_600_000, int,
             "A run() that takes longer is answered with 500 'Scoring timeout after N ms'."),
     Setting("worker_timeout", "--worker-timeout", "WORKER_TIMEOUT", 300, int,
@@ -59,6 +63,12 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a worker may spend importing the entry script and running init() before start-up fails."),
     Setting("keepalive", "--keepalive", "SCOREHOST_KEEPALIVE", 5, int,
             "Seconds an idle keep-alive connection stays open (0 closes after each response, as Azure ML does)."),
+    Setting("read_timeout", "--read-timeout", "SCOREHOST_READ_TIMEOUT", 30.0, float,
+            "Seconds a client may go silent in the middle of a request (or before its first byte) before it is "
+            "answered 408 and closed (nginx's client_body_timeout)."),
+    Setting("send_timeout", "--send-timeout", "SCOREHOST_SEND_TIMEOUT", 30.0, float,
+            "Seconds a client may go without reading its answer before the connection is dropped (nginx's "
+            "send_timeout)."),
     Setting("cors_origins", "--cors-origins", "AML_CORS_ORIGINS", None, str,
             "Comma-separated origins allowed by CORS (GET and POST), as Azure ML's AML_CORS_ORIGINS."),
     Setting("auth_key", "--auth-key", "SCOREHOST_AUTH_KEY", None, str,
@@ -103,6 +113,15 @@ class Settings:
                 value = "set (hidden)"
             shown.append((s.name, str(value)))
         return shown
+
+
+def markdown_table() -> str:
+    """The README's settings table, made from SETTINGS (tests/test_server.py requires the README to carry it)."""
+    rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
+    for s in SETTINGS:
+        default = "see text" if s.default is None else f"`{s.default}`"
+        rows.append(f"| `{s.flag}` | `{s.env}` | {default} | {s.doc} |")
+    return "\n".join(rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

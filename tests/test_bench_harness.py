@@ -30,7 +30,7 @@ def test_every_cell_is_in_the_table(report):
         for name in ("trivial", "broken"):
             for clients in (1, 2):
                 assert f"| {server} | {name} | {clients} |" in text
-    assert "## scorehost / AIHS" in text and "| trivial | 2 |" in text
+    assert "## Each server / AIHS" in text and "| scorehost | trivial | 2 |" in text
     assert "8/8" in stdout  # the progress bar reached the end
 
 

@@ -26,12 +26,25 @@ def setup_pins() -> dict[str, str]:
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))
     pins = {}
-    for extra in ("tf", "test"):
-        for line in cfg["options.extras_require"][extra].splitlines():
-            if "==" in line:
+    sections = [cfg["options"]["install_requires"]] + [cfg["options.extras_require"][e] for e in ("tf", "test")]
+    for lines in sections:
+        for line in lines.splitlines():
+            if "==" in line and not line.strip().startswith("#"):
                 name, version = line.strip().split("==")
                 pins[_norm(name)] = version
     return pins
+
+
+def test_the_servers_own_pinned_runtime_reaches_the_conda_file():
+    """What scorehost serve pins (the HTTP front's parser) is in myenv.yml too, so Docker and Azure ML get it."""
+    cfg = configparser.ConfigParser()
+    cfg.read(os.path.join(ROOT, "setup.cfg"))
+    runtime = [line.strip() for line in cfg["options"]["install_requires"].splitlines() if "==" in line]
+    assert runtime, "the HTTP front's parser is pinned in install_requires"
+    conda = conda_pins()
+    for line in runtime:
+        name, version = line.split("==")
+        assert conda.get(_norm(name)) == version, f"{name}=={version} missing from myenv.yml"
 
 
 def test_conda_file_pins_python_and_tensorflow_with_cuda():

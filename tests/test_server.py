@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import socket
 import subprocess
 import sys
@@ -139,6 +140,13 @@ def test_settings_precedence_flag_env_default():
     assert (s.port, s.workers, s.scoring_timeout_ms, s.host) == (7000, 3, 250, "127.0.0.1")
     with pytest.raises(SystemExit, match="WORKER_COUNT"):
         resolve({}, {"WORKER_COUNT": "many"})
+
+
+def test_readme_settings_table_is_the_one_in_settings_py():
+    from server.settings import markdown_table
+
+    with open(os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "README.md")) as f:
+        assert markdown_table() in f.read(), "regenerate: python -c 'import server.settings as s; print(s.markdown_table())'"
 
 
 def test_cli_help_lists_every_setting():

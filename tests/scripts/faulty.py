@@ -17,6 +17,8 @@ def run(data):
         raise ResourceExhaustedError("OOM when allocating tensor with shape[64,3,224,224]")
     if data == "boom":
         raise RuntimeError("some other failure")
+    if data.startswith("big"):  # an answer of N MB, for clients that never read it
+        return {"ok": "x" * (int(data[3:]) * 1024 * 1024)}
     if data.startswith("sleep"):
         time.sleep(float(data[5:]))
     return {"ok": data}
