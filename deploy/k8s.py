@@ -23,8 +23,8 @@ def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, An
     resources = {"requests": {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": str(s.gpus)},
                  "limits": {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": str(s.gpus)}}
 
-    def probe(initial_delay: int, failures: int) -> dict:
-        return {"httpGet": {"path": "/", "port": PORT}, "initialDelaySeconds": initial_delay, "periodSeconds": 10,
+    def probe(path: str, initial_delay: int, failures: int) -> dict:
+        return {"httpGet": {"path": path, "port": PORT}, "initialDelaySeconds": initial_delay, "periodSeconds": 10,
                 "timeoutSeconds": 2, "failureThreshold": failures}
 
     container = {
@@ -34,8 +34,9 @@ def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, An
                  "valueFrom": {"secretKeyRef": {"name": f"{name}-key", "key": "key"}}},
                 {"name": "SCORING_TIMEOUT_MS", "value": str(s.request_timeout_ms)}],
         "resources": resources,
-        "livenessProbe": probe(s.liveness_initial_delay_s, 6),
-        "readinessProbe": probe(s.readiness_initial_delay_s, 3),
+        # Liveness is Azure ML's GET /; readiness is scorehost's /ready: traffic only once every model process is warm.
+        "livenessProbe": probe("/", s.liveness_initial_delay_s, 6),
+        "readinessProbe": probe("/ready", s.readiness_initial_delay_s, 3),
         "volumeMounts": [{"name": "models", "mountPath": MODEL_MOUNT, "readOnly": True}],
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False},
     }

@@ -32,17 +32,59 @@ def demo_model_dir() -> str:
     return root
 
 
-def _banner(settings) -> None:
+def _banner(settings, mode: str) -> None:
     print(f"\nscorehost {__version__}: Azure ML inference server contract\n\nServer Settings\n---------------")
     for name, value in settings.describe():
         print(f"{name}: {value}")
     base = f"http://{settings.host}:{settings.port}"
-    print(f"\nServer Routes\n---------------\nLiveness Probe: GET   {base}/\nScore:          POST  {base}/score\n"
-          f"Swagger:        GET   {base}/swagger.json\nMetrics:        GET   {base}/metrics\n", flush=True)
+    print(f"\nMode: {mode}")
+    print(f"\nServer Routes\n---------------\nLiveness Probe: GET   {base}/\nReadiness:      GET   {base}/ready\n"
+          f"Score:          POST  {base}/score\nSwagger:        GET   {base}/swagger.json\n"
+          f"Metrics:        GET   {base}/metrics\n", flush=True)
+
+
+def serving_plan(settings, gpus: list[str]) -> tuple[object, tuple, str]:
+    """Fill the settings left to defaults, and say why: (settings, model slots, one line for the banner).
+
+    With run_batch() and batching on (the default when a GPU is visible), one model process per GPU (one on the
+    CPU) batches for HTTP workers on every core; otherwise each worker calls run() itself, as Azure ML does."""
+    from server.entry_script import defines
+    from server.gpus import default_workers
+
+    has_batch = defines(settings.entry_script, "run_batch")
+    if settings.batch_max is None:
+        settings = settings.replace(batch_max=64 if gpus and has_batch else 0)
+    if settings.batch_max > 1 and not has_batch:
+        print(f"scorehost: --batch-max is set but {settings.entry_script} has no run_batch(): batching is off",
+              file=sys.stderr)
+    if settings.batch_max > 1 and has_batch:
+        slots = tuple(gpus) or (None,)
+        if settings.workers is None:
+            settings = settings.replace(workers=os.cpu_count() or 1)
+        if settings.threads is None:
+            settings = settings.replace(threads=2 * settings.batch_max)
+        if settings.batch_sizes is None:
+            powers = tuple(2 ** i for i in range(settings.batch_max.bit_length()) if 2 ** i < settings.batch_max)
+            settings = settings.replace(batch_sizes=powers + (settings.batch_max,) if gpus else ())
+        where = f"one per GPU ({', '.join(gpus)})" if gpus else "one, on the CPU (no GPU visible)"
+        mode = (f"batched: {len(slots)} model process(es), {where}, run init() and run_batch() (up to "
+                f"{settings.batch_max} requests a call); {settings.workers} HTTP workers preprocess and feed them. "
+                f"Why: the script has run_batch() and batching is on")
+        return settings, slots, mode
+    if settings.workers is None:
+        settings = settings.replace(workers=default_workers())
+    if settings.threads is None:
+        settings = settings.replace(threads=1)
+    if settings.batch_sizes is None:
+        settings = settings.replace(batch_sizes=())
+    why = "the script has no run_batch()" if not has_batch else "batching is off (--batch-max 0)"
+    mode = (f"per worker: {settings.workers} worker(s) each run init() and call run() "
+            f"({settings.threads} at a time), as Azure ML does. Why: {why}")
+    return settings, (), mode
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    from server.gpus import default_workers
+    from server.gpus import visible_gpus
     from server.runner import serve
     from server.settings import BY_NAME, resolve
 
@@ -55,12 +97,10 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings.replace(model_dir=demo_model_dir())
     if settings.model_dir is not None:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
-    if settings.workers is None:
-        settings = settings.replace(workers=default_workers())
-    if settings.threads is None:
-        settings = settings.replace(threads=2 * settings.batch_max if settings.batch_max > 1 else 1)
-    _banner(settings)
-    return serve(settings) or 0
+    settings, model_slots, mode = serving_plan(settings, visible_gpus())
+    _banner(settings, mode)
+    return serve(settings, model_slots) or 0
+
 
 
 def cmd_model(args: argparse.Namespace) -> int:

@@ -49,8 +49,8 @@ class ServerProcess:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} before it was healthy:\n"
                                    f"{self.output()[-5000:]}")
-            try:
-                with urllib.request.urlopen(self.url + "/", timeout=1) as r:
+            try:  # scorehost: ready (every model process warm); AIHS has liveness only
+                with urllib.request.urlopen(self.url + ("/ready" if self.kind == "scorehost" else "/"), timeout=1) as r:
                     if r.status == 200:
                         return self
             except OSError:

@@ -2,7 +2,8 @@
 
 The path of a scoring request, top to bottom:
   gunicorn -> `_admit`: `request_ids` (431) -> `authorize` (401) -> `read_body` (413)
-  -> `score()` -> EntryScript (input mode: 400/405/415) -> Invoker or Batcher (run(), timeout: 500, queue: 503)
+  -> `score()` -> EntryScript (input mode: 400/405/415) -> Invoker (run(), timeout: 500), or preprocess
+     and a model process (`model_process`: run_batch(), queue full: 503)
   -> `as_response` (what run() returned, shaped as Azure ML does) -> `_finish` (contract headers, metrics).
 Errors are raised as `errors.ServerError` types and turned into responses by one handler.
 """
@@ -21,11 +22,11 @@ from azureml.contrib.services.aml_response import AMLResponse
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
-from .batching import Batcher
 from .entry_script import EntryScript
-from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, PayloadTooLarge, ServerError, Unauthorized,
-                     UnreadableBody, error_response, message_response)
+from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavailable, PayloadTooLarge, ServerError,
+                     Unauthorized, UnreadableBody, error_response, message_response)
 from .invoke import Invoker, Timed
+from .model_process import ModelClient
 from .metrics import Metrics
 from .settings import Settings
 from .swagger import Swagger, SwaggerNotFound
@@ -37,20 +38,24 @@ BODY_ERROR = "scorehost.body_error"  # set by the HTTP front when a body could n
 PROTECTED = ("/score", "/swagger.json", "/metrics")
 
 
-def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flask.Flask:
+def create_app(settings: Settings, script: Optional[EntryScript] = None,
+               model_sockets: tuple[str, ...] = ()) -> flask.Flask:
     """Load the entry script, call its init(), and return the app that serves it.
 
-    `script` may be passed already loaded and initialised (tests, benchmarks); otherwise it is loaded from settings.
+    With `model_sockets`, run_batch() runs in model processes (server/model_process.py): this worker only
+    preprocesses, so init() is not called here. `script` may be passed already loaded and initialised (tests,
+    benchmarks); otherwise it is loaded from settings.
     """
     if script is None:
         script = EntryScript.load(settings.entry_script, settings.app_root)
-        script.init()
+        if not model_sockets:
+            script.init()
     app = flask.Flask("scorehost")
     # One byte over the limit: werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the limit itself
     # is checked in `read_body` on what was read.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     metrics = Metrics()
-    score_request = _scorer(script, settings, metrics)
+    score_request, ready = _scorer(script, settings, metrics, model_sockets)
     swagger = Swagger(script.run, settings.app_root)
     server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
     key = settings.auth_key.encode() if settings.auth_key else None
@@ -76,6 +81,14 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None) -> flas
     @app.route("/", methods=["GET"])
     def health() -> str:
         return "Healthy"
+
+    @app.route("/ready", methods=["GET"])
+    def readiness() -> flask.Response:
+        """Beside Azure ML's liveness (`GET /`): 200 only when every model process is loaded, warm and answering."""
+        if ready():
+            return flask.Response("Ready", 200, content_type="text/plain")
+        return error_response(ModelUnavailable("Not ready: the model is loading or restarting."),
+                              flask.g.get("request_id"))
 
     @app.route("/swagger.json", methods=["GET"])
     def swagger_json() -> flask.Response:
@@ -208,20 +221,20 @@ def contract_headers(response: flask.Response, request: flask.Request, g: Any, s
         headers.add("TraceId", trace_id)
 
 
-def _scorer(script: EntryScript, settings: Settings, metrics: Metrics) -> Callable[[flask.Request], Timed]:
-    """How this worker turns a request into run()'s output: one call per request, or batched with others."""
-    if settings.batch_max > 1 and script.run_batch is not None:
-        batcher = Batcher(script.run_batch, settings.batch_max, settings.batch_delay_ms, settings.batch_queue,
-                          settings.scoring_timeout_ms, observe=metrics.observe_batch)
+def _scorer(script: EntryScript, settings: Settings, metrics: Metrics,
+            model_sockets: tuple[str, ...]) -> tuple[Callable[[flask.Request], Timed], Callable[[], bool]]:
+    """How this worker turns a request into run()'s output, and whether it is ready: each worker calls run() itself
+    (Azure ML's way), or preprocesses here and has a model process batch the items (`model_process`)."""
+    if model_sockets:
+        client = ModelClient(list(model_sockets), settings.scoring_timeout_ms)
 
         def batched(request: flask.Request) -> Timed:
-            timed = batcher.submit(script.batch_item(request))
-            metrics.queue_wait.observe(timed.queue_wait_s)
-            return timed
+            item = script.batch_item(request)
+            if isinstance(item, flask.Response):  # preprocess() answered this request itself
+                return Timed(item, 0.0)
+            return client.submit(item)
 
-        return batched
-    if settings.batch_max > 1:
-        log.warning("--batch-max is set but %s has no run_batch(): requests are scored one by one", script.path)
+        return batched, client.ready
     invoker = Invoker(settings.scoring_timeout_ms)
 
     def one_by_one(request: flask.Request) -> Timed:
@@ -229,7 +242,7 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics) -> Callab
         metrics.run_time.observe(timed.elapsed_ms / 1000)
         return timed
 
-    return one_by_one
+    return one_by_one, lambda: True
 
 
 def as_response(output: Any) -> flask.Response:

@@ -8,6 +8,7 @@ script loads, never per request.
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import inspect
 import json
@@ -128,6 +129,18 @@ class SchemaInput(InputMode):
         return arguments
 
 
+def defines(path: str, function: str) -> bool:
+    """Whether the script defines `function` at module level, read without importing it: the master decides the
+    serving mode before any worker exists, and must not import TensorFlow or CUDA before forking."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            tree = ast.parse(f.read())
+    except (OSError, SyntaxError, ValueError):
+        return False
+    return any(isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)) and node.name == function
+               for node in tree.body)
+
+
 def _import_file(path: str) -> ModuleType:
     spec = importlib.util.spec_from_file_location("entry_module", path)
     if spec is None or spec.loader is None:
@@ -154,6 +167,7 @@ class EntryScript:
         self.input_mode = input_mode
         self.wants_headers = wants_headers
         self.run_batch: Optional[Callable] = getattr(module, "run_batch", None)
+        self.preprocess: Optional[Callable] = getattr(module, "preprocess", None)
 
     @classmethod
     def load(cls, path: str, app_root: str = ".") -> "EntryScript":
@@ -203,9 +217,17 @@ class EntryScript:
         self.module.init()
 
     def batch_item(self, request: flask.Request) -> Any:
-        """What run_batch() gets for this request: run()'s one input (for @input_schema, its keyword arguments)."""
+        """What run_batch() gets for this request, made in the HTTP worker: preprocess(x) when the script has
+        preprocess(), else x itself, where x is what run() would get (for @input_schema, its keyword arguments; for
+        @rawhttp, the request, which crosses to the model process as a snapshot). preprocess() may return a Flask
+        Response (the request's answer, the model skipped) or raise an HTTPException such as BadRequest (its status)."""
+        from .model_process import RequestSnapshot
+
         kwargs = self.input_mode.arguments(request)
-        return kwargs if isinstance(self.input_mode, SchemaInput) else next(iter(kwargs.values()))
+        value = kwargs if isinstance(self.input_mode, SchemaInput) else next(iter(kwargs.values()))
+        if self.preprocess is not None:
+            return self.preprocess(value)
+        return RequestSnapshot.of(value) if isinstance(value, flask.Request) else value
 
     def call_run(self, request: flask.Request) -> Callable[[], Any]:
         """Parse the request now (bad input fails here, in the request thread) and return the run() call to make."""

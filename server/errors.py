@@ -71,6 +71,16 @@ class Overloaded(ServerError):
         self.extra_headers = {"Retry-After": str(retry_after_s)}
 
 
+class ModelUnavailable(ServerError):
+    """No model process answers (starting, or restarting after a crash or a hung run_batch())."""
+
+    scorehost_only = True
+    extra_headers = {"Retry-After": "1"}
+
+    def __init__(self, message: str = "The model is starting or restarting: retry shortly.") -> None:
+        super().__init__(message)
+
+
 class ScoringTimeout(ServerError):
     run_function_failed = True
 
@@ -153,6 +163,7 @@ STATUS: dict[type[ServerError], int] = {
     InternalError: 500,
     Overloaded: 503,
     ModelOutOfMemory: 503,
+    ModelUnavailable: 503,
 }
 
 

@@ -48,8 +48,8 @@ MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * (MAX_HEADER_FIELD + 2) + 4
 RECV_SIZE = 256 * 1024
 LINGER_S = 2.0  # after a closing answer, how long unread bytes from the client are drained before the socket closes
 TICK_S = 0.25
-# Answered by the loop thread itself, never queued behind a long run(): the liveness probe and the metrics scrape.
-CONTROL_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/metrics")}
+# Answered by the loop thread itself, never queued behind a long run(): the probes and the metrics scrape.
+CONTROL_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready"), ("GET", "/metrics")}
 MAX_PIPELINED = 32  # complete requests that may wait behind the one being answered, per connection  # how often deadlines are checked and the master is told this worker is alive
 
 # Connection states. Only the loop thread moves a connection out of BUSY's neighbours; app threads move it from

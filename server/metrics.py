@@ -70,9 +70,11 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_batch(self, size: int, seconds: float) -> None:
+    def observe_batch(self, size: int, seconds: float, queue_waits: list[float]) -> None:
         self.batch_size.observe(size)
         self.run_time.observe(seconds)
+        for wait in queue_waits:
+            self.queue_wait.observe(wait)
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess

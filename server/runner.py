@@ -22,21 +22,28 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import gunicorn.app.base
 
 from . import metrics
 from .front import ConnectionShares, FrontWorker
 from .gpus import GpuPinning
+from .model_process import ModelWorker
 from .settings import Settings
 
 BOOT_ERROR = 3  # gunicorn's WORKER_BOOT_ERROR: the master halts with it
 
 
 class ScoreServer(gunicorn.app.base.BaseApplication):
-    def __init__(self, settings: Settings):
+    """gunicorn's master with scorehost's workers. With `model_slots` (one per GPU, or one `None` on the CPU), the
+    first workers are model processes (`model_process.ModelWorker`) and the rest HTTP workers that preprocess;
+    a model slot whose process dies is given to the next worker the master starts, so it is replaced like any."""
+
+    def __init__(self, settings: Settings, model_slots: tuple[Optional[str], ...] = (), run_dir: str = ""):
         self.settings = settings
+        self.model_slots = model_slots
+        self.model_sockets = tuple(os.path.join(run_dir, f"model-{i}.sock") for i in range(len(model_slots)))
         self._worker: Any = None
         self._gpus = GpuPinning()
         self.shares = ConnectionShares()
@@ -46,13 +53,12 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         s = self.settings
         options = {
             "bind": [f"{s.host}:{s.port}"],
-            "workers": s.workers,
+            "workers": s.workers + len(self.model_slots),
             "worker_class": FrontWorker,
             "threads": s.threads,
             "timeout": s.worker_timeout,
             "graceful_timeout": s.graceful_timeout,
             "keepalive": s.keepalive,
-            "accesslog": "-" if s.access_log else None,
             "errorlog": "-",
             "loglevel": os.environ.get("AZUREML_LOG_LEVEL", "info").lower(),
             "pre_fork": self._pre_fork,
@@ -65,7 +71,16 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             self.cfg.set(name, value)
 
     def _pre_fork(self, arbiter: Any, worker: Any) -> None:
-        self._gpus.assign(arbiter, worker)
+        held = {getattr(w, "model_slot", None) for w in arbiter.WORKERS.values()}
+        slot = next((i for i in range(len(self.model_slots)) if i not in held), None)
+        if slot is not None:
+            worker.__class__ = ModelWorker  # gunicorn has one worker class: a model slot's worker becomes this one
+            worker.model_slot, worker.model_socket, worker.gpu = slot, self.model_sockets[slot], self.model_slots[slot]
+            return
+        if self.model_slots:
+            worker.gpu = "-1"  # HTTP workers of a model-process server never touch a GPU (no CUDA context each)
+        else:
+            self._gpus.assign(arbiter, worker)
         self.shares.assign(arbiter, worker)
 
     def _child_exit(self, arbiter: Any, worker: Any) -> None:
@@ -75,22 +90,34 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
     def _post_fork(self, arbiter: Any, worker: Any) -> None:
         start_memory_trimmer()
         self._gpus.pin(worker)
-        self._worker = worker  # so load() can keep telling the master this worker is alive during init()
+        self._worker = worker  # so boot() can keep telling the master this worker is alive during init()
 
     def load(self) -> Any:
-        """In each worker: import the script and run init() within init_timeout, or exit with a boot error."""
+        """In an HTTP worker: the app (with init() unless model processes run it), or exit with a boot error."""
         from .app import create_app
 
+        return self.boot(lambda: create_app(self.settings, model_sockets=self.model_sockets))
+
+    def load_model_script(self) -> Any:
+        """In a model process: the entry script, loaded and initialised."""
+        from .entry_script import EntryScript
+
+        script = EntryScript.load(self.settings.entry_script, self.settings.app_root)
+        script.init()
+        return script
+
+    def boot(self, build: Callable[[], Any]) -> Any:
+        """Run `build` (import the script, init()) within init_timeout, or exit with a boot error."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         result: dict[str, Any] = {}
 
-        def build() -> None:
+        def run() -> None:
             try:
-                result["app"] = create_app(self.settings)
+                result["value"] = build()
             except BaseException:  # noqa: B036 - report anything, SystemExit from a script included
                 result["error"] = traceback.format_exc()
 
-        thread = threading.Thread(target=build, name="init", daemon=True)
+        thread = threading.Thread(target=run, name="init", daemon=True)
         thread.start()
         waited = 0.0
         while thread.is_alive() and waited < self.settings.init_timeout:
@@ -105,7 +132,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             _fail(f"The entry script {self.settings.entry_script} failed to load or init() raised:\n"
                   f"{result['error']}")
         logging.getLogger("scorehost.runner").info("worker %d ready for serving traffic", os.getpid())
-        return result["app"]
+        return result["value"]
 
 
 def start_memory_trimmer(every_s: float = 10.0) -> None:
@@ -133,11 +160,17 @@ def _fail(message: str) -> None:
     os._exit(BOOT_ERROR)
 
 
-def serve(settings: Settings) -> Optional[int]:
+def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Optional[int]:
     """Run until stopped; returns the master's exit code (3 when a worker could not boot)."""
+    import shutil
+    import tempfile
+
     metrics.prepare_multiprocess_dir()
+    run_dir = tempfile.mkdtemp(prefix="scorehost-run-")  # the model processes' sockets
     try:
-        ScoreServer(settings).run()
+        ScoreServer(settings, model_slots, run_dir).run()
     except SystemExit as ex:
         return ex.code if isinstance(ex.code, int) else 1
+    finally:
+        shutil.rmtree(run_dir, ignore_errors=True)
     return 0

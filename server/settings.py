@@ -15,6 +15,15 @@ from typing import Any, Callable, Mapping, Optional
 MIB = 1024 * 1024
 
 
+def _sizes(text: str) -> tuple[int, ...]:
+    if text.strip().lower() == "any":
+        return ()
+    sizes = tuple(sorted({int(part) for part in text.replace(" ", "").split(",") if part}))
+    if any(size < 1 for size in sizes):
+        raise ValueError(f"batch sizes must be positive integers, got {text!r}")
+    return sizes
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -51,8 +60,8 @@ SETTINGS: tuple[Setting, ...] = (
             "App threads per worker: how many run() calls may overlap in one worker. Default 1, as Azure ML: "
             "scripts are written for one call at a time (a module global shared by two calls mixes two clients' "
             "data); raise it only for a thread-safe script. Sockets are the worker's event loop's, so slow clients "
-            "need no threads. With batching, the threads feed the batcher (default 2 x --batch-max) and "
-            "run_batch() is still called one at a time."),
+            "need no threads. With a model process (run_batch), each thread carries one request to it and waits for "
+            "the answer (default 2 x --batch-max); run_batch() is called one at a time."),
     Setting("scoring_timeout_ms", "--scoring-timeout-ms", "SCORING_TIMEOUT_MS", 3_600_000, int,
             "A run() that takes longer is answered with 500 'Scoring timeout after N ms'."),
     Setting("worker_timeout", "--worker-timeout", "WORKER_TIMEOUT", 300, int,
@@ -76,12 +85,23 @@ SETTINGS: tuple[Setting, ...] = (
             secret=True),
     Setting("max_body_bytes", "--max-body-bytes", "SCOREHOST_MAX_BODY_BYTES", 16 * MIB, int,
             "Largest request body accepted; a larger one is answered 413 before the entry script sees it."),
-    Setting("batch_max", "--batch-max", "SCOREHOST_BATCH_MAX", 0, int,
-            "Dynamic batching: most requests handed to run_batch() at once (0 = off; needs run_batch in the script)."),
-    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 5.0, float,
-            "Dynamic batching: how long the first request of a batch waits for others to join."),
+    Setting("batch_max", "--batch-max", "SCOREHOST_BATCH_MAX", None, int,
+            "Batching: most requests handed to the script's run_batch() at once; > 1 starts one model process per "
+            "GPU (one on a machine without GPU) that batches for every HTTP worker. Default: 64 on a machine with "
+            "a GPU when the script has run_batch(), else 0 (off: each worker calls run(), as Azure ML)."),
+    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 2.0, float,
+            "Batching: when the model is idle, how long the first request waits for others to join. A busy model "
+            "takes whatever queued while it ran, without waiting."),
+    Setting("batch_sizes", "--batch-sizes", "SCOREHOST_BATCH_SIZES", None, _sizes,
+            "Batching: allowed batch sizes, e.g. 1,2,4,8,16,32,64; a batch is padded to the next one, and each is "
+            "warmed (with the script's warmup_item()) before the model process takes traffic, so GPU kernels are "
+            "tuned once. Default: powers of two up to --batch-max on a GPU, any size on the CPU ('any')."),
     Setting("batch_queue", "--batch-queue", "SCOREHOST_BATCH_QUEUE", 256, int,
-            "Dynamic batching: requests that may wait per worker; past that the server answers 503 with Retry-After."),
+            "Batching: requests that may wait per model process; past that the server answers 503 with "
+            "Retry-After."),
+    Setting("hung_grace", "--hung-grace", "SCOREHOST_HUNG_GRACE", 10.0, float,
+            "Seconds a run_batch() may go on past the scoring timeout (its requests already answered 500) before "
+            "its model process is restarted."),
     Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", False, _bool,
             "Log one line per request to stdout (off by default: formatting it costs time on the hot path)."),
 )

@@ -273,6 +273,7 @@ def test_k8s_manifests_validate_offline(tmp_path):
     container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"]["cpu"] == "2" and container["livenessProbe"]["httpGet"]["port"] == 5001
+    assert container["livenessProbe"]["httpGet"]["path"] == "/" and container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
     assert kinds["Deployment"]["spec"]["replicas"] == 2
     assert container["volumeMounts"][0]["mountPath"] == k8s.MODEL_MOUNT

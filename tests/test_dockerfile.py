@@ -59,7 +59,7 @@ def test_environment_comes_from_myenv_yml():
 def test_port_paths_and_command_agree_with_the_cli():
     default_port = next(s.default for s in SETTINGS if s.name == "port")
     assert instructions("EXPOSE") == [str(default_port)]
-    assert f"127.0.0.1:{default_port}/" in instructions("HEALTHCHECK")[0]
+    assert f"127.0.0.1:{default_port}/ready" in instructions("HEALTHCHECK")[0]  # healthy = every model process warm
     cmd = json.loads(instructions("CMD")[0])
     cfg = configparser.ConfigParser()
     cfg.read(os.path.join(ROOT, "setup.cfg"))

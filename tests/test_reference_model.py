@@ -111,15 +111,19 @@ def test_bad_input_in_process(score, what, body, ctype, method, status, words):
 def test_run_batch_fails_only_the_bad_request(score):
     score.calls.clear()
     good, bad = solid(COLORS["blue"]), truncated_jpeg()
-    answers = score.run_batch([request(good), request(bad), request(b"junk"), request(solid(COLORS["red"]))])
+    items = [score.preprocess(request(body)) for body in (good, bad, b"junk", solid(COLORS["red"]))]
+    answers = score.run_batch(items)
     assert [a.status_code for a in answers] == [200, 400, 400, 200]
     assert json.loads(answers[3].get_data())["predictions"][0]["label"] == "red"
     assert score.calls[0] == 3  # junk never reached the model; the truncated one was found after the batch failed
 
 
-@pytest.fixture(scope="module")
-def served(start_server, colors_model):
-    return start_server("scorehost", REFERENCE_SCRIPT, colors_model)
+@pytest.fixture(scope="module", params=["run", "model-process"])
+def served(request, start_server, colors_model):
+    """The reference score.py served each way: each worker calling run(), and a model process calling run_batch()
+    on preprocess()'s items (padded batch sizes, warmed with warmup_item())."""
+    batching = ("--batch-max", "4", "--batch-sizes", "1,2,4") if request.param == "model-process" else ()
+    return start_server("scorehost", REFERENCE_SCRIPT, colors_model, extra_args=batching)
 
 
 def test_served_equals_in_process(score, served):
