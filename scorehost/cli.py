@@ -91,6 +91,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.entry_script:  # a path typed on the command line means "from here", as azmlinfsrv takes it
         args.entry_script = os.path.abspath(args.entry_script)
     settings = resolve({name: getattr(args, name) for name in BY_NAME})
+    if settings.auth_key_file:
+        with open(settings.auth_key_file, encoding="utf-8") as f:
+            settings = settings.replace(auth_key=f.read().strip(), auth_key_file=None)
     if settings.entry_script is None:
         settings = settings.replace(entry_script=REFERENCE_SCRIPT)
     if settings.model_dir is None and os.path.realpath(settings.entry_script) == os.path.realpath(REFERENCE_SCRIPT):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
 import time
 import uuid
 from typing import Any, Callable, Optional
@@ -65,16 +66,16 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     if settings.cors_origins:
         import flask_cors
 
-        flask_cors.CORS(app, methods=["GET", "POST"],
-                        origins=[o.strip() for o in settings.cors_origins.split(",")])
+        flask_cors.CORS(app, methods=["GET", "POST"], origins=cors_origins(settings.cors_origins))
 
     @app.before_request
     def _admit() -> None:
         request, g = flask.request, flask.g
         g.started = time.perf_counter()
         request_ids(request, g)
-        if key is not None and request.path in PROTECTED:
+        if key is not None and request.path in PROTECTED and not is_preflight(request, settings):
             authorize(request.headers.get("Authorization", ""), key)
+            request.environ.pop("HTTP_AUTHORIZATION", None)  # checked: the script (and its logs) never sees the key
         if request.path == "/score":
             read_body(request, settings.max_body_bytes)
 
@@ -140,6 +141,29 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     return app
 
 
+def is_preflight(request: flask.Request, settings: Settings) -> bool:
+    """A browser's CORS preflight carries no credentials by design: with CORS on, it needs no key."""
+    return bool(settings.cors_origins) and request.method == "OPTIONS" and \
+        "Access-Control-Request-Method" in request.headers
+
+
+def cors_origins(setting: str) -> list:
+    """AML_CORS_ORIGINS as patterns matched literally (flask-cors would read a string with '*' as a regular
+    expression: `https://*.example.com` matched `https://xexample.com.attacker.net`). `*` alone allows any origin;
+    `scheme://*.domain` allows the subdomains of domain, at any depth, and not the domain itself."""
+    patterns: list = []
+    for origin in (o.strip() for o in setting.split(",")):
+        if origin == "*":
+            return ["*"]
+        scheme, sep, host = origin.partition("://*.")
+        if sep:
+            patterns.append(re.compile(re.escape(scheme) + r"://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\." + re.escape(host)
+                                       + r"\Z", re.IGNORECASE))
+        elif origin:
+            patterns.append(re.compile(re.escape(origin) + r"\Z", re.IGNORECASE))
+    return patterns
+
+
 def request_ids(request: flask.Request, g: Any) -> None:
     """x-request-id and the client ids, by Azure ML's rules (x-ms-request-id is the deprecated client id)."""
     g.request_id = g.client_request_id = g.legacy_client_request_id = ""
@@ -157,6 +181,8 @@ def request_ids(request: flask.Request, g: Any) -> None:
     if len(legacy) > HEADER_LIMIT or len(client) > HEADER_LIMIT:
         raise HeaderTooLong(f"x-ms-request-id and x-ms-client-request-id must not exceed {HEADER_LIMIT} characters")
     g.legacy_client_request_id, g.client_request_id = legacy, client
+    if len(request.headers.get("TraceId", "")) > HEADER_LIMIT:  # it is echoed: bound it like the ids
+        raise HeaderTooLong(f"TraceId must not exceed {HEADER_LIMIT} characters")
 
 
 def authorize(header: str, key: bytes) -> None:
@@ -217,7 +243,7 @@ def contract_headers(response: flask.Response, request: flask.Request, g: Any, s
     if g.get("client_request_id"):
         headers["x-ms-client-request-id"] = g.client_request_id
     trace_id = request.headers.get("TraceId")
-    if trace_id is not None:
+    if trace_id is not None and len(trace_id) <= HEADER_LIMIT:
         headers.add("TraceId", trace_id)
 
 

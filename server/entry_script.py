@@ -34,6 +34,8 @@ def _json_or_text(text: str) -> Any:
         return json.loads(text)
     except ValueError:
         return text
+    except RecursionError:
+        raise BadInput("A query value is nested too deeply to parse as JSON.") from None
 
 
 def query_parameters(request: flask.Request) -> dict[str, Any]:
@@ -115,6 +117,9 @@ class SchemaInput(InputMode):
             if body:
                 raise BadInput(f"POST body could not be decoded as JSON: {ex}") from None
             raise BadInput("POST body is empty. Expecting a JSON dictionary.") from None
+        except (ValueError, RecursionError) as ex:  # an integer of over 4,300 digits; nesting past the stack
+            why = "it is nested too deeply" if isinstance(ex, RecursionError) else str(ex)
+            raise BadInput(f"POST body could not be decoded as JSON: {why}") from None
         if not isinstance(decoded, dict):
             raise BadInput("POST body should be a JSON dictionary.")
         return self._pick(decoded)

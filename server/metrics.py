@@ -9,25 +9,51 @@ are read from NVML at scrape time, when a GPU is there.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
-from typing import Iterator
+from typing import Iterator, Optional
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .075, .1, .15, .25, .5, .75, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+# Label values fed from a request are bounded: any other method is counted as "other", so a client cannot grow
+# the label set (and every worker's memory and every scrape) by inventing methods.
+METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
 
 
-def prepare_multiprocess_dir() -> str:
-    """In the master, before workers exist: a fresh directory for this server's samples."""
+def prepare_multiprocess_dir() -> Optional[str]:
+    """In the master, before workers exist: a fresh directory for this server's samples. Returns it when scorehost
+    made it (the caller removes it on exit), None when the environment named one."""
     path = os.environ.get(ENV)
     if path:
         shutil.rmtree(path, ignore_errors=True)
         os.makedirs(path)
-    else:
-        path = tempfile.mkdtemp(prefix="scorehost-metrics-")
-        os.environ[ENV] = path
+        return None
+    path = own_temp_dir("metrics")
+    os.environ[ENV] = path
     return path
+
+
+def own_temp_dir(kind: str) -> str:
+    """A temporary directory named after this process (scorehost-KIND-PID-...); those left by servers that died
+    without cleaning up (SIGKILL) are removed first."""
+    root = tempfile.gettempdir()
+    for name in os.listdir(root):
+        match = re.fullmatch(r"scorehost-(?:metrics|run)-(\d+)-\w+", name)
+        if match and not _alive(int(match[1])):
+            shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+    return tempfile.mkdtemp(prefix=f"scorehost-{kind}-{os.getpid()}-")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def worker_exited(pid: int) -> None:
@@ -62,6 +88,8 @@ class Metrics:
                                     registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
+        """`route` is a rule of the app or "unmatched", `status` one the server sent: both bounded already."""
+        method = method if method in METHODS else "other"
         key = (route, method, status)
         children = self._children.get(key)
         if children is None:  # labels() takes a lock and builds a tuple: once per label set, not per request

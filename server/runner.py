@@ -163,14 +163,15 @@ def _fail(message: str) -> None:
 def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Optional[int]:
     """Run until stopped; returns the master's exit code (3 when a worker could not boot)."""
     import shutil
-    import tempfile
 
-    metrics.prepare_multiprocess_dir()
-    run_dir = tempfile.mkdtemp(prefix="scorehost-run-")  # the model processes' sockets
+    own_dirs = [metrics.own_temp_dir("run")]  # the model processes' sockets
+    own_dirs.append(metrics.prepare_multiprocess_dir())
     try:
-        ScoreServer(settings, model_slots, run_dir).run()
+        ScoreServer(settings, model_slots, own_dirs[0]).run()
     except SystemExit as ex:
         return ex.code if isinstance(ex.code, int) else 1
     finally:
-        shutil.rmtree(run_dir, ignore_errors=True)
+        for path in own_dirs:
+            if path:
+                shutil.rmtree(path, ignore_errors=True)
     return 0

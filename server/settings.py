@@ -81,8 +81,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cors_origins", "--cors-origins", "AML_CORS_ORIGINS", None, str,
             "Comma-separated origins allowed by CORS (GET and POST), as Azure ML's AML_CORS_ORIGINS."),
     Setting("auth_key", "--auth-key", "SCOREHOST_AUTH_KEY", None, str,
-            "When set, /score, /swagger.json and /metrics need 'Authorization: Bearer <key>', as AKS endpoints do.",
+            "When set, /score, /swagger.json and /metrics need 'Authorization: Bearer <key>', as AKS endpoints do. "
+            "The header is removed once checked: the entry script never sees the key. Prefer the environment "
+            "variable or --auth-key-file: a flag is visible in the process list.",
             secret=True),
+    Setting("auth_key_file", "--auth-key-file", "SCOREHOST_AUTH_KEY_FILE", None, str,
+            "File holding the key (read once at start-up): keeps it out of the process list, unlike --auth-key."),
     Setting("max_body_bytes", "--max-body-bytes", "SCOREHOST_MAX_BODY_BYTES", 16 * MIB, int,
             "Largest request body accepted; a larger one is answered 413 before the entry script sees it."),
     Setting("batch_max", "--batch-max", "SCOREHOST_BATCH_MAX", None, int,

@@ -4,6 +4,7 @@ over HTTP under scorehost, and under Azure ML's own server."""
 from __future__ import annotations
 
 import importlib.util
+import io
 import json
 import os
 import subprocess
@@ -13,7 +14,7 @@ import pytest
 from flask import Request
 from werkzeug.test import EnvironBuilder
 
-from images import b64, png_claiming, solid, truncated_jpeg
+from images import b64, jpeg_claiming, png_claiming, scan_bomb, sideways, solid, truncated_jpeg
 from scorehost import REFERENCE_SCRIPT, processes
 from scorehost.models import COLORS
 from corpus import Case, send
@@ -98,7 +99,24 @@ BAD_INPUTS = [
      "application/json", "POST", 400, "images[1] could not be decoded"),
     ("too many images", json.dumps({"images": [b64(solid((9, 9, 9)))] * 65}).encode(),
      "application/json", "POST", 413, "65 images"),
+    ("JPEG scan bomb", scan_bomb(), "image/jpeg", "POST", 413, "scans"),
+    ("too many pixels in one request", json.dumps({"images": [b64(jpeg_claiming(6000, 6000))] * 3}).encode(),
+     "application/json", "POST", 413, "SCORE_MAX_TOTAL_PIXELS"),
 ]
+
+
+def test_exif_orientation_is_applied_on_both_paths(score):
+    from PIL import Image
+
+    red, blue = (220, 20, 20), (20, 20, 220)
+    data = sideways(red, blue)
+    single = score.images_of(request(data))
+    batch = score.images_of(request(json.dumps({"images": [b64(data), b64(solid(red))]}).encode(), "application/json"))
+    for upright in (single[0], batch[0]):
+        with Image.open(io.BytesIO(upright)) as image:
+            left, right = image.getpixel((4, 16)), image.getpixel((60, 16))
+        assert left[0] > 150 > left[2] and right[2] > 150 > right[0]  # red on the left, as the photo was taken
+    assert batch[1] != single[0]  # an image without the note is left as it is
 
 
 @pytest.mark.parametrize("what,body,ctype,method,status,words", BAD_INPUTS, ids=[b[0] for b in BAD_INPUTS])
