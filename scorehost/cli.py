@@ -86,11 +86,16 @@ def serving_plan(settings, gpus: list[str]) -> tuple[object, tuple, str]:
 def cmd_serve(args: argparse.Namespace) -> int:
     from server.gpus import visible_gpus
     from server.runner import serve
-    from server.settings import BY_NAME, resolve
+    from server.settings import BY_NAME, SettingError, check, resolve
 
     if args.entry_script:  # a path typed on the command line means "from here", as azmlinfsrv takes it
         args.entry_script = os.path.abspath(args.entry_script)
     settings = resolve({name: getattr(args, name) for name in BY_NAME})
+    try:
+        check(settings)
+    except SettingError as ex:
+        print(ex, file=sys.stderr)
+        return ex.exit_code
     if settings.auth_key_file:
         with open(settings.auth_key_file, encoding="utf-8") as f:
             settings = settings.replace(auth_key=f.read().strip(), auth_key_file=None)

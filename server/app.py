@@ -24,8 +24,8 @@ from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
 from .entry_script import EntryScript
-from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavailable, PayloadTooLarge, ServerError,
-                     Unauthorized, UnreadableBody, error_response, message_response)
+from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavailable, PayloadTooLarge,
+                     ScoringTimeout, ServerError, Unauthorized, UnreadableBody, error_response, message_response)
 from .invoke import Invoker, Timed
 from .model_process import ModelClient
 from .metrics import Metrics
@@ -36,6 +36,7 @@ log = logging.getLogger("scorehost.app")
 
 HEADER_LIMIT = 100  # characters, for the request id headers, as Azure ML
 BODY_ERROR = "scorehost.body_error"  # set by the HTTP front when a body could not be read as framed (server/front.py)
+TIMED_OUT = "scorehost.timed_out"  # set by the HTTP front to have a call stuck past the scoring timeout answered
 PROTECTED = ("/score", "/swagger.json", "/metrics")
 
 
@@ -73,6 +74,8 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         request, g = flask.request, flask.g
         g.started = time.perf_counter()
         request_ids(request, g)
+        if request.environ.get(TIMED_OUT):
+            raise ScoringTimeout(settings.scoring_timeout_ms)
         if key is not None and request.path in PROTECTED and not is_preflight(request, settings):
             authorize(request.headers.get("Authorization", ""), key)
             request.environ.pop("HTTP_AUTHORIZATION", None)  # checked: the script (and its logs) never sees the key

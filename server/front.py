@@ -35,7 +35,8 @@ import httptools
 from gunicorn.workers.base import Worker
 
 from . import errors
-from .app import BODY_ERROR
+from .app import BODY_ERROR, TIMED_OUT
+from .model_process import EXIT_HUNG
 
 log = logging.getLogger("scorehost.front")
 access_log = logging.getLogger("scorehost.access")
@@ -68,7 +69,7 @@ class _Protocol(Exception):
 
 class Request:
     __slots__ = ("method", "url", "version", "headers", "body", "body_size", "keep_alive", "body_error",
-                 "expect_continue", "content_length", "started")
+                 "expect_continue", "content_length", "started", "finished", "timed_out")
 
     def __init__(self) -> None:
         self.method: Optional[str] = None
@@ -82,6 +83,7 @@ class Request:
         self.content_length: Optional[int] = None
         self.keep_alive = True
         self.started = time.perf_counter()
+        self.finished = self.timed_out = False  # answered by its app thread, or by the loop at its deadline
 
 
 class Connection:
@@ -193,6 +195,10 @@ class FrontWorker(Worker):
         scorehost = self.wsgi.extensions["scorehost"]
         self.admits_body: Callable[[str, Optional[str], Optional[int]], bool] = scorehost["admits_body"]
         self.log_access = bool(settings.access_log)
+        self.timeout_s = settings.scoring_timeout_ms / 1000
+        self.hung_grace_s = float(settings.hung_grace)
+        self.metrics = scorehost["metrics"]
+        self.in_flight: dict[int, tuple[Connection, Request, float]] = {}  # app thread -> what it is answering
         self.shares: ConnectionShares = self.app.shares
         self.slot: int = self.shares.slot_of(self)
         self.conns: dict[int, Connection] = {}
@@ -233,6 +239,7 @@ class FrontWorker(Worker):
                 next_tick = now + TICK_S
                 self.notify()
                 self._expire(now)
+                self._overdue(now)
                 if self.ppid != os.getppid():
                     log.info("master %d is gone: worker %d exits", self.ppid, os.getpid())
                     return
@@ -348,7 +355,7 @@ class FrontWorker(Worker):
                 return
             conn.state = BUSY
         if (request.method, _path(request.url)) in CONTROL_ROUTES:
-            self._answer(conn, request)
+            self._answer(conn, request, watched=False)
         else:
             self.work.put((conn, request))
 
@@ -473,7 +480,10 @@ class FrontWorker(Worker):
                 return
             self._answer(*item)
 
-    def _answer(self, conn: Connection, request: Request) -> None:
+    def _answer(self, conn: Connection, request: Request, watched: bool = True) -> None:
+        me = threading.get_ident()
+        if watched and not isinstance(request, _ErrorAnswer):
+            self.in_flight[me] = (conn, request, time.monotonic())
         try:
             if isinstance(request, _ErrorAnswer):
                 data, close = errors.raw_error_response(request.error), True
@@ -482,10 +492,41 @@ class FrontWorker(Worker):
         except BaseException:  # noqa: B036 - nothing may kill an app thread
             log.exception("error while answering a request")
             data, close = errors.raw_error_response(errors.InternalError()), True
+        finally:
+            self.in_flight.pop(me, None)
+        if not isinstance(request, _ErrorAnswer):
+            with conn.lock:
+                if request.timed_out:
+                    log.warning("dropped the late answer of a call that passed the scoring timeout")
+                    return
+                request.finished = True
         self._send(conn, data, close)
 
-    def _respond(self, conn: Connection, request: Request) -> tuple[bytes, bool]:
+    def _overdue(self, now: float) -> None:
+        """In the loop: a call past the scoring timeout is answered now (by the app, so the 500 is Azure ML's, with
+        every contract header), whatever its thread is stuck in; still stuck `hung_grace` later, the worker exits
+        and the master starts another. Python code is interrupted at the deadline already (invoke.py): this is
+        for calls blocked in native code or that ignore the interruption."""
+        for conn, request, started in list(self.in_flight.values()):
+            if now < started + self.timeout_s:
+                continue
+            with conn.lock:
+                answer_now = not request.finished and not request.timed_out
+                request.timed_out = request.timed_out or answer_now
+            if answer_now:
+                data, _ = self._respond(conn, request, timed_out=True)
+                self._send(conn, data, close=True)
+            if now >= started + self.timeout_s + self.hung_grace_s:
+                log.error("a call has not returned %.0f s after the scoring timeout (--hung-grace): worker %d exits "
+                          "and the master starts another", self.hung_grace_s, os.getpid())
+                self.metrics.restarts.labels("hung run()").inc()
+                logging.shutdown()
+                os._exit(EXIT_HUNG)
+
+    def _respond(self, conn: Connection, request: Request, timed_out: bool = False) -> tuple[bytes, bool]:
         environ = self._environ(conn, request)
+        if timed_out:
+            environ[TIMED_OUT] = True
         captured: list = []
 
         def start_response(status: str, headers: list, exc_info: Any = None) -> Callable[[bytes], None]:

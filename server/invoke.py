@@ -61,6 +61,8 @@ class Invoker:
                 with self._lock:
                     entry.finished = True
                     self._calls.discard(entry)
+            if entry.interrupted:  # the script swallowed the interruption and returned: still a timeout
+                raise _Overran()
         except _Overran:
             log.error("run() passed the scoring timeout of %d ms", self.timeout_ms)
             raise ScoringTimeout(self.timeout_ms) from None

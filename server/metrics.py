@@ -83,6 +83,8 @@ class Metrics:
         self.queue_wait = Histogram("scorehost_batch_queue_wait_seconds",
                                     "Time a request waited for its batch to start", buckets=LATENCY_BUCKETS,
                                     registry=r)
+        self.restarts = Counter("scorehost_worker_restarts", "Workers and model processes that exited to be "
+                                "replaced, by reason", ["reason"], registry=r)
         self._children: dict[tuple[str, str, int], tuple] = {}
         self.batch_size = Histogram("scorehost_batch_size", "Requests per run_batch() call", buckets=BATCH_BUCKETS,
                                     registry=r)

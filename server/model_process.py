@@ -39,8 +39,8 @@ from .invoke import Timed
 
 log = logging.getLogger("scorehost.model")
 
-# The model process's exit code when run_batch() never returned: the master starts another. (Not 3 or 4: gunicorn
-# halts the whole server on those, its "worker failed to boot" and "app failed to load".)
+# The exit code of a process whose run() or run_batch() never returned: the master starts another. (Not 3 or 4:
+# gunicorn halts the whole server on those, its "worker failed to boot" and "app failed to load".)
 EXIT_HUNG = 12
 
 
@@ -152,7 +152,8 @@ class ModelServer:
 
     def __init__(self, run_batch: Callable[[list], list], *, batch_max: int, delay_ms: float,
                  sizes: tuple[int, ...], queue_max: int, timeout_ms: int, grace_s: float,
-                 observe: Optional[Callable[[int, float, list[float]], None]] = None):
+                 observe: Optional[Callable[[int, float, list[float]], None]] = None,
+                 on_hung: Callable[[], None] = lambda: None):
         self.run_batch = run_batch
         self.batch_max = max(1, batch_max)
         self.delay_s = delay_ms / 1000
@@ -161,6 +162,7 @@ class ModelServer:
         self.timeout_ms = timeout_ms
         self.grace_s = grace_s
         self.observe = observe  # (batch size, run_batch seconds, queue waits) -> None, for metrics
+        self.on_hung = on_hung
         self.queue: collections.deque[_Item] = collections.deque()
         self.ready = threading.Condition()
         self.current: list[_Item] = []  # the batch inside run_batch() now (the watchdog's view)
@@ -300,6 +302,7 @@ class ModelServer:
             if batch and now >= min(item.deadline for item in batch) + self.grace_s and self.current is batch:
                 log.error("run_batch() has not returned %.0f s after the scoring timeout (--hung-grace): the model "
                           "process %d exits and the master starts another", self.grace_s, os.getpid())
+                self.on_hung()
                 logging.shutdown()
                 os._exit(EXIT_HUNG)
 
@@ -318,7 +321,8 @@ class ModelWorker(Worker):
         metrics = Metrics()
         server = ModelServer(self.script.run_batch, batch_max=s.batch_max, delay_ms=s.batch_delay_ms,
                              sizes=s.batch_sizes, queue_max=s.batch_queue, timeout_ms=s.scoring_timeout_ms,
-                             grace_s=s.hung_grace, observe=metrics.observe_batch)
+                             grace_s=s.hung_grace, observe=metrics.observe_batch,
+                             on_hung=metrics.restarts.labels("hung run_batch()").inc)
         warmup = getattr(self.script.module, "warmup_item", None)
         if server.sizes and callable(warmup):
             server.warm(warmup())

@@ -104,8 +104,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Batching: requests that may wait per model process; past that the server answers 503 with "
             "Retry-After."),
     Setting("hung_grace", "--hung-grace", "SCOREHOST_HUNG_GRACE", 10.0, float,
-            "Seconds a run_batch() may go on past the scoring timeout (its requests already answered 500) before "
-            "its model process is restarted."),
+            "Seconds a run() or run_batch() may go on past the scoring timeout (its requests already answered 500) "
+            "before its worker or model process is restarted."),
     Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", False, _bool,
             "Log one line per request to stdout (off by default: formatting it costs time on the hot path)."),
 )
@@ -139,6 +139,50 @@ class Settings:
         return shown
 
 
+class SettingError(Exception):
+    """A setting that cannot work: one line naming its flag and environment variable, and the exit code (3 for an
+    entry script that is not there, as Azure ML's server exits when it cannot load one; else 2, a usage error)."""
+
+    def __init__(self, setting: Setting, problem: str):
+        super().__init__(f"scorehost: {setting.flag}" + (f" / {setting.env}" if setting.env else "") + f": {problem}")
+        self.exit_code = 3 if setting.name == "entry_script" else 2
+
+
+def check(settings: Settings) -> None:
+    """Every resolved value checked before anything starts; the first problem ends start-up with a SettingError
+    (a worker count of 0 used to start no worker and hang)."""
+    import socket
+
+    def fail(name: str, problem: str) -> None:
+        raise SettingError(BY_NAME[name], problem)
+
+    v = settings.values
+    if v["entry_script"] and not os.path.isfile(os.path.join(v["app_root"], v["entry_script"])):
+        fail("entry_script", f"{v['entry_script']} is not a file")
+    if v["model_dir"] and not os.path.isdir(v["model_dir"]):
+        fail("model_dir", f"{v['model_dir']} is not a directory")
+    if v["auth_key_file"] and not os.path.isfile(v["auth_key_file"]):
+        fail("auth_key_file", f"{v['auth_key_file']} is not a file")
+    for name in ("workers", "threads", "batch_queue"):
+        if v[name] is not None and v[name] < 1:
+            fail(name, f"must be at least 1, got {v[name]}")
+    for name in ("scoring_timeout_ms", "worker_timeout", "graceful_timeout", "init_timeout", "read_timeout",
+                 "send_timeout", "hung_grace", "max_body_bytes"):
+        if v[name] <= 0:
+            fail(name, f"must be greater than 0, got {v[name]}")
+    for name in ("keepalive", "batch_delay_ms"):
+        if v[name] < 0:
+            fail(name, f"must be 0 or more, got {v[name]}")
+    if not 1 <= v["port"] <= 65535:
+        fail("port", f"must be between 1 and 65535, got {v['port']}")
+    with socket.socket(socket.AF_INET6 if ":" in v["host"] else socket.AF_INET) as probe:
+        try:
+            probe.bind((v["host"], v["port"]))
+        except OSError as ex:
+            fail("port", f"cannot listen on {v['host']}:{v['port']} ({ex.strerror}): another server may hold it; "
+                         "choose another with --port")
+
+
 def markdown_table() -> str:
     """The README's settings table, made from SETTINGS (tests/test_server.py requires the README to carry it)."""
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
@@ -152,7 +196,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     for s in SETTINGS:
         env = f" [env {s.env}]" if s.env else ""
         default = "" if s.default is None or s.secret else f" (default {s.default})"
-        parser.add_argument(s.flag, dest=s.name, type=s.type, default=None, help=f"{s.doc}{env}{default}")
+        parser.add_argument(s.flag, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
+                            help=f"{s.doc}{env}{default}")
+
+
+def _named(setting: Setting) -> Callable[[str], Any]:
+    """The setting's parser, with a message argparse shows as is (not 'invalid _bool value')."""
+    def parse(text: str) -> Any:
+        try:
+            return setting.type(text)
+        except ValueError as ex:
+            raise argparse.ArgumentTypeError(f"{text!r} is not valid: {ex}") from None
+
+    parse.__name__ = setting.name
+    return parse
 
 
 def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:

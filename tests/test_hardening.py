@@ -10,6 +10,7 @@ import os
 import re
 import signal
 import tempfile
+import time
 import pytest
 
 from conftest import script
@@ -113,3 +114,42 @@ def test_hostile_headers_still_get_json(start_server):
     server = start_server("scorehost", script("undecorated.py"))
     status, body = status_and_json(raw(server.port, b"GET / HTTP/1.1\r\nHost: x\r\nTraceId: " + b"t" * 200 + b"\r\n\r\n"))
     assert status == 431 and body["message"]
+
+
+@pytest.fixture(scope="module")
+def stuck(start_server):
+    return start_server("scorehost", script("stuck.py"), extra_args=("--scoring-timeout-ms", "500",
+                                                                      "--hung-grace", "1.5"))
+
+
+def _pid(server) -> int:
+    answer = send(server.url, Case("s", "POST", "/score", b"fine"))
+    assert answer.status == 200
+    return json.loads(answer.body)["pid"]
+
+
+def test_a_call_blocked_in_native_code_is_answered_at_the_deadline_then_its_worker_replaced(stuck):
+    before = _pid(stuck)
+    started = time.monotonic()
+    answer = send(stuck.url, Case("s", "POST", "/score", b"native"))
+    assert (answer.status, answer.body) == (500, b'{"message": "Scoring timeout after 500 ms"}')
+    assert answer.header("x-ms-run-function-failed") == "True" and answer.header("x-request-id")
+    assert time.monotonic() - started < 1.5  # at the deadline, not when the 4 s native call returns
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if _pid(stuck) != before:
+                break
+        except (OSError, AssertionError):
+            pass
+        time.sleep(0.2)
+    assert _pid(stuck) != before, "the stuck worker was not replaced"
+    assert "has not returned" in stuck.output()
+    metrics = send(stuck.url, Case("s", "GET", "/metrics")).body.decode()
+    assert re.search(r'scorehost_worker_restarts_total\{reason="hung run\(\)"\} 1\.0', metrics)
+
+
+def test_a_call_that_swallows_the_timeout_is_still_a_timeout(stuck):
+    answer = send(stuck.url, Case("s", "POST", "/score", b"swallow"))
+    assert answer.status == 500 and b"Scoring timeout" in answer.body  # never a 200 with a silently empty item
+    assert _pid(stuck)

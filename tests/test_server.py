@@ -135,6 +135,32 @@ def test_missing_script_exits_nonzero():
     assert done.returncode == 3 and "does_not_exist.py" in done.stderr + done.stdout
 
 
+@pytest.mark.parametrize("args,env,words,code", [
+    (("--workers", "0"), {}, "--workers / WORKER_COUNT: must be at least 1", 2),
+    ((), {"WORKER_COUNT": "0"}, "--workers / WORKER_COUNT: must be at least 1", 2),
+    (("--threads", "0"), {}, "--threads / SCOREHOST_THREADS: must be at least 1", 2),
+    (("--port", "99999"), {}, "--port / SCOREHOST_PORT: must be between 1 and 65535", 2),
+    (("--model-dir", "/no/such/dir"), {}, "--model-dir / AZUREML_MODEL_DIR: /no/such/dir is not a directory", 2),
+    (("--read-timeout", "0"), {}, "must be greater than 0", 2),
+    (("--access-log", "maybe"), {}, "argument --access-log: 'maybe' is not valid", 2),
+])
+def test_bad_settings_fail_in_one_line_before_start_up(args, env, words, code):
+    done = subprocess.run([processes._bin("scorehost"), "serve", "--entry-script", script("undecorated.py"), *args],
+                          capture_output=True, text=True, timeout=30, env={**os.environ, **env})
+    assert done.returncode == code and words in done.stderr
+    assert "Traceback" not in done.stderr + done.stdout and "Listening" not in done.stderr + done.stdout
+
+
+def test_a_taken_port_is_named_before_start_up():
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        # _serve_until_exit passes a free --port first: the last one given counts
+        done = _serve_until_exit(script("undecorated.py"), "--port", str(port), timeout=30)
+    assert done.returncode == 2 and f"127.0.0.1:{port}" in done.stderr and "choose another with --port" in done.stderr
+
+
 def test_settings_precedence_flag_env_default():
     s = resolve({"port": 7000}, {"SCOREHOST_PORT": "6000", "WORKER_COUNT": "3", "SCORING_TIMEOUT_MS": "250"})
     assert (s.port, s.workers, s.scoring_timeout_ms, s.host) == (7000, 3, 250, "127.0.0.1")
