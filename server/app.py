@@ -62,7 +62,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
     key = settings.auth_key.encode() if settings.auth_key else None
     app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics,
-                                   "admits_body": body_admission(key, settings.max_body_bytes)}
+                                   "admits_body": body_admission(key, settings.max_body_bytes), "ready": ready}
 
     if settings.cors_origins:
         import flask_cors

@@ -47,7 +47,8 @@ MAX_HEADERS = 100
 MAX_HEADER_FIELD = 8190
 MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * (MAX_HEADER_FIELD + 2) + 4
 RECV_SIZE = 256 * 1024
-LINGER_S = 2.0  # after a closing answer, how long unread bytes from the client are drained before the socket closes
+LINGER_S = 2.0
+DRAIN_IDLE_S = 1.0  # on SIGTERM, how long a connection that sent nothing yet may still send its request  # after a closing answer, how long unread bytes from the client are drained before the socket closes
 TICK_S = 0.25
 # Answered by the loop thread itself, never queued behind a long run(): the probes and the metrics scrape.
 CONTROL_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready"), ("GET", "/metrics")}
@@ -227,7 +228,16 @@ class FrontWorker(Worker):
                         for i in range(max(1, self.cfg.threads))]
         for thread in self.threads:
             thread.start()
+        if getattr(self, "wait_for_models", False):
+            self._wait_until_ready(scorehost["ready"])
         self._loop()
+
+    def _wait_until_ready(self, ready: Callable[[], bool]) -> None:
+        """A reload's worker takes traffic only once its generation's model processes answer: meanwhile the old
+        workers serve (runner.ScoreArbiter)."""
+        while self.alive and not ready():
+            self.notify()
+            time.sleep(0.1)
 
     # --- the loop thread --------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -441,16 +451,18 @@ class FrontWorker(Worker):
                 self._close(conn)
 
     def _in_flight(self) -> bool:
-        return any(c.state in (BUSY, WRITING) for c in self.conns.values())
+        """While draining: a request is being answered, is arriving, or may still arrive on a new connection."""
+        return any(c.state in (NEW, READING, BUSY, WRITING) for c in self.conns.values())
 
     def _stop_accepting(self) -> None:
         for fd, listener in self.listeners.items():
             self.epoll.unregister(fd)
             listener.close()
         self.listeners = {}
-        for conn in list(self.conns.values()):
+        soon = time.monotonic() + DRAIN_IDLE_S
+        for conn in list(self.conns.values()):  # a request may be on its way on these: let it come, then close
             if conn.state in (NEW, IDLE):
-                self._close(conn)
+                conn.deadline = min(conn.deadline, soon)
 
     def _unwatch(self, conn: Connection) -> None:
         if conn.watched:

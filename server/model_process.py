@@ -179,12 +179,14 @@ class ModelServer:
             self.run_batch([item] * size)
             log.info("warmed batch size %d in %.0f ms", size, (time.perf_counter() - started) * 1000)
 
-    def serve(self, path: str, heartbeat: Callable[[], None], alive: Callable[[], bool]) -> None:
+    def serve(self, path: str, heartbeat: Callable[[], None], alive: Callable[[], bool],
+              on_listening: Callable[[], None] = lambda: None) -> None:
         listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         if os.path.exists(path):
             os.unlink(path)  # a predecessor's socket
         listener.bind(path)
         listener.listen(1024)
+        on_listening()
         threading.Thread(target=self._accept, args=(listener,), name="model-accept", daemon=True).start()
         threading.Thread(target=self._watch, args=(heartbeat,), name="model-watchdog", daemon=True).start()
         log.info("model process %d ready: batches of up to %d%s", os.getpid(), self.batch_max,
@@ -312,7 +314,7 @@ class ModelWorker(Worker):
 
     def load_wsgi(self) -> None:
         self.wsgi = None
-        self.script = self.app.boot(self.app.load_model_script)
+        self.script = self.app.boot(self.app.load_model_script, mark_ready=False)  # ready once warm, in serve()
 
     def run(self) -> None:
         from .metrics import Metrics
@@ -329,7 +331,8 @@ class ModelWorker(Worker):
         elif server.sizes:
             log.warning("--batch-sizes is set but %s has no warmup_item(): sizes are tuned on first use",
                         self.script.path)
-        server.serve(self.model_socket, self.notify, lambda: self.alive and self.ppid == os.getppid())
+        server.serve(self.model_socket, self.notify, lambda: self.alive and self.ppid == os.getppid(),
+                     on_listening=self.app.boots.mark_ready)
 
 
 # --- the HTTP worker's side -------------------------------------------------------------------------------------

@@ -24,7 +24,10 @@ import time
 import traceback
 from typing import Any, Callable, Optional
 
+import signal
+
 import gunicorn.app.base
+import gunicorn.arbiter
 
 from . import metrics
 from .front import ConnectionShares, FrontWorker
@@ -33,6 +36,92 @@ from .model_process import ModelWorker
 from .settings import Settings
 
 BOOT_ERROR = 3  # gunicorn's WORKER_BOOT_ERROR: the master halts with it
+MAX_BOOT_FAILURES = 5  # workers in a row that die before they are ready, before the server gives up
+
+
+class BootWatch:
+    """The master's view of workers that die before they are ready (killed during init(), usually out of memory, or
+    init() failing in a replacement): each is followed by a longer pause before the next start (0.5, 1, 2, then 4 s),
+    and after MAX_BOOT_FAILURES in a row with no worker serving, the server stops with exit code 3 instead of
+    restarting them forever; while others serve, the replacement keeps being retried. A worker says it is ready with
+    a file in the run directory, read by the master."""
+
+    def __init__(self, run_dir: str):
+        self.run_dir = run_dir
+        self.failures = 0
+        self.ever_ready = False
+
+    def marker(self, pid: int) -> str:
+        return os.path.join(self.run_dir, f"ready-{pid}")
+
+    def mark_ready(self) -> None:
+        """In a worker, once it can serve (a model process: once warm)."""
+        if self.run_dir:
+            open(self.marker(os.getpid()), "w").close()
+
+    def is_ready(self, pid: int) -> bool:
+        return os.path.exists(self.marker(pid))
+
+    def before_fork(self, worker: Any) -> None:
+        from gunicorn.errors import HaltServer
+
+        serving = bool(self.run_dir) and any(name.startswith("ready-") for name in os.listdir(self.run_dir))
+        self.ever_ready = self.ever_ready or serving
+        worker.replacement = self.ever_ready  # a replacement that cannot boot is retried, not fatal
+        if self.failures >= MAX_BOOT_FAILURES and not serving:  # no worker can start, none serves: give up
+            raise HaltServer(f"{self.failures} workers in a row died before they were ready; a worker killed during "
+                             "init() ('was sent SIGKILL' above) is usually out of memory", BOOT_ERROR)
+        if self.failures:
+            time.sleep(min(0.5 * 2 ** (self.failures - 1), 4.0))
+
+    def exited(self, worker: Any) -> None:
+        path = self.marker(worker.pid)
+        if os.path.exists(path):
+            os.unlink(path)
+            self.failures, self.ever_ready = 0, True
+        else:
+            self.failures += 1
+
+
+class ScoreArbiter(gunicorn.arbiter.Arbiter):
+    """gunicorn's master, with a reload (SIGHUP) that never leaves the server without ready workers: a new
+    generation of workers starts beside the old one, which keeps serving; once every new worker is ready (model
+    processes warm), the old ones stop gracefully. If a new worker dies before it is ready (the new script fails to
+    load), the new generation is stopped and the old one goes on serving the old script."""
+
+    rolling: Optional[tuple[set[int], set[int]]] = None  # (old pids, new pids) while a reload is under way
+
+    def reload(self) -> None:
+        if self.rolling is not None:
+            self.log.warning("reload: one is already under way")
+            return
+        old = set(self.WORKERS)
+        self.app.generation += 1
+        self.app.boots.failures = 0
+        self.log.info("reload: starting %d new workers beside the %d serving", self.num_workers, len(old))
+        for _ in range(self.num_workers):
+            self.spawn_worker()
+        self.rolling = (old, set(self.WORKERS) - old)
+
+    def manage_workers(self) -> None:
+        if self.rolling is None:
+            super().manage_workers()
+            return
+        old, new = self.rolling
+        live = set(self.WORKERS)
+        if not new <= live:
+            for pid in new & live:
+                self.kill_worker(pid, signal.SIGTERM)
+            self.app.generation -= 1
+            self.app.boots.failures = 0
+            self.rolling = None
+            self.log.error("reload failed: a new worker died before it was ready (see above); the old workers go on "
+                           "serving the old script")
+        elif all(self.app.boots.is_ready(pid) for pid in new):
+            for pid in old & live:
+                self.kill_worker(pid, signal.SIGTERM)
+            self.rolling = None
+            self.log.info("reload: the new workers are ready; the old ones stop after their requests")
 
 
 class ScoreServer(gunicorn.app.base.BaseApplication):
@@ -43,11 +132,21 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
     def __init__(self, settings: Settings, model_slots: tuple[Optional[str], ...] = (), run_dir: str = ""):
         self.settings = settings
         self.model_slots = model_slots
-        self.model_sockets = tuple(os.path.join(run_dir, f"model-{i}.sock") for i in range(len(model_slots)))
+        self.run_dir = run_dir
+        self.generation = 0  # a reload (SIGHUP) starts a new one, with model sockets of its own
+        self.boots = BootWatch(run_dir)
         self._worker: Any = None
         self._gpus = GpuPinning()
         self.shares = ConnectionShares()
         super().__init__()
+
+    @property
+    def model_sockets(self) -> tuple[str, ...]:
+        return tuple(os.path.join(self.run_dir, f"model-{self.generation}-{i}.sock")
+                     for i in range(len(self.model_slots)))
+
+    def run(self) -> None:
+        ScoreArbiter(self).run()
 
     def load_config(self) -> None:
         s = self.settings
@@ -71,7 +170,10 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             self.cfg.set(name, value)
 
     def _pre_fork(self, arbiter: Any, worker: Any) -> None:
-        held = {getattr(w, "model_slot", None) for w in arbiter.WORKERS.values()}
+        self.boots.before_fork(worker)
+        worker.generation = self.generation
+        worker.wait_for_models = self.generation > 0  # a reload's HTTP workers take traffic once its models are warm
+        held = {getattr(w, "model_slot", None) for w in arbiter.WORKERS.values() if w.generation == self.generation}
         slot = next((i for i in range(len(self.model_slots)) if i not in held), None)
         if slot is not None:
             worker.__class__ = ModelWorker  # gunicorn has one worker class: a model slot's worker becomes this one
@@ -84,6 +186,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         self.shares.assign(arbiter, worker)
 
     def _child_exit(self, arbiter: Any, worker: Any) -> None:
+        self.boots.exited(worker)
         metrics.worker_exited(worker.pid)
         self.shares.release(worker)
 
@@ -106,7 +209,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         script.init()
         return script
 
-    def boot(self, build: Callable[[], Any]) -> Any:
+    def boot(self, build: Callable[[], Any], mark_ready: bool = True) -> Any:
         """Run `build` (import the script, init()) within init_timeout, or exit with a boot error."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
         result: dict[str, Any] = {}
@@ -125,12 +228,16 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             waited += 1.0
             if self._worker is not None:
                 self._worker.notify()
+        replacement = getattr(self._worker, "replacement", False)
         if thread.is_alive():
             _fail(f"init() did not finish within {self.settings.init_timeout} s (--init-timeout); "
-                  f"the entry script {self.settings.entry_script} is hung or too slow to load.")
+                  f"the entry script {self.settings.entry_script} is hung or too slow to load.", replacement)
         if "error" in result:
-            _fail(f"The entry script {self.settings.entry_script} failed to load or init() raised:\n"
-                  f"{result['error']}")
+            first = result["error"].strip().splitlines()[-1]
+            _fail(f"The entry script {self.settings.entry_script} failed to load or init() raised: {first}\n"
+                  f"{result['error']}", replacement)
+        if mark_ready:
+            self.boots.mark_ready()
         logging.getLogger("scorehost.runner").info("worker %d ready for serving traffic", os.getpid())
         return result["value"]
 
@@ -155,9 +262,13 @@ def start_memory_trimmer(every_s: float = 10.0) -> None:
     threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
 
 
-def _fail(message: str) -> None:
+def _fail(message: str, replacement: bool = False) -> None:
+    """At start-up a worker that cannot boot stops the server (exit 3, as Azure ML's server); a replacement that
+    cannot boot is retried by the master with back-off (BootWatch), since the others still serve."""
     print(f"scorehost: {message}", file=sys.stderr, flush=True)
-    os._exit(BOOT_ERROR)
+    if replacement:
+        print("scorehost: this replacement worker will be retried", file=sys.stderr, flush=True)
+    os._exit(1 if replacement else BOOT_ERROR)
 
 
 def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Optional[int]:
@@ -166,12 +277,15 @@ def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Op
 
     own_dirs = [metrics.own_temp_dir("run")]  # the model processes' sockets
     own_dirs.append(metrics.prepare_multiprocess_dir())
+    master = os.getpid()
     try:
         ScoreServer(settings, model_slots, own_dirs[0]).run()
     except SystemExit as ex:
         return ex.code if isinstance(ex.code, int) else 1
     finally:
-        for path in own_dirs:
-            if path:
-                shutil.rmtree(path, ignore_errors=True)
+        # Workers are forked inside run(): an exiting worker unwinds through here too, and must leave them alone.
+        if os.getpid() == master:
+            for path in own_dirs:
+                if path:
+                    shutil.rmtree(path, ignore_errors=True)
     return 0

@@ -105,6 +105,12 @@ def test_temporary_directories_are_removed_on_exit_and_stale_ones_at_start():
     server.wait_healthy(60)
     mine = [n for n in os.listdir(root) if re.fullmatch(rf"scorehost-(metrics|run)-{server.pid}-\w+", n)]
     assert len(mine) == 2 and not os.path.exists(stale)
+    worker = int(open(f"/proc/{server.pid}/task/{server.pid}/children").read().split()[0])
+    os.kill(worker, signal.SIGTERM)  # a worker that exits (here, gracefully) must leave the master's directories be
+    time.sleep(2)
+    server.wait_healthy(30)
+    assert all(os.path.exists(os.path.join(root, n)) for n in mine)
+    assert send(server.url, Case("u", "GET", "/metrics")).status == 200
     os.kill(server.pid, signal.SIGTERM)
     assert server.proc.wait(30) == 0
     assert not any(os.path.exists(os.path.join(root, n)) for n in mine)

@@ -208,3 +208,77 @@ def test_sigterm_drains_in_flight_requests(tmp_path):
             socket.create_connection(("127.0.0.1", server.port), timeout=2).close()  # new connections refused
     finally:
         server.stop()
+
+
+def test_init_killed_again_and_again_stops_the_server_in_bounded_time():
+    started = time.monotonic()
+    server = processes.start("scorehost", script("oom_init.py"), workers=1)
+    code = server.proc.wait(90)
+    output = server.output()
+    assert code == 3 and "died before they were ready" in output and "out of memory" in output
+    assert output.count("Booting worker") <= 6 and time.monotonic() - started < 60
+
+
+def test_a_replacement_whose_init_fails_is_retried_while_the_others_serve(start_server, tmp_path):
+    marker = tmp_path / "unavailable"
+    server = start_server("scorehost", script("flaky_init.py"), workers=2, env={"FLAKY_MARKER": str(marker)})
+    pids = _pids(server, 2)
+    marker.touch()
+    os.kill(min(pids), signal.SIGKILL)
+    until = time.monotonic() + 3
+    while time.monotonic() < until:  # the healthy worker keeps serving while the replacement fails
+        assert send(server.url, Case("flaky_init.py", "POST", "/score", b"x")).status == 200
+    assert server.proc.poll() is None and "will be retried" in server.output()
+    marker.unlink()
+    after = _pids(server, 2, within_s=60)
+    assert len(after) == 2 and min(pids) not in after
+
+
+VERSIONED = '''
+import os, time
+
+def init():
+    time.sleep({init_s})
+    if {fail}:
+        raise RuntimeError("the new model does not load")
+
+def run(data):
+    return {{"version": {version}, "pid": os.getpid()}}
+'''
+
+
+def test_sighup_reload_keeps_serving_and_keeps_the_old_script_if_the_new_one_fails(tmp_path):
+    path = tmp_path / "versioned.py"
+    path.write_text(VERSIONED.format(version=1, init_s=0, fail=False))
+    server = processes.start("scorehost", str(path), workers=2)
+    server.wait_healthy(60)
+    statuses: list[int] = []
+    versions: list[int] = []
+
+    def load_for(seconds: float) -> None:
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            answer = send(server.url, Case("versioned.py", "POST", "/score", b"x"), timeout=10)
+            statuses.append(answer.status)
+            if answer.status == 200:
+                versions.append(json.loads(answer.body)["version"])
+
+    try:
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            path.write_text(VERSIONED.format(version=2, init_s=1.5, fail=False))  # slow to load: old ones serve
+            clients = [pool.submit(load_for, 6) for _ in range(2)]
+            time.sleep(0.5)
+            os.kill(server.pid, signal.SIGHUP)
+            for c in clients:
+                c.result()
+        assert set(statuses) == {200}  # no request lost or refused while the new workers loaded
+        assert versions[0] == 1 and set(versions[-20:]) == {2}  # both serve for a moment at the hand-over, then 2
+
+        path.write_text(VERSIONED.format(version=3, init_s=0, fail=True))
+        os.kill(server.pid, signal.SIGHUP)
+        statuses.clear(), versions.clear()
+        load_for(4)
+        assert set(statuses) == {200} and set(versions) == {2}  # the old script goes on
+        assert server.proc.poll() is None and "reload failed" in server.output()
+    finally:
+        server.stop()

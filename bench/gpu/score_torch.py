@@ -65,20 +65,23 @@ def _resize(chw):
 
 def _decode_jpegs(arrays):
     """Decoded images (on DEVICE) or None per JPEG: one batched GPU call, then one by one if the batch fails."""
-    tensors = [torch.from_numpy(a) for a in arrays]
+    if not arrays:
+        return []
+    # A body read in this process is a read-only buffer; one that crossed from an HTTP worker is writable already.
+    tensors = [torch.from_numpy(a if a.flags.writeable else a.copy()) for a in arrays]
     mode = torchvision.io.ImageReadMode.RGB
     try:
         return [_resize(t) for t in torchvision.io.decode_jpeg(tensors, mode=mode, device=DEVICE)]
-    except RuntimeError:
+    except (RuntimeError, ValueError):
         pass
     decoded = []
     for t in tensors:
         try:
             decoded.append(_resize(torchvision.io.decode_jpeg(t, mode=mode, device=DEVICE)))
-        except RuntimeError:
+        except (RuntimeError, ValueError):
             try:  # the CPU decoder accepts some JPEGs nvJPEG refuses
                 decoded.append(_resize(torchvision.io.decode_jpeg(t, mode=mode).to(DEVICE)))
-            except RuntimeError:
+            except (RuntimeError, ValueError):
                 decoded.append(None)
     return decoded
 
