@@ -303,11 +303,20 @@ def _main(argv):
     args = parser.parse_args(argv)
     os.environ["AZUREML_MODEL_DIR"] = args.model_dir or ""
     logging.basicConfig(level=logging.INFO)
-    init()
+    try:
+        init()
+    except (FileNotFoundError, ValueError) as ex:  # no model, or several: one line, not a traceback
+        print(f"score.py: {ex}", file=sys.stderr)
+        return 2
     status = 0
     for path in args.images:
-        with open(path, "rb") as f:
-            data = f.read()
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+        except OSError as ex:
+            print(f"{path}: {ex.strerror}", file=sys.stderr)
+            status = 1
+            continue
         request = Request(EnvironBuilder(method="POST", data=data, content_type="application/octet-stream")
                           .get_environ())
         response = run(request)

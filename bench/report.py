@@ -21,6 +21,9 @@ COLUMNS = ("server", "script", "clients", "requests", "errors", "req/s", "img/s"
            "run() ms", "overhead ms", "server CPU ms/req", "RSS MB")
 
 
+MIN_REQUESTS_FOR_P99 = 100  # below this, "p99" is just the slowest request or so
+
+
 def _row(r: Result) -> list[str]:
     rss = "-" if r.rss_mb is None else f"{r.rss_mb:.0f}"
     cpu = "-" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.3f}"
@@ -60,6 +63,11 @@ def markdown(results: list[Result], command: str, seconds: float) -> str:
     parts = [f"# scorehost bench\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
              f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop clients\n",
              "## Results\n\n" + _table(list(COLUMNS), [_row(r) for r in results])]
+    thin = [r for r in results if r.requests < MIN_REQUESTS_FOR_P99]
+    if thin:
+        cells = ", ".join(f"{r.cell.server}/{r.cell.script}/{r.cell.concurrency} ({r.requests})" for r in thin)
+        parts.append(f"**Warning**: fewer than {MIN_REQUESTS_FOR_P99} requests in {cells}: there, p99 is one of the "
+                     "few slowest requests, not a percentile. Give those cells more time (`--seconds`).")
     rs = ratios(results)
     if rs:
         rows = [[r["server"], r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]), _fmt(r["cpu"]),

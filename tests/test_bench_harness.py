@@ -55,3 +55,13 @@ def test_plots_are_valid_pngs(report, name):
     with Image.open(out / name) as image:
         assert image.format == "PNG" and image.size[0] > 300
         image.verify()
+
+
+def test_report_warns_where_p99_rests_on_too_few_requests():
+    from bench.report import markdown
+    from bench.run import Cell, Result
+
+    few, many = Result(Cell("scorehost", "resnet50", 1), requests=40), Result(Cell("aihs", "resnet50", 1), requests=900)
+    text = markdown([few, many], "scorehost bench", 1)
+    assert "fewer than 100 requests in scorehost/resnet50/1 (40)" in text and "aihs/resnet50/1" not in text
+    assert "Warning" not in markdown([many], "scorehost bench", 1)

@@ -193,6 +193,20 @@ def test_score_py_scores_files_without_a_server(colors_model, tmp_path):
     assert done.returncode == 1 and "not an image" in done.stdout
 
 
+def test_score_py_without_a_server_says_what_is_wrong_in_one_line(colors_model, tmp_path):
+    import shutil
+
+    both = tmp_path / "models"
+    shutil.copytree(colors_model, both / "a")
+    shutil.copytree(colors_model, both / "b")
+    red = tmp_path / "red.jpg"
+    red.write_bytes(solid(COLORS["red"]))
+    for model_dir, words in ((both, "Several SavedModels"), (tmp_path / "none", "not a directory")):
+        done = subprocess.run([sys.executable, REFERENCE_SCRIPT, "--model-dir", str(model_dir), str(red)],
+                              capture_output=True, text=True, timeout=120)
+        assert done.returncode == 2 and words in done.stderr and "Traceback" not in done.stderr
+
+
 def test_init_refuses_ambiguous_or_missing_models(tmp_path, colors_model):
     module = load_score_module(colors_model, "score_again")
     with pytest.raises(FileNotFoundError, match="No saved_model.pb"):
