@@ -22,7 +22,7 @@ def images() -> list[bytes]:
 def score():
     """The reference score.py, initialised in this process on the demo ResNet50 (built once, then cached)."""
     from scorehost import REFERENCE_SCRIPT
-    from scorehost.cli import demo_model_dir
+    from scorehost.models import demo_model_dir
 
     os.environ["AZUREML_MODEL_DIR"] = demo_model_dir()
     spec = importlib.util.spec_from_file_location("score_bench", REFERENCE_SCRIPT)

@@ -26,7 +26,8 @@ from typing import Optional
 from bench import images as corpus
 from bench import loadgen
 from bench.run import process_tree, tree_rss_mb
-from scorehost import HOME, REFERENCE_SCRIPT, processes
+from scorehost import REFERENCE_SCRIPT, processes
+from scorehost.models import demo_model_dir
 
 WINDOW_S = 10
 
@@ -57,15 +58,6 @@ def requests() -> tuple[list[tuple[str, str, bytes]], dict[str, int]]:
     return [(label, ctype, body) for label, ctype, body, _ in mix], {label: status for label, _, _, status in kinds}
 
 
-def colors_model_dir() -> str:
-    root = os.path.join(HOME, "models-colors")
-    if not os.path.exists(os.path.join(root, "colors", "1", "saved_model.pb")):
-        from scorehost.models import build_colors
-
-        build_colors(root)
-    return root
-
-
 def worker_rss(master_pid: int) -> dict[int, float]:
     return {pid: tree_rss_mb(pid) for pid in process_tree(master_pid) if pid != master_pid}
 
@@ -77,7 +69,7 @@ def soak(seconds: float, clients: int = 8, model_dir: Optional[str] = None, work
     windows = []
     totals: dict[str, int] = {}
     dropped = 0
-    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or colors_model_dir(), workers=workers,
+    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir("colors"), workers=workers,
                            extra_args=("--threads", "4"), timeout=300) as server:
         started = time.monotonic()
         while time.monotonic() - started < seconds:
@@ -106,7 +98,7 @@ def worker_restart_seconds(model_dir: Optional[str] = None) -> float:
     (it logs "worker N ready" once the script is imported and init() is done)."""
     import signal
 
-    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or colors_model_dir(), workers=2,
+    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir("colors"), workers=2,
                            timeout=300) as server:
         before = set(worker_rss(server.pid))
         os.kill(min(before), signal.SIGKILL)

@@ -32,7 +32,7 @@ def settings_from(args: argparse.Namespace) -> DeploySettings:
 def _demo_model(s: DeploySettings) -> DeploySettings:
     if s.model_dir:
         return s
-    from scorehost.cli import demo_model_dir
+    from scorehost.models import demo_model_dir
 
     return dataclasses.replace(s, model_dir=demo_model_dir())
 

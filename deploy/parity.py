@@ -105,7 +105,7 @@ def run(url: str, key: str = "", local: Optional[str] = None, model_dir: Optiona
     if local:
         return 0 if compare(score_url(url), score_url(local), key, tolerance=tolerance) else 1
     from scorehost import REFERENCE_SCRIPT, processes
-    from scorehost.cli import demo_model_dir
+    from scorehost.models import demo_model_dir
 
     with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir(), timeout=300) as server:
         return 0 if compare(score_url(url), server.url + "/score", key, tolerance=tolerance) else 1

@@ -12,24 +12,7 @@ import sys
 import time
 from typing import Optional
 
-from . import HOME, REFERENCE_SCRIPT, __version__
-
-
-def demo_model_dir() -> str:
-    """The embedded default model: the demo ResNet50, built on first use (said on the console, with its time).
-
-    Built in a child process: `scorehost serve` forks gunicorn workers from this process, and TensorFlow imported
-    before a fork deadlocks the forked worker's init().
-    """
-    root = os.path.join(HOME, "models")
-    if not os.path.exists(os.path.join(root, "resnet50", "1", "saved_model.pb")):
-        import subprocess
-
-        print(f"scorehost: building the demo ResNet50 (random weights) in {root} ...", flush=True)
-        started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "scorehost.cli", "model", "resnet50", "--out", root], check=True)
-        print(f"scorehost: demo model built in {time.perf_counter() - started:.1f} s", flush=True)
-    return root
+from . import REFERENCE_SCRIPT, __version__
 
 
 def _banner(settings, mode: str) -> None:
@@ -102,6 +85,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.entry_script is None:
         settings = settings.replace(entry_script=REFERENCE_SCRIPT)
     if settings.model_dir is None and os.path.realpath(settings.entry_script) == os.path.realpath(REFERENCE_SCRIPT):
+        from .models import demo_model_dir
+
         settings = settings.replace(model_dir=demo_model_dir())
     if settings.model_dir is not None:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
@@ -150,6 +135,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         if name == "trivial":
             scripts[name] = (run.TRIVIAL, None)
         elif name == "resnet50":
+            from .models import demo_model_dir
+
             scripts[name] = (REFERENCE_SCRIPT, demo_model_dir())
         else:
             label, _, path = name.partition("=")

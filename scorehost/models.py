@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import logging
 import os
+import subprocess
+import sys
 import time
 from typing import Callable
 
@@ -126,3 +128,25 @@ def build_colors(out_dir: str, version: str = "1") -> str:
 
 
 BUILDERS: dict[str, Callable[[str], str]] = {"resnet50": build_resnet50, "colors": build_colors}
+
+
+# Where each demo model is kept: one model per root, so AZUREML_MODEL_DIR can point at a root (score.py refuses a
+# directory holding several SavedModels).
+DEMO_ROOTS = {"resnet50": "models", "colors": "models-colors"}
+
+
+def demo_model_dir(name: str = "resnet50") -> str:
+    """An embedded demo model's AZUREML_MODEL_DIR, built on first use (said on the console, with its time).
+
+    Built in a child process: `scorehost serve` forks gunicorn workers from the calling process, and TensorFlow
+    imported before a fork deadlocks the forked worker's init()."""
+    from . import HOME
+
+    root = os.path.join(HOME, DEMO_ROOTS[name])
+    if not os.path.exists(os.path.join(root, name, "1", "saved_model.pb")):
+        note = " (random weights)" if name == "resnet50" else ""
+        print(f"scorehost: building the demo model {name}{note} in {root} ...", flush=True)
+        started = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "scorehost.cli", "model", name, "--out", root], check=True)
+        print(f"scorehost: demo model built in {time.perf_counter() - started:.1f} s", flush=True)
+    return root
