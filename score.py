@@ -76,7 +76,7 @@ class Model:
         if "metadata" in loaded.signatures:
             meta = {k: v.numpy().decode() for k, v in loaded.signatures["metadata"]().items()}
             self.name, self.version = meta.get("name", self.name), meta.get("version", self.version)
-            log.warning("model %s version %s: %s", self.name, self.version, meta.get("description", ""))
+            log.info("model %s version %s: %s", self.name, self.version, meta.get("description", ""))
         log.info("loaded %s in %.1f s", path, time.perf_counter() - started)
 
     def predict(self, images):

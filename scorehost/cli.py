@@ -60,7 +60,12 @@ def serving_plan(settings, gpus: list[str]) -> tuple[object, tuple, str]:
         settings = settings.replace(threads=1)
     if settings.batch_sizes is None:
         settings = settings.replace(batch_sizes=())
-    why = "the script has no run_batch()" if not has_batch else "batching is off (--batch-max 0)"
+    if not has_batch:
+        why = "the script has no run_batch()"
+    elif gpus:
+        why = "batching is off (--batch-max 0)"
+    else:
+        why = "no GPU is visible, so batching is off by default (--batch-max N turns it on)"
     mode = (f"per worker: {settings.workers} worker(s) each run init() and call run() "
             f"({settings.threads} at a time), as Azure ML does. Why: {why}")
     return settings, (), mode
