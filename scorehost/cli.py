@@ -95,6 +95,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings.replace(model_dir=demo_model_dir())
     if settings.model_dir is not None:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
+    if settings.access_log is None:
+        settings = settings.replace(access_log=sys.stdout.isatty())
     settings, model_slots, mode = serving_plan(settings, visible_gpus())
     _banner(settings, mode)
     return serve(settings, model_slots) or 0

@@ -106,8 +106,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("hung_grace", "--hung-grace", "SCOREHOST_HUNG_GRACE", 10.0, float,
             "Seconds a run() or run_batch() may go on past the scoring timeout (its requests already answered 500) "
             "before its worker or model process is restarted."),
-    Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", False, _bool,
-            "Log one line per request to stdout (off by default: formatting it costs time on the hot path)."),
+    Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", None, _bool,
+            "Log one short line per request (client, method, path, status, size, time). Default: on when the "
+            "server runs in a terminal, so a first user sees requests arrive; off otherwise (on a trivial script it "
+            "costs about 15% of the requests a second, bench/RESULTS.md)."),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -197,7 +199,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         env = f" [env {s.env}]" if s.env else ""
         default = "" if s.default is None or s.secret else f" (default {s.default})"
         parser.add_argument(s.flag, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
-                            help=f"{s.doc}{env}{default}")
+                            help=f"{s.doc}{env}{default}".replace("%", "%%"))  # argparse formats help with %
 
 
 def _named(setting: Setting) -> Callable[[str], Any]:

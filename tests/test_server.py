@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import os
 import socket
 import subprocess
@@ -182,3 +183,14 @@ def test_cli_help_lists_every_setting():
                          text=True, check=True).stdout
     for s in SETTINGS:
         assert s.flag in out and (s.env is None or s.env in out)
+
+
+def test_access_line_per_request_when_asked(start_server):
+    server = start_server("scorehost", script("undecorated.py"), extra_args=("--access-log", "true"))
+    assert send(server.url, Case("undecorated.py", "POST", "/score?x=1", b"hi")).status == 200
+    time.sleep(0.3)
+    assert re.search(r'scorehost\.access: 127\.0\.0\.1 "POST /score\?x=1 HTTP/1\.1" 200 \d+ [\d.]+ms', server.output())
+    quiet = start_server("scorehost", script("undecorated.py"))  # not a terminal: off
+    send(quiet.url, Case("undecorated.py", "POST", "/score", b"hi"))
+    time.sleep(0.3)
+    assert "scorehost.access" not in quiet.output()
