@@ -146,7 +146,7 @@ class Connection:
                 authorization = value.decode("latin-1")
         if not self.front.admits_body(_path(request.url), authorization, request.content_length):
             raise _Reject()  # answered on its head; the body is never read
-        if request.expect_continue and self.state != BUSY:
+        if request.expect_continue and self.state not in (BUSY, WRITING):  # never inside an answer being written
             _send_quietly(self.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
 
     def on_body(self, data: bytes) -> None:

@@ -191,7 +191,7 @@ class ModelServer:
         threading.Thread(target=self._watch, args=(heartbeat,), name="model-watchdog", daemon=True).start()
         log.info("model process %d ready: batches of up to %d%s", os.getpid(), self.batch_max,
                  f", padded to {list(self.sizes)}" if self.sizes else "")
-        while alive():
+        while alive() or self.queue:  # on SIGTERM, what HTTP workers already sent is still answered
             batch = self._next_batch()
             if batch:
                 self._score(batch)

@@ -165,3 +165,21 @@ def test_a_hung_run_batch_is_answered_then_restarted(start_server, tmp):
         time.sleep(0.2)
     assert post(server, jpeg((1, 2, 3)))[0] == 200
     assert "run_batch() has not returned" in server.output()
+
+
+def test_sigterm_drains_requests_waiting_on_the_model(tmp):
+    from scorehost import processes
+
+    env = {"CUDA_VISIBLE_DEVICES": "0", "PIPELINE_COST_S": "0.5"}
+    server = processes.start("scorehost", PIPELINE, env=env, extra_args=("--batch-max", "2"))
+    server.wait_healthy(60)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(4) as pool:
+            futures = [pool.submit(post, server, jpeg(colour(i))) for i in range(4)]
+            time.sleep(0.2)
+            os.kill(server.pid, signal.SIGTERM)
+            answers = [f.result() for f in futures]
+        assert [status for status, _ in answers] == [200] * 4  # two batches of 2, both answered
+        assert server.proc.wait(30) == 0
+    finally:
+        server.stop()
