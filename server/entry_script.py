@@ -21,6 +21,7 @@ from typing import Any, Callable, Optional
 import flask
 
 from .errors import BadInput, MethodNotAllowed, UnsupportedInput
+from .model_process import RequestSnapshot
 
 log = logging.getLogger("scorehost.entry_script")
 
@@ -226,8 +227,6 @@ class EntryScript:
         preprocess(), else x itself, where x is what run() would get (for @input_schema, its keyword arguments; for
         @rawhttp, the request, which crosses to the model process as a snapshot). preprocess() may return a Flask
         Response (the request's answer, the model skipped) or raise an HTTPException such as BadRequest (its status)."""
-        from .model_process import RequestSnapshot
-
         kwargs = self.input_mode.arguments(request)
         value = kwargs if isinstance(self.input_mode, SchemaInput) else next(iter(kwargs.values()))
         if self.preprocess is not None:

@@ -69,13 +69,14 @@ class _Protocol(Exception):
 
 
 class Request:
-    __slots__ = ("method", "url", "version", "headers", "body", "body_size", "keep_alive", "body_error",
-                 "expect_continue", "content_length", "started", "finished", "timed_out")
+    __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
+                 "body_error", "expect_continue", "content_length", "started", "finished", "timed_out")
 
     def __init__(self) -> None:
         self.method: Optional[str] = None
         self.version = "1.1"
         self.url = b""
+        self.path = self.query = ""  # decoded once the head is complete
         self.headers: list[tuple[bytes, bytes]] = []
         self.body: list[bytes] = []
         self.body_size = 0
@@ -144,7 +145,13 @@ class Connection:
                 request.expect_continue = value.lower() == b"100-continue"
             elif lname == b"authorization":
                 authorization = value.decode("latin-1")
-        if not self.front.admits_body(_path(request.url), authorization, request.content_length):
+        try:
+            url = httptools.parse_url(request.url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Protocol(errors.MalformedRequest("the request target is not a valid URL")) from None
+        request.path = unquote_to_bytes(url.path or b"/").decode("latin-1")
+        request.query = (url.query or b"").decode("latin-1")
+        if not self.front.admits_body(request.path, authorization, request.content_length):
             raise _Reject()  # answered on its head; the body is never read
         if request.expect_continue and self.state not in (BUSY, WRITING):  # never inside an answer being written
             _send_quietly(self.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
@@ -162,13 +169,6 @@ class Connection:
         assert self.request is not None
         self.front.complete(self, self.request)
         self.request = None
-
-
-def _path(url: bytes) -> str:
-    try:
-        return unquote_to_bytes(httptools.parse_url(url).path or b"/").decode("latin-1")
-    except httptools.HttpParserInvalidURLError:
-        return ""
 
 
 def _send_quietly(sock: socket.socket, data: bytes) -> None:
@@ -364,7 +364,7 @@ class FrontWorker(Worker):
                     conn.pending.append(request)
                 return
             conn.state = BUSY
-        if (request.method, _path(request.url)) in CONTROL_ROUTES:
+        if (request.method, request.path) in CONTROL_ROUTES:
             self._answer(conn, request, watched=False)
         else:
             self.work.put((conn, request))
@@ -581,12 +581,10 @@ class FrontWorker(Worker):
 
     def _environ(self, conn: Connection, request: Request) -> dict:
         environ = self.base_environ.copy()
-        url = httptools.parse_url(request.url)
-        raw_url = request.url.decode("latin-1")
         environ["REQUEST_METHOD"] = request.method
-        environ["RAW_URI"] = raw_url
-        environ["PATH_INFO"] = unquote_to_bytes(url.path or b"/").decode("latin-1")
-        environ["QUERY_STRING"] = (url.query or b"").decode("latin-1")
+        environ["RAW_URI"] = request.url.decode("latin-1")
+        environ["PATH_INFO"] = request.path
+        environ["QUERY_STRING"] = request.query
         environ["SERVER_PROTOCOL"] = f"HTTP/{request.version}"
         environ["REMOTE_ADDR"], environ["REMOTE_PORT"] = str(conn.peer[0]), str(conn.peer[1])
         for name, value in request.headers:

@@ -25,7 +25,6 @@ log = logging.getLogger("scorehost.invoke")
 class Timed(NamedTuple):
     output: Any
     elapsed_ms: float  # inside run() (or the run_batch() call this request was part of)
-    queue_wait_s: float = 0.0  # waiting for a batch to start (batching only)
 
 
 class _Overran(BaseException):

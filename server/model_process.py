@@ -427,8 +427,8 @@ class ModelClient:
             raise errors.ScoringTimeout(self.timeout_ms)
         if pending.answer is None:
             raise errors.ModelUnavailable()
-        _, kind, payload, run_ms, wait_s, _size = pending.answer
+        _, kind, payload, run_ms, _wait_s, _size = pending.answer  # queue waits are observed by the model process
         if kind == "error":
             raise _error(payload, self.timeout_ms)
         output = payload.response() if isinstance(payload, ResponseData) else payload
-        return Timed(output, run_ms, wait_s)
+        return Timed(output, run_ms)

@@ -18,13 +18,12 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import signal
 import sys
 import threading
 import time
 import traceback
 from typing import Any, Callable, Optional
-
-import signal
 
 import gunicorn.app.base
 import gunicorn.arbiter
@@ -75,9 +74,8 @@ class BootWatch:
             time.sleep(min(0.5 * 2 ** (self.failures - 1), 4.0))
 
     def exited(self, worker: Any) -> None:
-        path = self.marker(worker.pid)
-        if os.path.exists(path):
-            os.unlink(path)
+        if self.is_ready(worker.pid):
+            os.unlink(self.marker(worker.pid))
             self.failures, self.ever_ready = 0, True
         else:
             self.failures += 1

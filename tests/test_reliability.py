@@ -91,6 +91,7 @@ HOSTILE = [
     ("not HTTP at all", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03garbage\r\n\r\n", 400),
     ("invalid method", b"G(T / HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("bad HTTP version", b"GET / HTTP/9.9\r\nHost: x\r\n\r\n", 400),
+    ("request target that is not a URL", b"GET http://[/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("bad chunk size", b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
      400),
     ("unknown transfer coding", b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 400),
