@@ -13,9 +13,9 @@ os.environ.setdefault("TF_ENABLE_ONEDNN_OPTS", "0")
 
 @pytest.fixture(scope="session")
 def images() -> list[bytes]:
-    from bench.images import generated
+    from scorehost import corpus
 
-    return generated()  # 224x224, 640x480, 1280x720 JPEGs
+    return corpus.images()  # 224x224, 640x480, 1280x720 JPEGs
 
 
 @pytest.fixture(scope="session")

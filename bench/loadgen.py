@@ -108,16 +108,16 @@ def run(base_url: str, clients: int, seconds: float, next_request: Callable[[], 
 def image_requests(directory: Optional[str] = None, batch: int = 1) -> Callable[[], Request]:
     import base64
 
-    from bench import images
+    from scorehost import corpus
 
-    corpus = images.load(directory)
+    images = corpus.load(directory)
     if batch > 1:
-        cycle = itertools.cycle(corpus)
+        cycle = itertools.cycle(images)
         bodies = [json.dumps({"images": [base64.b64encode(next(cycle)).decode() for _ in range(batch)]}).encode()
-                  for _ in corpus]
+                  for _ in images]
         requests = itertools.cycle([("batch", "application/json", b) for b in bodies])
     else:
-        requests = itertools.cycle([("image", "image/jpeg", b) for b in corpus])
+        requests = itertools.cycle([("image", "image/jpeg", b) for b in images])
     return lambda: next(requests)
 
 

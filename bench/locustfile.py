@@ -18,7 +18,7 @@ import sys
 from locust import FastHttpUser, events, task
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench import images as corpus  # noqa: E402
+from scorehost import corpus  # noqa: E402
 from bench.run import RUN_TIME_NAME  # noqa: E402
 
 

@@ -182,9 +182,9 @@ def _with_usage(result: Result, usage: "ServerUsage") -> Result:
 
 
 def _warm(url: str, key: str) -> None:
-    from bench import images
+    from scorehost import corpus
 
-    body = images.generated(((224, 224),))[0]
+    body = corpus.images(((224, 224),))[0]
     headers = {"Content-Type": "image/jpeg", **({"Authorization": f"Bearer {key}"} if key else {})}
     for _ in range(3):
         try:

@@ -15,7 +15,6 @@ seconds).
 from __future__ import annotations
 
 import argparse
-import base64
 import itertools
 import json
 import os
@@ -23,39 +22,20 @@ import sys
 import time
 from typing import Optional
 
-from bench import images as corpus
 from bench import loadgen
 from bench.run import process_tree, tree_rss_mb
-from scorehost import REFERENCE_SCRIPT, processes
+from scorehost import REFERENCE_SCRIPT, corpus, processes
 from scorehost.models import demo_model_dir
 
 WINDOW_S = 10
 
 
 def requests() -> tuple[list[tuple[str, str, bytes]], dict[str, int]]:
-    """(label, content type, body) for each kind of request, and the status each kind must get."""
-    from PIL import Image
-    import io
-
-    jpegs = corpus.generated()
-    png = io.BytesIO()
-    Image.open(io.BytesIO(jpegs[0])).save(png, "PNG")
-    gif = io.BytesIO()
-    Image.new("RGB", (8, 8)).save(gif, "GIF")
-    b64 = lambda data: base64.b64encode(data).decode()  # noqa: E731
-    kinds = [
-        ("jpeg", "image/jpeg", jpegs[0], 200), ("jpeg-large", "image/jpeg", jpegs[2], 200),
-        ("png", "image/png", png.getvalue(), 200),
-        ("batch", "application/json", json.dumps({"images": [b64(j) for j in jpegs] + [b64(jpegs[0])]}).encode(), 200),
-        ("empty", "image/jpeg", b"", 400), ("not-an-image", "image/jpeg", b"hello world", 400),
-        ("truncated", "image/jpeg", jpegs[1][: len(jpegs[1]) // 2], 400), ("gif", "image/gif", gif.getvalue(), 415),
-        ("bad-json", "application/json", b"{nope", 400), ("bad-base64", "application/json", b'{"images": ["%%"]}', 400),
-        ("bad-in-batch", "application/json", json.dumps({"images": [b64(jpegs[0]), b64(b"junk")]}).encode(), 400),
-        ("too-many", "application/json", json.dumps({"images": [b64(jpegs[0])] * 65}).encode(), 413),
-    ]
-    # Valid requests three times as often as each bad kind.
-    mix = [k for k in kinds for _ in range(3 if k[3] == 200 else 1)]
-    return [(label, ctype, body) for label, ctype, body, _ in mix], {label: status for label, _, _, status in kinds}
+    """The labelled corpus's POSTs as (label, content type, body), valid ones three times as often as each bad kind;
+    and the status each label must get."""
+    probes = [p for p in corpus.labelled() if p.method == "POST"]
+    mix = [(p.name, p.content_type, p.body) for p in probes for _ in range(3 if p.status == 200 else 1)]
+    return mix, {p.name: p.status for p in probes}
 
 
 def worker_rss(master_pid: int) -> dict[int, float]:

@@ -1,50 +1,22 @@
 """`scorehost parity URL [--key K]`: replay one request corpus against a deployed endpoint and a local server, and
 print a per-request diff. Exit status 0 only when every answer matches.
 
-The corpus: the reference JPEGs (several sizes) and a PNG, a JSON batch, and the bad inputs score.py refuses.
-Compared: the status, and the JSON body; probabilities within an absolute tolerance (GPU and CPU kernels differ in
+The corpus is scorehost/corpus.py's labelled requests: JPEGs of several sizes, a PNG, a JSON batch, and each bad
+input score.py refuses, with the status it must get. Compared: the status (with each other, and with the expected
+one), and the JSON body; probabilities within an absolute tolerance (GPU and CPU kernels differ in
 the last digits), everything else exactly; `request_id` is ignored (random by design).
 """
 
 from __future__ import annotations
 
-import base64
-import dataclasses
 import json
 import urllib.error
 import urllib.request
 from typing import Any, Optional
 
+from scorehost.corpus import Probe, labelled
+
 TOLERANCE = 1e-3
-
-
-@dataclasses.dataclass(frozen=True)
-class Probe:
-    name: str
-    body: bytes
-    content_type: str
-    method: str = "POST"
-
-
-def corpus() -> list[Probe]:
-    from bench import images
-
-    jpegs = images.generated()
-    png = images.generated(((96, 64),))[0]
-    from PIL import Image
-    import io
-
-    out = io.BytesIO()
-    Image.open(io.BytesIO(png)).save(out, "PNG")
-    batch = json.dumps({"images": [base64.b64encode(b).decode() for b in jpegs]}).encode()
-    probes = [Probe(f"jpeg {i}", b, "image/jpeg") for i, b in enumerate(jpegs)]
-    probes += [Probe("png", out.getvalue(), "image/png"), Probe("json batch of 3", batch, "application/json"),
-               Probe("empty body", b"", "image/jpeg"), Probe("not an image", b"hello", "image/jpeg"),
-               Probe("invalid json", b"{nope", "application/json"),
-               Probe("bad base64", b'{"images": ["%%%"]}', "application/json"),
-               Probe("truncated jpeg", jpegs[1][: len(jpegs[1]) // 2], "image/jpeg"),
-               Probe("GET", b"", "", "GET")]
-    return probes
 
 
 def send(url: str, probe: Probe, key: str = "", timeout: float = 120) -> tuple[int, Any]:
@@ -81,10 +53,11 @@ def compare(remote: str, local: str, key: str = "", local_key: str = "", toleran
             say=print) -> bool:
     """Replay the corpus against both; True when every answer matches."""
     all_match = True
-    for probe in corpus():
+    for probe in labelled():
         r_status, r_body = send(remote, probe, key)
         l_status, l_body = send(local, probe, local_key)
         problems = ([f"status {r_status} != {l_status}"] if r_status != l_status else []) + \
+            ([f"status {r_status}, expected {probe.status}"] if r_status == l_status != probe.status else []) + \
             diff(r_body, l_body, "body", tolerance)
         all_match &= not problems
         say(f"{'ok  ' if not problems else 'DIFF'} {probe.name:18} {r_status}" +

@@ -27,10 +27,6 @@ def sha256(path: str) -> str:
         return hashlib.sha256(f.read()).hexdigest()
 
 
-def find_saved_model(model_dir: str) -> list[str]:
-    return sorted(root for root, _, files in os.walk(model_dir) if "saved_model.pb" in files)
-
-
 def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
     """Everything wrong with the settings that can be known without Azure."""
     found = []
@@ -50,11 +46,11 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
     if not os.path.isfile(s.entry_script):
         found.append(f"entry script {s.entry_script} does not exist")
     found += conda_problems(s.conda_file)
-    models = find_saved_model(s.model_dir) if s.model_dir and os.path.isdir(s.model_dir) else []
+    # What the model directory must hold is the entry script's business: the load check below runs its init() on it.
     if not s.model_dir or not os.path.isdir(s.model_dir):
         found.append(f"model_dir {s.model_dir!r} is not a directory (build one: scorehost model resnet50 --out DIR)")
-    elif len(models) != 1:
-        found.append(f"model_dir {s.model_dir} must hold exactly one saved_model.pb; found {len(models)}")
+    elif not any(files for _, _, files in os.walk(s.model_dir)):
+        found.append(f"model_dir {s.model_dir} holds no files")
     if not found and load_check:
         error = script_load_error(s)
         if error:

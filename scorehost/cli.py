@@ -108,7 +108,10 @@ def cmd_model(args: argparse.Namespace) -> int:
 
     from .models import BUILDERS
 
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    # Our own progress at INFO; TensorFlow's and absl's INFO lines (assets written, captured inputs renamed) are
+    # nothing a user can act on.
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    logging.getLogger("scorehost").setLevel(logging.INFO)
     started = time.perf_counter()
     path = BUILDERS[args.name](args.out)
     print(f"{path} ({time.perf_counter() - started:.1f} s)")

@@ -90,7 +90,7 @@ def build_resnet50(out_dir: str, version: str = "1") -> str:
     description = ("ResNet50 architecture with RANDOM weights (keras.applications.ResNet50(weights=None), built "
                    "offline): class scores are meaningless; use it for speed and memory, not for answers.")
     path = _save(out_dir, "resnet50", version, network, 224, preprocess, labels, description)
-    log.warning("built %s in %.1f s: %s", path, time.perf_counter() - started, description)
+    log.info("built %s in %.1f s: %s", path, time.perf_counter() - started, description)
     return path
 
 

@@ -65,6 +65,19 @@ def test_plan_catches_a_script_that_does_not_load(colors_model, tmp_path):
     assert len(found) == 1 and "CANNOT-LOAD" in found[0]
 
 
+def test_plan_leaves_what_a_model_dir_holds_to_the_script(colors_model, tmp_path):
+    """The model directory's layout is the script's business: two SavedModels fail in score.py's own words."""
+    import shutil
+
+    shutil.copytree(os.path.join(colors_model, "colors"), tmp_path / "colors")
+    shutil.copytree(os.path.join(colors_model, "colors"), tmp_path / "copy")
+    found = plan.problems(DeploySettings(model_dir=str(tmp_path)))
+    assert len(found) == 1 and "Several SavedModels" in found[0]
+    assert plan.problems(DeploySettings(model_dir=str(tmp_path / "copy" / "1" / "variables" / "none"))) == [
+        f"model_dir {str(tmp_path / 'copy' / '1' / 'variables' / 'none')!r} is not a directory (build one: "
+        "scorehost model resnet50 --out DIR)"]
+
+
 # --- SDK v2 entities ------------------------------------------------------------------------------------------
 
 def test_v2_entities_validate_with_the_sdk(settings, tmp_path):

@@ -242,5 +242,8 @@ def test_serve_with_no_arguments_builds_the_demo_model_and_answers(tmp_path):
         answer = send(server.url, Case("score.py", "POST", "/score", solid((200, 120, 40), (320, 240)), JPEG))
         assert answer.status == 200 and len(json.loads(answer.body)["predictions"]) == 5
         assert (tmp_path / "models" / "resnet50" / "1" / "saved_model.pb").exists()  # built on first use
+        output = server.output()  # the build is said in a few lines, without TensorFlow's INFO noise
+        assert "building the demo model resnet50 (random weights)" in output and "demo model built in" in output
+        assert "Assets written" not in output and "unsupported characters" not in output
     finally:
         server.stop()

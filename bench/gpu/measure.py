@@ -2,7 +2,7 @@
 
     bash bench/gpu/run.sh [--seconds 15]     # installs scorehost's small dependencies from .whl/ if present
 
-Side by side, in one run, with bench/gpu/score_torch.py and the bench/images.py corpus:
+Side by side, in one run, with bench/gpu/score_torch.py and the scorehost/corpus.py images:
 1. In-process ceilings: the model alone (input already on the GPU, fp16 channels_last), and run_batch() on the
    corpus (nvJPEG decode + resize + model), at batch 64, 128 and 256.
 2. AIHS (azmlinfsrv, if installed) on the same script, 1 worker.
@@ -28,7 +28,8 @@ import urllib.request
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 sys.path.insert(0, ROOT)
 
-from bench import images, loadgen  # noqa: E402
+from bench import loadgen  # noqa: E402
+from scorehost import corpus  # noqa: E402
 from scorehost import processes  # noqa: E402
 
 SCRIPT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "score_torch.py")
@@ -84,11 +85,11 @@ def in_process() -> list[dict]:
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     module.init()
-    corpus = [("jpeg", np.frombuffer(b, np.uint8)) for b in images.generated()]
+    encoded = [("jpeg", np.frombuffer(b, np.uint8)) for b in corpus.images()]
     rows = []
     for n in BATCHES:
         x = torch.rand(n, 3, 224, 224, device="cuda") * 255
-        items = [corpus[i % len(corpus)] for i in range(n)]
+        items = [encoded[i % len(encoded)] for i in range(n)]
         rows.append({"batch": n, "model_img_s": _rate(lambda: module.predict(x), n),
                      "decode_model_img_s": _rate(lambda: module.run_batch(items), n)})
         print("in-process", rows[-1], flush=True)
