@@ -34,7 +34,7 @@ def build(s: DeploySettings) -> dict[str, Any]:
         "provisioning": AksCompute.provisioning_configuration(vm_size=s.vm_size, agent_count=s.node_count,
                                                               location=s.location),
         "deployment_config": AksWebservice.deploy_configuration(
-            autoscale_enabled=False, num_replicas=s.replicas, cpu_cores=float(s.cpu),
+            autoscale_enabled=False, num_replicas=s.instance_count, cpu_cores=float(s.cpu),
             memory_gb=float(s.memory.rstrip("Gi") or 4), gpu_cores=s.gpus, auth_enabled=True,
             scoring_timeout_ms=s.request_timeout_ms, replica_max_concurrent_requests=s.max_concurrent_requests),
     }
@@ -79,6 +79,13 @@ def teardown(workspace: Any, s: DeploySettings, with_compute: bool, say: Callabl
     Webservice(workspace, s.endpoint).delete()
     deleted.append(f"service {s.endpoint}")
     if with_compute:
-        AksCompute(workspace, s.compute).delete()
-        deleted.append(f"compute {s.compute}")
+        target = AksCompute(workspace, s.compute)
+        if s.create_cluster:  # Azure ML created the cluster (ComputeTarget.create): deleting it removes the nodes
+            say(f"deleting compute {s.compute} and its AKS cluster")
+            target.delete()
+            deleted.append(f"compute {s.compute} (deleted, with its cluster)")
+        else:  # attached: delete() raises for attached clusters; detach() leaves the cluster to its owner
+            say(f"detaching compute {s.compute}")
+            target.detach()
+            deleted.append(f"compute {s.compute} (detached)")
     return deleted

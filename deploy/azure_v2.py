@@ -1,11 +1,12 @@
-"""`scorehost deploy aks` with Azure ML SDK v2 (azure-ai-ml): Kubernetes online endpoint on an AKS cluster.
+"""`scorehost deploy aks | managed | traffic | teardown` with Azure ML SDK v2 (azure-ai-ml).
 
-Steps, each reported, and recorded so that a failure says what exists and how to remove it:
-  [cluster: create AKS with a GPU pool + install the Azure ML extension, when asked (cluster.py)]
-  attach the AKS cluster as Kubernetes compute -> GPU instance type on the cluster -> register the model
-  -> endpoint (key auth) -> deployment (the identical score.py, its sha256 printed) -> 100% traffic
-  -> scoring URI and key -> parity replay.
-`build_entities` makes the real SDK objects offline; `deploy` submits them through an MLClient.
+One flow for both targets: a Kubernetes online endpoint on AKS (the cluster side is cluster.py's), or a managed
+online endpoint on a GPU instance type (nothing to create or tear down beside it). Steps, each reported:
+  [AKS: cluster, provider, extension, InstanceType, compute attach] -> register the model -> endpoint (read first:
+  an existing one keeps its traffic) -> deployment (the identical score.py, its sha256 printed) -> parity replay
+  against that deployment alone (header azureml-model-deployment) -> traffic moved -> scoring URI.
+Every read comes before its write, so a second run updates in place. A failure says what was created and how to
+delete it. `build_entities` makes the real SDK objects offline; `deploy` submits them through the clients.
 """
 
 from __future__ import annotations
@@ -15,10 +16,46 @@ import os
 import shutil
 import tempfile
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
+from deploy import cluster
 from deploy.plan import sha256
-from deploy.settings import DeploySettings, DeployError
+from deploy.settings import DeployError, DeploySettings
+
+Say = Callable[[str], None]
+ARM_SCOPE = "https://management.azure.com/.default"
+
+
+@dataclasses.dataclass
+class Clients:
+    """The service clients one run uses, all on one credential. Only AKS runs use the cluster-side three."""
+    ml: Any
+    clusters: Any = None
+    extensions: Any = None
+    resources: Any = None
+
+
+def connect(s: DeploySettings, credential: Any = None, **client_options: Any) -> Clients:
+    """Real clients on one credential, checked once up front: a failed sign-in stops here, before anything is
+    created, with Azure's own account of the credentials it tried."""
+    from azure.ai.ml import MLClient
+    from azure.core.exceptions import ClientAuthenticationError
+    from azure.mgmt.containerservice import ContainerServiceClient
+    from azure.mgmt.kubernetesconfiguration import SourceControlConfigurationClient
+    from azure.mgmt.resource.resources import ResourceManagementClient
+
+    if credential is None:
+        from azure.identity import DefaultAzureCredential
+
+        credential = DefaultAzureCredential()
+    try:
+        credential.get_token(ARM_SCOPE)
+    except ClientAuthenticationError as ex:
+        raise DeployError(f"scorehost deploy: {explain(ex)}\nNothing was created.") from ex
+    return Clients(MLClient(credential, s.subscription_id, s.resource_group, s.workspace, **client_options),
+                   ContainerServiceClient(credential, s.subscription_id, **client_options),
+                   SourceControlConfigurationClient(credential, s.subscription_id, **client_options),
+                   ResourceManagementClient(credential, s.subscription_id, **client_options))
 
 
 @dataclasses.dataclass
@@ -32,50 +69,70 @@ class Entities:
     script_sha256: str
 
 
-def instance_type_manifest(s: DeploySettings) -> dict:
-    """The Azure ML extension's InstanceType custom resource: what one replica gets (and the GPU it needs)."""
-    resources = {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": str(s.gpus)}
-    return {"apiVersion": "amlarc.azureml.com/v1alpha1", "kind": "InstanceType",
-            "metadata": {"name": s.instance_type},
-            "spec": {"resources": {"requests": dict(resources), "limits": dict(resources)}}}
-
-
-def build_entities(s: DeploySettings) -> Entities:
+def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = None) -> Entities:
     from azure.ai.ml.constants import AssetTypes
-    from azure.ai.ml.entities import (CodeConfiguration, Environment, KubernetesCompute,
-                                      KubernetesOnlineDeployment, KubernetesOnlineEndpoint, Model,
-                                      OnlineRequestSettings, ProbeSettings)
+    from azure.ai.ml.entities import (CodeConfiguration, DefaultScaleSettings, Environment, KubernetesCompute,
+                                      KubernetesOnlineDeployment, KubernetesOnlineEndpoint, ManagedOnlineDeployment,
+                                      ManagedOnlineEndpoint, Model, OnlineRequestSettings, ProbeSettings)
 
     # The code folder holds only the entry script, byte for byte: what runs in the cloud is what ran locally.
-    code_dir = tempfile.mkdtemp(prefix="scorehost-code-")
-    shutil.copy2(s.entry_script, os.path.join(code_dir, os.path.basename(s.entry_script)))
-    digest = sha256(os.path.join(code_dir, os.path.basename(s.entry_script)))
+    code_dir = code_dir or tempfile.mkdtemp(prefix="scorehost-code-")
+    os.makedirs(code_dir, exist_ok=True)
+    script = os.path.basename(s.entry_script)
+    shutil.copy2(s.entry_script, os.path.join(code_dir, script))
+    digest = sha256(os.path.join(code_dir, script))
     tags = {"scorehost": "1", "score_sha256": digest}
-    compute = KubernetesCompute(name=s.compute, resource_id=s.aks_resource_id, namespace="azureml")
     model = Model(name=s.model_name, path=s.model_dir, type=AssetTypes.CUSTOM_MODEL,
                   description="TensorFlow SavedModel served by score.py", tags=tags)
     environment = Environment(name=f"scorehost-{s.model_name}", image=s.base_image, conda_file=s.conda_file,
                               description="myenv.yml on Azure ML's CUDA base image")
-    endpoint = KubernetesOnlineEndpoint(name=s.endpoint, compute=s.compute, auth_mode="key", tags=tags,
-                                        description="scorehost: the same score.py as served locally")
-    deployment = KubernetesOnlineDeployment(
-        name=s.deployment, endpoint_name=s.endpoint, model=model, environment=environment,
-        code_configuration=CodeConfiguration(code=code_dir, scoring_script=os.path.basename(s.entry_script)),
-        instance_type=s.instance_type, instance_count=s.replicas, tags=tags,
+    common = dict(
+        name=s.deployment, endpoint_name=s.endpoint, model=model, environment=environment, tags=tags,
+        code_configuration=CodeConfiguration(code=code_dir, scoring_script=script),
+        instance_count=s.instance_count, scale_settings=DefaultScaleSettings(),
+        # Azure ML runs the script with its inference server: WORKER_COUNT workers take the requests in flight.
+        environment_variables={"WORKER_COUNT": str(s.max_concurrent_requests)},
         request_settings=OnlineRequestSettings(request_timeout_ms=s.request_timeout_ms,
                                                max_concurrent_requests_per_instance=s.max_concurrent_requests),
         liveness_probe=ProbeSettings(initial_delay=s.liveness_initial_delay_s, period=10, timeout=2,
                                      failure_threshold=30),
         readiness_probe=ProbeSettings(initial_delay=s.readiness_initial_delay_s, period=10, timeout=2,
                                       failure_threshold=3))
+    description = "scorehost: the same score.py as served locally"
+    if managed:
+        compute = None
+        endpoint = ManagedOnlineEndpoint(name=s.endpoint, auth_mode="key", tags=tags, description=description)
+        deployment = ManagedOnlineDeployment(instance_type=s.vm_size, **common)
+    else:
+        compute = KubernetesCompute(name=s.compute, resource_id=s.aks_resource_id, namespace="azureml")
+        endpoint = KubernetesOnlineEndpoint(name=s.endpoint, compute=s.compute, auth_mode="key", tags=tags,
+                                            description=description)
+        deployment = KubernetesOnlineDeployment(instance_type=s.instance_type, **common)
     return Entities(compute, model, environment, endpoint, deployment, code_dir, digest)
 
 
-def ml_client(s: DeploySettings) -> Any:
-    from azure.ai.ml import MLClient
-    from azure.identity import DefaultAzureCredential
+def export(s: DeploySettings, out_dir: str) -> list[str]:
+    """The endpoint and deployment as `az ml` YAML (`az ml online-endpoint create -f endpoint.yml`, then
+    `az ml online-deployment create -f deployment.yml`): what the SDK would send, to review or apply by hand."""
+    from deploy.files import write_yaml
 
-    return MLClient(DefaultAzureCredential(), s.subscription_id, s.resource_group, s.workspace)
+    entities = build_entities(s, managed=s.target == "managed", code_dir=os.path.join(out_dir, "code"))
+    paths = []
+    for name, entity in (("endpoint.yml", entities.endpoint), ("deployment.yml", entities.deployment)):
+        data = _plain(entity._to_dict())
+        if name == "deployment.yml":
+            data["code_configuration"]["code"] = "./code"
+        paths.append(write_yaml(os.path.join(out_dir, name), data))
+    if s.target != "managed":
+        paths.append(write_yaml(os.path.join(out_dir, "instance-type.yaml"), cluster.instance_type_manifest(s)))
+    return paths
+
+
+def _plain(data: Any) -> Any:
+    """The SDK's OrderedDicts as plain YAML-able data."""
+    import json
+
+    return json.loads(json.dumps(data))
 
 
 def explain(error: BaseException) -> str:
@@ -94,7 +151,7 @@ def explain(error: BaseException) -> str:
     return text
 
 
-def _wait(poller: Any, what: str, say: Callable[[str], None], timeout_s: float, poll_s: float = 10) -> Any:
+def _wait(poller: Any, what: str, say: Say, timeout_s: float, poll_s: float = 10) -> Any:
     started = time.monotonic()
     while not poller.done():
         if time.monotonic() - started > timeout_s:
@@ -104,12 +161,55 @@ def _wait(poller: Any, what: str, say: Callable[[str], None], timeout_s: float, 
     return poller.result()
 
 
-def deploy(client: Any, s: DeploySettings, say: Callable[[str], None] = print,
-           instance_type_creator: Callable[[DeploySettings], None] = lambda s: None,
-           timeout_s: float = 3600) -> dict:
-    """Submit every resource in order; returns {"scoring_uri", "key", "script_sha256", "created"}."""
-    entities = build_entities(s)
-    say(f"score.py sha256 {entities.script_sha256} (the identical file goes to the cloud)")
+def _get(operation: Callable[[], Any]) -> Any:
+    """The resource, or None where Azure says it does not exist."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        return operation()
+    except ResourceNotFoundError:
+        return None
+
+
+def shares(current: dict[str, int], requested: dict[str, int]) -> dict[str, int]:
+    """The endpoint's traffic after `requested` (deployment -> percent): the deployments not named keep their
+    proportions of what is left. Azure wants the shares to add up to 100."""
+    bad = {k: v for k, v in requested.items() if not 0 <= v <= 100}
+    if bad:
+        raise DeployError(f"traffic must be 0-100 percent: {bad}")
+    rest = {k: v for k, v in current.items() if k not in requested}
+    left, total = 100 - sum(requested.values()), sum(rest.values())
+    if left < 0:
+        raise DeployError(f"traffic adds up to {100 - left}%, over 100%: {requested}")
+    if total == 0:
+        if left:
+            raise DeployError(f"traffic {requested} leaves {left}% to no deployment: no other deployment of the "
+                              f"endpoint takes traffic now ({current or 'it has none'})")
+        return {**dict.fromkeys(rest, 0), **requested}
+    exact = {k: v * left / total for k, v in rest.items()}
+    scaled = {k: int(v) for k, v in exact.items()}
+    for k in sorted(exact, key=lambda k: exact[k] - scaled[k], reverse=True)[:left - sum(scaled.values())]:
+        scaled[k] += 1  # largest remainders first, so the shares add up exactly
+    return {**scaled, **requested}
+
+
+def planned_traffic(current: dict[str, int], s: DeploySettings) -> dict[str, int]:
+    """What the endpoint's traffic becomes after deploying s.deployment (see the --traffic setting)."""
+    if s.traffic is not None:
+        return shares(current, {s.deployment: s.traffic})
+    if s.deployment in current:
+        return dict(current)
+    return shares(current, {s.deployment: 0 if any(current.values()) else 100})
+
+
+def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
+           check: Optional[Callable[[str, str, str], bool]] = None, timeout_s: float = 3600,
+           poll_s: float = 10) -> dict:
+    """Create or update every resource in order; `check(scoring_uri, key, deployment)` runs against the new
+    deployment alone before it takes traffic. Returns {"scoring_uri", "key", "traffic", "created"}."""
+    ml = clients.ml
+    entities = build_entities(s, managed)
+    say(f"{os.path.basename(s.entry_script)} sha256 {entities.script_sha256} (the identical file goes to the cloud)")
     created: list[str] = []
     step = "start"
 
@@ -119,57 +219,130 @@ def deploy(client: Any, s: DeploySettings, say: Callable[[str], None] = print,
         say(name)
         result = action()
         if hasattr(result, "done") and hasattr(result, "result"):  # a long-running operation: wait, with progress
-            result = _wait(result, name, say, timeout_s)
+            result = _wait(result, name, say, timeout_s, poll_s)
         if record:
             created.append(record)
         return result
 
     try:
-        do(f"attach AKS cluster {s.aks_cluster} as compute {s.compute}",
-           lambda: client.compute.begin_create_or_update(entities.compute), f"compute {s.compute} (attached)")
-        do(f"instance type {s.instance_type}", lambda: instance_type_creator(s))
-        model = do(f"register model {s.model_name}", lambda: client.models.create_or_update(entities.model))
+        if not managed:
+            step = f"cluster {s.aks_cluster}"
+            cluster.prepare(clients, s, say, created.append, poll_s=poll_s)
+            compute = _get(lambda: ml.compute.get(s.compute))
+            if compute is None:
+                do(f"attach AKS cluster {s.aks_cluster} as compute {s.compute}",
+                   lambda: ml.compute.begin_create_or_update(entities.compute), f"compute {s.compute} (attached)")
+            elif (getattr(compute, "resource_id", "") or "").lower() != s.aks_resource_id.lower():
+                raise DeployError(f"compute {s.compute} exists but is {compute.resource_id}, not {s.aks_resource_id}:"
+                                  " pass --compute with another name")
+            else:
+                say(f"compute {s.compute} is attached already")
+        endpoint = _get(lambda: ml.online_endpoints.get(s.endpoint))
+        current = dict(endpoint.traffic or {}) if endpoint is not None else {}
+        traffic = planned_traffic(current, s)  # checked before anything is written
+        model = do(f"register model {s.model_name}", lambda: ml.models.create_or_update(entities.model))
         created.append(f"model {s.model_name}:{getattr(model, 'version', '?')}")
         entities.deployment.model = model
-        do(f"endpoint {s.endpoint}", lambda: client.online_endpoints.begin_create_or_update(entities.endpoint),
-           f"endpoint {s.endpoint}")
-        do(f"deployment {s.endpoint}/{s.deployment} ({s.replicas} x {s.instance_type})",
-           lambda: client.online_deployments.begin_create_or_update(entities.deployment),
+        if endpoint is None:
+            endpoint = do(f"endpoint {s.endpoint}", lambda: ml.online_endpoints.begin_create_or_update(
+                entities.endpoint), f"endpoint {s.endpoint}")
+        else:
+            say(f"endpoint {s.endpoint} exists (traffic {current or 'none'}): kept as it is")
+        do(f"deployment {s.endpoint}/{s.deployment} ({s.instance_count} x "
+           f"{s.vm_size if managed else s.instance_type})",
+           lambda: ml.online_deployments.begin_create_or_update(entities.deployment),
            f"deployment {s.endpoint}/{s.deployment}")
-        entities.endpoint.traffic = {s.deployment: 100}
-        do("route 100% of traffic to the deployment",
-           lambda: client.online_endpoints.begin_create_or_update(entities.endpoint))
-        endpoint = client.online_endpoints.get(s.endpoint)
-        keys = client.online_endpoints.get_keys(s.endpoint)
+        step = "keys"
+        endpoint = ml.online_endpoints.get(s.endpoint)
+        key = ml.online_endpoints.get_keys(s.endpoint).primary_key
+        if check is not None:
+            step = "parity"
+            say(f"\nParity replay against deployment {s.deployment} alone, before it takes traffic")
+            if not check(endpoint.scoring_uri, key, s.deployment):
+                raise DeployError(
+                    f"scorehost deploy: deployment {s.deployment} answers differently from the local server (above);"
+                    f" it takes no new traffic, the endpoint's stays {current or 'none'}.\nDelete it with: "
+                    f"scorehost deploy teardown --endpoint {s.endpoint} --only-deployment {s.deployment}")
+        if traffic != current:
+            endpoint.traffic = traffic
+            do(f"traffic {traffic}", lambda: ml.online_endpoints.begin_create_or_update(endpoint))
+    except DeployError:
+        raise
     except BaseException as ex:  # noqa: B036 - Ctrl-C too must say what is left billing
-        hint = (f"\nCreated so far: {', '.join(created) or 'nothing'}."
-                f"\nRemove it with: scorehost deploy teardown --endpoint {s.endpoint} --yes")
+        message = explain(ex) if isinstance(ex, Exception) else "interrupted"
+        hint = f"\nCreated so far: {', '.join(created) or 'nothing'}."
+        if created:
+            hint += f"\nRemove it with: scorehost deploy teardown --endpoint {s.endpoint} --yes" + (
+                " --cluster --delete-cluster" if any(c.startswith("AKS cluster") for c in created) else "")
         if "deployment" in step:
             hint += (f"\nThe deployment did not become healthy; its logs: az ml online-deployment get-logs "
                      f"-e {s.endpoint} -n {s.deployment} -g {s.resource_group} -w {s.workspace}")
-        message = explain(ex) if isinstance(ex, Exception) else "interrupted"
-        raise DeployError(f"scorehost deploy aks: failed at '{step}': {message}{hint}") from ex
+        raise DeployError(f"scorehost deploy: failed at '{step}': {message}{hint}") from ex
     finally:
         shutil.rmtree(entities.code_dir, ignore_errors=True)
-    say(f"scoring URI: {endpoint.scoring_uri}")
+    say(f"scoring URI: {endpoint.scoring_uri}  traffic: {traffic}")
     say(f"key: az ml online-endpoint get-credentials -n {s.endpoint} -g {s.resource_group} -w {s.workspace}")
-    return {"scoring_uri": endpoint.scoring_uri, "key": keys.primary_key, "script_sha256": entities.script_sha256,
-            "created": created}
+    return {"scoring_uri": endpoint.scoring_uri, "key": key, "traffic": traffic, "created": created,
+            "script_sha256": entities.script_sha256}
 
 
-def teardown(client: Any, s: DeploySettings, with_compute: bool, say: Callable[[str], None] = print) -> list[str]:
-    """Delete the endpoint (and its deployments); with `with_compute`, detach the compute too."""
-    from azure.core.exceptions import ResourceNotFoundError
+def set_traffic(ml: Any, s: DeploySettings, requested: dict[str, int], say: Say = print) -> dict[str, int]:
+    """`deploy traffic green=10`: shift (or roll back) the endpoint's traffic among its deployments."""
+    endpoint = ml.online_endpoints.get(s.endpoint)
+    deployments = {d.name for d in ml.online_deployments.list(endpoint_name=s.endpoint)}
+    unknown = set(requested) - deployments
+    if unknown:
+        raise DeployError(f"endpoint {s.endpoint} has no deployment {', '.join(sorted(unknown))} "
+                          f"(it has {', '.join(sorted(deployments)) or 'none'})")
+    current = {name: (endpoint.traffic or {}).get(name, 0) for name in deployments}
+    traffic = shares(current, requested)
+    say(f"traffic of {s.endpoint}: {current} -> {traffic}")
+    endpoint.traffic = traffic
+    _wait(ml.online_endpoints.begin_create_or_update(endpoint), "traffic", say, 1800)
+    return traffic
 
-    deleted = []
-    try:
-        say(f"deleting endpoint {s.endpoint} (and its deployments)")
-        client.online_endpoints.begin_delete(name=s.endpoint).result()
-        deleted.append(f"endpoint {s.endpoint}")
-    except ResourceNotFoundError:
+
+def teardown(clients: Clients, s: DeploySettings, detach: bool, only_deployment: str = "",
+             delete_cluster: Callable[[], bool] = lambda: False, say: Say = print) -> list[str]:
+    """Delete the endpoint (or one deployment of it); with `detach`, detach the compute; then say exactly what still
+    bills, and delete the cluster where scorehost created it and `delete_cluster()` says yes."""
+    ml = clients.ml
+    deleted: list[str] = []
+    endpoint = _get(lambda: ml.online_endpoints.get(s.endpoint))
+    if only_deployment:
+        if endpoint is None:
+            raise DeployError(f"endpoint {s.endpoint} does not exist")
+        if (endpoint.traffic or {}).get(only_deployment):
+            raise DeployError(f"deployment {only_deployment} takes {endpoint.traffic[only_deployment]}% of the "
+                              f"traffic: move it first (scorehost deploy traffic {only_deployment}=0)")
+        say(f"deleting deployment {s.endpoint}/{only_deployment}")
+        ml.online_deployments.begin_delete(name=only_deployment, endpoint_name=s.endpoint).result()
+        return [f"deployment {s.endpoint}/{only_deployment}"]
+    managed = endpoint is not None and getattr(endpoint, "compute", None) is None
+    if endpoint is None:
         say(f"endpoint {s.endpoint} does not exist")
-    if with_compute:
-        say(f"detaching compute {s.compute}")
-        client.compute.begin_delete(name=s.compute, action="Detach").result()
-        deleted.append(f"compute {s.compute} (detached)")
+    else:
+        say(f"deleting endpoint {s.endpoint} and its deployments")
+        ml.online_endpoints.begin_delete(name=s.endpoint).result()
+        deleted.append(f"endpoint {s.endpoint}")
+    billing: list[str] = []
+    if not managed:
+        if detach and _get(lambda: ml.compute.get(s.compute)) is not None:
+            say(f"detaching compute {s.compute}")
+            ml.compute.begin_delete(name=s.compute, action="Detach").result()
+            deleted.append(f"compute {s.compute} (detached)")
+        billing, ours = cluster.still_billing(clients.clusters, s)
+        if billing and ours and delete_cluster():
+            cluster.delete_cluster(clients.clusters, s, say)
+            deleted.append(f"AKS cluster {s.aks_cluster}")
+            billing = []
+        elif billing and ours:
+            billing.append(f"  scorehost created this cluster: `scorehost deploy teardown --delete-cluster` deletes "
+                           f"it (or az aks delete -g {s.resource_group} -n {s.aks_cluster})")
+        elif billing:
+            billing.append(f"  scorehost did not create this cluster, so it leaves it to you: az aks delete -g "
+                           f"{s.resource_group} -n {s.aks_cluster}")
+    billing.append(f"Registered in workspace {s.workspace}: model {s.model_name} and environment "
+                   f"scorehost-{s.model_name} (storage, cents a month): az ml model archive -n {s.model_name}")
+    say("Still billing:\n" + "\n".join(billing))
     return deleted

@@ -1,32 +1,46 @@
-"""`scorehost deploy plan | aks | teardown | k8s` and `scorehost parity`: argument parsing and the order of steps.
+"""`scorehost deploy plan | aks | managed | traffic | teardown | k8s` and `scorehost parity`: argument parsing and
+the order of steps.
 
-Every DeploySettings field is a flag (`--vm-size`, `--replicas`...), on top of an optional YAML file (--config).
+Each DeploySettings field is a flag (`--vm-size`, `--instance-count`...) of the commands it applies to, on top of an
+optional YAML file (--config). A command whose packages are not installed says so in one line.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
-from typing import Any
+import re
+from typing import Any, Optional
 
-from deploy.settings import DeployError, DeploySettings, WorkspaceNotFound
+from deploy.settings import (AKS, K8S, MANAGED, PLAN, TEARDOWN, TRAFFIC, DeployError, DeploySettings,
+                             WorkspaceNotFound, fields_for)
+from scorehost.extras import install_line, missing
+
+AZURE_V2 = ("azure.ai.ml", "azure.identity", "azure.mgmt.containerservice", "azure.mgmt.kubernetesconfiguration",
+            "azure.mgmt.resource.resources", "kubernetes", "yaml")
 
 
-def add_settings_flags(parser: argparse.ArgumentParser) -> None:
+def require(command: str, modules: tuple[str, ...], extra: str = "deploy") -> None:
+    absent = missing(modules)
+    if absent:
+        raise DeployError(install_line(command, absent, extra))
+
+
+def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", help="YAML file of deployment settings (flags override it)")
-    for field in dataclasses.fields(DeploySettings):
+    for field in fields_for(command):
         flag = "--" + field.name.replace("_", "-")
+        doc = field.metadata["doc"] + (f" (default: {field.default})" if field.default not in ("", None, False) else "")
         if field.type in ("bool", bool):
-            parser.add_argument(flag, dest=field.name, action="store_true", default=None)
+            parser.add_argument(flag, dest=field.name, action="store_true", default=None, help=doc)
         else:
-            kind = int if field.type in ("int", int) else str
-            parser.add_argument(flag, dest=field.name, type=kind, default=None,
-                                help=f"default: {field.default}" if field.default != "" else None)
+            kind = int if "int" in str(field.type) else str
+            parser.add_argument(flag, dest=field.name, type=kind, default=None, help=doc.replace("%", "%%"))
 
 
-def settings_from(args: argparse.Namespace) -> DeploySettings:
+def settings_from(args: argparse.Namespace, **fixed: Any) -> DeploySettings:
     names = {f.name for f in dataclasses.fields(DeploySettings)}
-    return DeploySettings.load(args.config, **{k: v for k, v in vars(args).items() if k in names})
+    return DeploySettings.load(args.config, **{k: v for k, v in vars(args).items() if k in names}, **fixed)
 
 
 def _demo_model(s: DeploySettings) -> DeploySettings:
@@ -35,23 +49,6 @@ def _demo_model(s: DeploySettings) -> DeploySettings:
     from scorehost.models import demo_model_dir
 
     return dataclasses.replace(s, model_dir=demo_model_dir())
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    from deploy import plan
-
-    s = _demo_model(settings_from(args))
-    try:
-        s = s.with_workspace()
-    except WorkspaceNotFound:
-        pass  # a plan needs no workspace: names are shown as placeholders
-    found = plan.problems(s, load_check=not args.no_load_check)
-    plan.print_plan(s)
-    if found:
-        print("\nProblems:\n" + "\n".join(f"  - {p}" for p in found))
-        return 1
-    print("\nAll local checks passed (the script loads with the model, myenv.yml parses, names are legal).")
-    return 0
 
 
 def _confirm(question: str, yes: bool) -> bool:
@@ -63,84 +60,132 @@ def _confirm(question: str, yes: bool) -> bool:
         return False
 
 
-def cmd_aks(args: argparse.Namespace, client: Any = None, cluster_clients: Any = None) -> int:
-    from deploy import parity, plan
+def cmd_plan(args: argparse.Namespace) -> int:
+    require("deploy plan", ("yaml", "azure.ai.ml") if args.out else ("yaml",))
+    from deploy import plan
 
     s = _demo_model(settings_from(args))
+    try:
+        s = s.with_workspace()
+    except WorkspaceNotFound:
+        pass  # a plan needs no workspace: it says none is known yet
+    found = plan.problems(s, load_check=not args.no_load_check)
+    plan.print_plan(s)
+    if found:
+        print("\nProblems:\n" + "\n".join(f"  - {p}" for p in found))
+        return 1
+    print("\nAll local checks passed (the script loads with the model, myenv.yml parses, names are legal).")
+    if args.out:
+        from deploy import azure_v2
+
+        paths = azure_v2.export(s, args.out)
+        print("\nWritten (what the SDK sends, as az ml YAML):\n" + "\n".join(f"  {p}" for p in paths) +
+              f"\nApply by hand: az ml online-endpoint create -f {paths[0]}; "
+              f"az ml online-deployment create -f {paths[1]}")
+    return 0
+
+
+def _deploy(args: argparse.Namespace, target: str, clients: Any = None) -> int:
+    """`deploy aks` and `deploy managed`: the same steps, with or without the cluster side."""
+    from deploy import plan
+
+    s = settings_from(args, target=target)
+    require(f"deploy {target}", ("azureml.core",) if s.sdk == "v1" else AZURE_V2,
+            "deploy-v1" if s.sdk == "v1" else "deploy")
+    s = _demo_model(s)
     found = plan.problems(s)
     if found:
-        raise DeployError("scorehost deploy aks: fix these first (see `scorehost deploy plan`):\n" +
+        raise DeployError(f"scorehost deploy {target}: fix these first (see `scorehost deploy plan`):\n" +
                           "\n".join(f"  - {p}" for p in found))
     s = s.with_workspace()
     plan.print_plan(s)
-    if not _confirm("Create these resources (they bill while they exist)?", args.yes):
+    if not _confirm("Create or update these resources (they bill while they exist)?", args.yes):
         print("nothing created")
         return 1
     if s.sdk == "v1":
         from azureml.core import Workspace
 
-        from deploy import azure_v1
+        from deploy import azure_v1, parity
 
-        workspace = client or Workspace(s.subscription_id, s.resource_group, s.workspace)
-        result = azure_v1.deploy(workspace, s)
-    else:
-        from deploy import azure_v2, cluster
+        result = azure_v1.deploy(clients or Workspace(s.subscription_id, s.resource_group, s.workspace), s)
+        return 0 if args.skip_parity else parity.run(result["scoring_uri"], result["key"], model_dir=s.model_dir)
+    from deploy import azure_v2, parity
 
-        if client is None:
-            from azure.identity import DefaultAzureCredential
+    def check(scoring_uri: str, key: str, deployment: str) -> bool:
+        return parity.run(scoring_uri, key, model_dir=s.model_dir, deployment=deployment) == 0
 
-            credential = DefaultAzureCredential()
-            client = azure_v2.ml_client(s)
-            cluster_clients = cluster.clients(s, credential)
-        aks_client, extensions_client = cluster_clients
-        if s.create_cluster:
-            try:
-                cluster.create_cluster(aks_client, extensions_client, s, print)
-            except Exception as ex:
-                raise DeployError(f"scorehost deploy aks: creating the cluster failed: {azure_v2.explain(ex)}\n"
-                                  f"What exists of it is in resource group {s.resource_group}: delete it with "
-                                  f"`az aks delete -g {s.resource_group} -n {s.aks_cluster}`") from ex
-        result = azure_v2.deploy(client, s, print, lambda s: cluster.create_instance_type(aks_client, s))
-    if args.skip_parity:
-        return 0
-    print("\nParity replay: the cloud endpoint against the local server")
-    return parity.run(result["scoring_uri"], result["key"], model_dir=s.model_dir)
+    azure_v2.deploy(clients or azure_v2.connect(s), s, managed=target == MANAGED, check=None if args.skip_parity
+                    else check)
+    return 0
 
 
-def cmd_teardown(args: argparse.Namespace, client: Any = None) -> int:
+def cmd_aks(args: argparse.Namespace, clients: Any = None) -> int:
+    return _deploy(args, AKS, clients)
+
+
+def cmd_managed(args: argparse.Namespace, clients: Any = None) -> int:
+    return _deploy(args, MANAGED, clients)
+
+
+def cmd_traffic(args: argparse.Namespace, clients: Any = None) -> int:
+    require("deploy traffic", AZURE_V2)
+    from deploy import azure_v2
+
+    requested = {}
+    for item in args.shares:
+        match = re.fullmatch(r"([a-z0-9][a-z0-9-]*)=(\d{1,3})", item)
+        if not match:
+            raise DeployError(f"scorehost deploy traffic: {item!r} is not DEPLOYMENT=PERCENT (e.g. green=10)")
+        requested[match[1]] = int(match[2])
     s = settings_from(args).with_workspace()
-    what = f"endpoint {s.endpoint}" + (f" and compute {s.compute}" if args.cluster else "")
+    azure_v2.set_traffic((clients or azure_v2.connect(s)).ml, s, requested)
+    return 0
+
+
+def cmd_teardown(args: argparse.Namespace, clients: Any = None) -> int:
+    s = settings_from(args)
+    require("deploy teardown", ("azureml.core",) if s.sdk == "v1" else AZURE_V2,
+            "deploy-v1" if s.sdk == "v1" else "deploy")
+    s = s.with_workspace()
+    what = (f"deployment {s.endpoint}/{args.only_deployment}" if args.only_deployment else
+            f"endpoint {s.endpoint} with its deployments" + (f" and compute {s.compute}" if args.cluster else ""))
     if not _confirm(f"Delete {what}?", args.yes):
         print("nothing deleted")
         return 1
     if s.sdk == "v1":
         from deploy import azure_v1
 
-        if client is None:
+        if clients is None:
             from azureml.core import Workspace
 
-            client = Workspace(s.subscription_id, s.resource_group, s.workspace)
-        deleted = azure_v1.teardown(client, s, args.cluster)
+            clients = Workspace(s.subscription_id, s.resource_group, s.workspace)
+        deleted = azure_v1.teardown(clients, s, args.cluster)
     else:
         from deploy import azure_v2
 
-        deleted = azure_v2.teardown(client or azure_v2.ml_client(s), s, args.cluster)
+        def delete_cluster() -> bool:
+            return args.delete_cluster or _confirm(
+                f"AKS cluster {s.aks_cluster} was created by scorehost: delete it, with all its nodes and disks?",
+                False)
+
+        deleted = azure_v2.teardown(clients or azure_v2.connect(s), s, args.cluster, args.only_deployment,
+                                    delete_cluster)
     print("deleted: " + (", ".join(deleted) or "nothing"))
-    if args.cluster:
-        print(f"The AKS cluster {s.aks_cluster} itself still exists and bills for its nodes: "
-              f"az aks delete -g {s.resource_group} -n {s.aks_cluster}")
-    else:
-        print(f"Still billing: the AKS cluster {s.aks_cluster} and its GPU nodes (add --cluster to detach the compute,"
-              f" then `az aks delete -g {s.resource_group} -n {s.aks_cluster}`).")
     return 0
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
+    require("deploy k8s", ("yaml",))
     from deploy import k8s
 
-    paths = k8s.write(settings_from(args), args.out, args.image)
+    s = settings_from(args)
+    paths = k8s.write(s, args.out, args.image)
     print("\n".join(paths))
-    print(f"kubectl apply -f {args.out}   (the API key is in {args.out}/secret.yaml)")
+    if not k8s.looks_pullable(args.image):
+        print(f"note: {args.image} names no registry; the cluster pulls images from one: push it to a registry the "
+              "cluster can reach (e.g. myregistry.azurecr.io/scorehost-model:1) and pass that as --image")
+    print(f"1. build and push the model image: see {paths[0]}\n"
+          f"2. kubectl apply -f {args.out}   (the API key is in {args.out}/secret.yaml, readable by you alone)")
     return 0
 
 
@@ -148,35 +193,51 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from deploy import parity
 
     return parity.run(args.url, args.key or "", local=args.local, model_dir=args.model_dir,
-                      tolerance=args.tolerance)
+                      tolerance=args.tolerance, deployment=args.deployment or "")
 
 
 def register(sub: Any) -> None:
-    deploy = sub.add_parser("deploy", help="promote to GPU AKS (Azure ML), or write plain Kubernetes manifests")
+    deploy = sub.add_parser("deploy", help="promote to GPU AKS or a managed endpoint (Azure ML), or write plain "
+                                           "Kubernetes manifests")
     steps = deploy.add_subparsers(dest="step", required=True)
-    p = steps.add_parser("plan", help="validate locally and print every resource `deploy aks` would create")
-    add_settings_flags(p)
+
+    def step(name: str, help: str, func: Any, settings_of: Optional[str] = None) -> argparse.ArgumentParser:
+        p = steps.add_parser(name, help=help, description=help)
+        add_settings_flags(p, settings_of or name)
+        p.set_defaults(func=func)
+        return p
+
+    p = step(PLAN, "validate locally and print every resource `deploy aks` (or --target managed) would create",
+             cmd_plan)
     p.add_argument("--no-load-check", action="store_true", help="skip loading the script with the model")
-    p.set_defaults(func=cmd_plan)
-    p = steps.add_parser("aks", help="deploy to an AKS cluster through Azure ML, then replay the parity corpus")
-    add_settings_flags(p)
-    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
-    p.add_argument("--skip-parity", action="store_true")
-    p.set_defaults(func=cmd_aks)
-    p = steps.add_parser("teardown", help="delete the endpoint (and with --cluster, the compute)")
-    add_settings_flags(p)
-    p.add_argument("--cluster", action="store_true", help="also detach/delete the compute")
+    p.add_argument("--out", help="also write the endpoint and deployment as az ml YAML into this folder")
+    for name, help, func in ((AKS, "deploy to an AKS cluster through Azure ML, checked by the parity replay",
+                              cmd_aks),
+                             (MANAGED, "deploy to a managed online endpoint on a GPU instance type (no cluster)",
+                              cmd_managed)):
+        p = step(name, help, func)
+        p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
+        p.add_argument("--skip-parity", action="store_true", help="move traffic without the parity replay")
+    p = step(TRAFFIC, "shift or roll back the endpoint's traffic, e.g. `green=10` (the others keep their "
+                      "proportions of the rest) or `blue=100 green=0`", cmd_traffic)
+    p.add_argument("shares", nargs="+", metavar="DEPLOYMENT=PERCENT")
+    p = step(TEARDOWN, "delete the endpoint (and with --cluster, detach the compute); say what still bills",
+             cmd_teardown)
+    p.add_argument("--cluster", action="store_true", help="also detach the compute (SDK v1: detach, or delete a "
+                                                          "cluster it created)")
+    p.add_argument("--only-deployment", metavar="NAME", help="delete only this deployment (it must take no traffic)")
+    p.add_argument("--delete-cluster", action="store_true",
+                   help="also delete the AKS cluster, when scorehost created it (asked otherwise)")
     p.add_argument("--yes", action="store_true")
-    p.set_defaults(func=cmd_teardown)
-    p = steps.add_parser("k8s", help="write plain Kubernetes manifests for the Dockerfile.gpu image")
-    add_settings_flags(p)
-    p.add_argument("--out", required=True)
-    p.add_argument("--image", default="scorehost:gpu")
-    p.set_defaults(func=cmd_k8s)
+    p = step(K8S, "write plain Kubernetes manifests and a Dockerfile that bakes the model into the image", cmd_k8s)
+    p.add_argument("--out", required=True, help="folder to write the manifests into")
+    p.add_argument("--image", required=True,
+                   help="the model image in a registry the cluster pulls from, e.g. myregistry.azurecr.io/model:1")
 
     p = sub.add_parser("parity", help="replay the request corpus against an endpoint and a local server; diff")
     p.add_argument("url", help="the endpoint's base URL or scoring URI")
     p.add_argument("--key", help="its bearer key")
+    p.add_argument("--deployment", help="send every request to this deployment (azureml-model-deployment header)")
     p.add_argument("--local", help="a running local server to compare with (default: start one on the demo model)")
     p.add_argument("--model-dir", help="model for the local server it starts")
     p.add_argument("--tolerance", type=float, default=1e-3, help="absolute tolerance for probabilities")

@@ -1,5 +1,7 @@
-"""`scorehost parity URL [--key K]`: replay one request corpus against a deployed endpoint and a local server, and
-print a per-request diff. Exit status 0 only when every answer matches.
+"""`scorehost parity URL [--key K] [--deployment NAME]`: replay one request corpus against a deployed endpoint and
+a local server, and print a per-request diff. Exit status 0 only when every answer matches. With --deployment, every
+request carries Azure ML's `azureml-model-deployment` header, so it reaches that deployment even with no traffic:
+`deploy aks` checks a new deployment this way before moving traffic to it.
 
 The corpus is scorehost/corpus.py's labelled requests: JPEGs of several sizes, a PNG, a JSON batch, and each bad
 input score.py refuses, with the status it must get. Compared: the status (with each other, and with the expected
@@ -14,15 +16,19 @@ import urllib.error
 import urllib.request
 from typing import Any, Optional
 
+from deploy.settings import DeployError
 from scorehost.corpus import Probe, labelled
 
 TOLERANCE = 1e-3
+DEPLOYMENT_HEADER = "azureml-model-deployment"
 
 
-def send(url: str, probe: Probe, key: str = "", timeout: float = 120) -> tuple[int, Any]:
+def send(url: str, probe: Probe, key: str = "", timeout: float = 120, deployment: str = "") -> tuple[int, Any]:
     headers = {"Content-Type": probe.content_type} if probe.content_type else {}
     if key:
         headers["Authorization"] = f"Bearer {key}"
+    if deployment:
+        headers[DEPLOYMENT_HEADER] = deployment
     request = urllib.request.Request(url, probe.body if probe.method == "POST" else None, headers,
                                      method=probe.method)
     try:
@@ -30,6 +36,8 @@ def send(url: str, probe: Probe, key: str = "", timeout: float = 120) -> tuple[i
             status, raw = r.status, r.read()
     except urllib.error.HTTPError as e:
         status, raw = e.code, e.read()
+    except (urllib.error.URLError, OSError) as e:  # refused, unknown host, TLS, timeout: nothing to compare
+        raise DeployError(f"scorehost parity: cannot reach {url}: {getattr(e, 'reason', e)}") from e
     try:
         return status, json.loads(raw)
     except ValueError:
@@ -50,11 +58,15 @@ def diff(a: Any, b: Any, path: str = "", tolerance: float = TOLERANCE) -> list[s
 
 
 def compare(remote: str, local: str, key: str = "", local_key: str = "", tolerance: float = TOLERANCE,
-            say=print) -> bool:
-    """Replay the corpus against both; True when every answer matches."""
+            say=print, deployment: str = "") -> bool:
+    """Replay the corpus against both; True when every answer matches. A refused key stops at the first answer."""
     all_match = True
     for probe in labelled():
-        r_status, r_body = send(remote, probe, key)
+        r_status, r_body = send(remote, probe, key, deployment=deployment)
+        if r_status in (401, 403):
+            raise DeployError(f"scorehost parity: {remote} answered {r_status}: "
+                              + ("the key was refused (is it this endpoint's? az ml online-endpoint get-credentials)"
+                                 if key else "it needs a key: pass --key K (az ml online-endpoint get-credentials)"))
         l_status, l_body = send(local, probe, local_key)
         problems = ([f"status {r_status} != {l_status}"] if r_status != l_status else []) + \
             ([f"status {r_status}, expected {probe.status}"] if r_status == l_status != probe.status else []) + \
@@ -73,12 +85,13 @@ def score_url(url: str) -> str:
 
 
 def run(url: str, key: str = "", local: Optional[str] = None, model_dir: Optional[str] = None,
-        tolerance: float = TOLERANCE) -> int:
+        tolerance: float = TOLERANCE, deployment: str = "") -> int:
     """Compare `url` with `local` (a running server), or with a local scorehost started here on the demo model."""
     if local:
-        return 0 if compare(score_url(url), score_url(local), key, tolerance=tolerance) else 1
+        return 0 if compare(score_url(url), score_url(local), key, tolerance=tolerance, deployment=deployment) else 1
     from scorehost import REFERENCE_SCRIPT, processes
     from scorehost.models import demo_model_dir
 
     with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir(), timeout=300) as server:
-        return 0 if compare(score_url(url), server.url + "/score", key, tolerance=tolerance) else 1
+        return 0 if compare(score_url(url), server.url + "/score", key, tolerance=tolerance,
+                            deployment=deployment) else 1

@@ -12,10 +12,13 @@ from typing import Optional
 
 from deploy.settings import DeploySettings
 
-# GPU VM families for AKS node pools (N-series); the retired NC (K80) and NCv2 sizes are refused.
-GPU_SIZE = re.compile(r"^Standard_N(C\d+as_T4_v3|C\d+ads_A10_v4|C\d+s_v3|C\d+ads_H100_v5|C\d+ads_A100_v4|"
+SYSTEM_POOL_SIZE = "Standard_D4s_v5"  # the system pool of a cluster scorehost creates
+
+# GPU VM families for AKS node pools and managed instances (N-series) that Azure still offers.
+GPU_SIZE = re.compile(r"^Standard_N(C\d+as_T4_v3|C\d+ads_A10_v4|C\d+ads_H100_v5|C\d+ads_A100_v4|"
                       r"D\d+s_v2|D\d+s_v3|D\d+asr_v4|D\d+amsr_A100_v4|D\d+isr_H100_v5|V\d+ads_A10_v5|V\d+s_v3)$")
-RETIRED = re.compile(r"^Standard_N(C\d+|C\d+s_v2|C\d+_Promo|V\d+|V\d+_Promo|D\d+|D\d+s)$")
+# Retired: NC (K80), NCv2 (P100), ND; NCv3 (V100: NC6s/12s/24s/24rs_v3) on 2025-09-30.
+RETIRED = re.compile(r"^Standard_N(C\d+|C\d+s_v2|C\d+r?s_v3|C\d+_Promo|V\d+|V\d+_Promo|D\d+|D\d+s)$")
 ENDPOINT_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,30}[a-zA-Z0-9]$")  # 3-32, letters/digits/-, starts w/ letter
 DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,30}[a-z0-9]$")
 COMPUTE_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,14}[a-zA-Z0-9]$")  # 3-16 characters
@@ -39,10 +42,12 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
         found.append(f"vm_size {s.vm_size} is retired (the NC, NCv2 and ND sizes are): use Standard_NC4as_T4_v3")
     elif not GPU_SIZE.match(s.vm_size):
         found.append(f"vm_size {s.vm_size} is not a GPU size for AKS (e.g. Standard_NC4as_T4_v3)")
-    if s.replicas < 1 or s.gpus < 1:
-        found.append("replicas and gpus must be at least 1")
-    if s.create_cluster and s.node_count * 1 < s.replicas * s.gpus:
-        found.append(f"{s.node_count} GPU nodes cannot hold {s.replicas} replicas of {s.gpus} GPU each")
+    if s.instance_count < 1 or s.gpus < 1 or s.max_concurrent_requests < 1:
+        found.append("instance_count, gpus and max_concurrent_requests must be at least 1")
+    if s.target == "aks" and s.create_cluster and s.node_count < s.instance_count * s.gpus:
+        found.append(f"{s.node_count} GPU nodes cannot hold {s.instance_count} instances of {s.gpus} GPU each")
+    if s.target == "aks":
+        found += https_problems(s)
     if not os.path.isfile(s.entry_script):
         found.append(f"entry script {s.entry_script} does not exist")
     found += conda_problems(s.conda_file)
@@ -56,6 +61,24 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
         if error:
             found.append(error)
     return found
+
+
+def https_problems(s: DeploySettings) -> list[str]:
+    """Azure ML's extension is installed only with HTTPS (a CNAME with its certificate and key) or with insecure
+    connections allowed explicitly: the choice is checked here, before any call."""
+    https = any((s.ssl_cname, s.ssl_cert, s.ssl_key))
+    if s.allow_insecure and https:
+        return ["--allow-insecure and --ssl-cname/--ssl-cert/--ssl-key exclude each other"]
+    if https:
+        missing = [flag for flag, value in (("--ssl-cname", s.ssl_cname), ("--ssl-cert", s.ssl_cert),
+                                            ("--ssl-key", s.ssl_key)) if not value]
+        unreadable = [path for path in (s.ssl_cert, s.ssl_key) if path and not os.path.isfile(path)]
+        return ([f"HTTPS needs {', '.join(missing)} too" for _ in missing[:1]] +
+                [f"{path} is not a file" for path in unreadable])
+    if s.create_cluster and not s.allow_insecure:
+        return ["--create-cluster installs the Azure ML extension, which needs HTTPS (--ssl-cname NAME --ssl-cert "
+                "CERT.pem --ssl-key KEY.pem) or, for development, --allow-insecure"]
+    return []
 
 
 def conda_problems(path: str) -> list[str]:
@@ -89,33 +112,57 @@ def script_load_error(s: DeploySettings, timeout_s: int = 300) -> Optional[str]:
 
 
 def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
-    """(kind, name, settings) of everything `deploy aks` creates, in order."""
+    """(kind, name, settings) of everything `deploy aks` (or, with target managed, `deploy managed`) creates or
+    updates, in order. What exists already is read and left as it is (cluster, extension, compute, endpoint)."""
     out = []
-    if s.create_cluster:
-        out += [("AKS cluster", s.aks_cluster, {"location": s.location, "resource group": s.resource_group,
-                                                 "system pool": "1 x Standard_D4s_v5"}),
-                ("AKS GPU node pool", "gpupool", {"vm_size": s.vm_size, "nodes": s.node_count}),
-                ("Azure ML extension", "azureml", {"cluster": s.aks_cluster, "inference router": "LoadBalancer"})]
-    out += [("Kubernetes compute (attach)", s.compute, {"aks": s.aks_resource_id, "namespace": "azureml"}),
-            ("instance type", s.instance_type, {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": s.gpus}),
-            ("model", s.model_name, {"path": s.model_dir, "type": "custom_model"}),
+    if s.target == "aks":
+        https = "plain HTTP (--allow-insecure)" if s.allow_insecure else f"HTTPS as {s.ssl_cname or '?'}"
+        if s.create_cluster:
+            out += [("AKS cluster (if absent)", s.aks_cluster, {"location": s.location, "resource group": s.resource_group,
+                                                                "system pool": f"1 x {SYSTEM_POOL_SIZE}"}),
+                    ("AKS GPU node pool", s.gpu_pool, {"vm_size": s.vm_size, "nodes": s.node_count}),
+                    ("resource provider (if unregistered)", "Microsoft.KubernetesConfiguration", {}),
+                    ("Azure ML extension (if absent)", "azureml", {"cluster": s.aks_cluster,
+                                                                   "inference router": f"LoadBalancer, {https}"})]
+        out += [("instance type", s.instance_type, {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": s.gpus,
+                                                    "nodes": f"pool {s.gpu_pool}"}),
+                ("Kubernetes compute (attach, if absent)", s.compute, {"aks": s.aks_resource_id,
+                                                                       "namespace": "azureml"})]
+    kind = "managed online" if s.target == "managed" else "Kubernetes online"
+    out += [("model (new version)", s.model_name, {"path": s.model_dir, "type": "custom_model"}),
             ("environment", "scorehost-" + s.model_name, {"image": s.base_image, "conda_file": s.conda_file}),
-            ("online endpoint", s.endpoint, {"compute": s.compute, "auth_mode": "key"}),
-            ("online deployment", f"{s.endpoint}/{s.deployment}",
+            (f"{kind} endpoint (if absent)", s.endpoint,
+             {"auth_mode": "key", **({"compute": s.compute} if s.target == "aks" else {})}),
+            (f"{kind} deployment", f"{s.endpoint}/{s.deployment}",
              {"scoring_script": f"{os.path.basename(s.entry_script)} sha256={sha256(s.entry_script)[:16]}...",
-              "instance_type": s.instance_type, "instance_count": s.replicas,
-              "request_timeout_ms": s.request_timeout_ms, "max_concurrent_requests": s.max_concurrent_requests,
+              "instance_type": s.vm_size if s.target == "managed" else s.instance_type,
+              "instance_count": s.instance_count, "scale_settings": "default",
+              "request_timeout_ms": s.request_timeout_ms,
+              "max_concurrent_requests_per_instance": f"{s.max_concurrent_requests} (WORKER_COUNT="
+                                                      f"{s.max_concurrent_requests})",
               "probes": f"liveness after {s.liveness_initial_delay_s}s, readiness after {s.readiness_initial_delay_s}s",
-              "traffic": "100%"})]
+              "traffic": f"{s.traffic}%" if s.traffic is not None else
+                         "100% on a new endpoint; unchanged if live; 0% beside a live deployment"})]
     return out
 
 
+def workspace_line(s: DeploySettings) -> str:
+    if s.has_workspace:
+        return f"workspace {s.workspace} (resource group {s.resource_group}, subscription {s.subscription_id})"
+    return (f"no workspace yet (no {s.config_file}; pass --subscription-id, --resource-group and --workspace, or "
+            "download config.json from the Azure ML studio)")
+
+
 def print_plan(s: DeploySettings) -> None:
-    print(f"Plan for {s.workspace or '(workspace from config.json)'}: SDK {s.sdk}")
+    print(f"Plan for {workspace_line(s)}: SDK {s.sdk}, target {s.target}")
     for kind, name, settings in resources(s):
         print(f"  + {kind}: {name}")
         for k, v in settings.items():
             print(f"      {k}: {v}")
-    print(f"Bills while it exists: {s.node_count if s.create_cluster else 'the attached cluster'}'s GPU nodes "
-          f"({s.vm_size}); remove with: scorehost deploy teardown --endpoint {s.endpoint}"
-          + (" --cluster" if s.create_cluster else ""))
+    if s.target == "managed":
+        bills = f"{s.instance_count} x {s.vm_size} instances while the endpoint exists"
+    else:
+        bills = (f"the cluster's nodes ({f'{s.node_count} x {s.vm_size} GPU + 1 system' if s.create_cluster else 'all'}"
+                 "), their disks, its load balancer and public IP, for as long as the cluster exists")
+    print(f"Bills: {bills}. Remove with: scorehost deploy teardown --endpoint {s.endpoint}"
+          + (" --cluster" if s.target == "aks" else ""))

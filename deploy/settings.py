@@ -1,7 +1,9 @@
-"""What a deployment is made of, declared once with its defaults: from a small YAML file, then flags on top.
+"""What a deployment is made of, declared once: each setting's default, its help, and the commands it applies to
+(so `deploy k8s --help` lists only what `deploy k8s` reads). Values come from a small YAML file, then flags on top.
 
-Defaults fit the mission: the reference score.py and myenv.yml, a current GPU size (the NC6 family is retired),
-3 replicas of 2 CPU / 4 GB / 1 GPU, key auth. Names follow Azure's rules, checked by `deploy plan`.
+Defaults fit the mission: the reference score.py and myenv.yml, a current GPU size, 3 instances of 2 CPU / 4 GiB /
+1 GPU, key auth, one request at a time per instance (Azure ML's default, matched by the container's WORKER_COUNT).
+Names follow Azure's rules, checked by `deploy plan`.
 """
 
 from __future__ import annotations
@@ -13,44 +15,71 @@ from typing import Any, Optional
 
 from scorehost import REFERENCE_SCRIPT, REPO_ROOT
 
-# Azure ML's GPU base image for conda environments (the one SDK v1's enable_gpu picked, now chosen explicitly).
-GPU_BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi4.1.0-cuda11.8-cudnn8-ubuntu22.04:latest"
+# Azure ML's GPU base image for conda environments, pinned (Azure/AzureML-Containers: the CUDA 11.8 image is
+# deprecated and was last rebuilt 2024-12-02; this CUDA 12 image is maintained). The one place it is named.
+GPU_BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:20250414.v1"
+
+# The commands a setting can apply to.
+PLAN, AKS, MANAGED, TRAFFIC, TEARDOWN, K8S = "plan", "aks", "managed", "traffic", "teardown", "k8s"
+CLOUD = (PLAN, AKS, MANAGED, TRAFFIC, TEARDOWN)
+DEPLOYS = (PLAN, AKS, MANAGED)
+ON_AKS = (PLAN, AKS)
+
+
+def setting(default: Any, doc: str, *commands: str) -> Any:
+    return dataclasses.field(default=default, metadata={"doc": doc, "commands": commands})
 
 
 @dataclasses.dataclass
 class DeploySettings:
-    # Workspace (from config.json when not given)
-    subscription_id: str = ""
-    resource_group: str = ""
-    workspace: str = ""
-    config_file: str = "config.json"
+    # The workspace (from config.json when not given, as the Azure ML SDKs do)
+    subscription_id: str = setting("", "Azure subscription (default: config.json's)", *CLOUD)
+    resource_group: str = setting("", "resource group of the workspace and the cluster (default: config.json's)",
+                                  *CLOUD)
+    workspace: str = setting("", "Azure ML workspace (default: config.json's)", *CLOUD)
+    config_file: str = setting("config.json", "the workspace's config.json (Azure ML studio: 'Download config file')",
+                               *CLOUD)
     # What is deployed
-    entry_script: str = REFERENCE_SCRIPT
-    conda_file: str = os.path.join(REPO_ROOT, "myenv.yml")
-    model_dir: str = ""
-    model_name: str = "resnet50"
-    base_image: str = GPU_BASE_IMAGE
-    # Where: an AKS cluster attached to the workspace as Kubernetes compute
-    compute: str = "gpu-aks"
-    aks_cluster: str = "scorehost-gpu"  # the AKS resource (attached, or created with create_cluster)
-    create_cluster: bool = False
-    location: str = "eastus"
-    vm_size: str = "Standard_NC4as_T4_v3"
-    node_count: int = 3
-    instance_type: str = "gpu-t4"
+    entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte", *DEPLOYS)
+    conda_file: str = setting(os.path.join(REPO_ROOT, "myenv.yml"), "conda environment of the deployment", *DEPLOYS)
+    model_dir: str = setting("", "model directory (default: the demo model, built on first use)", *DEPLOYS, K8S)
+    model_name: str = setting("resnet50", "name the model is registered under", *DEPLOYS)
+    base_image: str = setting(GPU_BASE_IMAGE, "Azure ML base image the conda environment is built on", *DEPLOYS)
+    # Where, on AKS: a cluster attached to the workspace as Kubernetes compute
+    compute: str = setting("gpu-aks", "name of the cluster as Kubernetes compute in the workspace", *ON_AKS, TEARDOWN)
+    aks_cluster: str = setting("scorehost-gpu", "the AKS cluster (attached, or created with --create-cluster)",
+                               *ON_AKS, TEARDOWN)
+    create_cluster: bool = setting(False, "create the AKS cluster and install the Azure ML extension if absent",
+                                   *ON_AKS)
+    location: str = setting("eastus", "region of a cluster created with --create-cluster", *ON_AKS)
+    vm_size: str = setting("Standard_NC4as_T4_v3", "GPU VM size: the AKS GPU pool's, or the managed instance type",
+                           *DEPLOYS)
+    node_count: int = setting(3, "GPU nodes of a cluster created with --create-cluster", *ON_AKS)
+    gpu_pool: str = setting("gpupool", "the cluster's GPU node pool (instances are scheduled on it)", *ON_AKS)
+    instance_type: str = setting("gpu-t4", "the cluster's InstanceType resource the deployment asks for", *ON_AKS)
+    # How the Azure ML extension's inference router is reached (Azure ML refuses to install it without a choice)
+    ssl_cname: str = setting("", "HTTPS: the endpoint's DNS name (the certificate's CN), with --ssl-cert/--ssl-key",
+                             *ON_AKS)
+    ssl_cert: str = setting("", "HTTPS: PEM certificate file for --ssl-cname", *ON_AKS)
+    ssl_key: str = setting("", "HTTPS: PEM private key file for --ssl-cert", *ON_AKS)
+    allow_insecure: bool = setting(False, "plain HTTP to the inference router (development only)", *ON_AKS)
     # The endpoint and its deployment
-    endpoint: str = "scorehost-resnet50"
-    deployment: str = "blue"
-    replicas: int = 3
-    cpu: str = "2"
-    memory: str = "4Gi"
-    gpus: int = 1
-    request_timeout_ms: int = 5000
-    max_concurrent_requests: int = 4
-    liveness_initial_delay_s: int = 30
-    readiness_initial_delay_s: int = 10
-    # SDK v1 only
-    sdk: str = "v2"
+    endpoint: str = setting("scorehost-resnet50", "the online endpoint", *CLOUD, K8S)
+    deployment: str = setting("blue", "the deployment (a new name creates it beside the live one)", *DEPLOYS)
+    traffic: Optional[int] = setting(None, "percent of traffic for the deployment (default: 100 for an endpoint's "
+                                     "first deployment, unchanged for a live one, 0 for a new one beside it)",
+                                     AKS, MANAGED)
+    instance_count: int = setting(3, "instances (replicas) of the deployment", *DEPLOYS, K8S)
+    cpu: str = setting("2", "CPU per instance", *ON_AKS, K8S)
+    memory: str = setting("4Gi", "memory per instance", *ON_AKS, K8S)
+    gpus: int = setting(1, "GPUs per instance", *ON_AKS, K8S)
+    request_timeout_ms: int = setting(5000, "scoring timeout per request", *DEPLOYS, K8S)
+    max_concurrent_requests: int = setting(1, "requests in flight per instance; the container runs as many workers "
+                                           "(WORKER_COUNT), each with the model on the instance's GPU", *DEPLOYS)
+    liveness_initial_delay_s: int = setting(30, "seconds before the first liveness probe", *DEPLOYS, K8S)
+    readiness_initial_delay_s: int = setting(10, "seconds before the first readiness probe", *DEPLOYS, K8S)
+    sdk: str = setting("v2", "Azure ML SDK: v2 (azure-ai-ml) or v1 (azureml-core, deprecated)", PLAN, AKS, TEARDOWN)
+    target: str = setting("aks", "what `plan` describes: aks or managed", PLAN)
 
     @classmethod
     def load(cls, path: Optional[str] = None, **overrides: Any) -> "DeploySettings":
@@ -62,13 +91,13 @@ class DeploySettings:
                 values = yaml.safe_load(f) or {}
             unknown = set(values) - {f.name for f in dataclasses.fields(cls)}
             if unknown:
-                raise SystemExit(f"{path}: unknown settings {sorted(unknown)}")
+                raise DeployError(f"{path}: unknown settings {sorted(unknown)}")
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
     def with_workspace(self) -> "DeploySettings":
         """Fill subscription, resource group and workspace from config.json (as the Azure ML SDKs do)."""
-        if self.subscription_id and self.resource_group and self.workspace:
+        if self.has_workspace:
             return self
         if not os.path.exists(self.config_file):
             raise WorkspaceNotFound(
@@ -82,10 +111,18 @@ class DeploySettings:
                                    workspace=self.workspace or config["workspace_name"])
 
     @property
+    def has_workspace(self) -> bool:
+        return bool(self.subscription_id and self.resource_group and self.workspace)
+
+    @property
     def aks_resource_id(self) -> str:
         return (f"/subscriptions/{self.subscription_id or '<subscription-id>'}"
                 f"/resourceGroups/{self.resource_group or '<resource-group>'}"
                 f"/providers/Microsoft.ContainerService/managedClusters/{self.aks_cluster}")
+
+
+def fields_for(command: str) -> list[dataclasses.Field]:
+    return [f for f in dataclasses.fields(DeploySettings) if command in f.metadata["commands"]]
 
 
 class DeployError(SystemExit):

@@ -120,23 +120,23 @@ def cmd_model(args: argparse.Namespace) -> int:
 
 def _missing_for_bench(args: argparse.Namespace) -> list[str]:
     """What this `scorehost bench` run needs and this environment lacks (said in one line, not a traceback)."""
-    import importlib.util
     import shutil
 
-    needed = {"matplotlib": "matplotlib"}
-    if args.client == "locust":
-        needed["locust"] = "locust"
-    missing = [name for name, module in needed.items() if importlib.util.find_spec(module) is None]
+    from .extras import missing
+
+    absent = missing(("matplotlib", "locust") if args.client == "locust" else ("matplotlib",))
     if "aihs" in args.servers and not args.remote and not (
             shutil.which("azmlinfsrv") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "azmlinfsrv"))):
-        missing.append("azureml-inference-server-http (azmlinfsrv)")
-    return missing
+        absent.append("azureml-inference-server-http (azmlinfsrv)")
+    return absent
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
     missing = _missing_for_bench(args)
     if missing:
-        print(f"scorehost bench needs {', '.join(missing)}: pip install -e '.[bench]'", file=sys.stderr)
+        from .extras import install_line
+
+        print(install_line("bench", missing, "bench"), file=sys.stderr)
         return 2
     from bench import report, run
 

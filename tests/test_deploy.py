@@ -1,61 +1,134 @@
-"""Cloud promotion, offline: Azure cannot be reached from here, so the real SDK objects are built and checked
-(and written to YAML and loaded back, which runs azure-ai-ml's own schema validation), and only the client
-boundary (MLClient operations, the AKS and extension clients, the cluster's API) is faked, recording each call."""
+"""Cloud promotion, offline. Azure cannot be reached from here, so the real clients run against fakes at the wire
+(tests/fake_azure.py): the azure-mgmt clients send real HTTP requests into a recording transport, the kubernetes
+client talks to a Kubernetes API server on 127.0.0.1, and MLClient's operations record the real azure-ai-ml
+entities with the REST body the SDK sends for each. The tests assert on those requests."""
 
 from __future__ import annotations
 
+import argparse
+import base64
 import dataclasses
 import json
 import os
+import stat
 import subprocess
+import sys
 
 import pytest
 import yaml
 
-from deploy import azure_v2, cluster, k8s, parity, plan
-from deploy.settings import DeployError, DeploySettings
+from deploy import azure_v2, cli as deploy_cli, cluster, k8s, parity, plan
+from deploy.settings import GPU_BASE_IMAGE, DeployError, DeploySettings, fields_for
+from fake_azure import SUBSCRIPTION, Arm, Credential, FakeML, KubeApi, Poller
 from scorehost import REFERENCE_SCRIPT, processes
+
+CLUSTER_PATH = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-ml/providers/Microsoft.ContainerService/"
+                "managedClusters/scorehost-gpu")
+EXTENSION_PATH = CLUSTER_PATH + "/providers/Microsoft.KubernetesConfiguration/extensions/azureml"
 
 
 @pytest.fixture(scope="module")
-def settings(colors_model, tmp_path_factory):
-    cfg = tmp_path_factory.mktemp("ws") / "config.json"
-    cfg.write_text(json.dumps({"subscription_id": "00000000-1111-2222-3333-444444444444",
-                               "resource_group": "rg-ml", "workspace_name": "ws-ml"}))
-    return DeploySettings(model_dir=colors_model, model_name="colors", config_file=str(cfg)).with_workspace()
+def workspace_config(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ws") / "config.json"
+    path.write_text(json.dumps({"subscription_id": SUBSCRIPTION, "resource_group": "rg-ml",
+                                "workspace_name": "ws-ml"}))
+    return str(path)
 
 
-def plain(data):
-    """The SDK's OrderedDicts as plain YAML-able data."""
-    return json.loads(json.dumps(data))
+@pytest.fixture(scope="module")
+def certificate(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("tls")
+    (folder / "cert.pem").write_text("-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n")
+    (folder / "key.pem").write_text("-----BEGIN PRIVATE KEY-----\nMIIE\n-----END PRIVATE KEY-----\n")
+    return str(folder / "cert.pem"), str(folder / "key.pem")
 
 
-def scorehost_cli(*args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+@pytest.fixture
+def settings(colors_model, workspace_config):
+    return DeploySettings(model_dir=colors_model, model_name="colors", config_file=workspace_config).with_workspace()
+
+
+@pytest.fixture
+def https(settings, certificate):
+    return dataclasses.replace(settings, create_cluster=True, ssl_cname="scoring.example.com",
+                               ssl_cert=certificate[0], ssl_key=certificate[1])
+
+
+@dataclasses.dataclass
+class Azure:
+    """Real azure-mgmt clients on a recording transport, a Kubernetes API server, and MLClient's operations."""
+    arm: Arm
+    kube: KubeApi
+    ml: FakeML
+    credential: Credential
+    clients: azure_v2.Clients
+
+    def cluster_writes(self) -> list[tuple[str, str]]:
+        return [(r.method, r.path) for r in self.arm.writes() if not r.path.endswith("/listClusterUserCredential")]
+
+
+@pytest.fixture
+def azure():
+    from azure.mgmt.containerservice import ContainerServiceClient
+    from azure.mgmt.kubernetesconfiguration import SourceControlConfigurationClient
+    from azure.mgmt.resource.resources import ResourceManagementClient
+
+    kube = KubeApi(crd_after_polls=2)
+    arm, credential, ml = Arm(kube.kubeconfig()), Credential(), FakeML()
+    clients = azure_v2.Clients(ml, ContainerServiceClient(credential, SUBSCRIPTION, transport=arm),
+                               SourceControlConfigurationClient(credential, SUBSCRIPTION, transport=arm),
+                               ResourceManagementClient(credential, SUBSCRIPTION, transport=arm))
+    yield Azure(arm, kube, ml, credential, clients)
+    kube.close()
+
+
+def quiet(message: str) -> None:
+    pass
+
+
+def run_deploy(azure: Azure, s: DeploySettings, managed: bool = False, check=None) -> dict:
+    return azure_v2.deploy(azure.clients, s, managed=managed, say=quiet, check=check, poll_s=0)
+
+
+def scorehost_cli(*args: str, timeout: float = 300, **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run([processes._bin("scorehost"), *args], capture_output=True, text=True, timeout=timeout,
-                          stdin=subprocess.DEVNULL)
+                          stdin=subprocess.DEVNULL, **kwargs)
+
+
+def namespace(command: str, **values) -> argparse.Namespace:
+    """What argparse hands a deploy command: every flag of `command` unset unless given."""
+    return argparse.Namespace(**{"config": None, **{f.name: None for f in fields_for(command)}, **values})
 
 
 # --- plan ---------------------------------------------------------------------------------------------------
 
 def test_plan_prints_every_resource_and_passes(colors_model):
-    done = scorehost_cli("deploy", "plan", "--model-dir", colors_model)
+    done = scorehost_cli("deploy", "plan", "--model-dir", colors_model, "--config-file", "/nonexistent.json")
     assert done.returncode == 0, done.stdout + done.stderr
     for kind in ("Kubernetes compute", "instance type", "model", "environment", "online endpoint",
-                 "online deployment", "sha256=", "Standard_NC4as_T4_v3", "instance_count: 3", "All local checks"):
+                 "online deployment", "sha256=", "instance_count: 3", "max_concurrent_requests_per_instance: 1",
+                 "scale_settings: default", GPU_BASE_IMAGE, "All local checks"):
         assert kind in done.stdout
+    assert "(workspace from config.json)" not in done.stdout and "no workspace yet (no /nonexistent.json" in \
+        done.stdout
 
 
 @pytest.mark.parametrize("flags,problem", [
     (("--vm-size", "Standard_NC6"), "retired"),
+    (("--vm-size", "Standard_NC6s_v3"), "retired"),
+    (("--vm-size", "Standard_NC24rs_v3"), "retired"),
     (("--vm-size", "Standard_D4s_v5"), "not a GPU size"),
     (("--endpoint", "1_bad name"), "not a legal Azure name"),
     (("--model-dir", "/nonexistent"), "is not a directory"),
     (("--conda-file", REFERENCE_SCRIPT), "conda file"),
+    (("--create-cluster",), "needs HTTPS (--ssl-cname NAME --ssl-cert CERT.pem --ssl-key KEY.pem) or"),
+    (("--ssl-cname", "x.example.com"), "HTTPS needs --ssl-cert"),
+    (("--ssl-cname", "x.example.com", "--ssl-cert", "/no/cert.pem", "--ssl-key", "/no/key.pem"), "is not a file"),
+    (("--allow-insecure", "--ssl-cname", "x.example.com"), "exclude each other"),
 ])
 def test_plan_refuses_bad_settings(colors_model, flags, problem):
-    args = ["deploy", "plan", "--no-load-check", "--model-dir", colors_model, *flags]
-    done = scorehost_cli(*args)
-    assert done.returncode == 1 and problem in done.stdout
+    done = scorehost_cli("deploy", "plan", "--no-load-check", "--model-dir", colors_model, *flags)
+    assert done.returncode == 1 and problem in done.stdout, done.stdout
 
 
 def test_plan_catches_a_script_that_does_not_load(colors_model, tmp_path):
@@ -73,141 +146,272 @@ def test_plan_leaves_what_a_model_dir_holds_to_the_script(colors_model, tmp_path
     shutil.copytree(os.path.join(colors_model, "colors"), tmp_path / "copy")
     found = plan.problems(DeploySettings(model_dir=str(tmp_path)))
     assert len(found) == 1 and "Several SavedModels" in found[0]
-    assert plan.problems(DeploySettings(model_dir=str(tmp_path / "copy" / "1" / "variables" / "none"))) == [
-        f"model_dir {str(tmp_path / 'copy' / '1' / 'variables' / 'none')!r} is not a directory (build one: "
-        "scorehost model resnet50 --out DIR)"]
+    missing = str(tmp_path / "copy" / "1" / "variables" / "none")
+    assert plan.problems(DeploySettings(model_dir=missing)) == [
+        f"model_dir {missing!r} is not a directory (build one: scorehost model resnet50 --out DIR)"]
 
 
-# --- SDK v2 entities ------------------------------------------------------------------------------------------
-
-def test_v2_entities_validate_with_the_sdk(settings, tmp_path):
+@pytest.mark.parametrize("target", ["aks", "managed"])
+def test_plan_out_writes_az_ml_yaml_that_the_sdk_loads(colors_model, workspace_config, tmp_path, target):
     from azure.ai.ml import load_online_deployment, load_online_endpoint
 
-    e = azure_v2.build_entities(settings)
-    assert e.script_sha256 == plan.sha256(REFERENCE_SCRIPT)
-    with open(os.path.join(e.code_dir, "score.py"), "rb") as f, open(REFERENCE_SCRIPT, "rb") as g:
-        assert f.read() == g.read()  # byte for byte the local score.py
-    endpoint = plain(e.endpoint._to_dict())
-    assert (endpoint["name"], endpoint["compute"], endpoint["auth_mode"]) == ("scorehost-resnet50", "azureml:gpu-aks",
-                                                                             "key")
-    (tmp_path / "endpoint.yml").write_text(yaml.safe_dump(endpoint))
-    assert load_online_endpoint(str(tmp_path / "endpoint.yml")).name == "scorehost-resnet50"
-
-    deployment = plain(e.deployment._to_dict())
-    assert deployment["instance_type"] == "gpu-t4" and deployment["instance_count"] == 3
-    assert deployment["code_configuration"]["scoring_script"] == "score.py"
-    assert deployment["request_settings"]["request_timeout_ms"] == 5000
-    assert deployment["tags"]["score_sha256"] == e.script_sha256
-    assert deployment["environment"]["image"].startswith("mcr.microsoft.com/azureml/") and "cuda" in \
-        deployment["environment"]["image"]
-    assert "tensorflow[and-cuda]==2.21.0" in yaml.safe_dump(deployment["environment"]["conda_file"])
-    (tmp_path / "deployment.yml").write_text(yaml.safe_dump(deployment))
-    loaded = load_online_deployment(str(tmp_path / "deployment.yml"))
-    assert loaded.instance_type == "gpu-t4" and loaded.liveness_probe.initial_delay == 30
-    assert e.compute.resource_id.endswith("/resourceGroups/rg-ml/providers/Microsoft.ContainerService/"
-                                          "managedClusters/scorehost-gpu")
+    done = scorehost_cli("deploy", "plan", "--no-load-check", "--model-dir", colors_model, "--config-file",
+                         workspace_config, "--target", target, "--out", str(tmp_path))
+    assert done.returncode == 0, done.stdout + done.stderr
+    endpoint = load_online_endpoint(str(tmp_path / "endpoint.yml"))
+    deployment = load_online_deployment(str(tmp_path / "deployment.yml"))
+    assert endpoint.name == "scorehost-resnet50" and endpoint.auth_mode == "key"
+    assert deployment.instance_count == 3 and deployment.request_settings.max_concurrent_requests_per_instance == 1
+    assert deployment.environment_variables == {"WORKER_COUNT": "1"}
+    assert deployment.environment.image == GPU_BASE_IMAGE
+    with open(tmp_path / "code" / "score.py", "rb") as f, open(REFERENCE_SCRIPT, "rb") as g:
+        assert f.read() == g.read()
+    if target == "aks":
+        assert deployment.instance_type == "gpu-t4" and endpoint.compute == "gpu-aks"
+        assert yaml.safe_load((tmp_path / "instance-type.yaml").read_text())["kind"] == "InstanceType"
+    else:
+        assert deployment.instance_type == "Standard_NC4as_T4_v3" and not (tmp_path / "instance-type.yaml").exists()
+    for name in os.listdir(tmp_path):
+        if name.endswith((".yml", ".yaml")):
+            assert "&id" not in (tmp_path / name).read_text()
 
 
-def test_instance_type_asks_for_cpu_memory_and_a_gpu(settings):
-    body = azure_v2.instance_type_manifest(settings)
-    assert (body["apiVersion"], body["kind"], body["metadata"]["name"]) == ("amlarc.azureml.com/v1alpha1",
-                                                                          "InstanceType", "gpu-t4")
-    assert body["spec"]["resources"]["limits"] == {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": "1"}
+def test_base_image_is_a_pinned_cuda12_image_named_once():
+    assert GPU_BASE_IMAGE.startswith("mcr.microsoft.com/azureml/") and "cuda12" in GPU_BASE_IMAGE
+    tag = GPU_BASE_IMAGE.rsplit(":", 1)[1]
+    assert tag != "latest" and tag[:8].isdigit()
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for folder in ("deploy", "scorehost", "server"):
+        for name in os.listdir(os.path.join(root, folder)):
+            if name.endswith(".py") and name != "settings.py":
+                with open(os.path.join(root, folder, name), encoding="utf-8") as f:
+                    assert "mcr.microsoft.com/azureml/" not in f.read(), name
 
 
-# --- fakes at the client boundary -----------------------------------------------------------------------------
+# --- the cluster side, as the requests Azure and the Kubernetes API receive -----------------------------------
 
-class Poller:
-    def __init__(self, result=None, error=None, done_after=0):
-        self._result, self._error, self._polls = result, error, done_after
+def test_create_cluster_sends_the_cluster_provider_extension_and_instance_type(azure, https, certificate):
+    run_deploy(azure, https)
+    writes = azure.cluster_writes()
+    assert writes[0] == ("PUT", CLUSTER_PATH)
+    assert writes[1] == ("POST", f"/subscriptions/{SUBSCRIPTION}/providers/Microsoft.KubernetesConfiguration/register")
+    assert writes[2] == ("PUT", EXTENSION_PATH)
+    created = azure.arm.writes("PUT")[0].body
+    assert created["tags"] == {"created-by": "scorehost"}
+    pools = {p["name"]: p for p in created["properties"]["agentPoolProfiles"]}
+    assert (pools["gpupool"]["vmSize"], pools["gpupool"]["count"], pools["gpupool"]["mode"]) == (
+        "Standard_NC4as_T4_v3", 3, "User")
 
-    def done(self):
-        self._polls -= 1
-        return self._polls < 0
+    extension = azure.arm.writes("PUT")[1].body["properties"]
+    settings = extension["configurationSettings"]
+    assert extension["extensionType"] == "Microsoft.AzureML.Kubernetes"
+    assert extension["scope"] == {"cluster": {"releaseNamespace": "azureml"}}
+    # What `az k8s-extension create` adds for an AKS cluster (azure-cli-extensions, AzureMLKubernetes.py):
+    assert settings["clusterId"] == CLUSTER_PATH == settings["prometheus.prometheusSpec.externalLabels.cluster_name"]
+    assert (settings["location"], settings["jobSchedulerLocation"], settings["domain"]) == (
+        "eastus", "eastus", "eastus.cloudapp.azure.com")
+    assert (settings["relayserver.enabled"], settings["servicebus.enabled"], settings["nginxIngress.enabled"]) == (
+        "false", "false", "true")
+    assert (settings["enableInference"], settings["allowInsecureConnections"], settings["sslCname"]) == (
+        "True", "False", "scoring.example.com")
+    assert settings["cluster_name_friendly"] == "scorehost-gpu" and "clusterPurpose" not in settings  # 4 nodes
+    protected = extension["configurationProtectedSettings"]
+    with open(certificate[0], "rb") as f:
+        assert base64.b64decode(protected["scoringFe.sslCert"]) == f.read()
+    assert "scoringFe.sslKey" in protected and "sslKey" not in json.dumps(settings)
 
-    def status(self):
-        return "Running"
-
-    def wait(self, timeout=None):
-        pass
-
-    def result(self, timeout=None):
-        if self._error:
-            raise self._error
-        return self._result
-
-
-class Operations:
-    def __init__(self, log, name, fail=None):
-        self.log, self.name, self.fail = log, name, fail or {}
-
-    def __getattr__(self, method):
-        def call(*args, **kwargs):
-            self.log.append((self.name, method, args, kwargs))
-            failure = self.fail.get(method)
-            if isinstance(failure, Exception):
-                raise failure
-            if isinstance(failure, Poller):
-                return failure
-            if method.startswith("begin_"):
-                return Poller(done_after=10**9 if failure == "never" else 1)
-            if method == "create_or_update":
-                return dataclasses.make_dataclass("M", [("version", str)])("1")
-            if method == "get":
-                return dataclasses.make_dataclass("E", [("scoring_uri", str)])("https://x.example/score")
-            if method == "get_keys":
-                return dataclasses.make_dataclass("K", [("primary_key", str)])("primary-key")
-        return call
+    # The InstanceType only once the extension's CRD is established (the fake answers 404 twice first).
+    kube = [(r.method, r.path) for r in azure.kube.requests]
+    assert kube.count(("GET", KubeApi.CRD_PATH)) == 3
+    assert kube[-1] == ("POST", KubeApi.OBJECTS)
+    body = azure.kube.requests[-1].body
+    assert body["spec"]["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"},
+                                         "limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": 1}}
+    assert body["spec"]["nodeSelector"] == {"agentpool": "gpupool"}
 
 
-class FakeMLClient:
-    def __init__(self, fail=None):
-        self.log = []
-        fail = fail or {}
-        for name in ("compute", "models", "online_endpoints", "online_deployments"):
-            setattr(self, name, Operations(self.log, name, fail.get(name)))
+def test_insecure_extension_sends_no_certificate_and_small_clusters_are_devtest(azure, settings):
+    s = dataclasses.replace(settings, create_cluster=True, allow_insecure=True, node_count=1)
+    run_deploy(azure, s)
+    extension = azure.arm.writes("PUT")[1].body["properties"]
+    assert extension["configurationSettings"]["allowInsecureConnections"] == "True"
+    assert "sslCname" not in extension["configurationSettings"]
+    assert not extension.get("configurationProtectedSettings")
+    assert (extension["configurationSettings"]["clusterPurpose"],
+            extension["configurationSettings"]["inferenceRouterHA"]) == ("DevTest", "false")
 
 
-def test_v2_deploy_submits_everything_in_order(settings):
-    client, made = FakeMLClient(), []
-    result = azure_v2.deploy(client, settings, say=lambda m: None, instance_type_creator=made.append)
-    calls = [(n, m) for n, m, _, _ in client.log]
-    assert calls == [("compute", "begin_create_or_update"), ("models", "create_or_update"),
-                     ("online_endpoints", "begin_create_or_update"), ("online_deployments", "begin_create_or_update"),
-                     ("online_endpoints", "begin_create_or_update"), ("online_endpoints", "get"),
-                     ("online_endpoints", "get_keys")]
-    assert made == [settings]
-    deployment = client.log[3][2][0]
-    assert deployment.name == "blue" and deployment.instance_count == 3 and deployment.model.version == "1"
-    assert client.log[4][2][0].traffic == {"blue": 100}
-    assert result["scoring_uri"] == "https://x.example/score" and result["key"] == "primary-key"
-
-
-def test_authentication_failure_is_explained(settings):
-    from azure.core.exceptions import ClientAuthenticationError
-
-    client = FakeMLClient({"compute": {"begin_create_or_update": ClientAuthenticationError("no token")}})
+def test_without_an_https_choice_nothing_is_sent(azure, settings):
+    args = namespace("aks", yes=True, skip_parity=True, create_cluster=True, model_dir=settings.model_dir,
+                     config_file=settings.config_file)
     with pytest.raises(DeployError) as e:
-        azure_v2.deploy(client, settings, say=lambda m: None)
-    assert "az login" in e.value.message and "Created so far: nothing" in e.value.message
+        deploy_cli.cmd_aks(args, azure.clients)
+    assert "--ssl-cname NAME --ssl-cert CERT.pem --ssl-key KEY.pem" in e.value.message and "--allow-insecure" in \
+        e.value.message
+    assert azure.arm.requests == [] and azure.ml.calls == [] and azure.kube.requests == []
 
 
-def test_quota_failure_says_what_was_created_and_how_to_delete_it(settings):
+def test_a_missing_cluster_is_not_created_without_create_cluster(azure, settings):
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, settings)
+    assert "does not exist" in e.value.message and "--create-cluster" in e.value.message
+    assert azure.arm.writes() == [] and azure.ml.calls == []
+
+
+def test_second_run_rewrites_nothing_that_exists(azure, https):
+    first = run_deploy(azure, https)
+    azure.arm.requests.clear(), azure.kube.requests.clear(), azure.ml.calls.clear()
+    second = run_deploy(azure, https)
+    assert azure.cluster_writes() == []  # the cluster (its node pools), the provider, the extension: read only
+    kube = [(r.method, r.path) for r in azure.kube.requests]
+    assert kube[-2:] == [("GET", KubeApi.OBJECTS + "/gpu-t4"), ("PUT", KubeApi.OBJECTS + "/gpu-t4")]
+    assert azure.kube.requests[-1].body["metadata"]["resourceVersion"] == "1"  # else the API server says 422
+    assert azure.ml.writes() == [("models", "create_or_update"), ("online_deployments", "begin_create_or_update")]
+    assert first["traffic"] == second["traffic"] == {"blue": 100}
+    assert azure.kube.objects["gpu-t4"]["metadata"]["resourceVersion"] == "2"
+
+
+def test_an_existing_cluster_without_the_gpu_pool_is_refused(azure, https):
+    run_deploy(azure, https)
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, dataclasses.replace(https, gpu_pool="gpu2"))
+    assert "no node pool 'gpu2'" in e.value.message and "system, gpupool" in e.value.message
+
+
+def test_deployment_request_asks_for_exact_replicas_and_one_request_each(azure, https):
+    run_deploy(azure, dataclasses.replace(https, instance_count=3))
+    body = next(c.body for c in azure.ml.calls if c.operation == "online_deployments")
+    assert body["sku"] == {"name": "Default", "capacity": 3}
+    properties = body["properties"]
+    assert properties["scaleSettings"] == {"scaleType": "Default"}
+    assert properties["requestSettings"] == {"maxConcurrentRequestsPerInstance": 1, "requestTimeout": "PT5S"}
+    assert properties["environmentVariables"] == {"WORKER_COUNT": "1"}
+    assert (properties["instanceType"], properties["endpointComputeType"]) == ("gpu-t4", "Kubernetes")
+    assert properties["codeConfiguration"]["scoringScript"] == "score.py"
+    assert properties["model"].endswith("/models/colors/versions/1")
+    assert body["tags"]["score_sha256"] == plan.sha256(REFERENCE_SCRIPT)
+
+
+def test_a_second_deployment_is_checked_alone_then_takes_its_share(azure, https):
+    run_deploy(azure, https)
+    azure.ml.calls.clear()
+    checked = []
+
+    def check(uri, key, deployment):
+        # At the time of the check, the endpoint still sends everything to blue.
+        checked.append((uri, key, deployment, dict(azure.ml.endpoint_state["scorehost-resnet50"].traffic)))
+        return True
+
+    result = run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10), check=check)
+    assert checked == [("https://scorehost-resnet50.eastus.inference.ml.azure.com/score",
+                        "scorehost-resnet50-primary-key", "green", {"blue": 100})]
+    assert result["traffic"] == {"blue": 90, "green": 10}
+    endpoint_writes = [c for c in azure.ml.calls if (c.operation, c.method) == ("online_endpoints",
+                                                                                "begin_create_or_update")]
+    assert len(endpoint_writes) == 1 and endpoint_writes[0].body["properties"]["traffic"] == {"blue": 90, "green": 10}
+    assert ("scorehost-resnet50", "blue") in azure.ml.deployment_state  # blue stays beside green
+
+
+def test_a_deployment_that_fails_parity_takes_no_traffic(azure, https):
+    run_deploy(azure, https)
+    azure.ml.calls.clear()
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=50), check=lambda *a: False)
+    assert "takes no new traffic" in e.value.message and "--only-deployment green" in e.value.message
+    assert azure.ml.endpoint_state["scorehost-resnet50"].traffic == {"blue": 100}
+    assert ("online_endpoints", "begin_create_or_update") not in azure.ml.writes()
+
+
+def test_a_new_deployment_beside_a_live_one_takes_no_traffic_unless_asked(azure, https):
+    run_deploy(azure, https)
+    result = run_deploy(azure, dataclasses.replace(https, deployment="green"))
+    assert result["traffic"] == {"blue": 100, "green": 0}
+
+
+def test_a_first_deployment_cannot_take_part_of_the_traffic(azure, https):
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, dataclasses.replace(https, traffic=30))
+    assert "leaves 70% to no deployment" in e.value.message
+    assert ("online_deployments", "begin_create_or_update") not in azure.ml.writes()  # refused before writing
+
+
+@pytest.mark.parametrize("current,requested,expected", [
+    ({"blue": 100}, {"green": 10}, {"blue": 90, "green": 10}),
+    ({"blue": 90, "green": 10}, {"green": 0}, {"blue": 100, "green": 0}),
+    ({"blue": 90, "green": 10}, {"blue": 100, "green": 0}, {"blue": 100, "green": 0}),
+    ({"a": 50, "b": 25, "c": 25}, {"c": 40}, {"a": 40, "b": 20, "c": 40}),
+    ({"a": 1, "b": 1, "c": 1}, {"d": 1}, {"a": 33, "b": 33, "c": 33, "d": 1}),
+])
+def test_traffic_shares_add_up_to_100(current, requested, expected):
+    result = azure_v2.shares(current, requested)
+    assert result == expected and sum(result.values()) == 100
+
+
+def test_deploy_traffic_shifts_and_rolls_back(azure, https):
+    run_deploy(azure, https)
+    run_deploy(azure, dataclasses.replace(https, deployment="green"))
+    args = namespace("traffic", shares=["green=25"], config_file=https.config_file)
+    assert deploy_cli.cmd_traffic(args, azure.clients) == 0
+    assert azure.ml.endpoint_state["scorehost-resnet50"].traffic == {"blue": 75, "green": 25}
+    assert deploy_cli.cmd_traffic(namespace("traffic", shares=["blue=100", "green=0"],
+                                            config_file=https.config_file), azure.clients) == 0
+    assert azure.ml.endpoint_state["scorehost-resnet50"].traffic == {"blue": 100, "green": 0}
+    for shares, message in ((["red=10"], "has no deployment red"), (["green=110"], "0-100"),
+                            (["green"], "is not DEPLOYMENT=PERCENT")):
+        with pytest.raises(DeployError) as e:
+            deploy_cli.cmd_traffic(namespace("traffic", shares=shares, config_file=https.config_file), azure.clients)
+        assert message in e.value.message
+
+
+def test_managed_endpoint_needs_no_cluster(azure, settings):
+    result = run_deploy(azure, settings, managed=True, check=lambda *a: True)
+    assert azure.arm.requests == [] and azure.kube.requests == []  # no cluster, extension or instance type
+    endpoint = next(c for c in azure.ml.calls if c.operation == "online_endpoints" and c.body)
+    assert "compute" not in endpoint.body["properties"] and endpoint.body["properties"]["authMode"] == "Key"
+    body = next(c.body for c in azure.ml.calls if c.operation == "online_deployments")
+    assert (body["properties"]["instanceType"], body["properties"]["endpointComputeType"]) == (
+        "Standard_NC4as_T4_v3", "Managed")
+    assert body["sku"]["capacity"] == 3 and result["traffic"] == {"blue": 100}
+    assert ("compute", "begin_create_or_update") not in azure.ml.writes()
+
+
+# --- failures, as a user meets them ---------------------------------------------------------------------------
+
+def test_authentication_failure_tries_the_credential_once_and_creates_nothing(settings):
+    credential = Credential(fail=True)
+    with pytest.raises(DeployError) as e:
+        azure_v2.connect(settings, credential)
+    assert credential.calls == 1
+    assert "az login" in e.value.message and "Nothing was created." in e.value.message
+    assert "teardown" not in e.value.message
+
+
+def test_a_failure_with_nothing_created_gives_no_teardown_hint(azure, settings):
     from azure.core.exceptions import HttpResponseError
 
-    client = FakeMLClient({"online_deployments": {"begin_create_or_update": Poller(
-        error=HttpResponseError("(QuotaExceeded) not enough NCASv3_T4 cores"))}})
+    azure.ml.fail[("models", "create_or_update")] = HttpResponseError("(AuthorizationFailed) no access")
     with pytest.raises(DeployError) as e:
-        azure_v2.deploy(client, settings, say=lambda m: None)
+        run_deploy(azure, settings, managed=True)
+    assert "Created so far: nothing." in e.value.message and "teardown" not in e.value.message
+
+
+def test_quota_failure_says_what_was_created_and_how_to_delete_it(azure, https):
+    from azure.core.exceptions import HttpResponseError
+
+    azure.ml.fail[("online_deployments", "begin_create_or_update")] = Poller(
+        error=HttpResponseError("(QuotaExceeded) not enough NCASv3_T4 cores"))
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, https)
     message = e.value.message
     assert "GPU quota" in message and "endpoint scorehost-resnet50" in message and "model colors:1" in message
-    assert "scorehost deploy teardown --endpoint scorehost-resnet50" in message and "get-logs" in message
+    assert "AKS cluster scorehost-gpu" in message and "--cluster --delete-cluster" in message
+    assert "get-logs" in message
 
 
-def test_deployment_that_never_becomes_healthy_times_out_clearly(settings):
-    client = FakeMLClient({"online_deployments": {"begin_create_or_update": "never"}})
+def test_deployment_that_never_becomes_healthy_times_out_clearly(azure, settings):
+    azure.ml.fail[("online_deployments", "begin_create_or_update")] = "never"
     with pytest.raises(DeployError) as e:
-        azure_v2.deploy(client, settings, say=lambda m: None, timeout_s=0.05)
+        azure_v2.deploy(azure.clients, settings, managed=True, say=quiet, timeout_s=0.05, poll_s=0)
     assert "not done after" in e.value.message and "get-logs" in e.value.message
 
 
@@ -218,78 +422,147 @@ def test_sku_not_available_is_explained():
 
 
 def test_missing_config_json_is_a_clear_error(colors_model, tmp_path):
-    done = subprocess.run([processes._bin("scorehost"), "deploy", "aks", "--yes", "--model-dir", colors_model,
-                           "--config-file", str(tmp_path / "config.json")], capture_output=True, text=True,
-                          timeout=300, cwd=tmp_path)
+    done = scorehost_cli("deploy", "aks", "--yes", "--allow-insecure", "--model-dir", colors_model,
+                         "--config-file", str(tmp_path / "config.json"), cwd=tmp_path)
     assert done.returncode == 1 and "Download config file" in done.stderr and "Traceback" not in done.stderr
 
 
-def test_teardown_deletes_the_endpoint_and_detaches_the_compute(settings):
-    client = FakeMLClient()
-    assert azure_v2.teardown(client, settings, with_compute=True, say=lambda m: None) == [
-        "endpoint scorehost-resnet50", "compute gpu-aks (detached)"]
-    assert client.log[0][1:] == ("begin_delete", (), {"name": "scorehost-resnet50"})
-    assert client.log[1][1:] == ("begin_delete", (), {"name": "gpu-aks", "action": "Detach"})
+def test_deploy_without_its_packages_says_what_to_install(tmp_path):
+    """As in an environment with only the `tf` extra: the Azure SDK and kubernetes cannot be imported."""
+    blocker = tmp_path / "sitecustomize.py"
+    blocker.write_text("import sys\nfor name in ('azure', 'kubernetes', 'yaml', 'locust', 'matplotlib'):\n"
+                       "    sys.modules[name] = None\n")
+    env = {**os.environ, "PYTHONPATH": str(tmp_path)}
+    for command, extra in ((("deploy", "aks", "--yes"), "deploy"), (("deploy", "teardown", "--yes"), "deploy"),
+                           (("deploy", "k8s", "--out", str(tmp_path / "k"), "--image", "r.io/x:1"), "deploy"),
+                           (("deploy", "plan",), "deploy"), (("bench",), "bench")):
+        done = scorehost_cli(*command, env=env)
+        lines = done.stderr.strip().splitlines()
+        assert done.returncode in (1, 2) and len(lines) == 1, done.stderr
+        assert f"pip install -e '.[{extra}]'" in lines[0] and "Traceback" not in done.stderr
+
+
+# --- teardown -------------------------------------------------------------------------------------------------
+
+def test_teardown_says_what_still_bills_and_deletes_a_cluster_scorehost_made(azure, https):
+    run_deploy(azure, https)
+    said = []
+    deleted = azure_v2.teardown(azure.clients, https, detach=True, delete_cluster=lambda: False, say=said.append)
+    assert deleted == ["endpoint scorehost-resnet50", "compute gpu-aks (detached)"]
+    billing = said[-1]
+    for item in ("node pool system: 1 x Standard_D4s_v5", "node pool gpupool: 3 x Standard_NC4as_T4_v3",
+                 "OS disks", "load balancer and its public IP", "Azure ML extension", "MC_rg-ml_scorehost-gpu",
+                 "scorehost created this cluster", "--delete-cluster", "model colors"):
+        assert item in billing, billing
+    assert [c.kwargs for c in azure.ml.calls if c.method == "begin_delete"] == [
+        {"name": "scorehost-resnet50"}, {"name": "gpu-aks", "action": "Detach"}]
+    assert azure.arm.writes("DELETE") == []
+
+    deleted = azure_v2.teardown(azure.clients, https, detach=True, delete_cluster=lambda: True, say=said.append)
+    assert deleted == ["AKS cluster scorehost-gpu"]
+    assert [(r.method, r.path) for r in azure.arm.writes("DELETE")] == [("DELETE", CLUSTER_PATH)]
+    assert "node pool" not in said[-1]
+
+
+def test_teardown_of_a_managed_endpoint_touches_no_cluster(azure, settings):
+    run_deploy(azure, settings, managed=True)
+    said = []
+    assert azure_v2.teardown(azure.clients, settings, detach=True, say=said.append) == ["endpoint scorehost-resnet50"]
+    assert azure.arm.requests == [] and "node pool" not in said[-1] and "model colors" in said[-1]
+
+
+def test_teardown_leaves_a_cluster_it_did_not_create(azure, https):
+    run_deploy(azure, https)
+    azure.arm.resources[CLUSTER_PATH.lower()]["tags"] = {}  # as if it was there before scorehost
+    said = []
+    azure_v2.teardown(azure.clients, https, detach=False, delete_cluster=lambda: True, say=said.append)
+    assert azure.arm.writes("DELETE") == [] and "scorehost did not create this cluster" in said[-1]
+
+
+def test_teardown_of_one_deployment_refuses_while_it_takes_traffic(azure, https):
+    run_deploy(azure, https)
+    run_deploy(azure, dataclasses.replace(https, deployment="green"))
+    with pytest.raises(DeployError):
+        azure_v2.teardown(azure.clients, https, detach=False, only_deployment="blue", say=quiet)
+    assert azure_v2.teardown(azure.clients, https, detach=False, only_deployment="green", say=quiet) == [
+        "deployment scorehost-resnet50/green"]
+    assert ("scorehost-resnet50", "blue") in azure.ml.deployment_state
 
 
 @pytest.mark.parametrize("answer,deletes", [("n", False), ("", False), ("y", True)])
-def test_teardown_asks_before_deleting(settings, monkeypatch, capsys, answer, deletes):
-    import argparse
-
-    from deploy import cli as deploy_cli
-
+def test_teardown_asks_before_deleting(azure, https, monkeypatch, capsys, answer, deletes):
+    run_deploy(azure, https)
+    azure.ml.calls.clear()
     monkeypatch.setattr("builtins.input", lambda prompt: answer)
-    args = argparse.Namespace(config=None, yes=False, cluster=False, config_file=settings.config_file,
-                              **{f.name: None for f in dataclasses.fields(DeploySettings) if f.name != "config_file"})
-    client = FakeMLClient()
-    assert deploy_cli.cmd_teardown(args, client) == (0 if deletes else 1)
-    assert bool(client.log) == deletes
-    if deletes:
-        assert "Still billing: the AKS cluster scorehost-gpu" in capsys.readouterr().out
-
-
-def test_cluster_creation_with_gpu_pool_extension_and_instance_type(settings):
-    log = []
-    aks, ext = Operations(log, "aks"), Operations(log, "ext")
-    aks.managed_clusters, ext.extensions = Operations(log, "managed_clusters"), Operations(log, "extensions")
-    s = dataclasses.replace(settings, create_cluster=True)
-    cluster.create_cluster(aks, ext, s, say=lambda m: None)
-    (_, _, (rg, name, managed), _), (_, _, ext_args, _) = log
-    assert (rg, name) == ("rg-ml", "scorehost-gpu")
-    pools = {p.name: p for p in managed.agent_pool_profiles}
-    assert pools["gpupool"].vm_size == "Standard_NC4as_T4_v3" and pools["gpupool"].count == 3
-    assert ext_args[:5] == ("rg-ml", "Microsoft.ContainerService", "managedClusters", "scorehost-gpu", "azureml")
-    assert ext_args[5].extension_type == "Microsoft.AzureML.Kubernetes"
-
-    class Exists(Exception):
-        status = 409
-
-    objects = Operations(log, "k8s", {"create_cluster_custom_object": Exists()})
-    cluster.create_instance_type(aks, s, custom_objects=objects)
-    assert log[-1][1] == "replace_cluster_custom_object" and log[-1][2][3] == "gpu-t4"
+    args = namespace("teardown", yes=False, cluster=False, only_deployment=None, delete_cluster=False,
+                     config_file=https.config_file)
+    assert deploy_cli.cmd_teardown(args, azure.clients) == (0 if deletes else 1)
+    assert bool(azure.ml.writes()) == deletes
+    if deletes:  # the second question, about the cluster, got the same answer: yes
+        assert "AKS cluster scorehost-gpu" in capsys.readouterr().out
+        assert [r.method for r in azure.arm.writes("DELETE")] == ["DELETE"]
 
 
 # --- plain Kubernetes ---------------------------------------------------------------------------------------
 
-def test_k8s_manifests_validate_offline(tmp_path):
+def test_k8s_manifests_validate_offline_with_the_model_in_the_image(tmp_path, colors_model):
     import kubernetes_validate
 
-    done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--replicas", "2")
+    from test_dockerfile import hadolint
+
+    done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--instance-count", "2", "--model-dir",
+                         colors_model, "--image", "myregistry.azurecr.io/scorehost-colors:1")
     assert done.returncode == 0, done.stderr
+    assert "names no registry" not in done.stdout
     kinds = {}
     for name in sorted(os.listdir(tmp_path)):
-        with open(tmp_path / name) as f:
-            manifest = yaml.safe_load(f)
+        if name == "Dockerfile":
+            continue
+        text = (tmp_path / name).read_text()
+        assert "&id" not in text and "*id" not in text  # no YAML anchors
+        manifest = yaml.safe_load(text)
         kubernetes_validate.validate(manifest, "1.32.0", strict=True)
         kinds[manifest["kind"]] = manifest
-    assert set(kinds) == {"Deployment", "Service", "Secret", "HorizontalPodAutoscaler", "PersistentVolumeClaim"}
-    container = kinds["Deployment"]["spec"]["template"]["spec"]["containers"][0]
+    assert set(kinds) == {"Deployment", "Service", "Secret", "HorizontalPodAutoscaler"}  # no volume to provision
+    assert stat.S_IMODE(os.stat(tmp_path / "secret.yaml").st_mode) == 0o600
+    pod = kinds["Deployment"]["spec"]["template"]["spec"]
+    container = pod["containers"][0]
+    assert container["image"] == "myregistry.azurecr.io/scorehost-colors:1" and "volumes" not in pod
     assert container["resources"]["limits"]["nvidia.com/gpu"] == "1"
     assert container["resources"]["requests"]["cpu"] == "2" and container["livenessProbe"]["httpGet"]["port"] == 5001
-    assert container["livenessProbe"]["httpGet"]["path"] == "/" and container["readinessProbe"]["httpGet"]["path"] == "/ready"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/ready"
     assert container["env"][0]["valueFrom"]["secretKeyRef"]["name"] == kinds["Secret"]["metadata"]["name"]
     assert kinds["Deployment"]["spec"]["replicas"] == 2
-    assert container["volumeMounts"][0]["mountPath"] == k8s.MODEL_MOUNT
+
+    dockerfile = (tmp_path / "Dockerfile").read_text()
+    assert f"COPY --chown=1000 . {k8s.MODEL_MOUNT}/" in dockerfile and "FROM scorehost:gpu" in dockerfile
+    assert f"docker build -f {tmp_path / 'Dockerfile'} -t myregistry.azurecr.io/scorehost-colors:1 {colors_model}" \
+        in dockerfile and "docker push myregistry.azurecr.io/scorehost-colors:1" in dockerfile
+    lint = subprocess.run([hadolint(), str(tmp_path / "Dockerfile")], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+
+
+def test_k8s_says_when_the_image_names_no_registry(tmp_path):
+    done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--image", "scorehost:gpu")
+    assert done.returncode == 0 and "names no registry" in done.stdout
+    assert scorehost_cli("deploy", "k8s", "--out", str(tmp_path)).returncode == 2  # --image is required
+
+
+@pytest.mark.parametrize("command,absent,present", [
+    ("k8s", ("--vm-size", "--create-cluster", "--subscription-id", "--ssl-cname", "--traffic"), ("--image", "--gpus")),
+    ("managed", ("--create-cluster", "--instance-type", "--ssl-cname", "--gpus", "--image"),
+     ("--vm-size", "--traffic", "--deployment")),
+    ("aks", ("--image", "--target"), ("--create-cluster", "--ssl-cname", "--allow-insecure", "--traffic")),
+    ("traffic", ("--vm-size", "--model-dir", "--create-cluster"), ("--endpoint",)),
+])
+def test_help_lists_only_the_flags_that_apply(command, absent, present):
+    done = scorehost_cli("deploy", command, "--help")
+    assert done.returncode == 0
+    for flag in absent:
+        assert flag not in done.stdout, (command, flag)
+    for flag in present:
+        assert flag in done.stdout, (command, flag)
 
 
 # --- parity ---------------------------------------------------------------------------------------------------
@@ -315,6 +588,45 @@ def test_parity_fails_on_a_different_model(start_server, colors_model, tmp_path)
     assert done.returncode == 1 and "DIFF" in done.stdout and ".version" in done.stdout
 
 
+def test_parity_against_a_keyed_endpoint_without_the_key_is_one_line(start_server, colors_model):
+    keyed = start_server("scorehost", REFERENCE_SCRIPT, colors_model, env={"SCOREHOST_AUTH_KEY": "sekrit"})
+    local = start_server("scorehost", REFERENCE_SCRIPT, colors_model)
+    for flags, words in (((), "it needs a key: pass --key"), (("--key", "wrong"), "the key was refused")):
+        done = scorehost_cli("parity", keyed.url, "--local", local.url, *flags)
+        assert done.returncode == 1 and "answered 401" in done.stderr and words in done.stderr, done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "DIFF" not in done.stdout
+    done = scorehost_cli("parity", keyed.url, "--local", local.url, "--key", "sekrit", "--deployment", "green")
+    assert done.returncode == 0 and "all answers match" in done.stdout  # the deployment header is harmless here
+
+
+def test_parity_against_an_unreachable_url_is_one_line(start_server, colors_model):
+    local = start_server("scorehost", REFERENCE_SCRIPT, colors_model)
+    done = scorehost_cli("parity", f"http://127.0.0.1:{processes.free_port()}", "--local", local.url)
+    assert done.returncode == 1 and "cannot reach http://127.0.0.1:" in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_parity_sends_the_deployment_header(monkeypatch):
+    seen = []
+
+    class Answer:
+        status = 200
+
+        def read(self):
+            return b"{}"
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *a):
+            pass
+
+    monkeypatch.setattr(parity.urllib.request, "urlopen", lambda r, timeout: seen.append(r) or Answer())
+    parity.send("http://x.example/score", parity.labelled()[0], "k", deployment="green")
+    assert seen[0].get_header("Azureml-model-deployment") == "green"
+    assert seen[0].get_header("Authorization") == "Bearer k"
+
+
 def test_parity_diff_tolerates_last_digits():
     assert parity.diff({"p": 0.51234, "request_id": "a"}, {"p": 0.5125, "request_id": "b"}) == []
-    assert parity.diff({"p": 0.5}, {"p": 0.6}) == ["body.p: 0.5 != 0.6 (tolerance 0.001)".replace("body", "")]
+    assert parity.diff({"p": 0.5}, {"p": 0.6}) == [".p: 0.5 != 0.6 (tolerance 0.001)"]

@@ -1,0 +1,341 @@
+"""Azure, faked at its wire boundary (it cannot be reached from here), so the deploy tests run the real clients:
+
+- `Arm`: an azure-core transport for the real azure-mgmt clients (ContainerService, KubernetesConfiguration,
+  Resource). It records each HTTP request the SDK sends (method, path, api-version, JSON body) and keeps what was
+  PUT, so a GET afterwards finds it, as Azure would: a second run meets the first run's resources.
+- `KubeApi`: a Kubernetes API server on 127.0.0.1 for the real `kubernetes` client (reached through the kubeconfig
+  that `Arm` hands out for listClusterUserCredential). It refuses a replace without the current resourceVersion
+  (422), as the real API server does.
+- `FakeML`: MLClient's operations (azure-ai-ml uploads models and code to blob storage, which no fake can take),
+  recording the real entities, each with the REST body the SDK would send for it (`_to_rest_*`).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import dataclasses
+import io
+import json
+import threading
+import time
+import urllib.parse
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any, Optional
+
+import requests
+from azure.core.credentials import AccessToken
+from azure.core.exceptions import ClientAuthenticationError, ResourceNotFoundError
+from azure.core.pipeline.transport import HttpRequest as LegacyHttpRequest
+from azure.core.pipeline.transport import RequestsTransport, RequestsTransportResponse
+from azure.core.rest._requests_basic import RestRequestsTransportResponse
+from requests.structures import CaseInsensitiveDict
+from urllib3 import HTTPResponse
+
+SUBSCRIPTION = "00000000-1111-2222-3333-444444444444"
+ARM_ID = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.MachineLearningServices/workspaces/{ws}"
+
+
+class Credential:
+    """A token credential that counts its calls, or fails like DefaultAzureCredential without a login."""
+
+    def __init__(self, fail: bool = False):
+        self.calls, self.fail = 0, fail
+
+    def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
+        self.calls += 1
+        if self.fail:
+            raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token from the included "
+                                            "credentials. AzureCliCredential: Please run 'az login' to set up an "
+                                            "account")
+        return AccessToken("token", int(time.time()) + 3600)
+
+
+@dataclasses.dataclass
+class Request:
+    method: str
+    path: str
+    query: dict[str, str]
+    body: Any
+
+    @property
+    def api_version(self) -> str:
+        return self.query.get("api-version", "")
+
+
+class Arm(RequestsTransport):
+    """Azure Resource Manager as a recording, stateful transport."""
+
+    def __init__(self, kubeconfig: bytes = b""):
+        super().__init__()
+        self.requests: list[Request] = []
+        self.resources: dict[str, dict] = {}
+        self.providers: dict[str, str] = {}
+        self.kubeconfig = kubeconfig
+
+    def writes(self, *methods: str) -> list[Request]:
+        return [r for r in self.requests if r.method in (methods or ("PUT", "POST", "PATCH", "DELETE"))]
+
+    def send(self, request: Any, **kwargs: Any) -> Any:
+        url = urllib.parse.urlsplit(request.url)
+        content = request.content if hasattr(request, "content") else request.body  # new-style, legacy request
+        body = json.loads(content) if content else None
+        recorded = Request(request.method, url.path, dict(urllib.parse.parse_qsl(url.query)), body)
+        self.requests.append(recorded)
+        status, answer = self.answer(recorded)
+        return _response(request, status, answer)
+
+    def answer(self, r: Request) -> tuple[int, Any]:
+        path = r.path.lower()
+        if "/providers/microsoft.kubernetesconfiguration" in path and "/managedclusters/" not in path:
+            namespace = "Microsoft.KubernetesConfiguration"
+            if path.endswith("/register"):
+                self.providers[namespace] = "Registered"
+            return 200, {"namespace": namespace, "registrationState": self.providers.get(namespace, "NotRegistered")}
+        if path.endswith("/listclusterusercredential"):
+            return 200, {"kubeconfigs": [{"name": "clusterUser",
+                                          "value": base64.b64encode(self.kubeconfig).decode()}]}
+        if r.method == "GET":
+            found = self.resources.get(path)
+            return (200, found) if found else (404, {"error": {"code": "ResourceNotFound",
+                                                               "message": f"{r.path} not found"}})
+        if r.method == "DELETE":
+            self.resources.pop(path, None)
+            return 204, None
+        if r.method == "PUT":
+            stored = copy.deepcopy(r.body)
+            stored.setdefault("properties", {})["provisioningState"] = "Succeeded"
+            stored["id"], stored["name"] = r.path, r.path.rsplit("/", 1)[-1]
+            if "/managedclusters/" in path and "/extensions/" not in path:
+                stored["properties"].setdefault("nodeResourceGroup", "MC_rg-ml_" + stored["name"])
+            self.resources[path] = stored
+            return 200, stored
+        return 404, {"error": {"code": "NotFound", "message": f"no fake for {r.method} {r.path}"}}
+
+
+def _response(request: Any, status: int, body: Any) -> Any:
+    raw = json.dumps(body).encode() if body is not None else b""
+    headers = CaseInsensitiveDict({"Content-Type": "application/json", "Content-Length": str(len(raw))})
+    response = requests.Response()
+    response.status_code, response.reason, response.url, response.headers = status, "fake", request.url, headers
+    response.raw = HTTPResponse(body=io.BytesIO(raw), headers=headers, status=status, preload_content=False)
+    if isinstance(request, LegacyHttpRequest):  # clients on azure-core's older pipeline types
+        response._content = raw
+        return RequestsTransportResponse(request, response)
+    return RestRequestsTransportResponse(request=request, internal_response=response, block_size=4096)
+
+
+class KubeApi:
+    """The Kubernetes API for the InstanceType CRD and its objects, on 127.0.0.1."""
+
+    CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/instancetypes.amlarc.azureml.com"
+    OBJECTS = "/apis/amlarc.azureml.com/v1alpha1/instancetypes"
+
+    def __init__(self, crd_after_polls: int = 0):
+        self.requests: list[Request] = []
+        self.objects: dict[str, dict] = {}
+        self.crd_polls_left = crd_after_polls
+        api = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args: Any) -> None:
+                pass
+
+            def _handle(self) -> None:
+                url = urllib.parse.urlsplit(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                body = json.loads(self.rfile.read(length)) if length else None
+                request = Request(self.command, url.path, dict(urllib.parse.parse_qsl(url.query)), body)
+                api.requests.append(request)
+                status, answer = api.answer(request)
+                raw = json.dumps(answer).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(raw)))
+                self.end_headers()
+                self.wfile.write(raw)
+
+            do_GET = do_POST = do_PUT = do_DELETE = _handle
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.url = f"http://127.0.0.1:{self.server.server_port}"
+
+    def kubeconfig(self) -> bytes:
+        return json.dumps({
+            "apiVersion": "v1", "kind": "Config", "current-context": "aks",
+            "clusters": [{"name": "aks", "cluster": {"server": self.url}}],
+            "users": [{"name": "user", "user": {"token": "cluster-token"}}],
+            "contexts": [{"name": "aks", "context": {"cluster": "aks", "user": "user"}}]}).encode()
+
+    def answer(self, r: Request) -> tuple[int, Any]:
+        def status(code: int, reason: str) -> tuple[int, dict]:
+            return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
+                          "message": reason}
+
+        if r.path == self.CRD_PATH:
+            if self.crd_polls_left > 0:
+                self.crd_polls_left -= 1
+                return status(404, "NotFound")
+            return 200, {"apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                         "metadata": {"name": "instancetypes.amlarc.azureml.com"},
+                         "spec": {"group": "amlarc.azureml.com", "scope": "Cluster",
+                                  "names": {"plural": "instancetypes", "kind": "InstanceType"},
+                                  "versions": [{"name": "v1alpha1", "served": True, "storage": True}]},
+                         "status": {"conditions": [{"type": "Established", "status": "True"}]}}
+        if r.path.startswith(self.OBJECTS):
+            name = r.path[len(self.OBJECTS) + 1:]
+            if r.method == "GET":
+                return (200, self.objects[name]) if name in self.objects else status(404, "NotFound")
+            if r.method == "POST":
+                name = r.body["metadata"]["name"]
+                if name in self.objects:
+                    return status(409, "AlreadyExists")
+                self.objects[name] = {**r.body, "metadata": {**r.body["metadata"], "resourceVersion": "1"}}
+                return 201, self.objects[name]
+            if r.method == "PUT":
+                version = r.body.get("metadata", {}).get("resourceVersion")
+                if not version:
+                    return status(422, "metadata.resourceVersion: Invalid value: 0x0: must be specified for an "
+                                       "update")
+                if version != self.objects[name]["metadata"]["resourceVersion"]:
+                    return status(409, "Conflict")
+                next_version = str(int(version) + 1)
+                self.objects[name] = {**r.body, "metadata": {**r.body["metadata"], "resourceVersion": next_version}}
+                return 200, self.objects[name]
+        return status(404, "NotFound")
+
+    def close(self) -> None:
+        self.server.shutdown()
+
+
+class Poller:
+    def __init__(self, result: Any = None, error: Optional[BaseException] = None, polls: int = 1):
+        self._result, self._error, self._polls = result, error, polls
+
+    def done(self) -> bool:
+        self._polls -= 1
+        return self._polls < 0
+
+    def status(self) -> str:
+        return "Running"
+
+    def wait(self, timeout: Optional[float] = None) -> None:
+        pass
+
+    def result(self, timeout: Optional[float] = None) -> Any:
+        if self._error:
+            raise self._error
+        return self._result
+
+
+@dataclasses.dataclass
+class Call:
+    operation: str
+    method: str
+    args: tuple
+    kwargs: dict
+    body: Any = None  # the REST body the SDK sends for the entity, where it sends one
+
+
+class _Operations:
+    def __init__(self, ml: "FakeML", name: str):
+        self.ml, self.name = ml, name
+
+    def __getattr__(self, method: str) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            failure = self.ml.fail.get((self.name, method))
+            record = Call(self.name, method, args, kwargs)
+            self.ml.calls.append(record)
+            if isinstance(failure, BaseException):
+                raise failure
+            if failure == "never":
+                return Poller(polls=10**9)
+            if isinstance(failure, Poller):  # a long-running operation that fails while Azure works on it
+                return failure
+            return getattr(self.ml, f"_{self.name}_{method}")(record, *args, **kwargs)
+        return call
+
+
+class FakeML:
+    """MLClient's compute, models, online_endpoints and online_deployments, with a workspace's state."""
+
+    location = "eastus"
+
+    def __init__(self, fail: Optional[dict] = None, workspace: tuple[str, str, str] = (SUBSCRIPTION, "rg-ml",
+                                                                                         "ws-ml")):
+        self.fail = fail or {}
+        self.calls: list[Call] = []
+        self.compute_state: dict[str, Any] = {}
+        self.model_versions: dict[str, int] = {}
+        self.endpoint_state: dict[str, Any] = {}
+        self.deployment_state: dict[tuple[str, str], Any] = {}
+        self.arm = ARM_ID.format(sub=workspace[0], rg=workspace[1], ws=workspace[2])
+        for name in ("compute", "models", "online_endpoints", "online_deployments"):
+            setattr(self, name, _Operations(self, name))
+
+    def writes(self) -> list[tuple[str, str]]:
+        return [(c.operation, c.method) for c in self.calls if c.method not in ("get", "list", "get_keys")]
+
+    @staticmethod
+    def _missing(what: str) -> ResourceNotFoundError:
+        return ResourceNotFoundError(f"{what} not found")
+
+    def _compute_get(self, call: Call, name: str) -> Any:
+        if name not in self.compute_state:
+            raise self._missing(f"compute {name}")
+        return self.compute_state[name]
+
+    def _compute_begin_create_or_update(self, call: Call, compute: Any) -> Poller:
+        self.compute_state[compute.name] = compute
+        return Poller(compute)
+
+    def _compute_begin_delete(self, call: Call, name: str, action: str = "Delete") -> Poller:
+        self.compute_state.pop(name, None)
+        return Poller()
+
+    def _models_create_or_update(self, call: Call, model: Any) -> Any:
+        version = self.model_versions[model.name] = self.model_versions.get(model.name, 0) + 1
+        registered = copy.copy(model)
+        registered.version = str(version)
+        registered._id = f"{self.arm}/models/{model.name}/versions/{version}"
+        return registered
+
+    def _online_endpoints_get(self, call: Call, name: str) -> Any:
+        if name not in self.endpoint_state:
+            raise self._missing(f"endpoint {name}")
+        endpoint = copy.deepcopy(self.endpoint_state[name])
+        endpoint._scoring_uri = f"https://{name}.{self.location}.inference.ml.azure.com/score"
+        return endpoint
+
+    def _online_endpoints_begin_create_or_update(self, call: Call, endpoint: Any) -> Poller:
+        call.body = endpoint._to_rest_online_endpoint(self.location).as_dict()
+        self.endpoint_state[endpoint.name] = copy.deepcopy(endpoint)
+        return Poller(endpoint)
+
+    def _online_endpoints_get_keys(self, call: Call, name: str) -> Any:
+        return dataclasses.make_dataclass("Keys", [("primary_key", str)])(f"{name}-primary-key")
+
+    def _online_endpoints_begin_delete(self, call: Call, name: str) -> Poller:
+        self.endpoint_state.pop(name, None)
+        for key in [k for k in self.deployment_state if k[0] == name]:
+            del self.deployment_state[key]
+        return Poller()
+
+    def _online_deployments_begin_create_or_update(self, call: Call, deployment: Any) -> Poller:
+        # What the SDK sends once it has uploaded the code and registered the environment: their ARM ids.
+        sent = copy.copy(deployment)
+        sent.model = deployment.model.id
+        sent.environment = f"{self.arm}/environments/{deployment.environment.name}/versions/1"
+        sent.code_configuration = copy.copy(deployment.code_configuration)
+        sent.code_configuration.code = f"{self.arm}/codes/score/versions/1"
+        call.body = sent._to_rest_object(self.location).as_dict()
+        self.deployment_state[(deployment.endpoint_name, deployment.name)] = deployment
+        return Poller(deployment)
+
+    def _online_deployments_list(self, call: Call, endpoint_name: str) -> list:
+        return [d for (e, _), d in self.deployment_state.items() if e == endpoint_name]
+
+    def _online_deployments_begin_delete(self, call: Call, name: str, endpoint_name: str) -> Poller:
+        self.deployment_state.pop((endpoint_name, name), None)
+        return Poller()
