@@ -79,8 +79,8 @@ def teardown(workspace: Any, s: DeploySettings, with_compute: bool, say: Callabl
     Webservice(workspace, s.endpoint).delete()
     deleted.append(f"service {s.endpoint}")
     if with_compute:
-        target = AksCompute(workspace, s.compute)
-        if s.create_cluster:  # Azure ML created the cluster (ComputeTarget.create): deleting it removes the nodes
+        target = AksCompute(workspace, s.compute)  # reads the compute: is_attached says who made the cluster
+        if not target.is_attached:  # Azure ML created it (ComputeTarget.create): deleting it removes the nodes
             say(f"deleting compute {s.compute} and its AKS cluster")
             target.delete()
             deleted.append(f"compute {s.compute} (deleted, with its cluster)")

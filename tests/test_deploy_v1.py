@@ -87,17 +87,15 @@ def test_v1_failure_says_what_to_delete(settings, monkeypatch):
 def test_v1_teardown_detaches_an_attached_cluster_and_deletes_one_it_created(settings, monkeypatch, created,
                                                                              expected):
     """AksCompute.delete() raises for an attached cluster: attached ones are detached, never deleted."""
-    import dataclasses
-
     calls = []
     monkeypatch.setattr("azureml.core.webservice.Webservice.__new__", lambda cls, ws, name: Service(), raising=False)
     monkeypatch.setattr(Service, "delete", lambda self: calls.append("service delete"), raising=False)
     monkeypatch.setattr("azureml.core.compute.AksCompute.__new__", lambda cls, ws, name: object.__new__(cls),
                         raising=False)
-    monkeypatch.setattr("azureml.core.compute.AksCompute.__init__", lambda self, *a, **k: None, raising=False)
+    monkeypatch.setattr("azureml.core.compute.AksCompute.__init__",  # as read from the workspace
+                        lambda self, *a, **k: setattr(self, "is_attached", not created), raising=False)
     monkeypatch.setattr("azureml.core.compute.AksCompute.detach", lambda self: calls.append("detach"))
     monkeypatch.setattr("azureml.core.compute.AksCompute.delete", lambda self: calls.append("delete"))
-    s = dataclasses.replace(settings, create_cluster=created)
-    deleted = azure_v1.teardown("workspace", s, with_compute=True, say=lambda m: None)
+    deleted = azure_v1.teardown("workspace", settings, with_compute=True, say=lambda m: None)
     assert calls == ["service delete", expected]
     assert deleted[-1] == "compute gpu-aks (" + ("deleted, with its cluster)" if created else "detached)")
