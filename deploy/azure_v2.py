@@ -228,6 +228,7 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         if not managed:
             step = f"cluster {s.aks_cluster}"
             cluster.prepare(clients, s, say, created.append, poll_s=poll_s)
+            step = f"compute {s.compute}"
             compute = _get(lambda: ml.compute.get(s.compute))
             if compute is None:
                 do(f"attach AKS cluster {s.aks_cluster} as compute {s.compute}",
@@ -237,6 +238,7 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
                                   " pass --compute with another name")
             else:
                 say(f"compute {s.compute} is attached already")
+        step = f"endpoint {s.endpoint}"
         endpoint = _get(lambda: ml.online_endpoints.get(s.endpoint))
         current = dict(endpoint.traffic or {}) if endpoint is not None else {}
         traffic = planned_traffic(current, s)  # checked before anything is written
@@ -255,21 +257,17 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         step = "keys"
         endpoint = ml.online_endpoints.get(s.endpoint)
         key = ml.online_endpoints.get_keys(s.endpoint).primary_key
+        passed = True
         if check is not None:
             step = "parity"
             say(f"\nParity replay against deployment {s.deployment} alone, before it takes traffic")
-            if not check(endpoint.scoring_uri, key, s.deployment):
-                raise DeployError(
-                    f"scorehost deploy: deployment {s.deployment} answers differently from the local server (above);"
-                    f" it takes no new traffic, the endpoint's stays {current or 'none'}.\nDelete it with: "
-                    f"scorehost deploy teardown --endpoint {s.endpoint} --only-deployment {s.deployment}")
-        if traffic != current:
+            passed = check(endpoint.scoring_uri, key, s.deployment)
+        if passed and traffic != current:
             endpoint.traffic = traffic
             do(f"traffic {traffic}", lambda: ml.online_endpoints.begin_create_or_update(endpoint))
-    except DeployError:
-        raise
     except BaseException as ex:  # noqa: B036 - Ctrl-C too must say what is left billing
-        message = explain(ex) if isinstance(ex, Exception) else "interrupted"
+        message = (ex.message if isinstance(ex, DeployError) else explain(ex) if isinstance(ex, Exception)
+                   else "interrupted")
         hint = f"\nCreated so far: {', '.join(created) or 'nothing'}."
         if created:
             hint += f"\nRemove it with: scorehost deploy teardown --endpoint {s.endpoint} --yes" + (
@@ -280,6 +278,11 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         raise DeployError(f"scorehost deploy: failed at '{step}': {message}{hint}") from ex
     finally:
         shutil.rmtree(entities.code_dir, ignore_errors=True)
+    if not passed:
+        raise DeployError(
+            f"scorehost deploy: deployment {s.deployment} answers differently from the local server (above); it "
+            f"takes no new traffic, the endpoint's stays {current or 'none'}.\nDelete it with: scorehost deploy "
+            f"teardown --endpoint {s.endpoint} --only-deployment {s.deployment}")
     say(f"scoring URI: {endpoint.scoring_uri}  traffic: {traffic}")
     say(f"key: az ml online-endpoint get-credentials -n {s.endpoint} -g {s.resource_group} -w {s.workspace}")
     return {"scoring_uri": endpoint.scoring_uri, "key": key, "traffic": traffic, "created": created,

@@ -39,14 +39,14 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
         if not rule.match(value):
             found.append(f"{name} {value!r} is not a legal Azure name ({rule.pattern})")
     if RETIRED.match(s.vm_size):
-        found.append(f"vm_size {s.vm_size} is retired (the NC, NCv2 and ND sizes are): use Standard_NC4as_T4_v3")
+        found.append(f"vm_size {s.vm_size} is retired (NC, NCv2, NCv3 and ND are): use Standard_NC4as_T4_v3")
     elif not GPU_SIZE.match(s.vm_size):
         found.append(f"vm_size {s.vm_size} is not a GPU size for AKS (e.g. Standard_NC4as_T4_v3)")
     if s.instance_count < 1 or s.gpus < 1 or s.max_concurrent_requests < 1:
         found.append("instance_count, gpus and max_concurrent_requests must be at least 1")
     if s.target == "aks" and s.create_cluster and s.node_count < s.instance_count * s.gpus:
         found.append(f"{s.node_count} GPU nodes cannot hold {s.instance_count} instances of {s.gpus} GPU each")
-    if s.target == "aks":
+    if s.target == "aks" and s.sdk == "v2":  # v1 provisions its own AKS, without the extension
         found += https_problems(s)
     if not os.path.isfile(s.entry_script):
         found.append(f"entry script {s.entry_script} does not exist")
@@ -73,8 +73,8 @@ def https_problems(s: DeploySettings) -> list[str]:
         missing = [flag for flag, value in (("--ssl-cname", s.ssl_cname), ("--ssl-cert", s.ssl_cert),
                                             ("--ssl-key", s.ssl_key)) if not value]
         unreadable = [path for path in (s.ssl_cert, s.ssl_key) if path and not os.path.isfile(path)]
-        return ([f"HTTPS needs {', '.join(missing)} too" for _ in missing[:1]] +
-                [f"{path} is not a file" for path in unreadable])
+        return ([f"HTTPS needs {', '.join(missing)} too"] if missing else []) + [
+            f"{path} is not a file" for path in unreadable]
     if s.create_cluster and not s.allow_insecure:
         return ["--create-cluster installs the Azure ML extension, which needs HTTPS (--ssl-cname NAME --ssl-cert "
                 "CERT.pem --ssl-key KEY.pem) or, for development, --allow-insecure"]
