@@ -17,7 +17,7 @@ from deploy.settings import (AKS, K8S, MANAGED, PLAN, TEARDOWN, TRAFFIC, DeployE
 from scorehost.extras import install_line, missing
 
 AZURE_V2 = ("azure.ai.ml", "azure.identity", "azure.mgmt.containerservice", "azure.mgmt.kubernetesconfiguration",
-            "azure.mgmt.resource.resources", "kubernetes", "yaml")
+            "azure.mgmt.resource", "kubernetes", "yaml")
 
 
 def require(command: str, modules: tuple[str, ...], extra: str = "deploy") -> None:

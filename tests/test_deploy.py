@@ -440,6 +440,9 @@ def test_deploy_without_its_packages_says_what_to_install(tmp_path):
         lines = done.stderr.strip().splitlines()
         assert done.returncode in (1, 2) and len(lines) == 1, done.stderr
         assert f"pip install -e '.[{extra}]'" in lines[0] and "Traceback" not in done.stderr
+        if command[:2] == ("deploy", "aks"):
+            assert "needs azure-ai-ml, azure-identity, azure-mgmt-containerservice, " \
+                   "azure-mgmt-kubernetesconfiguration, azure-mgmt-resource, kubernetes, pyyaml:" in lines[0]
 
 
 # --- teardown -------------------------------------------------------------------------------------------------
