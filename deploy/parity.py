@@ -57,6 +57,12 @@ def diff(a: Any, b: Any, path: str = "", tolerance: float = TOLERANCE) -> list[s
     return [] if a == b else [f"{path}: {a!r} != {b!r}"]
 
 
+def refused(url: str, status: int, key: str) -> DeployError:
+    return DeployError(f"scorehost parity: {url} answered {status}: " + (
+        "the key was refused (is it this endpoint's? az ml online-endpoint get-credentials)" if key else
+        "it needs a key: pass --key K (az ml online-endpoint get-credentials)"))
+
+
 def compare(remote: str, local: str, key: str = "", local_key: str = "", tolerance: float = TOLERANCE,
             say=print, deployment: str = "") -> bool:
     """Replay the corpus against both; True when every answer matches. A refused key stops at the first answer."""
@@ -64,9 +70,7 @@ def compare(remote: str, local: str, key: str = "", local_key: str = "", toleran
     for probe in labelled():
         r_status, r_body = send(remote, probe, key, deployment=deployment)
         if r_status in (401, 403):
-            raise DeployError(f"scorehost parity: {remote} answered {r_status}: "
-                              + ("the key was refused (is it this endpoint's? az ml online-endpoint get-credentials)"
-                                 if key else "it needs a key: pass --key K (az ml online-endpoint get-credentials)"))
+            raise refused(remote, r_status, key)
         l_status, l_body = send(local, probe, local_key)
         problems = ([f"status {r_status} != {l_status}"] if r_status != l_status else []) + \
             ([f"status {r_status}, expected {probe.status}"] if r_status == l_status != probe.status else []) + \
@@ -86,7 +90,11 @@ def score_url(url: str) -> str:
 
 def run(url: str, key: str = "", local: Optional[str] = None, model_dir: Optional[str] = None,
         tolerance: float = TOLERANCE, deployment: str = "") -> int:
-    """Compare `url` with `local` (a running server), or with a local scorehost started here on the demo model."""
+    """Compare `url` with `local` (a running server), or with a local scorehost started here on the demo model
+    (once `url` is known to answer and to take the key: starting a server to compare with nothing is a minute lost)."""
+    status, _ = send(score_url(url), labelled()[0], key, deployment=deployment)
+    if status in (401, 403):
+        raise refused(score_url(url), status, key)
     if local:
         return 0 if compare(score_url(url), score_url(local), key, tolerance=tolerance, deployment=deployment) else 1
     from scorehost import REFERENCE_SCRIPT, processes

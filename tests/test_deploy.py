@@ -633,3 +633,17 @@ def test_parity_sends_the_deployment_header(monkeypatch):
 def test_parity_diff_tolerates_last_digits():
     assert parity.diff({"p": 0.51234, "request_id": "a"}, {"p": 0.5125, "request_id": "b"}) == []
     assert parity.diff({"p": 0.5}, {"p": 0.6}) == [".p: 0.5 != 0.6 (tolerance 0.001)"]
+
+
+def test_parity_checks_the_endpoint_before_starting_a_local_server(monkeypatch, start_server, colors_model):
+    """Unreachable, or keyed without a key: said at once, without waiting for a local server to start."""
+    keyed = start_server("scorehost", REFERENCE_SCRIPT, colors_model, env={"SCOREHOST_AUTH_KEY": "sekrit"})
+
+    def no_server(*args, **kwargs):
+        raise AssertionError("a local server was started")
+
+    monkeypatch.setattr(processes, "running", no_server)
+    for url, words in ((f"http://127.0.0.1:{processes.free_port()}", "cannot reach"), (keyed.url, "needs a key")):
+        with pytest.raises(DeployError) as e:
+            parity.run(url)
+        assert words in e.value.message
