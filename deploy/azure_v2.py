@@ -83,7 +83,8 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
     digest = sha256(os.path.join(code_dir, script))
     tags = {"scorehost": "1", "score_sha256": digest}
     model = Model(name=s.model_name, path=s.model_dir, type=AssetTypes.CUSTOM_MODEL,
-                  description="TensorFlow SavedModel served by score.py", tags=tags)
+                  description="TensorFlow SavedModel served by score.py",
+                  tags={**tags, "files_sha256": sha256(s.model_dir)} if os.path.isdir(s.model_dir) else tags)
     environment = Environment(name=f"scorehost-{s.model_name}", image=s.base_image, conda_file=s.conda_file,
                               description="myenv.yml on Azure ML's CUDA base image")
     common = dict(
@@ -171,6 +172,18 @@ def _get(operation: Callable[[], Any]) -> Any:
         return None
 
 
+def registered_model(ml: Any, model: Any) -> Optional[Any]:
+    """The registered version with the same files (tag files_sha256), so a second run uploads nothing again."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    wanted = (model.tags or {}).get("files_sha256")
+    try:
+        versions = list(ml.models.list(name=model.name))
+    except ResourceNotFoundError:
+        return None
+    return next((v for v in versions if wanted and (v.tags or {}).get("files_sha256") == wanted), None)
+
+
 def shares(current: dict[str, int], requested: dict[str, int]) -> dict[str, int]:
     """The endpoint's traffic after `requested` (deployment -> percent): the deployments not named keep their
     proportions of what is left. Azure wants the shares to add up to 100."""
@@ -242,8 +255,12 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         endpoint = _get(lambda: ml.online_endpoints.get(s.endpoint))
         current = dict(endpoint.traffic or {}) if endpoint is not None else {}
         traffic = planned_traffic(current, s)  # checked before anything is written
-        model = do(f"register model {s.model_name}", lambda: ml.models.create_or_update(entities.model))
-        created.append(f"model {s.model_name}:{getattr(model, 'version', '?')}")
+        model = registered_model(ml, entities.model)
+        if model is not None:
+            say(f"model {s.model_name}:{model.version} holds these files already: used as it is")
+        else:
+            model = do(f"register model {s.model_name}", lambda: ml.models.create_or_update(entities.model))
+            created.append(f"model {s.model_name}:{getattr(model, 'version', '?')}")
         entities.deployment.model = model
         if endpoint is None:
             endpoint = do(f"endpoint {s.endpoint}", lambda: ml.online_endpoints.begin_create_or_update(

@@ -26,8 +26,20 @@ ASSET_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")
 
 
 def sha256(path: str) -> str:
-    with open(path, "rb") as f:
-        return hashlib.sha256(f.read()).hexdigest()
+    """Of a file; of a directory, its files' relative paths and bytes (what registering it would upload)."""
+    digest = hashlib.sha256()
+    if not os.path.isdir(path):
+        with open(path, "rb") as f:
+            return hashlib.sha256(f.read()).hexdigest()
+    for folder, dirs, files in sorted(os.walk(path)):
+        dirs.sort()
+        for name in sorted(files):
+            full = os.path.join(folder, name)
+            digest.update(os.path.relpath(full, path).encode() + b"\0")
+            with open(full, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
@@ -129,7 +141,8 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
                 ("Kubernetes compute (attach, if absent)", s.compute, {"aks": s.aks_resource_id,
                                                                        "namespace": "azureml"})]
     kind = "managed online" if s.target == "managed" else "Kubernetes online"
-    out += [("model (new version)", s.model_name, {"path": s.model_dir, "type": "custom_model"}),
+    out += [("model (a new version, unless one holds these files)", s.model_name,
+             {"path": s.model_dir, "type": "custom_model"}),
             ("environment", "scorehost-" + s.model_name, {"image": s.base_image, "conda_file": s.conda_file}),
             (f"{kind} endpoint (if absent)", s.endpoint,
              {"auth_mode": "key", **({"compute": s.compute} if s.target == "aks" else {})}),

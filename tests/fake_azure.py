@@ -267,7 +267,7 @@ class FakeML:
         self.fail = fail or {}
         self.calls: list[Call] = []
         self.compute_state: dict[str, Any] = {}
-        self.model_versions: dict[str, int] = {}
+        self.model_versions: dict[str, list] = {}
         self.endpoint_state: dict[str, Any] = {}
         self.deployment_state: dict[tuple[str, str], Any] = {}
         self.arm = ARM_ID.format(sub=workspace[0], rg=workspace[1], ws=workspace[2])
@@ -295,11 +295,17 @@ class FakeML:
         return Poller()
 
     def _models_create_or_update(self, call: Call, model: Any) -> Any:
-        version = self.model_versions[model.name] = self.model_versions.get(model.name, 0) + 1
+        versions = self.model_versions.setdefault(model.name, [])
         registered = copy.copy(model)
-        registered.version = str(version)
-        registered._id = f"{self.arm}/models/{model.name}/versions/{version}"
+        registered.version = str(len(versions) + 1)
+        registered._id = f"{self.arm}/models/{model.name}/versions/{registered.version}"
+        versions.append(registered)
         return registered
+
+    def _models_list(self, call: Call, name: str) -> list:
+        if name not in self.model_versions:
+            raise self._missing(f"model {name}")
+        return list(self.model_versions[name])
 
     def _online_endpoints_get(self, call: Call, name: str) -> Any:
         if name not in self.endpoint_state:

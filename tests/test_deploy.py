@@ -266,9 +266,25 @@ def test_second_run_rewrites_nothing_that_exists(azure, https):
     kube = [(r.method, r.path) for r in azure.kube.requests]
     assert kube[-2:] == [("GET", KubeApi.OBJECTS + "/gpu-t4"), ("PUT", KubeApi.OBJECTS + "/gpu-t4")]
     assert azure.kube.requests[-1].body["metadata"]["resourceVersion"] == "1"  # else the API server says 422
-    assert azure.ml.writes() == [("models", "create_or_update"), ("online_deployments", "begin_create_or_update")]
+    # The model's files are registered already (same files_sha256): nothing is uploaded again.
+    assert azure.ml.writes() == [("online_deployments", "begin_create_or_update")]
     assert first["traffic"] == second["traffic"] == {"blue": 100}
     assert azure.kube.objects["gpu-t4"]["metadata"]["resourceVersion"] == "2"
+
+
+def test_a_model_with_other_files_is_registered_as_a_new_version(azure, https, tmp_path):
+    import shutil
+
+    run_deploy(azure, https)
+    changed = tmp_path / "model"
+    shutil.copytree(https.model_dir, changed)
+    (changed / "colors" / "1" / "labels.txt").write_text("other\n")
+    run_deploy(azure, dataclasses.replace(https, model_dir=str(changed)))
+    versions = azure.ml.model_versions["colors"]
+    assert [v.version for v in versions] == ["1", "2"]
+    assert versions[0].tags["files_sha256"] == plan.sha256(https.model_dir) != versions[1].tags["files_sha256"]
+    deployed = azure.ml.deployment_state[("scorehost-resnet50", "blue")]
+    assert deployed.model.version == "2"
 
 
 def test_an_existing_cluster_without_the_gpu_pool_is_refused(azure, https):
