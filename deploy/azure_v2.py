@@ -35,7 +35,7 @@ class Clients:
     resources: Any = None
 
 
-def connect(s: DeploySettings, credential: Any = None, **client_options: Any) -> Clients:
+def connect(s: DeploySettings, credential: Any = None) -> Clients:
     """Real clients on one credential, checked once up front: a failed sign-in stops here, before anything is
     created, with Azure's own account of the credentials it tried."""
     from azure.ai.ml import MLClient
@@ -52,10 +52,10 @@ def connect(s: DeploySettings, credential: Any = None, **client_options: Any) ->
         credential.get_token(ARM_SCOPE)
     except ClientAuthenticationError as ex:
         raise DeployError(f"scorehost deploy: {explain(ex)}\nNothing was created.") from ex
-    return Clients(MLClient(credential, s.subscription_id, s.resource_group, s.workspace, **client_options),
-                   ContainerServiceClient(credential, s.subscription_id, **client_options),
-                   SourceControlConfigurationClient(credential, s.subscription_id, **client_options),
-                   ResourceManagementClient(credential, s.subscription_id, **client_options))
+    return Clients(MLClient(credential, s.subscription_id, s.resource_group, s.workspace),
+                   ContainerServiceClient(credential, s.subscription_id),
+                   SourceControlConfigurationClient(credential, s.subscription_id),
+                   ResourceManagementClient(credential, s.subscription_id))
 
 
 @dataclasses.dataclass

@@ -663,3 +663,13 @@ def test_parity_checks_the_endpoint_before_starting_a_local_server(monkeypatch, 
         with pytest.raises(DeployError) as e:
             parity.run(url)
         assert words in e.value.message
+
+
+def test_connect_builds_every_client_on_the_one_credential(settings):
+    credential = Credential()
+    clients = azure_v2.connect(settings, credential)
+    assert credential.calls == 1  # the check; the clients ask again only when they send
+    assert (clients.ml.subscription_id, clients.ml.resource_group_name, clients.ml.workspace_name) == (
+        SUBSCRIPTION, "rg-ml", "ws-ml")
+    for client in (clients.clusters, clients.extensions, clients.resources):
+        assert client._config.credential is credential and client._config.subscription_id == SUBSCRIPTION
