@@ -43,7 +43,7 @@ class DeploySettings:
     entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte", *DEPLOYS)
     conda_file: str = setting(os.path.join(REPO_ROOT, "myenv.yml"), "conda environment of the deployment", *DEPLOYS)
     model_dir: str = setting("", "model directory (default: the demo model, built on first use)", *DEPLOYS, K8S)
-    model_name: str = setting("resnet50", "name the model is registered under", *DEPLOYS)
+    model_name: str = setting("resnet50", "name the model is registered under", *DEPLOYS, TEARDOWN)
     base_image: str = setting(GPU_BASE_IMAGE, "Azure ML base image the conda environment is built on", *DEPLOYS)
     # Where, on AKS: a cluster attached to the workspace as Kubernetes compute
     compute: str = setting("gpu-aks", "name of the cluster as Kubernetes compute in the workspace", *ON_AKS, TEARDOWN)
