@@ -162,25 +162,10 @@ def _wait(poller: Any, what: str, say: Say, timeout_s: float, poll_s: float = 10
     return poller.result()
 
 
-def _get(operation: Callable[[], Any]) -> Any:
-    """The resource, or None where Azure says it does not exist."""
-    from azure.core.exceptions import ResourceNotFoundError
-
-    try:
-        return operation()
-    except ResourceNotFoundError:
-        return None
-
-
 def registered_model(ml: Any, model: Any) -> Optional[Any]:
     """The registered version with the same files (tag files_sha256), so a second run uploads nothing again."""
-    from azure.core.exceptions import ResourceNotFoundError
-
     wanted = (model.tags or {}).get("files_sha256")
-    try:
-        versions = list(ml.models.list(name=model.name))
-    except ResourceNotFoundError:
-        return None
+    versions = cluster.existing(lambda: list(ml.models.list(name=model.name))) or []
     return next((v for v in versions if wanted and (v.tags or {}).get("files_sha256") == wanted), None)
 
 
@@ -242,7 +227,7 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
             step = f"cluster {s.aks_cluster}"
             cluster.prepare(clients, s, say, created.append, poll_s=poll_s)
             step = f"compute {s.compute}"
-            compute = _get(lambda: ml.compute.get(s.compute))
+            compute = cluster.existing(lambda: ml.compute.get(s.compute))
             if compute is None:
                 do(f"attach AKS cluster {s.aks_cluster} as compute {s.compute}",
                    lambda: ml.compute.begin_create_or_update(entities.compute), f"compute {s.compute} (attached)")
@@ -252,7 +237,7 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
             else:
                 say(f"compute {s.compute} is attached already")
         step = f"endpoint {s.endpoint}"
-        endpoint = _get(lambda: ml.online_endpoints.get(s.endpoint))
+        endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
         current = dict(endpoint.traffic or {}) if endpoint is not None else {}
         traffic = planned_traffic(current, s)  # checked before anything is written
         model = registered_model(ml, entities.model)
@@ -328,7 +313,7 @@ def teardown(clients: Clients, s: DeploySettings, detach: bool, only_deployment:
     bills, and delete the cluster where scorehost created it and `delete_cluster()` says yes."""
     ml = clients.ml
     deleted: list[str] = []
-    endpoint = _get(lambda: ml.online_endpoints.get(s.endpoint))
+    endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
     if only_deployment:
         if endpoint is None:
             raise DeployError(f"endpoint {s.endpoint} does not exist")
@@ -347,7 +332,7 @@ def teardown(clients: Clients, s: DeploySettings, detach: bool, only_deployment:
         deleted.append(f"endpoint {s.endpoint}")
     billing: list[str] = []
     if not managed:
-        if detach and _get(lambda: ml.compute.get(s.compute)) is not None:
+        if detach and cluster.existing(lambda: ml.compute.get(s.compute)) is not None:
             say(f"detaching compute {s.compute}")
             ml.compute.begin_delete(name=s.compute, action="Detach").result()
             deleted.append(f"compute {s.compute} (detached)")

@@ -26,8 +26,16 @@ INSTANCE_TYPE_API = ("amlarc.azureml.com", "v1alpha1", "instancetypes")
 Say = Callable[[str], None]
 
 
-def _not_found(error: BaseException) -> bool:
-    return getattr(error, "status_code", getattr(error, "status", None)) == 404
+def existing(read: Callable[[], Any]) -> Optional[Any]:
+    """What `read()` returns, or None where Azure (or the cluster's API) answers 404: the read before a write."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        return read()
+    except Exception as ex:
+        if isinstance(ex, ResourceNotFoundError) or getattr(ex, "status", None) == 404:  # azure-core, kubernetes
+            return None
+        raise
 
 
 def managed_cluster(s: DeploySettings) -> Any:
@@ -47,12 +55,7 @@ def managed_cluster(s: DeploySettings) -> Any:
 
 def ensure_cluster(clusters: Any, s: DeploySettings, say: Say, created: Callable[[str], None]) -> Any:
     """The AKS cluster: read it; create it only when absent and --create-cluster was given."""
-    try:
-        found = clusters.managed_clusters.get(s.resource_group, s.aks_cluster)
-    except Exception as ex:
-        if not _not_found(ex):
-            raise
-        found = None
+    found = existing(lambda: clusters.managed_clusters.get(s.resource_group, s.aks_cluster))
     if found is not None:
         pools = {p.name: p for p in found.agent_pool_profiles or []}
         say(f"AKS cluster {s.aks_cluster} exists ({', '.join(f'{p.name}: {p.count} x {p.vm_size}' for p in pools.values())}"
@@ -118,14 +121,11 @@ def ensure_extension(extensions: Any, s: DeploySettings, cluster: Any, say: Say,
     from azure.mgmt.kubernetesconfiguration.models import Extension, Scope, ScopeCluster
 
     where = (s.resource_group, "Microsoft.ContainerService", "managedClusters", s.aks_cluster, EXTENSION_NAME)
-    try:
-        found = extensions.extensions.get(*where)
+    found = existing(lambda: extensions.extensions.get(*where))
+    if found is not None:
         say(f"Azure ML extension on {s.aks_cluster} exists ({found.provisioning_state}): its settings are left as "
             "they are")
         return
-    except Exception as ex:
-        if not _not_found(ex):
-            raise
     if not (s.allow_insecure or s.ssl_cname):
         raise DeployError(f"AKS cluster {s.aks_cluster} has no Azure ML extension, and installing it needs a choice: "
                           "--ssl-cname NAME --ssl-cert CERT.pem --ssl-key KEY.pem for HTTPS, or --allow-insecure")
@@ -192,17 +192,14 @@ def upsert_instance_type(api_client: Any, s: DeploySettings, say: Say) -> None:
     import kubernetes
 
     api = kubernetes.client.CustomObjectsApi(api_client)
-    try:
-        existing = api.get_cluster_custom_object(*INSTANCE_TYPE_API, s.instance_type)
-    except kubernetes.client.ApiException as ex:
-        if ex.status != 404:
-            raise
+    found = existing(lambda: api.get_cluster_custom_object(*INSTANCE_TYPE_API, s.instance_type))
+    if found is None:
         say(f"creating instance type {s.instance_type}")
         api.create_cluster_custom_object(*INSTANCE_TYPE_API, instance_type_manifest(s))
         return
     say(f"updating instance type {s.instance_type}")
     api.replace_cluster_custom_object(*INSTANCE_TYPE_API, s.instance_type,
-                                      instance_type_manifest(s, existing["metadata"]["resourceVersion"]))
+                                      instance_type_manifest(s, found["metadata"]["resourceVersion"]))
 
 
 def prepare(clients: Any, s: DeploySettings, say: Say, created: Callable[[str], None], poll_s: float = 10) -> None:
@@ -218,12 +215,9 @@ def prepare(clients: Any, s: DeploySettings, say: Say, created: Callable[[str], 
 
 def still_billing(clusters: Any, s: DeploySettings) -> tuple[list[str], bool]:
     """(what the cluster still bills for, whether scorehost created it): read from the cluster itself."""
-    try:
-        cluster = clusters.managed_clusters.get(s.resource_group, s.aks_cluster)
-    except Exception as ex:
-        if _not_found(ex):
-            return [], False
-        raise
+    cluster = existing(lambda: clusters.managed_clusters.get(s.resource_group, s.aks_cluster))
+    if cluster is None:
+        return [], False
     lines = [f"AKS cluster {s.aks_cluster} ({cluster.location}), in node resource group {cluster.node_resource_group}:"]
     lines += [f"  node pool {p.name}: {p.count} x {p.vm_size} VMs and their OS disks ({p.os_disk_size_gb or '?'} GB "
               "each)" for p in cluster.agent_pool_profiles or []]
