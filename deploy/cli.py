@@ -26,6 +26,14 @@ def require(command: str, modules: tuple[str, ...], extra: str = "deploy") -> No
         raise DeployError(install_line(command, absent, extra))
 
 
+def require_sdk(command: str, s: DeploySettings) -> None:
+    """The Azure ML SDK the settings choose: v2 (the `deploy` extra) or v1 (`deploy-v1`, in its own virtualenv)."""
+    if s.sdk == "v1":
+        require(command, ("azureml.core",), "deploy-v1")
+    else:
+        require(command, AZURE_V2)
+
+
 def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
     parser.add_argument("--config", help="YAML file of deployment settings (flags override it)")
     for field in fields_for(command):
@@ -90,8 +98,7 @@ def _deploy(args: argparse.Namespace, target: str, clients: Any = None) -> int:
     from deploy import plan
 
     s = settings_from(args, target=target)
-    require(f"deploy {target}", ("azureml.core",) if s.sdk == "v1" else AZURE_V2,
-            "deploy-v1" if s.sdk == "v1" else "deploy")
+    require_sdk(f"deploy {target}", s)
     s = _demo_model(s)
     found = plan.problems(s)
     if found:
@@ -144,8 +151,7 @@ def cmd_traffic(args: argparse.Namespace, clients: Any = None) -> int:
 
 def cmd_teardown(args: argparse.Namespace, clients: Any = None) -> int:
     s = settings_from(args)
-    require("deploy teardown", ("azureml.core",) if s.sdk == "v1" else AZURE_V2,
-            "deploy-v1" if s.sdk == "v1" else "deploy")
+    require_sdk("deploy teardown", s)
     s = s.with_workspace()
     what = (f"deployment {s.endpoint}/{args.only_deployment}" if args.only_deployment else
             f"endpoint {s.endpoint} with its deployments" + (f" and compute {s.compute}" if args.cluster else ""))
