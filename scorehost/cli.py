@@ -26,54 +26,37 @@ def _banner(settings, mode: str) -> None:
           f"Metrics:        GET   {base}/metrics\n", flush=True)
 
 
-def serving_plan(settings, gpus: list[str]) -> tuple[object, tuple, str]:
-    """Fill the settings left to defaults, and say why: (settings, model slots, one line for the banner).
+KEY_FD_PREFIX = "/proc/self/fd/"
 
-    With run_batch() and batching on (the default when a GPU is visible), one model process per GPU (one on the
-    CPU) batches for HTTP workers on every core; otherwise each worker calls run() itself, as Azure ML does."""
-    from server.entry_script import defines
-    from server.gpus import default_workers
 
-    has_batch = defines(settings.entry_script, "run_batch")
-    if settings.batch_max is None:
-        settings = settings.replace(batch_max=64 if gpus and has_batch else 0)
-    if settings.batch_max > 1 and not has_batch:
-        print(f"scorehost: --batch-max is set but {settings.entry_script} has no run_batch(): batching is off",
-              file=sys.stderr)
-    if settings.batch_max > 1 and has_batch:
-        slots = tuple(gpus) or (None,)
-        if settings.workers is None:
-            settings = settings.replace(workers=os.cpu_count() or 1)
-        if settings.threads is None:
-            settings = settings.replace(threads=2 * settings.batch_max)
-        if settings.batch_sizes is None:
-            powers = tuple(2 ** i for i in range(settings.batch_max.bit_length()) if 2 ** i < settings.batch_max)
-            settings = settings.replace(batch_sizes=powers + (settings.batch_max,) if gpus else ())
-        where = f"one per GPU ({', '.join(gpus)})" if gpus else "one, on the CPU (no GPU visible)"
-        mode = (f"batched: {len(slots)} model process(es), {where}, run init() and run_batch() (up to "
-                f"{settings.batch_max} requests a call); {settings.workers} HTTP workers preprocess and feed them. "
-                f"Why: the script has run_batch() and batching is on")
-        return settings, slots, mode
-    if settings.workers is None:
-        settings = settings.replace(workers=default_workers())
-    if settings.threads is None:
-        settings = settings.replace(threads=1)
-    if settings.batch_sizes is None:
-        settings = settings.replace(batch_sizes=())
-    if not has_batch:
-        why = "the script has no run_batch()"
-    elif gpus:
-        why = "batching is off (--batch-max 0)"
-    else:
-        why = "no GPU is visible, so batching is off by default (--batch-max N turns it on)"
-    mode = (f"per worker: {settings.workers} worker(s) each run init() and call run() "
-            f"({settings.threads} at a time), as Azure ML does. Why: {why}")
-    return settings, (), mode
+def _restart_without_visible_key(args: argparse.Namespace) -> None:
+    """The entry script runs in this process's children, which see its command line and environment (os.environ,
+    sys.argv, /proc/<pid>/cmdline and /proc/<pid>/environ). A key given with --auth-key or SCOREHOST_AUTH_KEY
+    would be readable there: start again without it, the key in an anonymous in-memory file instead
+    (--auth-key-file /proc/self/fd/N), which cmd_serve reads once and closes."""
+    key = args.auth_key or os.environ.get("SCOREHOST_AUTH_KEY")
+    if not key or not args.from_command_line:
+        return
+    fd = os.memfd_create("scorehost-auth-key", 0)  # inherited across exec, then closed once read
+    os.write(fd, key.encode())
+    argv, skip = [], False
+    for arg in sys.argv[1:]:
+        if skip or arg.startswith("--auth-key="):
+            skip = False
+            continue
+        if arg == "--auth-key":
+            skip = True
+            continue
+        argv.append(arg)
+    environ = {name: value for name, value in os.environ.items() if name != "SCOREHOST_AUTH_KEY"}
+    os.execve(sys.executable, [sys.executable, "-m", "scorehost.cli", *argv, "--auth-key-file",
+                               f"{KEY_FD_PREFIX}{fd}"], environ)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    _restart_without_visible_key(args)
     from server.gpus import visible_gpus
-    from server.runner import serve
+    from server.runner import plan, serve
     from server.settings import BY_NAME, SettingError, check, resolve
 
     if args.entry_script:  # a path typed on the command line means "from here", as azmlinfsrv takes it
@@ -87,6 +70,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.auth_key_file:
         with open(settings.auth_key_file, encoding="utf-8") as f:
             settings = settings.replace(auth_key=f.read().strip(), auth_key_file=None)
+        if args.auth_key_file and args.auth_key_file.startswith(KEY_FD_PREFIX):
+            os.close(int(args.auth_key_file[len(KEY_FD_PREFIX):]))  # the key is in memory now, nowhere else
     if settings.entry_script is None:
         settings = settings.replace(entry_script=REFERENCE_SCRIPT)
     if settings.model_dir is None and os.path.realpath(settings.entry_script) == os.path.realpath(REFERENCE_SCRIPT):
@@ -95,9 +80,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings.replace(model_dir=demo_model_dir())
     if settings.model_dir is not None:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
-    if settings.access_log is None:
-        settings = settings.replace(access_log=sys.stdout.isatty())
-    settings, model_slots, mode = serving_plan(settings, visible_gpus())
+    settings, model_slots, mode = plan(settings, visible_gpus())
     _banner(settings, mode)
     return serve(settings, model_slots) or 0
 
@@ -212,6 +195,7 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
+    args.from_command_line = argv is None
     try:
         return args.func(args)
     except SystemExit as ex:  # DeployError and friends: their message, exit code 1, no traceback

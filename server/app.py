@@ -1,9 +1,11 @@
 """The Flask app: Azure ML's routes and the checks every request passes before the entry script sees it.
 
-The path of a scoring request, top to bottom:
-  gunicorn -> `_admit`: `request_ids` (431) -> `authorize` (401) -> `read_body` (413)
-  -> `score()` -> EntryScript (input mode: 400/405/415) -> Invoker (run(), timeout: 500), or preprocess
-     and a model process (`model_process`: run_batch(), queue full: 503)
+The path of a scoring request, top to bottom (the front has read it whole: server/front.py, connection.py):
+  `_admit`: `request_ids` (431) -> CORS preflight (answered here) -> `authorize` (401) -> `read_body` (413)
+  -> `score()` -> EntryScript (input mode: 400/405/415)
+     -> Invoker: run() until the request's deadline (500 past it)                        [per worker, as Azure ML]
+     or Invoker: preprocess() until the deadline -> ModelClient -> a model process's run_batch() (queue full: 503;
+        the wait ends at the same deadline)                                               [batching]
   -> `as_response` (what run() returned, shaped as Azure ML does) -> `_finish` (contract headers, metrics).
 Errors are raised as `errors.ServerError` types and turned into responses by one handler.
 """
@@ -37,6 +39,8 @@ log = logging.getLogger("scorehost.app")
 HEADER_LIMIT = 100  # characters, for the request id headers, as Azure ML
 BODY_ERROR = "scorehost.body_error"  # set by the HTTP front when a body could not be read as framed (server/front.py)
 TIMED_OUT = "scorehost.timed_out"  # set by the HTTP front to have a call stuck past the scoring timeout answered
+DEADLINE = "scorehost.deadline"  # the request's scoring deadline (time.monotonic()), set by the HTTP front when an
+# app thread takes the request; run(), preprocess(), the model queue, run_batch() and the wait for its answer keep it
 PROTECTED = ("/score", "/swagger.json", "/metrics")
 
 
@@ -70,17 +74,20 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         flask_cors.CORS(app, methods=["GET", "POST"], origins=cors_origins(settings.cors_origins))
 
     @app.before_request
-    def _admit() -> None:
+    def _admit() -> Optional[flask.Response]:
         request, g = flask.request, flask.g
         g.started = time.perf_counter()
         request_ids(request, g)
         if request.environ.get(TIMED_OUT):
             raise ScoringTimeout(settings.scoring_timeout_ms)
-        if key is not None and request.path in PROTECTED and not is_preflight(request, settings):
+        if is_preflight(request, settings):
+            return AMLResponse("", 200)  # flask-cors adds its headers; no key, and the script is never called
+        if key is not None and protected(request.path):
             authorize(request.headers.get("Authorization", ""), key)
             request.environ.pop("HTTP_AUTHORIZATION", None)  # checked: the script (and its logs) never sees the key
         if request.path == "/score":
             read_body(request, settings.max_body_bytes)
+        return None
 
     @app.route("/", methods=["GET"])
     def health() -> str:
@@ -144,6 +151,12 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     return app
 
 
+def protected(path: str) -> bool:
+    """Whether a path needs the key. Repeated slashes count as one, as the router merges them (`//score` is
+    `/score`): checked on the head, so an unauthenticated body is never read."""
+    return re.sub("/{2,}", "/", path) in PROTECTED
+
+
 def is_preflight(request: flask.Request, settings: Settings) -> bool:
     """A browser's CORS preflight carries no credentials by design: with CORS on, it needs no key."""
     return bool(settings.cors_origins) and request.method == "OPTIONS" and \
@@ -205,7 +218,7 @@ def body_admission(key: Optional[bytes], limit: int) -> Callable[[str, Optional[
     def admits_body(path: str, authorization: Optional[str], content_length: Optional[int]) -> bool:
         if content_length is not None and content_length > limit:
             return False
-        if key is not None and path in PROTECTED:
+        if key is not None and protected(path):
             try:
                 authorize(authorization or "", key)
             except Unauthorized:
@@ -254,24 +267,33 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics,
             model_sockets: tuple[str, ...]) -> tuple[Callable[[flask.Request], Timed], Callable[[], bool]]:
     """How this worker turns a request into run()'s output, and whether it is ready: each worker calls run() itself
     (Azure ML's way), or preprocesses here and has a model process batch the items (`model_process`)."""
+    invoker = Invoker(settings.scoring_timeout_ms)
     if model_sockets:
-        client = ModelClient(list(model_sockets), settings.scoring_timeout_ms)
+        client = ModelClient(list(model_sockets), settings.scoring_timeout_ms,
+                             item_max_bytes=settings.batch_queue_bytes, send_timeout_s=settings.send_timeout)
 
         def batched(request: flask.Request) -> Timed:
-            item = script.batch_item(request)
+            deadline = deadline_of(request, settings)
+            item = invoker.invoke(lambda: script.batch_item(request), deadline,  # preprocess(), on time
+                                  passthrough=(ServerError, HTTPException)).output
             if isinstance(item, flask.Response):  # preprocess() answered this request itself
                 return Timed(item, 0.0)
-            return client.submit(item)
+            return client.submit(item, deadline)
 
         return batched, client.ready
-    invoker = Invoker(settings.scoring_timeout_ms)
 
     def one_by_one(request: flask.Request) -> Timed:
-        timed = invoker.invoke(script.call_run(request))
+        timed = invoker.invoke(script.call_run(request), deadline_of(request, settings))
         metrics.run_time.observe(timed.elapsed_ms / 1000)
         return timed
 
     return one_by_one, lambda: True
+
+
+def deadline_of(request: flask.Request, settings: Settings) -> float:
+    """The request's scoring deadline, as the front set it (or from now, for an app used without the front)."""
+    deadline = request.environ.get(DEADLINE)
+    return deadline if deadline is not None else time.monotonic() + settings.scoring_timeout_ms / 1000
 
 
 def as_response(output: Any) -> flask.Response:

@@ -28,6 +28,18 @@ class ServerError(Exception):
         super().__init__(message)
         self.message = message
 
+    def __reduce__(self) -> tuple:
+        """Errors cross from a model process to its HTTP workers (server/wire.py) with their type, message and
+        headers, whatever their constructor takes."""
+        return _rebuild, (type(self), self.message, self.extra_headers)
+
+
+def _rebuild(cls: type, message: str, extra_headers: dict[str, str]) -> "ServerError":
+    error = cls.__new__(cls)
+    ServerError.__init__(error, message)
+    error.extra_headers = extra_headers
+    return error
+
 
 class BadInput(ServerError):
     """The request body or query cannot be turned into run()'s arguments."""
@@ -97,6 +109,20 @@ class ScriptFailed(ServerError):
         super().__init__("An unexpected error occurred in scoring script. Check the logs for more info.")
 
 
+class ResultUnusable(ServerError):
+    """run_batch()'s result for one request cannot cross from the model process to the HTTP worker (it does not
+    pickle there, or does not unpickle here: a class only init() imported, a lock): that request fails, alone."""
+
+    scorehost_only = True
+    run_function_failed = True
+
+
+class ItemTooLarge(ServerError):
+    """The item made for run_batch() (preprocess()'s output, or the request) is larger than a model process takes."""
+
+    scorehost_only = True
+
+
 class ModelOutOfMemory(ServerError):
     """The framework ran out of (GPU) memory: the request may well succeed later, or smaller. Azure ML says 500."""
 
@@ -159,6 +185,8 @@ STATUS: dict[type[ServerError], int] = {
     HeaderTooLong: 431,
     HeaderFieldsTooLarge: 431,
     ScoringTimeout: 500,
+    ResultUnusable: 500,
+    ItemTooLarge: 500,
     ScriptFailed: 500,
     InternalError: 500,
     Overloaded: 503,

@@ -1,23 +1,29 @@
-"""The HTTP front: how bytes on a socket become one complete request for the app, and its answer bytes again.
+"""The HTTP front: a gunicorn worker class whose event loop owns every connection, and app threads that answer.
 
-A gunicorn worker class: gunicorn's master still forks, supervises, pins and replaces workers (`runner`). Inside a
-worker, one thread runs an epoll loop that accepts connections and parses requests with httptools (llhttp, Node.js's
-parser, in C). Only a request whose head *and* body have fully arrived is handed to an app thread, which runs the
-Flask app and writes the answer straight to the socket (no hop back to the loop when it fits in the socket buffer).
+gunicorn's master still forks, supervises, pins and replaces workers (`runner`). Inside a worker:
+- one loop thread (epoll) accepts connections, reads them, and owns each connection's state (`connection.Connection`:
+  parser, buffers, deadlines); it alone changes them, so no connection state is shared between threads;
+- a complete request goes to an app thread (`--threads`), which runs the Flask app and hands the finished answer
+  back to the loop through one queue with a wake-up (gunicorn gthread's PollableMethodQueue, uvicorn's
+  single-threaded protocol). The loop writes it;
+- `GET /` and `GET /ready` are answered by the loop itself (readiness is a cached flag: nothing there can block);
+  `/metrics` by a side thread of its own, so a scrape waits neither behind run() nor blocks the loop.
 What that buys, measured in bench/RESULTS.md (section 6), against gunicorn's gthread worker and granian:
-- a slow, silent or idle client holds a file descriptor, never a thread: it cannot stall the server. A request that
-  stops arriving is answered 408 after `read_timeout`; an idle keep-alive connection is closed after `keepalive`;
-  an answer the client does not read is finished by the loop and dropped after `send_timeout`;
+- a slow, silent or idle client holds a file descriptor, never a thread. A request that stops arriving is answered
+  408 after `read_timeout`; an idle keep-alive connection is closed after `keepalive`; an answer the client does
+  not read is dropped after `send_timeout`;
+- back-pressure instead of buffering: a connection is not read while its request is answered, and the body bytes
+  a worker holds are bounded (`--max-body-bytes-in-flight`: past it, 503 before the body is read);
 - a request the app would refuse on its head alone (wrong key, body over the limit) is answered without reading its
   body, and `Expect: 100-continue` gets its 100 only when the app would take the body;
-- errors at the protocol level (bad framing, line or headers too long, timeouts) are JSON with a request id;
-- per request, one C parse and two queue operations instead of gunicorn's Python parser and its thread-pool futures.
-Requests on one connection are answered in order (pipelining): the next is handed over once the previous is answered.
+- nothing accepted is dropped: a worker that must exit (a hung call past `--hung-grace`, the end of a graceful
+  stop) first stops accepting, answers every request it holds (503 + Retry-After where no answer is ready), and
+  finishes writing them.
 """
 
 from __future__ import annotations
 
-import collections
+import errno
 import io
 import logging
 import os
@@ -29,157 +35,78 @@ import threading
 import time
 from email.utils import formatdate
 from typing import Any, Callable, Optional
-from urllib.parse import unquote_to_bytes
 
-import httptools
 from gunicorn.workers.base import Worker
 
 from . import errors
-from .app import BODY_ERROR, TIMED_OUT
+from .app import BODY_ERROR, DEADLINE, TIMED_OUT
+from .connection import BUSY, CLOSED, WRITING, Connection, Limits, Request
 from .model_process import EXIT_HUNG
 
 log = logging.getLogger("scorehost.front")
 access_log = logging.getLogger("scorehost.access")
 
-# Limits on a request's head: gunicorn's defaults, so that these answers are the ones AIHS's gunicorn gives.
-MAX_REQUEST_LINE = 4094
-MAX_HEADERS = 100
-MAX_HEADER_FIELD = 8190
-MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * (MAX_HEADER_FIELD + 2) + 4
 RECV_SIZE = 256 * 1024
-LINGER_S = 2.0
-DRAIN_IDLE_S = 1.0  # on SIGTERM, how long a connection that sent nothing yet may still send its request  # after a closing answer, how long unread bytes from the client are drained before the socket closes
-TICK_S = 0.25
-# Answered by the loop thread itself, never queued behind a long run(): the probes and the metrics scrape.
-CONTROL_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready"), ("GET", "/metrics")}
-MAX_PIPELINED = 32  # complete requests that may wait behind the one being answered, per connection  # how often deadlines are checked and the master is told this worker is alive
-
-# Connection states. Only the loop thread moves a connection out of BUSY's neighbours; app threads move it from
-# BUSY to IDLE, WRITING or CLOSING when an answer is done.
-NEW, IDLE, READING, BUSY, WRITING, CLOSING = "new", "idle", "reading", "busy", "writing", "closing"
-
-
-class _Reject(Exception):
-    """Raised inside the parser to stop reading: the request is answered on its head alone."""
+DRAIN_IDLE_S = 1.0  # on SIGTERM, how long a connection that sent nothing yet may still send its request
+TICK_S = 0.25  # how often deadlines are checked and the master is told this worker is alive
+EVACUATE_S = 5.0  # an exiting worker's last answers get this long to be written
+HUNG_DRAIN_S = 5.0  # a worker with a stuck call lets its other requests finish this long before it exits
+ACCEPT_PAUSE_S = 0.5  # out of descriptors: accept() rests this long, instead of spinning on the failure
+# Answered by the loop thread itself: nothing they do can block.
+LOOP_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready")}
+# Answered by the side thread: never queued behind a long run(), never on the loop.
+SIDE_ROUTES = {("GET", "/metrics")}
 
 
-class _Protocol(Exception):
-    def __init__(self, error: errors.ServerError):
-        self.error = error
+class SocketTransport:
+    """A connection's socket, registered in its worker's epoll; used by the loop thread only."""
 
+    __slots__ = ("worker", "sock", "fd", "events")
 
-class Request:
-    __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
-                 "body_error", "expect_continue", "content_length", "started", "finished", "timed_out")
+    def __init__(self, worker: "FrontWorker", sock: socket.socket):
+        self.worker, self.sock, self.fd = worker, sock, sock.fileno()
+        self.events = select.EPOLLIN | select.EPOLLRDHUP
+        worker.epoll.register(self.fd, self.events)
 
-    def __init__(self) -> None:
-        self.method: Optional[str] = None
-        self.version = "1.1"
-        self.url = b""
-        self.path = self.query = ""  # decoded once the head is complete
-        self.headers: list[tuple[bytes, bytes]] = []
-        self.body: list[bytes] = []
-        self.body_size = 0
-        self.body_error: Optional[str] = None  # the body cannot be read as framed: the app answers 400
-        self.expect_continue = False
-        self.content_length: Optional[int] = None
-        self.keep_alive = True
-        self.started = time.perf_counter()
-        self.finished = self.timed_out = False  # answered by its app thread, or by the loop at its deadline
-
-
-class Connection:
-    """One client socket and its parser; the parser's callbacks (`on_*`) run in the loop thread."""
-
-    def __init__(self, front: "FrontWorker", sock: socket.socket, peer: Any):
-        self.front, self.sock, self.fd = front, sock, sock.fileno()
-        self.peer = peer if isinstance(peer, tuple) else ("", 0)
-        self.parser = httptools.HttpRequestParser(self)
-        self.lock = threading.Lock()
-        self.state = NEW
-        self.deadline = time.monotonic() + front.read_timeout
-        self.pending: collections.deque[Request] = collections.deque()  # complete requests waiting their turn
-        self.request: Optional[Request] = None  # the one being parsed
-        self.in_head = True  # between requests too: bytes before a request line count towards its head
-        self.head_bytes = 0
-        self.watched = True  # registered in the loop's epoll
-        self.stop_reading = False  # the last request closes the connection: what follows it is discarded
-        self.out: Optional[memoryview] = None  # what the loop still has to write
-        self.close_after_write = False
-        self.eof = False
-
-    # --- httptools callbacks ----------------------------------------------------------------------------------
-    def on_message_begin(self) -> None:
-        self.request = Request()
-        self.in_head = True
-
-    def on_url(self, url: bytes) -> None:
-        assert self.request is not None
-        self.request.url += url
-        if len(self.request.url) > MAX_REQUEST_LINE:
-            raise _Protocol(errors.RequestLineTooLong(f"request line over {MAX_REQUEST_LINE} bytes"))
-
-    def on_header(self, name: bytes, value: bytes) -> None:
-        assert self.request is not None
-        headers = self.request.headers
-        if len(headers) >= MAX_HEADERS:
-            raise _Protocol(errors.HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields"))
-        if len(name) + len(value) + 2 > MAX_HEADER_FIELD:
-            raise _Protocol(errors.HeaderFieldsTooLarge(f"header field over {MAX_HEADER_FIELD} bytes"))
-        headers.append((name, value.strip()))
-
-    def on_headers_complete(self) -> None:
-        request = self.request
-        assert request is not None
-        self.in_head, self.head_bytes = False, 0
-        parser = self.parser
-        request.method = parser.get_method().decode("latin-1")
-        request.version = parser.get_http_version()
-        request.keep_alive = parser.should_keep_alive()
-        authorization = None
-        for name, value in request.headers:
-            lname = name.lower()
-            if lname == b"content-length":
-                request.content_length = int(value) if value.isdigit() else None
-            elif lname == b"expect":
-                request.expect_continue = value.lower() == b"100-continue"
-            elif lname == b"authorization":
-                authorization = value.decode("latin-1")
+    def send(self, data: memoryview) -> int:
         try:
-            url = httptools.parse_url(request.url)
-        except httptools.HttpParserInvalidURLError:
-            raise _Protocol(errors.MalformedRequest("the request target is not a valid URL")) from None
-        request.path = unquote_to_bytes(url.path or b"/").decode("latin-1")
-        request.query = (url.query or b"").decode("latin-1")
-        if not self.front.admits_body(request.path, authorization, request.content_length):
-            raise _Reject()  # answered on its head; the body is never read
-        if request.expect_continue and self.state not in (BUSY, WRITING):  # never inside an answer being written
-            _send_quietly(self.sock, b"HTTP/1.1 100 Continue\r\n\r\n")
+            return self.sock.send(data)
+        except BlockingIOError:
+            return 0
 
-    def on_body(self, data: bytes) -> None:
-        request = self.request
-        assert request is not None
-        request.body_size += len(data)
-        if request.body_size > self.front.max_body_bytes:  # chunked past the limit: the app answers 413
-            request.body.append(data[: max(0, self.front.max_body_bytes + 1 - (request.body_size - len(data)))])
-            raise _Reject()
-        request.body.append(data)
+    def _set(self, flag: int, on: bool) -> None:
+        events = (self.events | flag) if on else (self.events & ~flag)
+        if events != self.events:
+            self.events = events
+            self.worker.epoll.modify(self.fd, events)
 
-    def on_message_complete(self) -> None:
-        assert self.request is not None
-        self.front.complete(self, self.request)
-        self.request = None
+    def reading(self, on: bool) -> None:
+        self._set(select.EPOLLIN | select.EPOLLRDHUP, on)
 
+    def writing(self, on: bool) -> None:
+        self._set(select.EPOLLOUT, on)
 
-def _send_quietly(sock: socket.socket, data: bytes) -> None:
-    try:
-        sock.send(data)
-    except OSError:
-        pass
+    def shutdown_write(self) -> None:
+        self.sock.shutdown(socket.SHUT_WR)
+
+    def close(self) -> None:
+        self.worker.forget(self.fd)
+        try:
+            self.worker.epoll.unregister(self.fd)
+        except (OSError, ValueError):
+            pass
+        self.sock.close()
 
 
 class FrontWorker(Worker):
-    """gunicorn worker: one epoll loop thread for all sockets, `threads` app threads for complete requests."""
+    """gunicorn worker: one epoll loop thread that owns all sockets, `threads` app threads, one side thread."""
+
+    # Set by the master before the fork (runner.ScoreServer._pre_fork).
+    generation = 0
+    share_slot = 0
+    wait_for_models = False  # a reload's worker takes traffic once its generation's model processes answer
+    replacement = False
+    gpu: Optional[str] = None
 
     def init_process(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -189,22 +116,23 @@ class FrontWorker(Worker):
 
     def run(self) -> None:
         settings = self.app.settings
-        self.read_timeout = float(settings.read_timeout)
-        self.send_timeout = float(settings.send_timeout)
-        self.keepalive = float(settings.keepalive)
-        self.max_body_bytes = int(settings.max_body_bytes)
-        scorehost = self.wsgi.extensions["scorehost"]
-        self.admits_body: Callable[[str, Optional[str], Optional[int]], bool] = scorehost["admits_body"]
-        self.log_access = bool(settings.access_log)
+        self.limits = Limits(read_timeout=float(settings.read_timeout), send_timeout=float(settings.send_timeout),
+                             keepalive=float(settings.keepalive), max_body_bytes=int(settings.max_body_bytes))
         self.timeout_s = settings.scoring_timeout_ms / 1000
+        scorehost = self.wsgi.extensions["scorehost"]
+        self._admits_body: Callable[[str, Optional[str], Optional[int]], bool] = scorehost["admits_body"]
+        self.log_access = bool(settings.access_log)
         self.hung_grace_s = float(settings.hung_grace)
+        self.body_budget = int(settings.max_body_bytes_in_flight)
+        self.body_bytes = 0  # loop-owned: body bytes of the requests this worker holds
         self.metrics = scorehost["metrics"]
-        self.in_flight: dict[int, tuple[Connection, Request, float]] = {}  # app thread -> what it is answering
         self.shares: ConnectionShares = self.app.shares
-        self.slot: int = self.shares.slot_of(self)
         self.conns: dict[int, Connection] = {}
+        self.overdue: set[Request] = set()  # answered at their deadline while their app thread is still out
+        self.hung = ""  # why this worker must exit, once a call stays stuck past --hung-grace
         self.work: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]" = queue.SimpleQueue()
-        self.commands: "queue.SimpleQueue[tuple[str, Connection]]" = queue.SimpleQueue()
+        self.side: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]" = queue.SimpleQueue()
+        self.done: "queue.SimpleQueue[tuple[Connection, Request, bytes, bool]]" = queue.SimpleQueue()
         self.epoll = select.epoll()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -214,8 +142,10 @@ class FrontWorker(Worker):
         self.listeners = {}
         for listener in self.sockets:
             listener.setblocking(False)
-            self.epoll.register(listener.fileno(), select.EPOLLIN)  # every worker wakes; the least loaded accepts
             self.listeners[listener.fileno()] = listener
+        self.accepting = False
+        self.accept_paused_until = 0.0
+        self.accept_failures = 0
         self.base_environ = {
             "SERVER_NAME": str(self.sockets[0].cfg_addr[0]) if self.sockets else "",
             "SERVER_PORT": str(self.sockets[0].cfg_addr[1]) if self.sockets else "",
@@ -224,12 +154,14 @@ class FrontWorker(Worker):
             "wsgi.multithread": True, "wsgi.multiprocess": self.cfg.workers > 1, "wsgi.run_once": False,
             "wsgi.input_terminated": True,
         }
-        self.threads = [threading.Thread(target=self._app_thread, name=f"app-{i}", daemon=True)
-                        for i in range(max(1, self.cfg.threads))]
-        for thread in self.threads:
+        threads = [threading.Thread(target=self._app_thread, args=(self.work,), name=f"app-{i}", daemon=True)
+                   for i in range(max(1, self.cfg.threads))]
+        threads.append(threading.Thread(target=self._app_thread, args=(self.side,), name="side", daemon=True))
+        for thread in threads:
             thread.start()
-        if getattr(self, "wait_for_models", False):
+        if self.wait_for_models:
             self._wait_until_ready(scorehost["ready"])
+        self._accepting(True)
         self._loop()
 
     def _wait_until_ready(self, ready: Callable[[], bool]) -> None:
@@ -239,7 +171,31 @@ class FrontWorker(Worker):
             self.notify()
             time.sleep(0.1)
 
-    # --- the loop thread --------------------------------------------------------------------------------------
+    # --- hooks the connections call (loop thread) --------------------------------------------------------------
+    def admits_body(self, path: str, authorization: Optional[str], content_length: Optional[int]) -> bool:
+        return self._admits_body(path, authorization, content_length)
+
+    def reserve_body(self, size: int) -> bool:
+        if self.body_bytes and self.body_bytes + size > self.body_budget:
+            return False  # one request at a time always passes, whatever its size within --max-body-bytes
+        self.body_bytes += size
+        return True
+
+    def release_body(self, size: int) -> None:
+        self.body_bytes -= size
+
+    def keep_alive(self) -> bool:
+        return self.alive
+
+    def dispatch(self, conn: Connection, request: Request) -> None:
+        route = (request.method, request.path)
+        if route in LOOP_ROUTES:
+            data, close = self._respond(conn, request)
+            conn.answer(request, data, close)
+        else:
+            (self.side if route in SIDE_ROUTES else self.work).put((conn, request))
+
+    # --- the loop thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
         next_tick = 0.0
         drain_until: Optional[float] = None
@@ -248,174 +204,107 @@ class FrontWorker(Worker):
             if now >= next_tick:
                 next_tick = now + TICK_S
                 self.notify()
-                self._expire(now)
+                for conn in list(self.conns.values()):
+                    conn.tick(now)
                 self._overdue(now)
                 if self.ppid != os.getppid():
                     log.info("master %d is gone: worker %d exits", self.ppid, os.getpid())
-                    return
+                    self.alive = False
+                if not self.accepting and self.listeners and now >= self.accept_paused_until and self.alive:
+                    self._accepting(True)
                 if not self.alive and drain_until is None:
-                    drain_until = now + self.cfg.graceful_timeout
+                    # Stopping (SIGTERM, a reload, a hung call): take nothing new, finish what is held, then go.
+                    drain_until = now + (min(self.cfg.graceful_timeout, HUNG_DRAIN_S) if self.hung
+                                         else self.cfg.graceful_timeout)
                     self._stop_accepting()
-                if drain_until is not None and (now >= drain_until or not self._in_flight()):
+                    for conn in self.conns.values():
+                        conn.drain(DRAIN_IDLE_S)
+                if drain_until is not None and (now >= drain_until or not any(c.busy for c in self.conns.values())):
+                    self._evacuate(self.hung or "the server is stopping")
+                    if self.hung:
+                        logging.shutdown()
+                        os._exit(EXIT_HUNG)
                     return
-            for fd, events in self.epoll.poll(TICK_S):
-                conn = self.conns.get(fd)
-                if conn is not None:
-                    if events & select.EPOLLIN or events & (select.EPOLLHUP | select.EPOLLERR):
-                        self._read(conn)
-                    if events & select.EPOLLOUT and conn.state == WRITING:
-                        self._write(conn)
-                elif fd in self.listeners:
-                    self._accept(self.listeners[fd])
-                elif fd == self.wake_r.fileno():
-                    self._commands()
-                # else: the signal pipe; the handler already ran, the tick above acts on it
+            self._poll(TICK_S)
+
+    def _poll(self, timeout: float) -> None:
+        for fd, events in self.epoll.poll(timeout):
+            conn = self.conns.get(fd)
+            if conn is not None:
+                if events & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                    self._read(conn, events)
+                if events & select.EPOLLOUT and conn.state != CLOSED:
+                    conn.writable()
+            elif fd in self.listeners:
+                self._accept(self.listeners[fd])
+            elif fd == self.wake_r.fileno():
+                self._answers()
+            # else: the signal pipe; the handler already ran, the tick acts on it
+
+    def _accepting(self, on: bool) -> None:
+        if on == self.accepting:
+            return
+        self.accepting = on
+        for fd in self.listeners:
+            if on:  # every worker wakes; the least loaded accepts (ConnectionShares)
+                self.epoll.register(fd, select.EPOLLIN)
+            else:
+                self.epoll.unregister(fd)
 
     def _accept(self, listener: socket.socket) -> None:
         """Take a new connection only while no worker holds fewer (`ConnectionShares`): keep-alive connections
         then spread evenly over the workers instead of piling onto whichever woke first."""
-        if not self.alive or not self.shares.may_accept(self.slot, len(self.conns)):
+        if not self.alive or not self.shares.may_accept(self.share_slot, len(self.conns)):
             return
         try:
             sock, peer = listener.accept()
         except BlockingIOError:
             return
-        except OSError as ex:  # out of descriptors, say: leave the rest in the backlog for now
-            log.warning("accept failed: %s", ex)
+        except OSError as ex:
+            if ex.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # Out of descriptors: the connections wait in the backlog; accept() rests instead of spinning.
+                self._accepting(False)
+                self.accept_paused_until = time.monotonic() + ACCEPT_PAUSE_S
+                self.accept_failures += 1
+                if self.accept_failures == 1 or self.accept_failures % 100 == 0:
+                    log.warning("accept failed (%s, %d times so far): pausing accept() for %.1f s; raise the "
+                                "descriptor limit (ulimit -n) for more connections", ex.strerror,
+                                self.accept_failures, ACCEPT_PAUSE_S)
+            else:
+                log.warning("accept failed: %s", ex)
             return
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         except OSError:
             pass  # a Unix socket
-        conn = Connection(self, sock, peer)
-        self.conns[conn.fd] = conn
-        self.epoll.register(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
-        self.shares.publish(self.slot, len(self.conns))
+        conn = Connection(SocketTransport(self, sock), self, self.limits, peer=peer)
+        self.conns[sock.fileno()] = conn
+        self.shares.publish(self.share_slot, len(self.conns))
 
-    def _read(self, conn: Connection) -> None:
+    def forget(self, fd: int) -> None:
+        """A connection closed (its transport calls this)."""
+        if self.conns.pop(fd, None) is not None:
+            self.shares.publish(self.share_slot, len(self.conns))
+
+    def _read(self, conn: Connection, events: int) -> None:
+        if not conn.reading:
+            if events & (select.EPOLLHUP | select.EPOLLERR):
+                conn.ended()  # gone both ways while its request is answered: the answer will fail and close
+            return
         try:
-            data = conn.sock.recv(RECV_SIZE)
+            data = conn.transport.sock.recv(RECV_SIZE)  # type: ignore[attr-defined]
         except BlockingIOError:
             return
         except OSError:
             data = b""
-        if not data:
-            self._end_of_input(conn)
-            return
-        if conn.state == CLOSING or conn.stop_reading:
-            return  # lingering close: drain and discard
-        if conn.state in (NEW, IDLE):
-            conn.state = READING
-        if conn.state == READING:
-            conn.deadline = time.monotonic() + self.read_timeout
-        if conn.in_head:
-            conn.head_bytes += len(data)
-            if conn.head_bytes > MAX_HEAD:
-                self._protocol_error(conn, errors.HeaderFieldsTooLarge(f"request head over {MAX_HEAD} bytes"))
-                return
-        try:
-            conn.parser.feed_data(data)
-        except httptools.HttpParserUpgrade:
-            conn.stop_reading = True  # no upgrades here: answer what came, then close
-        except httptools.HttpParserCallbackError as ex:
-            cause = ex.__context__
-            if isinstance(cause, _Reject):
-                self._reject(conn)
-            elif isinstance(cause, _Protocol):
-                self._protocol_error(conn, cause.error)
-            else:
-                log.exception("error while parsing a request")
-                self._protocol_error(conn, errors.MalformedRequest("the request could not be parsed"))
-        except httptools.HttpParserError as ex:
-            self._protocol_error(conn, errors.MalformedRequest(str(ex)))
-
-    def _end_of_input(self, conn: Connection) -> None:
-        """The client closed (or half-closed) its side. A request cut short is answered if it can be."""
-        self._unwatch(conn)
-        conn.eof = True
-        request = conn.request
-        if request is not None and request.method is not None and conn.state == READING:
-            conn.request = None
-            received = request.body_size
-            if request.content_length is None:
-                request.body_error = "the client closed the connection before the chunked body ended"
-            request.keep_alive = False
-            conn.stop_reading = True
-            self.complete(conn, request)
-            log.debug("client closed mid-body after %d bytes", received)
-            return
-        if conn.state in (NEW, IDLE, READING, CLOSING):
-            self._close(conn)
-        # BUSY or WRITING: the answer is still on its way; the connection closes after it
-
-    def complete(self, conn: Connection, request: Request) -> None:
-        """A whole request has arrived: hand it to an app thread, or queue it behind the one in flight."""
-        if not request.keep_alive or not self.alive:
-            request.keep_alive = False
-            conn.stop_reading = True
-        with conn.lock:
-            if conn.state in (BUSY, WRITING):
-                if len(conn.pending) >= MAX_PIPELINED:  # a client that sends and never reads: stop taking more
-                    conn.stop_reading = True
-                    conn.pending.append(_ErrorAnswer(errors.Overloaded(  # type: ignore[arg-type]
-                        f"more than {MAX_PIPELINED} pipelined requests wait for their answers")))
-                else:
-                    conn.pending.append(request)
-                return
-            conn.state = BUSY
-        if (request.method, request.path) in CONTROL_ROUTES:
-            self._answer(conn, request, watched=False)
+        if data:
+            conn.received(data)
         else:
-            self.work.put((conn, request))
+            conn.ended()
 
-    def _reject(self, conn: Connection) -> None:
-        """Answer a request on its head alone (the app refuses it before reading a body), then close."""
-        request = conn.request
-        assert request is not None
-        conn.request = None
-        request.keep_alive = False
-        conn.stop_reading = True
-        self.complete(conn, request)
-
-    def _protocol_error(self, conn: Connection, error: errors.ServerError) -> None:
-        conn.request = None
-        conn.stop_reading = True
-        if conn.state in (BUSY, WRITING):  # an answer is on its way: the error closes the connection after it
-            with conn.lock:
-                conn.pending.append(_ErrorAnswer(error))  # type: ignore[arg-type]
-            return
-        _send_quietly(conn.sock, errors.raw_error_response(error))
-        self._linger(conn)
-
-    def _linger(self, conn: Connection) -> None:
-        conn.state = CLOSING
-        conn.deadline = time.monotonic() + LINGER_S
-        try:
-            conn.sock.shutdown(socket.SHUT_WR)
-        except OSError:
-            self._close(conn)
-
-    def _write(self, conn: Connection) -> None:
-        assert conn.out is not None
-        try:
-            sent = conn.sock.send(conn.out)
-        except BlockingIOError:
-            return
-        except OSError:
-            self._close(conn)
-            return
-        conn.out = conn.out[sent:]
-        conn.deadline = time.monotonic() + self.send_timeout
-        if not len(conn.out):
-            conn.out = None
-            if conn.eof:
-                self._unwatch(conn)
-            else:
-                self.epoll.modify(conn.fd, select.EPOLLIN | select.EPOLLRDHUP)
-            self._answered(conn, conn.close_after_write)
-
-    def _commands(self) -> None:
+    def _answers(self) -> None:
+        """Finished answers from the app threads, handed over through `done`."""
         try:
             while self.wake_r.recv(4096):
                 pass
@@ -423,117 +312,79 @@ class FrontWorker(Worker):
             pass
         while True:
             try:
-                command, conn = self.commands.get_nowait()
+                conn, request, data, close = self.done.get_nowait()
             except queue.Empty:
                 return
-            if self.conns.get(conn.fd) is not conn:  # closed meanwhile, its descriptor maybe reused: stale
+            request.returned = True
+            if request.answered:
+                if request in self.overdue:
+                    log.warning("dropped the late answer of a call that passed the scoring timeout")
                 continue
-            if command == "write":
-                conn.deadline = time.monotonic() + self.send_timeout
-                events = select.EPOLLOUT | (0 if conn.eof else select.EPOLLIN | select.EPOLLRDHUP)
-                if conn.watched:
-                    self.epoll.modify(conn.fd, events)
-                else:
-                    self.epoll.register(conn.fd, events)
-                    conn.watched = True
-                self._write(conn)
-            elif command == "close":
-                self._close(conn)
+            if conn.state != CLOSED:
+                conn.answer(request, data, close)
 
-    def _expire(self, now: float) -> None:
+    def _overdue(self, now: float) -> None:
+        """In the loop: a call past its scoring deadline is answered now (by the app, so the 500 is Azure ML's,
+        with every contract header), whatever its thread is stuck in; still stuck `hung_grace` later, the worker
+        answers everything it holds and exits, and the master starts another. Python code is interrupted at the
+        deadline already (invoke.py): this is for calls blocked in native code or that ignore the interruption."""
         for conn in list(self.conns.values()):
-            if conn.state in (BUSY,) or now < conn.deadline:
-                continue
-            if conn.state == READING and conn.request is not None:
-                self._protocol_error(conn, errors.RequestTimeout(
-                    f"the request did not arrive within {self.read_timeout:g} s (--read-timeout)"))
-            elif conn.state != BUSY:
-                self._close(conn)
+            request = conn.current
+            if conn.state == BUSY and request is not None and not request.answered and now >= request.deadline:
+                data, _ = self._respond(conn, request, timed_out=True)
+                conn.answer(request, data, True)
+                self.overdue.add(request)
+        for request in list(self.overdue):
+            if request.returned:
+                self.overdue.discard(request)
+            elif now >= request.deadline + self.hung_grace_s and not self.hung:
+                log.error("a call has not returned %.0f s after the scoring timeout (--hung-grace): worker %d "
+                          "finishes what it holds and exits; the master starts another", self.hung_grace_s,
+                          os.getpid())
+                self.metrics.restarts.labels("hung run()").inc()
+                self.hung = "a call in this worker is stuck and the worker is restarting"
+                self.alive = False
 
-    def _in_flight(self) -> bool:
-        """While draining: a request is being answered, is arriving, or may still arrive on a new connection."""
-        return any(c.state in (NEW, READING, BUSY, WRITING) for c in self.conns.values())
+    def _evacuate(self, why: str) -> None:
+        """Answer every request still held here (503 + Retry-After where no answer is ready), and write the
+        answers for up to EVACUATE_S."""
+        self._stop_accepting()
+        error = errors.ModelUnavailable(f"Not answered: {why}. Retry shortly.")
+        for conn in list(self.conns.values()):
+            conn.evacuate(lambda _request: errors.raw_error_response(error))
+        until = time.monotonic() + EVACUATE_S
+        while any(conn.state == WRITING for conn in self.conns.values()) and time.monotonic() < until:
+            self._poll(0.05)
 
     def _stop_accepting(self) -> None:
-        for fd, listener in self.listeners.items():
-            self.epoll.unregister(fd)
+        self._accepting(False)
+        for listener in self.listeners.values():
             listener.close()
         self.listeners = {}
-        soon = time.monotonic() + DRAIN_IDLE_S
-        for conn in list(self.conns.values()):  # a request may be on its way on these: let it come, then close
-            if conn.state in (NEW, IDLE):
-                conn.deadline = min(conn.deadline, soon)
 
-    def _unwatch(self, conn: Connection) -> None:
-        if conn.watched:
-            conn.watched = False
-            self.epoll.unregister(conn.fd)
-
-    def _close(self, conn: Connection) -> None:
-        if self.conns.get(conn.fd) is not conn:  # already closed: its descriptor may now be another connection's
-            return
-        del self.conns[conn.fd]
-        self._unwatch(conn)
-        conn.sock.close()
-        self.shares.publish(self.slot, len(self.conns))
-
-    def _wake(self, command: str, conn: Connection) -> None:
-        self.commands.put((command, conn))
+    def _wake(self) -> None:
         try:
             self.wake_w.send(b"x")
         except BlockingIOError:
             pass  # already awake
 
-    # --- app threads ------------------------------------------------------------------------------------------
-    def _app_thread(self) -> None:
+    # --- app threads -------------------------------------------------------------------------------------------
+    def _app_thread(self, work: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]") -> None:
         while True:
-            item = self.work.get()
+            item = work.get()
             if item is None:
                 return
-            self._answer(*item)
-
-    def _answer(self, conn: Connection, request: Request, watched: bool = True) -> None:
-        me = threading.get_ident()
-        if watched and not isinstance(request, _ErrorAnswer):
-            self.in_flight[me] = (conn, request, time.monotonic())
-        try:
-            if isinstance(request, _ErrorAnswer):
-                data, close = errors.raw_error_response(request.error), True
-            else:
+            conn, request = item
+            if request.answered:
+                continue  # answered meanwhile (evacuated)
+            request.deadline = time.monotonic() + self.timeout_s  # its one scoring deadline starts now
+            try:
                 data, close = self._respond(conn, request)
-        except BaseException:  # noqa: B036 - nothing may kill an app thread
-            log.exception("error while answering a request")
-            data, close = errors.raw_error_response(errors.InternalError()), True
-        finally:
-            self.in_flight.pop(me, None)
-        if not isinstance(request, _ErrorAnswer):
-            with conn.lock:
-                if request.timed_out:
-                    log.warning("dropped the late answer of a call that passed the scoring timeout")
-                    return
-                request.finished = True
-        self._send(conn, data, close)
-
-    def _overdue(self, now: float) -> None:
-        """In the loop: a call past the scoring timeout is answered now (by the app, so the 500 is Azure ML's, with
-        every contract header), whatever its thread is stuck in; still stuck `hung_grace` later, the worker exits
-        and the master starts another. Python code is interrupted at the deadline already (invoke.py): this is
-        for calls blocked in native code or that ignore the interruption."""
-        for conn, request, started in list(self.in_flight.values()):
-            if now < started + self.timeout_s:
-                continue
-            with conn.lock:
-                answer_now = not request.finished and not request.timed_out
-                request.timed_out = request.timed_out or answer_now
-            if answer_now:
-                data, _ = self._respond(conn, request, timed_out=True)
-                self._send(conn, data, close=True)
-            if now >= started + self.timeout_s + self.hung_grace_s:
-                log.error("a call has not returned %.0f s after the scoring timeout (--hung-grace): worker %d exits "
-                          "and the master starts another", self.hung_grace_s, os.getpid())
-                self.metrics.restarts.labels("hung run()").inc()
-                logging.shutdown()
-                os._exit(EXIT_HUNG)
+            except BaseException:  # noqa: B036 - nothing may kill an app thread
+                log.exception("error while answering a request")
+                data, close = errors.raw_error_response(errors.InternalError()), True
+            self.done.put((conn, request, data, close))
+            self._wake()
 
     def _respond(self, conn: Connection, request: Request, timed_out: bool = False) -> tuple[bytes, bool]:
         environ = self._environ(conn, request)
@@ -553,24 +404,20 @@ class FrontWorker(Worker):
             if hasattr(result, "close"):
                 result.close()
         status, headers = captured
-        close = not request.keep_alive or not self.alive or self.keepalive <= 0
+        close = not request.keep_alive or not self.alive or self.limits.keepalive <= 0
+        code = int(status[:3])
+        bodiless = request.method == "HEAD" or code < 200 or code in (204, 304)
+        body = b"" if bodiless else b"".join(chunks)
         lines = [f"HTTP/1.1 {status}\r\n"]
-        has_length = False
         for name, value in headers:
             lname = name.lower()
             if lname == "connection":
                 close = close or value.lower() == "close"
                 continue
-            if lname in ("transfer-encoding", "keep-alive"):
-                continue
-            has_length = has_length or lname == "content-length"
+            if lname in ("transfer-encoding", "keep-alive") or (lname == "content-length" and not bodiless):
+                continue  # framed below by the body's real length, whatever the app said
             lines.append(f"{name}: {value}\r\n")
-        body = b"".join(chunks)
-        code = int(status[:3])
-        bodiless = request.method == "HEAD" or code < 200 or code in (204, 304)
-        if bodiless:
-            body = b""
-        elif not has_length:
+        if not bodiless:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append(f"Date: {_date()}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n")
         if self.log_access:
@@ -596,49 +443,12 @@ class FrontWorker(Worker):
             if key not in ("CONTENT_TYPE", "CONTENT_LENGTH"):
                 key = "HTTP_" + key
             environ[key] = f"{environ[key]},{text}" if key in environ else text
-        environ["wsgi.input"] = io.BytesIO(b"".join(request.body))
+        body = request.body
+        environ["wsgi.input"] = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
+        environ[DEADLINE] = request.deadline
         if request.body_error:
             environ[BODY_ERROR] = request.body_error
         return environ
-
-    def _send(self, conn: Connection, data: bytes, close: bool) -> None:
-        """In an app thread: write the answer; what the socket cannot take now, the loop writes later."""
-        view = memoryview(data)
-        try:
-            while view:
-                view = view[conn.sock.send(view):]
-        except BlockingIOError:
-            with conn.lock:
-                conn.state = WRITING
-            conn.out, conn.close_after_write = view, close
-            self._wake("write", conn)
-            return
-        except OSError:
-            close = True
-        self._answered(conn, close)
-
-    def _answered(self, conn: Connection, close: bool) -> None:
-        """An answer is fully written (any thread): the next pipelined request goes, or the connection idles/closes."""
-        if close or conn.eof:
-            with conn.lock:
-                conn.state = CLOSING
-                conn.pending.clear()
-            conn.deadline = time.monotonic() + LINGER_S
-            try:
-                conn.sock.shutdown(socket.SHUT_WR)  # the loop closes it on the client's EOF, or after LINGER_S
-            except OSError:
-                pass
-            if conn.eof:
-                self._wake("close", conn)
-            return
-        with conn.lock:
-            if conn.pending:
-                self.work.put((conn, conn.pending.popleft()))
-                conn.state = BUSY
-                return
-            reading = conn.request is not None
-            conn.deadline = time.monotonic() + (self.read_timeout if reading else self.keepalive)
-            conn.state = READING if reading else IDLE
 
 
 class ConnectionShares:
@@ -662,31 +472,17 @@ class ConnectionShares:
         slot = next(i for i, count in enumerate(self.counts) if count == self.FREE)
         self.counts[slot] = 0
         self.used.value = max(self.used.value, slot + 1)
-        worker.connection_slot = slot
+        worker.share_slot = slot
 
     def release(self, worker: Any) -> None:
-        slot = getattr(worker, "connection_slot", None)
-        if slot is not None:
-            self.counts[slot] = self.FREE
-
-    @staticmethod
-    def slot_of(worker: Any) -> int:
-        return worker.connection_slot
+        if isinstance(worker, FrontWorker):
+            self.counts[worker.share_slot] = self.FREE
 
     def publish(self, slot: int, count: int) -> None:
         self.counts[slot] = count
 
     def may_accept(self, slot: int, count: int) -> bool:
         return count <= min(self.counts[: self.used.value]) + 1
-
-
-class _ErrorAnswer:
-    """A protocol error met while an earlier request's answer was in flight: sent in turn, then the connection closes."""
-
-    keep_alive = False
-
-    def __init__(self, error: errors.ServerError):
-        self.error = error
 
 
 class _LogStream:

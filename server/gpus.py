@@ -29,10 +29,6 @@ def visible_gpus() -> list[str]:
         return []
 
 
-def default_workers() -> int:
-    return max(1, len(visible_gpus()))
-
-
 class GpuPinning:
     """Holds the master's view of the GPUs; its two methods are gunicorn's pre_fork and post_fork hooks."""
 
@@ -45,13 +41,13 @@ class GpuPinning:
         """Master, before the fork: the first GPU that no live worker holds (round robin past one per GPU)."""
         if not self.gpus:
             return
-        held = [getattr(w, "gpu", None) for w in arbiter.WORKERS.values()]
+        held = [w.gpu for w in arbiter.WORKERS.values()]
         free = [g for g in self.gpus if g not in held]
         worker.gpu = free[0] if free else self.gpus[len(held) % len(self.gpus)]
 
     @staticmethod
     def pin(worker: Any) -> None:
         """Worker, after the fork: see only the assigned GPU."""
-        gpu = getattr(worker, "gpu", None)
+        gpu = worker.gpu
         if gpu is not None:
             os.environ["CUDA_VISIBLE_DEVICES"] = gpu

@@ -15,7 +15,7 @@ import ctypes
 import logging
 import threading
 import time
-from typing import Any, Callable, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 from .errors import ScoringTimeout, script_error
 
@@ -47,10 +47,14 @@ class Invoker:
         self._tick_s = min(1.0, max(0.01, timeout_ms / 10_000))
         threading.Thread(target=self._watch, name="scoring-deadlines", daemon=True).start()
 
-    def invoke(self, call: Callable[[], Any]) -> Timed:
-        """Run `call` (run() with its arguments bound) and time it; every failure becomes a ServerError."""
+    def invoke(self, call: Callable[[], Any], deadline: Optional[float] = None,
+               passthrough: tuple[type[BaseException], ...] = ()) -> Timed:
+        """Run `call` (run() with its arguments bound) until `deadline` (time.monotonic(); the request's scoring
+        deadline) and time it; every failure becomes a ServerError, except the `passthrough` types."""
         started = time.perf_counter()
-        entry = _Call(threading.get_ident(), started + self.timeout_ms / 1000)
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_ms / 1000
+        entry = _Call(threading.get_ident(), deadline)
         with self._lock:
             self._calls.add(entry)
         try:
@@ -65,6 +69,10 @@ class Invoker:
         except _Overran:
             log.error("run() passed the scoring timeout of %d ms", self.timeout_ms)
             raise ScoringTimeout(self.timeout_ms) from None
+        except passthrough:
+            if entry.interrupted:
+                raise ScoringTimeout(self.timeout_ms) from None
+            raise
         except BaseException as ex:  # noqa: B036 - SystemExit from a script must not end the worker
             if entry.interrupted:  # the interrupt landed inside the script's own exception handling
                 raise ScoringTimeout(self.timeout_ms) from None
@@ -75,7 +83,7 @@ class Invoker:
     def _watch(self) -> None:
         while True:
             time.sleep(self._tick_s)
-            now = time.perf_counter()
+            now = time.monotonic()
             with self._lock:
                 for entry in self._calls:
                     if not entry.finished and not entry.interrupted and now >= entry.deadline:

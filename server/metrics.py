@@ -57,10 +57,40 @@ def _alive(pid: int) -> bool:
 
 
 def worker_exited(pid: int) -> None:
+    """In the master, when a worker has exited: its live gauges go, and its counters and histograms are added into
+    one archive file per kind, so a scrape reads a bounded number of files however often workers restart (each
+    restart used to leave its files: 40 restarts took a scrape from 4-5 ms to 14-20 ms)."""
     from prometheus_client import multiprocess
 
-    if os.environ.get(ENV):
-        multiprocess.mark_process_dead(pid)
+    path = os.environ.get(ENV)
+    if not path:
+        return
+    multiprocess.mark_process_dead(pid)
+    for kind in ("counter", "histogram"):
+        dead = os.path.join(path, f"{kind}_{pid}.db")
+        if os.path.exists(dead):
+            _archive(dead, os.path.join(path, f"{kind}_archive.db"))
+
+
+def _archive(dead: str, archive: str) -> None:
+    """Add a dead process's samples to the archive: a new archive is written beside it and renamed over it, then
+    the dead file is removed, so a scrape never sees a half-written file."""
+    from prometheus_client.mmap_dict import MmapedDict
+
+    totals: dict[str, float] = {}
+    for source in (archive, dead):
+        if os.path.exists(source):
+            for key, value, _timestamp, _pos in MmapedDict.read_all_values_from_file(source):
+                totals[key] = totals.get(key, 0.0) + value
+    staging = archive + ".new"
+    merged = MmapedDict(staging)
+    try:
+        for key, value in totals.items():
+            merged.write_value(key, value, 0.0)
+    finally:
+        merged.close()
+    os.replace(staging, archive)
+    os.unlink(dead)
 
 
 class Metrics:

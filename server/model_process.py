@@ -3,18 +3,22 @@
 Used when the script has `run_batch` and batching is on (the default on a GPU machine). Who runs what:
 - HTTP workers (front.py, app.py): accept, authorise, read, and call the script's optional `preprocess(request)`
   on their own cores; each item goes to a model process over a Unix socket (`ModelClient`), and the request's
-  thread waits for its answer.
-- A model process (`ModelWorker`): a gunicorn worker the master placed in a model slot, one per GPU (or one on a
-  machine without GPU), so it is supervised like any worker: killed -> the master starts another. It loads the
-  script, calls init(), warms every `--batch-sizes` size, and only then listens. One thread per HTTP worker reads
-  items into one queue; the main thread takes what is queued as soon as the previous run_batch() returned (up to
-  `--batch-max`; when the model was idle it waits up to `--batch-delay-ms` for more), pads to the next allowed
-  size, calls run_batch(), and answers each item. The next batch forms while this one runs.
-- What crosses: pickle protocol 5 with out-of-band buffers, so a numpy array is copied once into the socket and
-  once out of it, and a script's Flask Response crosses as status, headers and body.
-- A run_batch() past the scoring timeout: its requests get Azure ML's 500 at once (a late result is never sent);
+  app thread waits for its answer until the request's scoring deadline.
+- A model process (`ModelWorker`, a gunicorn worker class of its own that the master starts for each model slot,
+  one per GPU or one on a machine without GPU): supervised like any worker (killed -> the master starts another).
+  It loads the script, calls init(), warms every `--batch-sizes` size, and only then listens. One reader thread per
+  HTTP worker puts items in one queue (`ModelServer.submit`); the main thread takes what is queued as soon as the
+  previous run_batch() returned (up to `--batch-max`; when the model was idle it waits up to `--batch-delay-ms` for
+  more), pads to the next allowed size, calls run_batch(), and answers each item. The next batch forms while this
+  one runs.
+- What crosses: `wire`'s named, versioned frames; the request id and deadline travel outside the pickle, so a
+  result that cannot be pickled here or unpickled there fails its own request (500), never the link or the process.
+- A run_batch() past the scoring deadline: its requests get Azure ML's 500 at once (a late result is never sent);
   still running after `--hung-grace` seconds, the process logs it and exits, and the master starts a new one.
   Meanwhile HTTP workers answer 503 with Retry-After and `/ready` says not ready; nothing waits forever.
+- Stopping (SIGTERM, or a reload's old generation): the process keeps serving while any HTTP worker is still linked
+  to it (they drain their own requests first), for at most `--graceful-timeout`; what is still queued then is
+  answered 503 + Retry-After before it exits.
 """
 
 from __future__ import annotations
@@ -24,17 +28,15 @@ import io
 import itertools
 import logging
 import os
-import pickle
 import socket
-import struct
 import threading
 import time
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import flask
 from gunicorn.workers.base import Worker
 
-from . import errors
+from . import errors, wire
 from .invoke import Timed
 
 log = logging.getLogger("scorehost.model")
@@ -42,38 +44,7 @@ log = logging.getLogger("scorehost.model")
 # The exit code of a process whose run() or run_batch() never returned: the master starts another. (Not 3 or 4:
 # gunicorn halts the whole server on those, its "worker failed to boot" and "app failed to load".)
 EXIT_HUNG = 12
-
-
-# --- frames -----------------------------------------------------------------------------------------------------
-
-def send_frame(sock: socket.socket, message: Any) -> None:
-    """One message: a count, the sizes, the pickle, then its out-of-band buffers (numpy arrays, bytes) as they are."""
-    buffers: list[pickle.PickleBuffer] = []
-    head = pickle.dumps(message, protocol=5, buffer_callback=buffers.append)
-    raws = [b.raw() for b in buffers]
-    sizes = [len(head)] + [r.nbytes for r in raws]
-    sock.sendall(struct.pack(f"<I{len(sizes)}Q", len(sizes), *sizes) + head)
-    for raw in raws:
-        sock.sendall(raw)
-
-
-def recv_frame(sock: socket.socket) -> Any:
-    """The next message, or EOFError when the peer closed. Buffers are read into place: no copy after the socket."""
-    (count,) = struct.unpack("<I", _recv_exact(sock, 4))
-    sizes = struct.unpack(f"<{count}Q", _recv_exact(sock, 8 * count))
-    head = _recv_exact(sock, sizes[0])
-    return pickle.loads(head, buffers=[_recv_exact(sock, size) for size in sizes[1:]])
-
-
-def _recv_exact(sock: socket.socket, size: int) -> bytearray:
-    buffer = bytearray(size)
-    view, got = memoryview(buffer), 0
-    while got < size:
-        n = sock.recv_into(view[got:])
-        if not n:
-            raise EOFError("the other side closed the connection")
-        got += n
-    return buffer
+LINK_RETRY_S = 0.1  # how often an HTTP worker tries to (re)connect a link that is down
 
 
 class ResponseData(NamedTuple):
@@ -90,6 +61,9 @@ class ResponseData(NamedTuple):
     def response(self) -> flask.Response:
         return flask.Response(self.body, self.status, headers=self.headers)
 
+    def __reduce__(self) -> tuple:
+        return _response_data, (self.status, self.headers, wire.big_bytes(self.body))
+
 
 class RequestSnapshot(NamedTuple):
     """What run_batch() gets for a @rawhttp script without preprocess(): the request, rebuilt in the model process."""
@@ -105,53 +79,95 @@ class RequestSnapshot(NamedTuple):
         """A Flask request, as Azure ML's server gives run() (AMLRequest cannot be built from an environ)."""
         return flask.Request({**self.environ, "wsgi.input": io.BytesIO(self.body), "wsgi.url_scheme": "http"})
 
-
-# Errors cross as (type name, message) and are rebuilt here: ServerError types do not all pickle.
-def _error_data(error: errors.ServerError) -> tuple[str, str]:
-    return type(error).__name__, error.message
+    def __reduce__(self) -> tuple:
+        return _request_snapshot, (self.environ, wire.big_bytes(self.body))
 
 
-def _error(data: tuple[str, str], timeout_ms: int) -> errors.ServerError:
-    name, message = data
-    rebuild: dict[str, Callable[[], errors.ServerError]] = {
-        "ScoringTimeout": lambda: errors.ScoringTimeout(timeout_ms),
-        "ModelOutOfMemory": errors.ModelOutOfMemory,
-        "Overloaded": lambda: errors.Overloaded(message),
-        "ScriptFailed": errors.ScriptFailed,
-    }
-    return rebuild.get(name, errors.InternalError)()
+def _response_data(status: int, headers: list, body: Any) -> ResponseData:
+    return ResponseData(status, headers, wire.as_bytes(body))
+
+
+def _request_snapshot(environ: dict, body: Any) -> RequestSnapshot:
+    return RequestSnapshot(environ, wire.as_bytes(body))
 
 
 # --- the model process ------------------------------------------------------------------------------------------
 
-class _Item:
-    __slots__ = ("link", "rid", "value", "arrived", "deadline", "answered")
+class Answer(NamedTuple):
+    """One request's answer, as the model process sends it: RESULT with the output, or ERROR with a ServerError."""
 
-    def __init__(self, link: "_Peer", rid: int, value: Any, arrived: float, deadline: float):
-        self.link, self.rid, self.value, self.arrived, self.deadline = link, rid, value, arrived, deadline
+    rid: int
+    ok: bool
+    payload: Any
+    run_ms: float = 0.0
+    size: int = 0
+
+
+class Peer:
+    """One HTTP worker's link, seen from the model process. Answers are sent whole, under a lock, with a send
+    timeout; a link that cannot take them is closed (its HTTP worker then answers its requests 503)."""
+
+    def __init__(self, sock: Optional[socket.socket], send_timeout_s: float = 30.0):
+        self.sock = sock
+        self.lock = threading.Lock()
+        self.open = sock is not None
+        if sock is not None:
+            wire.set_send_timeout(sock, send_timeout_s)
+
+    def send(self, answers: Iterable[Answer]) -> None:
+        parts: list[Any] = []
+        for a in answers:
+            parts += _encode(a)
+        with self.lock:
+            if not self.open:
+                return
+            try:
+                wire.send(self.sock, parts)  # type: ignore[arg-type]
+            except OSError as ex:
+                log.warning("an HTTP worker's link does not take its answers (%s): closing it", ex)
+                self._close()
+
+    def close(self) -> None:
+        with self.lock:
+            self._close()
+
+    def _close(self) -> None:
+        if self.open:
+            self.open = False
+            try:
+                self.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+            except OSError:
+                pass
+            self.sock.close()  # type: ignore[union-attr]
+
+
+def _encode(answer: Answer) -> list[Any]:
+    if answer.ok:
+        try:
+            return wire.encode(wire.Type.RESULT, answer.rid, answer.payload, answer.run_ms, answer.size)
+        except wire.PayloadError as ex:
+            log.error("run_batch()'s result for one request cannot be sent to its HTTP worker: %s", ex)
+            error = errors.ResultUnusable(f"run_batch()'s result for this request cannot be sent back ({ex}).")
+            return wire.encode(wire.Type.ERROR, answer.rid, error, answer.run_ms, answer.size)
+    return wire.encode(wire.Type.ERROR, answer.rid, answer.payload, answer.run_ms, answer.size)
+
+
+class _Item:
+    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered")
+
+    def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int):
+        self.peer, self.rid, self.value, self.arrived, self.deadline = peer, rid, value, arrived, deadline
+        self.nbytes = nbytes
         self.answered = False
 
 
-class _Peer:
-    """One HTTP worker's connection, seen from the model process."""
-
-    def __init__(self, sock: socket.socket):
-        self.sock = sock
-        self.lock = threading.Lock()
-
-    def send(self, message: Any) -> None:
-        try:
-            with self.lock:
-                send_frame(self.sock, message)
-        except OSError:
-            pass  # that HTTP worker is gone; its requests went with it
-
-
 class ModelServer:
-    """The batching loop of one model process (see the module docstring)."""
+    """The batching queue and loop of one model process (see the module docstring). Built without a socket:
+    tests drive `submit` and `step` directly with Peer-like objects."""
 
     def __init__(self, run_batch: Callable[[list], list], *, batch_max: int, delay_ms: float,
                  sizes: tuple[int, ...], queue_max: int, timeout_ms: int, grace_s: float,
+                 queue_bytes: int = 1 << 62, send_timeout_s: float = 30.0, graceful_s: float = 30.0,
                  observe: Optional[Callable[[int, float, list[float]], None]] = None,
                  on_hung: Callable[[], None] = lambda: None):
         self.run_batch = run_batch
@@ -159,15 +175,20 @@ class ModelServer:
         self.delay_s = delay_ms / 1000
         self.sizes = tuple(sorted(s for s in sizes if s <= self.batch_max))
         self.queue_max = queue_max
+        self.queue_bytes = queue_bytes
         self.timeout_ms = timeout_ms
         self.grace_s = grace_s
+        self.send_timeout_s = send_timeout_s
+        self.graceful_s = graceful_s
         self.observe = observe  # (batch size, run_batch seconds, queue waits) -> None, for metrics
         self.on_hung = on_hung
         self.queue: collections.deque[_Item] = collections.deque()
+        self.queued_bytes = 0
         self.ready = threading.Condition()
         self.current: list[_Item] = []  # the batch inside run_batch() now (the watchdog's view)
         self.batch_s = 0.0  # recent run_batch() time (moving average): how long the queue ahead will take
         self.answer_lock = threading.Lock()  # an item is answered once: by its result or by its deadline
+        self.peers: set[Peer] = set()
 
     def padded(self, n: int) -> int:
         return next((s for s in self.sizes if s >= n), n)
@@ -179,43 +200,13 @@ class ModelServer:
             self.run_batch([item] * size)
             log.info("warmed batch size %d in %.0f ms", size, (time.perf_counter() - started) * 1000)
 
-    def serve(self, path: str, heartbeat: Callable[[], None], alive: Callable[[], bool],
-              on_listening: Callable[[], None] = lambda: None) -> None:
-        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        if os.path.exists(path):
-            os.unlink(path)  # a predecessor's socket
-        listener.bind(path)
-        listener.listen(1024)
-        on_listening()
-        threading.Thread(target=self._accept, args=(listener,), name="model-accept", daemon=True).start()
-        threading.Thread(target=self._watch, args=(heartbeat,), name="model-watchdog", daemon=True).start()
-        log.info("model process %d ready: batches of up to %d%s", os.getpid(), self.batch_max,
-                 f", padded to {list(self.sizes)}" if self.sizes else "")
-        while alive() or self.queue:  # on SIGTERM, what HTTP workers already sent is still answered
-            batch = self._next_batch()
-            if batch:
-                self._score(batch)
-        listener.close()
-
-    def _accept(self, listener: socket.socket) -> None:
-        while True:
-            sock, _ = listener.accept()
-            threading.Thread(target=self._read, args=(_Peer(sock),), name="model-peer", daemon=True).start()
-
-    def _read(self, peer: _Peer) -> None:
-        try:
-            while True:
-                rid, value, deadline = recv_frame(peer.sock)
-                error = self._enqueue(peer, rid, value, deadline)
-                if error is not None:
-                    peer.send((rid, "error", _error_data(error), 0.0, 0.0, 0))
-        except (EOFError, OSError):
-            peer.sock.close()
-        except BaseException:  # noqa: B036 - a broken frame ends this peer's link, which its worker sees as a restart
-            log.exception("unreadable message from an HTTP worker: closing its link")
-            peer.sock.close()
-
-    def _enqueue(self, peer: _Peer, rid: int, value: Any, deadline: float) -> Optional[errors.ServerError]:
+    # --- queueing ---------------------------------------------------------------------------------------------
+    def submit(self, peer: Peer, rid: int, value: Any, deadline: float, nbytes: int = 0) -> Optional[errors.ServerError]:
+        """Queue one item; or the error it gets at once (queue full, or it would wait past its deadline)."""
+        if isinstance(value, wire.PayloadError):
+            log.error("an item from an HTTP worker cannot be read here: %s", value)
+            return errors.ResultUnusable("The item made for run_batch() cannot be read in the model process "
+                                         f"({value}).")
         try:
             if isinstance(value, RequestSnapshot):
                 value = value.request()
@@ -223,36 +214,48 @@ class ModelServer:
             log.exception("could not rebuild a request for run_batch()")
             return errors.InternalError()
         with self.ready:
-            if len(self.queue) >= self.queue_max:
-                return errors.Overloaded(f"The server is busy: {self.queue_max} requests are already waiting. "
+            if len(self.queue) >= self.queue_max or self.queued_bytes + nbytes > self.queue_bytes:
+                return errors.Overloaded(f"The server is busy: {len(self.queue)} requests "
+                                         f"({self.queued_bytes >> 20} MiB) already wait for the model. "
                                          "Retry after a short pause.")
             now = time.monotonic()
             batches_until_done = len(self.queue) // self.batch_max + (2 if self.current else 1)
             if now + batches_until_done * self.batch_s > deadline:
                 return errors.Overloaded("The server is busy: this request would wait past its scoring timeout. "
                                          "Retry after a short pause.")
-            self.queue.append(_Item(peer, rid, value, now, deadline))
+            self.queue.append(_Item(peer, rid, value, now, deadline, nbytes))
+            self.queued_bytes += nbytes
             self.ready.notify()
         return None
 
-    def _next_batch(self) -> list[_Item]:
+    def take_batch(self, wait_s: float = 0.5) -> list[_Item]:
+        """The next batch: up to batch_max queued items, waiting up to `wait_s` for a first one, then (the model
+        was idle) up to `delay_ms` for others to join it. Items whose deadline already passed are answered 503."""
         with self.ready:
             if not self.queue:
-                self.ready.wait(0.5)
+                if wait_s > 0:
+                    self.ready.wait(wait_s)
                 if not self.queue:
                     return []
-                # The model was idle: give others a moment to join this one.
-                until = self.queue[0].arrived + self.delay_s
+                until = self.queue[0].arrived + self.delay_s  # the model was idle: give others a moment to join
                 while len(self.queue) < self.batch_max and (left := until - time.monotonic()) > 0:
                     self.ready.wait(left)
             batch = [self.queue.popleft() for _ in range(min(self.batch_max, len(self.queue)))]
+            self.queued_bytes -= sum(item.nbytes for item in batch)
         now = time.monotonic()
         late = [item for item in batch if item.deadline <= now]
-        for item in late:  # its deadline passed while it queued: the server was too busy, the model never saw it
-            self._answer(item, "error", _error_data(errors.Overloaded(
-                "The server is busy: this request waited past its scoring timeout. Retry after a short pause.")),
-                0.0, now - item.arrived)
+        if late:  # its deadline passed while it queued: the server was too busy, the model never saw it
+            self._answer([(item, False, errors.Overloaded(
+                "The server is busy: this request waited past its scoring timeout. Retry after a short pause."))
+                for item in late], 0.0, 0)
         return [item for item in batch if item.deadline > now]
+
+    def step(self, wait_s: float = 0.5) -> int:
+        """Form one batch and score it; returns how many requests it held."""
+        batch = self.take_batch(wait_s)
+        if batch:
+            self._score(batch)
+        return len(batch)
 
     def _score(self, batch: list[_Item]) -> None:
         n = len(batch)
@@ -273,23 +276,92 @@ class ModelServer:
         self.batch_s = elapsed if not self.batch_s else 0.8 * self.batch_s + 0.2 * elapsed
         if self.observe:
             self.observe(len(values), elapsed, [started - item.arrived for item in batch])
+        results = []
         for item, output in zip(batch, outputs):
             if isinstance(output, BaseException):
                 if not isinstance(output, errors.ServerError):
                     log.error("run_batch() failed one item: %r", output)
                 error = output if isinstance(output, errors.ServerError) else errors.script_error(output)
-                self._answer(item, "error", _error_data(error), elapsed, started - item.arrived, len(values))
+                results.append((item, False, error))
             elif isinstance(output, flask.Response):
-                self._answer(item, "ok", ResponseData.of(output), elapsed, started - item.arrived, len(values))
+                results.append((item, True, ResponseData.of(output)))
             else:
-                self._answer(item, "ok", output, elapsed, started - item.arrived, len(values))
+                results.append((item, True, output))
+        self._answer(results, elapsed * 1000, len(values))
 
-    def _answer(self, item: _Item, kind: str, payload: Any, run_s: float, wait_s: float, size: int = 0) -> None:
+    def _answer(self, results: list[tuple[_Item, bool, Any]], run_ms: float, size: int) -> None:
+        """Send each item's answer once (by its result, or by its deadline: a late result is never sent), the
+        answers for one HTTP worker together in one write."""
+        by_peer: dict[Peer, list[Answer]] = {}
         with self.answer_lock:
-            if item.answered:
-                return  # answered at its deadline already: a late result is never sent
-            item.answered = True
-        item.link.send((item.rid, kind, payload, run_s * 1000, wait_s, size))
+            for item, ok, payload in results:
+                if not item.answered:
+                    item.answered = True
+                    by_peer.setdefault(item.peer, []).append(Answer(item.rid, ok, payload, run_ms, size))
+        for peer, answers in by_peer.items():
+            peer.send(answers)
+
+    def stop_queue(self, error: errors.ServerError) -> None:
+        """Answer everything still queued with `error` (a process that must exit answers what it holds)."""
+        with self.ready:
+            items, self.queue = list(self.queue), collections.deque()
+            self.queued_bytes = 0
+        self._answer([(item, False, error) for item in items], 0.0, 0)
+
+    # --- the process ------------------------------------------------------------------------------------------
+    def serve(self, path: str, heartbeat: Callable[[], None], alive: Callable[[], bool],
+              on_listening: Callable[[], None] = lambda: None) -> None:
+        listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        if os.path.exists(path):
+            os.unlink(path)  # a predecessor's socket
+        listener.bind(path)
+        listener.listen(1024)
+        on_listening()
+        threading.Thread(target=self._accept, args=(listener,), name="model-accept", daemon=True).start()
+        threading.Thread(target=self._watch, args=(heartbeat,), name="model-watchdog", daemon=True).start()
+        log.info("model process %d ready: batches of up to %d%s", os.getpid(), self.batch_max,
+                 f", padded to {list(self.sizes)}" if self.sizes else "")
+        stop_at: Optional[float] = None
+        while True:
+            if stop_at is None and not alive():
+                stop_at = time.monotonic() + self.graceful_s
+                listener.close()
+                log.info("model process %d stopping: serving its %d linked HTTP workers until they are done (at "
+                         "most %g s, --graceful-timeout)", os.getpid(), len(self.peers), self.graceful_s)
+            if stop_at is not None and (time.monotonic() >= stop_at or not (self.peers or self.queue)):
+                break
+            self.step(wait_s=0.1 if stop_at is not None else 0.5)
+        self.stop_queue(errors.ModelUnavailable("The model process is stopping: retry shortly."))
+        for peer in list(self.peers):
+            peer.close()
+
+    def _accept(self, listener: socket.socket) -> None:
+        while True:
+            try:
+                sock, _ = listener.accept()
+            except OSError:
+                return  # closed: stopping
+            peer = Peer(sock, self.send_timeout_s)
+            self.peers.add(peer)
+            threading.Thread(target=self._read, args=(peer,), name="model-peer", daemon=True).start()
+
+    def _read(self, peer: Peer) -> None:
+        try:
+            stream = peer.sock.makefile("rb", buffering=256 * 1024)  # type: ignore[union-attr]
+            while True:
+                frame = wire.receive(stream, self.queue_bytes)
+                if frame.type != wire.Type.SCORE:
+                    raise wire.WireError(f"an HTTP worker sent {frame.type.name}")
+                error = self.submit(peer, frame.rid, frame.payload, frame.value, frame.nbytes)
+                if error is not None:
+                    peer.send([Answer(frame.rid, False, error)])
+        except (EOFError, OSError):
+            pass  # the HTTP worker exited, or its link was closed
+        except BaseException:  # noqa: B036 - a broken stream ends this link only; its worker sees it and reconnects
+            log.exception("unreadable frames from an HTTP worker: closing its link")
+        finally:
+            peer.close()
+            self.peers.discard(peer)
 
     def _watch(self, heartbeat: Callable[[], None]) -> None:
         """Answers the items of a run_batch() that overran their deadline, and ends a process that stays stuck."""
@@ -297,20 +369,27 @@ class ModelServer:
             time.sleep(0.05)
             heartbeat()
             batch, now = self.current, time.monotonic()
-            for item in batch:
-                if now >= item.deadline and not item.answered:
-                    log.error("run_batch() passed the scoring timeout of %d ms", self.timeout_ms)
-                    self._answer(item, "error", _error_data(errors.ScoringTimeout(self.timeout_ms)), 0.0, 0.0)
+            overdue = [item for item in batch if now >= item.deadline and not item.answered]
+            if overdue:
+                log.error("run_batch() passed the scoring timeout of %d ms", self.timeout_ms)
+                self._answer([(item, False, errors.ScoringTimeout(self.timeout_ms)) for item in overdue], 0.0, 0)
             if batch and now >= min(item.deadline for item in batch) + self.grace_s and self.current is batch:
                 log.error("run_batch() has not returned %.0f s after the scoring timeout (--hung-grace): the model "
                           "process %d exits and the master starts another", self.grace_s, os.getpid())
                 self.on_hung()
+                self.stop_queue(errors.ModelUnavailable("The model process is restarting: retry shortly."))
                 logging.shutdown()
                 os._exit(EXIT_HUNG)
 
 
 class ModelWorker(Worker):
-    """The gunicorn worker in a model slot: no HTTP, just the script's init() and the batching loop."""
+    """The gunicorn worker class of a model slot: no HTTP, just the script's init() and the batching loop. The
+    master (runner.ScoreArbiter) starts this class for a free model slot and fills in `slot` before the fork."""
+
+    slot: Any = None  # runner.ModelSlot: index, socket path, GPU
+    generation = 0
+    replacement = False
+    gpu: Optional[str] = None
 
     def load_wsgi(self) -> None:
         self.wsgi = None
@@ -322,8 +401,9 @@ class ModelWorker(Worker):
         s = self.app.settings
         metrics = Metrics()
         server = ModelServer(self.script.run_batch, batch_max=s.batch_max, delay_ms=s.batch_delay_ms,
-                             sizes=s.batch_sizes, queue_max=s.batch_queue, timeout_ms=s.scoring_timeout_ms,
-                             grace_s=s.hung_grace, observe=metrics.observe_batch,
+                             sizes=s.batch_sizes, queue_max=s.batch_queue, queue_bytes=s.batch_queue_bytes,
+                             timeout_ms=s.scoring_timeout_ms, grace_s=s.hung_grace, send_timeout_s=s.send_timeout,
+                             graceful_s=s.graceful_timeout, observe=metrics.observe_batch,
                              on_hung=metrics.restarts.labels("hung run_batch()").inc)
         warmup = getattr(self.script.module, "warmup_item", None)
         if server.sizes and callable(warmup):
@@ -331,104 +411,157 @@ class ModelWorker(Worker):
         elif server.sizes:
             log.warning("--batch-sizes is set but %s has no warmup_item(): sizes are tuned on first use",
                         self.script.path)
-        server.serve(self.model_socket, self.notify, lambda: self.alive and self.ppid == os.getppid(),
+        server.serve(self.slot.socket_path, self.notify, lambda: self.alive and self.ppid == os.getppid(),
                      on_listening=self.app.boots.mark_ready)
 
 
 # --- the HTTP worker's side -------------------------------------------------------------------------------------
 
 class _Pending:
-    __slots__ = ("done", "answer")
+    __slots__ = ("done", "frame")
 
     def __init__(self) -> None:
         self.done = threading.Event()
-        self.answer: Any = None
+        self.frame: Optional[wire.Frame] = None  # None once done: the link went down
 
 
 class _Link:
-    """This HTTP worker's connection to one model process; connects on first use and after a restart."""
+    """This HTTP worker's connection to one model process. A keeper thread connects it, and reconnects it after a
+    restart; `up` is read without a lock (readiness is answered on the event loop, which must never wait)."""
 
-    def __init__(self, path: str):
+    def __init__(self, path: str, send_timeout_s: float):
         self.path = path
+        self.send_timeout_s = send_timeout_s
         self.sock: Optional[socket.socket] = None
-        self.lock = threading.Lock()  # connecting and sending
+        self.send_lock = threading.Lock()  # one frame at a time on the socket
+        self.connect_lock = threading.Lock()
+        self.pending_lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
+        self.wake = threading.Event()
+        threading.Thread(target=self._keep, name="model-link", daemon=True).start()
 
-    def connected(self) -> bool:
-        with self.lock:
-            return self._connect()
+    @property
+    def up(self) -> bool:
+        return self.sock is not None
 
-    def _connect(self) -> bool:
-        if self.sock is not None:
-            return True
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.connect(self.path)
-        except OSError:
-            sock.close()
-            return False
-        self.sock = sock
-        threading.Thread(target=self._receive, args=(sock,), name="model-link", daemon=True).start()
-        return True
+    def _keep(self) -> None:
+        while True:
+            self._connect()
+            self.wake.wait(LINK_RETRY_S)
+            self.wake.clear()
 
-    def send(self, rid: int, value: Any, deadline: float, pending: _Pending) -> None:
-        with self.lock:
-            if not self._connect():
+    def _connect(self) -> Optional[socket.socket]:
+        """The link's socket, connected now if it is down and the model process listens (None if not)."""
+        with self.connect_lock:
+            if self.sock is None:
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                try:
+                    sock.connect(self.path)
+                except OSError:
+                    sock.close()
+                    return None
+                wire.set_send_timeout(sock, self.send_timeout_s)
+                self.sock = sock
+                threading.Thread(target=self._receive, args=(sock,), name="model-link-reader", daemon=True).start()
+            return self.sock
+
+    def send(self, rid: int, parts: list[Any], pending: _Pending) -> None:
+        sock = self.sock or self._connect()  # a request never fails for a link that could be up
+        if sock is None:
+            raise errors.ModelUnavailable()
+        with self.pending_lock:
+            if sock is not self.sock:
                 raise errors.ModelUnavailable()
             self.pending[rid] = pending
-            try:
-                send_frame(self.sock, (rid, value, deadline))  # type: ignore[arg-type]
-            except OSError:
-                self.pending.pop(rid, None)
-                self._drop(self.sock)
-                raise errors.ModelUnavailable() from None
+        try:
+            with self.send_lock:
+                wire.send(sock, parts)
+        except OSError as ex:
+            log.warning("the link to model process %s failed a send (%s): dropping it", self.path, ex)
+            self._drop(sock)
+            raise errors.ModelUnavailable() from None
+
+    def forget(self, rid: int) -> None:
+        with self.pending_lock:
+            self.pending.pop(rid, None)
 
     def _receive(self, sock: socket.socket) -> None:
         try:
+            stream = sock.makefile("rb", buffering=256 * 1024)
             while True:
-                answer = recv_frame(sock)
-                pending = self.pending.pop(answer[0], None)
+                frame = wire.receive(stream, 1 << 40)
+                with self.pending_lock:
+                    pending = self.pending.pop(frame.rid, None)
                 if pending is not None:
-                    pending.answer = answer
+                    pending.frame = frame
                     pending.done.set()
-        except (EOFError, OSError):
-            with self.lock:
-                self._drop(sock)
+        except (EOFError, OSError, wire.WireError) as ex:
+            log.info("the link to model process %s is down (%s)", self.path, ex or type(ex).__name__)
+        except BaseException:  # noqa: B036 - whatever happens, the link is dropped below and its requests answered
+            log.exception("the link to model process %s failed", self.path)
+        finally:
+            self._drop(sock)
 
-    def _drop(self, sock: Optional[socket.socket]) -> None:
-        """The model process went away: every request waiting on it is answered 503 now."""
-        if sock is None or sock is not self.sock:
-            return
-        self.sock = None
+    def _drop(self, sock: socket.socket) -> None:
+        """The model process went away (or the link broke): every request waiting on it is answered 503 now, and
+        the keeper reconnects."""
+        with self.pending_lock:
+            if sock is not self.sock:
+                return
+            self.sock = None
+            waiting, self.pending = self.pending, {}
+        try:
+            sock.shutdown(socket.SHUT_RDWR)  # a send blocked on it fails now
+        except OSError:
+            pass
         sock.close()
-        waiting, self.pending = self.pending, {}
         for pending in waiting.values():
-            pending.done.set()  # answer None: unavailable
+            pending.done.set()  # frame None: unavailable
+        self.wake.set()
 
 
 class ModelClient:
-    """How an HTTP worker scores an item: send it to the least busy model process and wait for its answer."""
+    """How an HTTP worker scores an item: send it to the least busy model process and wait for its answer, until
+    the request's scoring deadline."""
 
-    def __init__(self, paths: list[str], timeout_ms: int):
-        self.links = [_Link(path) for path in paths]
+    def __init__(self, paths: list[str], timeout_ms: int, item_max_bytes: int = 1 << 62,
+                 send_timeout_s: float = 30.0):
+        self.links = [_Link(path, send_timeout_s) for path in paths]
         self.timeout_ms = timeout_ms
+        self.item_max_bytes = item_max_bytes
         self._ids = itertools.count()
 
     def ready(self) -> bool:
-        return all(link.connected() for link in self.links)
+        """Every model process linked; never blocks."""
+        return all(link.up for link in self.links)
 
-    def submit(self, value: Any) -> Timed:
-        link = min(self.links, key=lambda candidate: (candidate.sock is None, len(candidate.pending)))
-        pending, rid = _Pending(), next(self._ids)
-        deadline = time.monotonic() + self.timeout_ms / 1000
-        link.send(rid, value, deadline, pending)
-        if not pending.done.wait(self.timeout_ms / 1000 + 5):  # the model process answers at the deadline itself
-            link.pending.pop(rid, None)
+    def submit(self, value: Any, deadline: Optional[float] = None) -> Timed:
+        if deadline is None:
+            deadline = time.monotonic() + self.timeout_ms / 1000
+        rid = next(self._ids)
+        try:
+            parts = wire.encode(wire.Type.SCORE, rid, value, deadline)
+        except wire.PayloadError as ex:
+            log.error("the item made for run_batch() cannot be sent to the model process: %s", ex)
+            raise errors.ResultUnusable(f"The item made for run_batch() cannot be sent to the model process ({ex}).")
+        size = wire.frame_bytes(parts)
+        if size > self.item_max_bytes:
+            raise errors.ItemTooLarge(f"The item made for run_batch() from this request is {size} bytes; a model "
+                                      f"process takes at most {self.item_max_bytes} (--batch-queue-bytes).")
+        link = min(self.links, key=lambda candidate: (not candidate.up, len(candidate.pending)))
+        pending = _Pending()
+        link.send(rid, parts, pending)
+        if not pending.done.wait(max(0.0, deadline - time.monotonic())):
+            link.forget(rid)  # the worker's loop answered it at the deadline already
             raise errors.ScoringTimeout(self.timeout_ms)
-        if pending.answer is None:
+        frame = pending.frame
+        if frame is None:
             raise errors.ModelUnavailable()
-        _, kind, payload, run_ms, _wait_s, _size = pending.answer  # queue waits are observed by the model process
-        if kind == "error":
-            raise _error(payload, self.timeout_ms)
-        output = payload.response() if isinstance(payload, ResponseData) else payload
-        return Timed(output, run_ms)
+        if isinstance(frame.payload, wire.PayloadError):
+            log.error("run_batch()'s result for one request cannot be read in this HTTP worker: %s", frame.payload)
+            raise errors.ResultUnusable("run_batch()'s result for this request cannot be read back "
+                                        f"({frame.payload}).")
+        if frame.type == wire.Type.ERROR:
+            raise frame.payload if isinstance(frame.payload, errors.ServerError) else errors.InternalError()
+        output = frame.payload.response() if isinstance(frame.payload, ResponseData) else frame.payload
+        return Timed(output, frame.value)

@@ -23,7 +23,7 @@ import sys
 import threading
 import time
 import traceback
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import gunicorn.app.base
 import gunicorn.arbiter
@@ -32,9 +32,10 @@ from . import metrics
 from .front import ConnectionShares, FrontWorker
 from .gpus import GpuPinning
 from .model_process import ModelWorker
-from .settings import Settings
+from .settings import Machine, Settings, fill_defaults
 
 BOOT_ERROR = 3  # gunicorn's WORKER_BOOT_ERROR: the master halts with it
+M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's mallopt() parameters
 MAX_BOOT_FAILURES = 5  # workers in a row that die before they are ready, before the server gives up
 
 
@@ -81,6 +82,14 @@ class BootWatch:
             self.failures += 1
 
 
+class ModelSlot(NamedTuple):
+    """A model process's place: its index, the socket its HTTP workers link to, and its GPU (None on the CPU)."""
+
+    index: int
+    socket_path: str
+    gpu: Optional[str]
+
+
 class ScoreArbiter(gunicorn.arbiter.Arbiter):
     """gunicorn's master, with a reload (SIGHUP) that never leaves the server without ready workers: a new
     generation of workers starts beside the old one, which keeps serving; once every new worker is ready (model
@@ -88,6 +97,12 @@ class ScoreArbiter(gunicorn.arbiter.Arbiter):
     load), the new generation is stopped and the old one goes on serving the old script."""
 
     rolling: Optional[tuple[set[int], set[int]]] = None  # (old pids, new pids) while a reload is under way
+
+    def spawn_worker(self) -> int:
+        """gunicorn has one worker class; here each start picks its own: a model process (ModelWorker) while a
+        model slot of this generation has none, else an HTTP worker (FrontWorker)."""
+        self.worker_class = self.app.next_worker_class(self.WORKERS.values())
+        return super().spawn_worker()
 
     def reload(self) -> None:
         if self.rolling is not None:
@@ -167,16 +182,23 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         for name, value in options.items():
             self.cfg.set(name, value)
 
+    def _free_model_slot(self, workers: Iterable[Any]) -> Optional[int]:
+        held = {w.slot.index for w in workers if isinstance(w, ModelWorker) and w.generation == self.generation}
+        return next((i for i in range(len(self.model_slots)) if i not in held), None)
+
+    def next_worker_class(self, workers: Iterable[Any]) -> type:
+        return FrontWorker if self._free_model_slot(workers) is None else ModelWorker
+
     def _pre_fork(self, arbiter: Any, worker: Any) -> None:
         self.boots.before_fork(worker)
         worker.generation = self.generation
-        worker.wait_for_models = self.generation > 0  # a reload's HTTP workers take traffic once its models are warm
-        held = {getattr(w, "model_slot", None) for w in arbiter.WORKERS.values() if w.generation == self.generation}
-        slot = next((i for i in range(len(self.model_slots)) if i not in held), None)
-        if slot is not None:
-            worker.__class__ = ModelWorker  # gunicorn has one worker class: a model slot's worker becomes this one
-            worker.model_slot, worker.model_socket, worker.gpu = slot, self.model_sockets[slot], self.model_slots[slot]
+        if isinstance(worker, ModelWorker):
+            index = self._free_model_slot(w for w in arbiter.WORKERS.values() if w is not worker)
+            assert index is not None
+            worker.slot = ModelSlot(index, self.model_sockets[index], self.model_slots[index])
+            worker.gpu = worker.slot.gpu
             return
+        worker.wait_for_models = self.generation > 0  # a reload's HTTP workers take traffic once its models are warm
         if self.model_slots:
             worker.gpu = "-1"  # HTTP workers of a model-process server never touch a GPU (no CUDA context each)
         else:
@@ -189,7 +211,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         self.shares.release(worker)
 
     def _post_fork(self, arbiter: Any, worker: Any) -> None:
-        start_memory_trimmer()
+        tune_memory()
         self._gpus.pin(worker)
         self._worker = worker  # so boot() can keep telling the master this worker is alive during init()
 
@@ -226,7 +248,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             waited += 1.0
             if self._worker is not None:
                 self._worker.notify()
-        replacement = getattr(self._worker, "replacement", False)
+        replacement = self._worker.replacement if self._worker is not None else False
         if thread.is_alive():
             _fail(f"init() did not finish within {self.settings.init_timeout} s (--init-timeout); "
                   f"the entry script {self.settings.entry_script} is hung or too slow to load.", replacement)
@@ -240,17 +262,23 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         return result["value"]
 
 
-def start_memory_trimmer(every_s: float = 10.0) -> None:
-    """Give freed heap memory back to the system every few seconds (glibc's malloc_trim).
+def tune_memory(every_s: float = 10.0) -> None:
+    """glibc's malloc, set for a server of large buffers (bodies, items, answers of 100 KB and more):
 
-    glibc keeps memory freed by a thread in that thread's malloc arena; with TensorFlow's varying buffer sizes and
-    several request threads, a worker's RSS otherwise creeps up in steps over a long run (the soak,
-    bench/RESULTS.md). A trim takes milliseconds; not glibc: nothing to do.
+    - buffers up to 64 MiB come from the heap and are reused, instead of a fresh mmap() per buffer that the kernel
+      zero-fills page by page (measured: 126 -> 49 us of model-process CPU per 150 KB item, bench/RESULTS.md);
+    - freed heap memory is given back every few seconds (malloc_trim), not at every free: glibc otherwise keeps
+      memory freed by a thread in that thread's arena, and with TensorFlow's varying buffer sizes and several
+      request threads a worker's RSS creeps up in steps over a long run (the soak, bench/RESULTS.md).
+    Not glibc: nothing to do.
     """
     try:
-        trim = ctypes.CDLL("libc.so.6").malloc_trim
+        libc = ctypes.CDLL("libc.so.6")
+        trim, mallopt = libc.malloc_trim, libc.mallopt
     except (OSError, AttributeError):
         return
+    mallopt(M_MMAP_THRESHOLD, 64 << 20)
+    mallopt(M_TRIM_THRESHOLD, 512 << 20)
 
     def loop() -> None:
         while True:
@@ -267,6 +295,37 @@ def _fail(message: str, replacement: bool = False) -> None:
     if replacement:
         print("scorehost: this replacement worker will be retried", file=sys.stderr, flush=True)
     os._exit(1 if replacement else BOOT_ERROR)
+
+
+def plan(settings: Settings, gpus: list[str]) -> tuple[Settings, tuple[Optional[str], ...], str]:
+    """Fill the settings left to defaults (each setting's computed default, server/settings.py), and say why:
+    (settings, model slots, one line for the banner).
+
+    With run_batch() and batching on (the default when a GPU is visible), one model process per GPU (one on the
+    CPU) batches for HTTP workers on every core; otherwise each worker calls run() itself, as Azure ML does."""
+    from .entry_script import defines
+
+    has_batch = defines(settings.entry_script, "run_batch")
+    if settings.batch_max is not None and settings.batch_max > 1 and not has_batch:
+        print(f"scorehost: --batch-max is set but {settings.entry_script} has no run_batch(): batching is off",
+              file=sys.stderr)
+    settings = fill_defaults(settings, Machine(tuple(gpus), has_batch, sys.stdout.isatty()))
+    if settings.batch_max > 1 and has_batch:
+        slots = tuple(gpus) or (None,)
+        where = f"one per GPU ({', '.join(gpus)})" if gpus else "one, on the CPU (no GPU visible)"
+        mode = (f"batched: {len(slots)} model process(es), {where}, run init() and run_batch() (up to "
+                f"{settings.batch_max} requests a call); {settings.workers} HTTP workers preprocess and feed them. "
+                f"Why: the script has run_batch() and batching is on")
+        return settings, slots, mode
+    if not has_batch:
+        why = "the script has no run_batch()"
+    elif gpus:
+        why = "batching is off (--batch-max 0)"
+    else:
+        why = "no GPU is visible, so batching is off by default (--batch-max N turns it on)"
+    mode = (f"per worker: {settings.workers} worker(s) each run init() and call run() "
+            f"({settings.threads} at a time), as Azure ML does. Why: {why}")
+    return settings, (), mode
 
 
 def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Optional[int]:

@@ -1,8 +1,11 @@
-"""Every setting of the server, declared once: name, command-line flag, environment variable, default, doc.
+"""Every setting of the server, declared once: name, command-line flag, environment variable, default, check, doc.
 
-Like gunicorn's config module, the CLI, the app and the README's tables all read this one list, so a setting
-cannot drift between them. Environment variables carry Azure ML's names where Azure ML has one, so a container
-configured for Azure ML configures scorehost the same way. Precedence: flag, then environment, then default.
+Like gunicorn's config module (whose Setting carries its validator), the CLI, the app and the README's tables all
+read this one list, so a setting cannot drift between them. Environment variables carry Azure ML's names where
+Azure ML has one, so a container configured for Azure ML configures scorehost the same way. Precedence: flag, then
+environment, then default. A default that depends on the machine (GPUs, whether the script has run_batch(), a
+terminal) is computed by the setting's own `computed` (`fill_defaults`), so `server/` used without the CLI gets the
+same defaults.
 """
 
 from __future__ import annotations
@@ -33,6 +36,43 @@ def _bool(text: str) -> bool:
 
 
 @dataclasses.dataclass(frozen=True)
+class Machine:
+    """What computed defaults depend on: the visible GPUs, whether the script has run_batch(), a terminal."""
+
+    gpus: tuple[str, ...] = ()
+    has_run_batch: bool = False
+    terminal: bool = False
+    cpus: int = dataclasses.field(default_factory=lambda: os.cpu_count() or 1)
+
+
+Get = Callable[[str], Any]  # a computed default reads other settings (already filled) through this
+
+
+def at_least(low: float) -> Callable[[Any], Optional[str]]:
+    return lambda value: None if value >= low else f"must be at least {low:g}, got {value}"
+
+
+def positive(value: Any) -> Optional[str]:
+    return None if value > 0 else f"must be greater than 0, got {value}"
+
+
+def is_dir(value: str) -> Optional[str]:
+    return None if os.path.isdir(value) else f"{value} is not a directory"
+
+
+def is_file(value: str) -> Optional[str]:
+    return None if os.path.isfile(value) else f"{value} is not a file"
+
+
+def _port(value: int) -> Optional[str]:
+    return None if 1 <= value <= 65535 else f"must be between 1 and 65535, got {value}"
+
+
+def _batching(get: Get, machine: Machine) -> bool:
+    return get("batch_max") > 1 and machine.has_run_batch
+
+
+@dataclasses.dataclass(frozen=True)
 class Setting:
     name: str
     flag: str
@@ -41,6 +81,8 @@ class Setting:
     type: Callable[[str], Any]
     doc: str
     secret: bool = False
+    check: Optional[Callable[[Any], Optional[str]]] = None  # the problem with a value, or None
+    computed: Optional[Callable[[Get, Machine], Any]] = None  # the default when it depends on the machine
 
 
 SETTINGS: tuple[Setting, ...] = (
@@ -48,36 +90,45 @@ SETTINGS: tuple[Setting, ...] = (
             "The entry script with init() and run(). Default: the reference score.py with the demo model."),
     Setting("model_dir", "--model-dir", "AZUREML_MODEL_DIR", None, str,
             "Directory the entry script loads its model from (exported as AZUREML_MODEL_DIR). "
-            "Default with the reference score.py: the demo ResNet50, built on first use."),
+            "Default with the reference score.py: the demo ResNet50, built on first use.", check=is_dir),
     Setting("app_root", "--app-root", "AML_APP_ROOT", ".", str,
             "Directory a relative entry-script path is resolved against and appended to sys.path, as in Azure ML."),
     Setting("host", "--host", "SCOREHOST_HOST", "127.0.0.1", str,
             "Address to bind. 127.0.0.1 keeps a laptop server private; containers pass 0.0.0.0."),
-    Setting("port", "--port", "SCOREHOST_PORT", 5001, int, "Port to bind (Azure ML's is 5001)."),
+    Setting("port", "--port", "SCOREHOST_PORT", 5001, int, "Port to bind (Azure ML's is 5001).", check=_port),
     Setting("workers", "--workers", "WORKER_COUNT", None, int,
-            "Worker processes, each with its own copy of the model. Default: one per visible GPU, else 1."),
+            "Worker processes, each with its own copy of the model. Default: one per visible GPU, else 1 (with a "
+            "model process: one HTTP worker per core).", check=at_least(1),
+            computed=lambda get, m: m.cpus if _batching(get, m) else max(1, len(m.gpus))),
     Setting("threads", "--threads", "SCOREHOST_THREADS", None, int,
             "App threads per worker: how many run() calls may overlap in one worker. Default 1, as Azure ML: "
             "scripts are written for one call at a time (a module global shared by two calls mixes two clients' "
             "data); raise it only for a thread-safe script. Sockets are the worker's event loop's, so slow clients "
             "need no threads. With a model process (run_batch), each thread carries one request to it and waits for "
-            "the answer (default 2 x --batch-max); run_batch() is called one at a time."),
+            "the answer (default 2 x --batch-max); run_batch() is called one at a time.", check=at_least(1),
+            computed=lambda get, m: 2 * get("batch_max") if _batching(get, m) else 1),
     Setting("scoring_timeout_ms", "--scoring-timeout-ms", "SCORING_TIMEOUT_MS", 3_600_000, int,
-            "A run() that takes longer is answered with 500 'Scoring timeout after N ms'."),
+            "A run() that takes longer is answered with 500 'Scoring timeout after N ms'. The deadline starts when "
+            "an app thread takes the request, as Azure ML's timer does, and covers preprocess(), the model queue, "
+            "run_batch() and the wait for its answer.", check=positive),
     Setting("worker_timeout", "--worker-timeout", "WORKER_TIMEOUT", 300, int,
-            "Seconds a silent worker may go before the master restarts it (gunicorn --timeout)."),
+            "Seconds a silent worker may go before the master restarts it (gunicorn --timeout).", check=positive),
     Setting("graceful_timeout", "--graceful-timeout", "SCOREHOST_GRACEFUL_TIMEOUT", 30, int,
-            "Seconds in-flight requests get to finish after SIGTERM before workers are killed."),
+            "Seconds in-flight requests get to finish after SIGTERM (or a reload) before what is left is answered "
+            "503 with Retry-After; a model process serves its linked HTTP workers that long at most.",
+            check=positive),
     Setting("init_timeout", "--init-timeout", "SCOREHOST_INIT_TIMEOUT", 600, int,
-            "Seconds a worker may spend importing the entry script and running init() before start-up fails."),
+            "Seconds a worker may spend importing the entry script and running init() before start-up fails.",
+            check=positive),
     Setting("keepalive", "--keepalive", "SCOREHOST_KEEPALIVE", 5, int,
-            "Seconds an idle keep-alive connection stays open (0 closes after each response, as Azure ML does)."),
+            "Seconds an idle keep-alive connection stays open (0 closes after each response, as Azure ML does).",
+            check=at_least(0)),
     Setting("read_timeout", "--read-timeout", "SCOREHOST_READ_TIMEOUT", 30.0, float,
             "Seconds a client may go silent in the middle of a request (or before its first byte) before it is "
-            "answered 408 and closed (nginx's client_body_timeout)."),
+            "answered 408 and closed (nginx's client_body_timeout).", check=positive),
     Setting("send_timeout", "--send-timeout", "SCOREHOST_SEND_TIMEOUT", 30.0, float,
             "Seconds a client may go without reading its answer before the connection is dropped (nginx's "
-            "send_timeout)."),
+            "send_timeout). Also bounds each write between an HTTP worker and a model process.", check=positive),
     Setting("cors_origins", "--cors-origins", "AML_CORS_ORIGINS", None, str,
             "Comma-separated origins allowed by CORS (GET and POST), as Azure ML's AML_CORS_ORIGINS."),
     Setting("auth_key", "--auth-key", "SCOREHOST_AUTH_KEY", None, str,
@@ -86,30 +137,46 @@ SETTINGS: tuple[Setting, ...] = (
             "variable or --auth-key-file: a flag is visible in the process list.",
             secret=True),
     Setting("auth_key_file", "--auth-key-file", "SCOREHOST_AUTH_KEY_FILE", None, str,
-            "File holding the key (read once at start-up): keeps it out of the process list, unlike --auth-key."),
+            "File holding the key (read once at start-up): keeps it out of the process list, unlike --auth-key.",
+            check=is_file),
     Setting("max_body_bytes", "--max-body-bytes", "SCOREHOST_MAX_BODY_BYTES", 16 * MIB, int,
-            "Largest request body accepted; a larger one is answered 413 before the entry script sees it."),
+            "Largest request body accepted; a larger one is answered 413 before the entry script sees it.",
+            check=positive),
     Setting("batch_max", "--batch-max", "SCOREHOST_BATCH_MAX", None, int,
             "Batching: most requests handed to the script's run_batch() at once; > 1 starts one model process per "
             "GPU (one on a machine without GPU) that batches for every HTTP worker. Default: 64 on a machine with "
-            "a GPU when the script has run_batch(), else 0 (off: each worker calls run(), as Azure ML)."),
+            "a GPU when the script has run_batch(), else 0 (off: each worker calls run(), as Azure ML).",
+            check=at_least(0), computed=lambda get, m: 64 if m.gpus and m.has_run_batch else 0),
     Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 2.0, float,
             "Batching: when the model is idle, how long the first request waits for others to join. A busy model "
-            "takes whatever queued while it ran, without waiting."),
+            "takes whatever queued while it ran, without waiting.", check=at_least(0)),
     Setting("batch_sizes", "--batch-sizes", "SCOREHOST_BATCH_SIZES", None, _sizes,
             "Batching: allowed batch sizes, e.g. 1,2,4,8,16,32,64; a batch is padded to the next one, and each is "
             "warmed (with the script's warmup_item()) before the model process takes traffic, so GPU kernels are "
-            "tuned once. Default: powers of two up to --batch-max on a GPU, any size on the CPU ('any')."),
+            "tuned once. Default: powers of two up to --batch-max on a GPU, any size on the CPU ('any').",
+            computed=lambda get, m: tuple(2 ** i for i in range(get("batch_max").bit_length())
+                                          if 2 ** i < get("batch_max")) + (get("batch_max"),)
+            if m.gpus and _batching(get, m) else ()),
     Setting("batch_queue", "--batch-queue", "SCOREHOST_BATCH_QUEUE", 256, int,
             "Batching: requests that may wait per model process; past that the server answers 503 with "
-            "Retry-After."),
+            "Retry-After.", check=at_least(1)),
+    Setting("batch_queue_bytes", "--batch-queue-bytes", "SCOREHOST_BATCH_QUEUE_BYTES", 512 * MIB, int,
+            "Batching: bytes of items that may wait per model process (past that, 503 with Retry-After); an item "
+            "larger than this (what preprocess() made of one request) is refused with 500 in the HTTP worker.",
+            check=positive),
+    Setting("max_body_bytes_in_flight", "--max-body-bytes-in-flight", "SCOREHOST_MAX_BODY_BYTES_IN_FLIGHT",
+            64 * MIB, int,
+            "Request body bytes one HTTP worker may hold at once (arriving, waiting, being answered); a request "
+            "past it is answered 503 with Retry-After before its body is read. One request is always taken.",
+            check=positive),
     Setting("hung_grace", "--hung-grace", "SCOREHOST_HUNG_GRACE", 10.0, float,
             "Seconds a run() or run_batch() may go on past the scoring timeout (its requests already answered 500) "
-            "before its worker or model process is restarted."),
+            "before its worker or model process is restarted. A worker first lets its other requests finish (up to "
+            "5 s) and answers what is left 503 with Retry-After.", check=positive),
     Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", None, _bool,
             "Log one short line per request (client, method, path, status, size, time). Default: on when the "
             "server runs in a terminal, so a first user sees requests arrive; off otherwise (on a trivial script it "
-            "costs about 15% of the requests a second, bench/RESULTS.md)."),
+            "costs about 15% of the requests a second, bench/RESULTS.md).", computed=lambda get, m: m.terminal),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -151,38 +218,40 @@ class SettingError(Exception):
 
 
 def check(settings: Settings) -> None:
-    """Every resolved value checked before anything starts; the first problem ends start-up with a SettingError
-    (a worker count of 0 used to start no worker and hang)."""
+    """Every resolved value checked before anything starts, by its setting's own check; the first problem ends
+    start-up with a SettingError (a worker count of 0 used to start no worker and hang)."""
     import socket
 
-    def fail(name: str, problem: str) -> None:
-        raise SettingError(BY_NAME[name], problem)
-
     v = settings.values
+    for s in SETTINGS:
+        problem = s.check(v[s.name]) if s.check is not None and v[s.name] is not None else None
+        if problem:
+            raise SettingError(s, problem)
     if v["entry_script"] and not os.path.isfile(os.path.join(v["app_root"], v["entry_script"])):
-        fail("entry_script", f"{v['entry_script']} is not a file")
-    if v["model_dir"] and not os.path.isdir(v["model_dir"]):
-        fail("model_dir", f"{v['model_dir']} is not a directory")
-    if v["auth_key_file"] and not os.path.isfile(v["auth_key_file"]):
-        fail("auth_key_file", f"{v['auth_key_file']} is not a file")
-    for name in ("workers", "threads", "batch_queue"):
-        if v[name] is not None and v[name] < 1:
-            fail(name, f"must be at least 1, got {v[name]}")
-    for name in ("scoring_timeout_ms", "worker_timeout", "graceful_timeout", "init_timeout", "read_timeout",
-                 "send_timeout", "hung_grace", "max_body_bytes"):
-        if v[name] <= 0:
-            fail(name, f"must be greater than 0, got {v[name]}")
-    for name in ("keepalive", "batch_delay_ms"):
-        if v[name] < 0:
-            fail(name, f"must be 0 or more, got {v[name]}")
-    if not 1 <= v["port"] <= 65535:
-        fail("port", f"must be between 1 and 65535, got {v['port']}")
+        raise SettingError(BY_NAME["entry_script"], f"{v['entry_script']} is not a file")
     with socket.socket(socket.AF_INET6 if ":" in v["host"] else socket.AF_INET) as probe:
+        # As gunicorn binds: SO_REUSEADDR, so the TIME_WAIT sockets a previous server left do not block a restart.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             probe.bind((v["host"], v["port"]))
         except OSError as ex:
-            fail("port", f"cannot listen on {v['host']}:{v['port']} ({ex.strerror}): another server may hold it; "
-                         "choose another with --port")
+            raise SettingError(BY_NAME["port"], f"cannot listen on {v['host']}:{v['port']} ({ex.strerror}): another "
+                               "server may hold it; choose another with --port") from None
+
+
+def fill_defaults(settings: Settings, machine: Machine) -> Settings:
+    """The settings left unset, filled by their setting's `computed` default for this machine."""
+    values = dict(settings.values)
+
+    def get(name: str) -> Any:
+        computed = BY_NAME[name].computed
+        if values[name] is None and computed is not None:
+            values[name] = computed(get, machine)
+        return values[name]
+
+    for s in SETTINGS:
+        get(s.name)
+    return Settings(values)
 
 
 def markdown_table() -> str:

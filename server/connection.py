@@ -1,0 +1,453 @@
+"""One client connection's HTTP/1.1 state machine: bytes in, complete requests out, their answers back in order.
+
+No sockets and no threads here. The worker's loop thread (`front.FrontWorker`) owns every Connection and is the
+only caller of its methods: it feeds what the socket received (`received`), the client's end of input (`ended`),
+the answers app threads finished (`answer`), writability (`writable`) and the time (`tick`). The connection acts
+through its `transport` (send, pause or resume reading, shut down, close) and asks its `hooks` whether to take a
+body, for body memory, and where a complete request goes. tests/test_connection.py drives it with a fake transport
+and a fake clock, as uvicorn tests its protocol.
+
+States:
+  IDLE     between requests; closed after `keepalive` seconds.
+  READING  a request is arriving; answered 408 after `read_timeout` seconds of silence.
+  BUSY     a request is with the app. Reading is paused (back-pressure: nothing more is read from a client while its
+           request is answered); requests that came in the same read wait in `pending`, at most MAX_PIPELINED.
+  WRITING  its answer is being written; dropped after `send_timeout` seconds without progress.
+  CLOSING  the last answer is out and our side shut; the client's unread bytes are drained for LINGER_S.
+  CLOSED
+Rules a mature server keeps (gunicorn, nginx): only HTTP/1.0 and 1.1; one Host; no chunked body on HTTP/1.0;
+trailer fields never become headers; an answer is framed by its real length, whatever the app said; a client that
+half-closes gets every answer to what it sent, then the close.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import time
+from typing import Any, Callable, Optional, Protocol
+from urllib.parse import unquote_to_bytes
+
+import httptools
+
+from . import errors
+
+# Limits on a request's head: gunicorn's defaults, so that these answers are the ones AIHS's gunicorn gives.
+MAX_REQUEST_LINE = 4094
+MAX_HEADERS = 100
+MAX_HEADER_FIELD = 8190
+MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * (MAX_HEADER_FIELD + 2) + 4
+MAX_PIPELINED = 32  # complete requests that may wait behind the one being answered
+LINGER_S = 2.0  # after a closing answer, how long unread bytes from the client are drained before the socket closes
+
+IDLE, READING, BUSY, WRITING, CLOSING, CLOSED = "idle", "reading", "busy", "writing", "closing", "closed"
+
+
+class Transport(Protocol):
+    """What a connection does to its socket (front.SocketTransport; a list in tests)."""
+
+    def send(self, data: memoryview) -> int: ...  # bytes taken now (0: the socket is full); raises OSError
+    def reading(self, on: bool) -> None: ...
+    def writing(self, on: bool) -> None: ...
+    def shutdown_write(self) -> None: ...
+    def close(self) -> None: ...
+
+
+class Hooks(Protocol):
+    """What a connection asks of its worker."""
+
+    def admits_body(self, path: str, authorization: Optional[str], content_length: Optional[int]) -> bool: ...
+    def reserve_body(self, size: int) -> bool: ...  # body bytes in flight, per worker (the budget)
+    def release_body(self, size: int) -> None: ...
+    def dispatch(self, conn: "Connection", request: "Request") -> None: ...  # to the app; answered via answer()
+    def keep_alive(self) -> bool: ...  # False while the worker drains
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    read_timeout: float = 30.0
+    send_timeout: float = 30.0
+    keepalive: float = 5.0
+    max_body_bytes: int = 16 << 20
+
+
+class Request:
+    __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
+                 "body_error", "expect_continue", "content_length", "started", "deadline", "reserved",
+                 "head_done", "answered", "returned", "error")
+
+    def __init__(self) -> None:
+        self.method: Optional[str] = None
+        self.version = "1.1"
+        self.url = b""
+        self.path = self.query = ""  # decoded once the head is complete
+        self.headers: list[tuple[bytes, bytes]] = []
+        self.body: list[bytes] = []
+        self.body_size = 0
+        self.body_error: Optional[str] = None  # the body cannot be read as framed: the app answers 400
+        self.expect_continue = False
+        self.content_length: Optional[int] = None
+        self.keep_alive = True
+        self.started = time.perf_counter()
+        # The scoring deadline (time.monotonic()): set once, by the app thread that takes the request, as Azure ML's
+        # timer starts when its worker takes a request (a request waiting for a busy thread is not yet timed).
+        self.deadline = float("inf")
+        self.reserved = 0  # body bytes counted against the worker's budget
+        self.head_done = False
+        self.answered = False  # loop-owned: its answer was handed to the connection (once, whoever made it)
+        self.returned = False  # loop-owned: its app thread came back (a late answer is dropped, the thread is free)
+        self.error: Optional[errors.ServerError] = None  # answered by the connection itself, not the app
+
+
+class _Reject(Exception):
+    """Raised inside the parser to stop reading: the request is answered on its head alone."""
+
+
+class _Protocol(Exception):
+    def __init__(self, error: errors.ServerError):
+        self.error = error
+
+
+class Connection:
+    def __init__(self, transport: Transport, hooks: Hooks, limits: Limits,
+                 clock: Callable[[], float] = time.monotonic, peer: Any = None):
+        self.transport, self.hooks, self.limits, self.clock = transport, hooks, limits, clock
+        self.peer = peer if isinstance(peer, tuple) else ("", 0)
+        self.parser: Optional[httptools.HttpRequestParser] = httptools.HttpRequestParser(self)
+        self.state = IDLE
+        self.deadline = clock() + limits.read_timeout  # a new connection has that long to send its first request
+        self.request: Optional[Request] = None  # the one being parsed
+        self.current: Optional[Request] = None  # the one being answered (BUSY, WRITING)
+        self.pending: collections.deque[Request] = collections.deque()  # complete, waiting their turn
+        self.in_head = True  # between requests too: bytes before a request line count towards its head
+        self.head_bytes = 0
+        self.stop_reading = False  # the last request closes the connection: what follows it is discarded
+        self.out: Optional[memoryview] = None
+        self.close_after = False
+        self.eof = False
+        self.reading = True
+
+    # --- fed by the loop ---------------------------------------------------------------------------------------
+    def received(self, data: bytes) -> None:
+        if self.state in (CLOSING, CLOSED) or self.stop_reading:
+            return  # lingering close, or past the last request: discard
+        if self.state == IDLE:
+            self.state = READING
+        if self.state == READING:
+            self.deadline = self.clock() + self.limits.read_timeout
+        if self.in_head:
+            self.head_bytes += len(data)
+            if self.head_bytes > MAX_HEAD:
+                self._protocol_error(errors.HeaderFieldsTooLarge(f"request head over {MAX_HEAD} bytes"))
+                return
+        try:
+            self.parser.feed_data(data)  # type: ignore[union-attr]
+        except httptools.HttpParserUpgrade:
+            self._stop()  # no upgrades here: answer what came, then close
+        except httptools.HttpParserCallbackError as ex:
+            cause = ex.__context__
+            if isinstance(cause, _Reject):
+                self._head_only()
+            elif isinstance(cause, _Protocol):
+                self._protocol_error(cause.error)
+            else:
+                raise
+        except httptools.HttpParserError as ex:
+            self._protocol_error(errors.MalformedRequest(str(ex)))
+
+    def ended(self) -> None:
+        """The client closed (or half-closed) its side: answer what it sent, then close."""
+        self.eof = True
+        self._stop_reading_socket()
+        request = self.request
+        if request is not None and request.head_done and not self.stop_reading:
+            self.request = None  # cut short: answered if it can be (a short body is the app's 400)
+            if request.content_length is None:
+                request.body_error = "the client closed the connection before the chunked body ended"
+            request.keep_alive = False
+            self._complete(request)
+            return
+        if self.state in (IDLE, READING, CLOSING):
+            self.close()
+        # BUSY or WRITING: the answers are on their way; the connection closes after the last
+
+    def answer(self, request: Request, data: bytes, close: bool) -> None:
+        """The answer to the request being answered: written now, or as the socket takes it."""
+        if request.answered or request is not self.current or self.state != BUSY:
+            return  # answered already (at its deadline, or on an evacuation): a late answer is dropped
+        request.answered = True
+        self._release(request)
+        self.state = WRITING
+        self.out = memoryview(data)
+        self.close_after = close or not request.keep_alive
+        self.deadline = self.clock() + self.limits.send_timeout  # a write deadline, never a stale read one
+        self.writable()
+
+    def writable(self) -> None:
+        if self.state != WRITING or self.out is None:
+            return
+        try:
+            sent = self.transport.send(self.out)
+        except OSError:
+            self.close()
+            return
+        if sent:
+            self.out = self.out[sent:]
+            self.deadline = self.clock() + self.limits.send_timeout
+        if len(self.out):
+            self.transport.writing(True)
+            return
+        self.out = None
+        self.transport.writing(False)
+        self._written()
+
+    def tick(self, now: float) -> None:
+        if self.state in (BUSY, CLOSED) or now < self.deadline:
+            return
+        if self.state == READING and self.request is not None:
+            self._protocol_error(errors.RequestTimeout(
+                f"the request did not arrive within {self.limits.read_timeout:g} s (--read-timeout)"))
+        else:
+            self.close()
+
+    def drain(self, within_s: float) -> None:
+        """The worker stops: an idle connection closes soon (a request already on its way may still come)."""
+        if self.state == IDLE:
+            self.deadline = min(self.deadline, self.clock() + within_s)
+
+    def evacuate(self, answer: Callable[[Request], bytes]) -> None:
+        """The worker must exit now: every request this connection holds and has not answered gets `answer` (503
+        + Retry-After), in order, and the connection closes after them. An answer being written is finished."""
+        held = ([self.current] if self.state == BUSY and self.current is not None else []) + list(self.pending)
+        self.pending.clear()
+        self.request = None
+        self.stop_reading = True
+        if self.state == WRITING:
+            for r in held:
+                r.answered = True
+            if self.out is not None and held:
+                self.out = memoryview(bytes(self.out) + b"".join(answer(r) for r in held))
+            self.close_after = True
+            return
+        if not held:
+            self.close()
+            return
+        for r in held[1:]:
+            r.answered = True
+        tail = b"".join(answer(r) for r in held[1:])
+        first = held[0]
+        self.current = first
+        self.state = BUSY
+        self.answer(first, answer(first) + tail, True)
+
+    @property
+    def busy(self) -> bool:
+        """Holds a request it has not finished answering (or one on its way in)."""
+        return self.state in (BUSY, WRITING) or (self.state == READING and self.request is not None)
+
+    def close(self) -> None:
+        if self.state == CLOSED:
+            return
+        self.state = CLOSED
+        for request in (self.request, self.current, *self.pending):
+            if request is not None:
+                self._release(request)
+        # Break the parser <-> connection cycle and drop buffers now, not at the next garbage collection.
+        self.parser = None
+        self.request = self.current = None
+        self.pending.clear()
+        self.out = None
+        self.transport.close()
+
+    # --- httptools callbacks -----------------------------------------------------------------------------------
+    def on_message_begin(self) -> None:
+        self.request = Request()
+        self.in_head = True
+
+    def on_url(self, url: bytes) -> None:
+        request = self.request
+        assert request is not None
+        request.url += url
+        if len(request.url) > MAX_REQUEST_LINE:
+            raise _Protocol(errors.RequestLineTooLong(f"request line over {MAX_REQUEST_LINE} bytes"))
+
+    def on_header(self, name: bytes, value: bytes) -> None:
+        request = self.request
+        assert request is not None
+        if request.head_done:
+            return  # a chunked body's trailer field: never a header
+        headers = request.headers
+        if len(headers) >= MAX_HEADERS:
+            raise _Protocol(errors.HeaderFieldsTooLarge(f"more than {MAX_HEADERS} header fields"))
+        if len(name) + len(value) + 2 > MAX_HEADER_FIELD:
+            raise _Protocol(errors.HeaderFieldsTooLarge(f"header field over {MAX_HEADER_FIELD} bytes"))
+        headers.append((name, value.strip()))
+
+    def on_headers_complete(self) -> None:
+        request = self.request
+        assert request is not None and self.parser is not None
+        self.in_head, self.head_bytes = False, 0
+        request.head_done = True
+        parser = self.parser
+        request.method = parser.get_method().decode("latin-1")
+        request.version = parser.get_http_version()
+        if request.version not in ("1.0", "1.1"):
+            raise _Protocol(errors.MalformedRequest(f"HTTP/{request.version} is not supported: send HTTP/1.1"))
+        request.keep_alive = parser.should_keep_alive()
+        authorization = None
+        hosts = 0
+        chunked = False
+        for name, value in request.headers:
+            lname = name.lower()
+            if lname == b"content-length":
+                request.content_length = int(value) if value.isdigit() else None
+            elif lname == b"expect":
+                request.expect_continue = value.lower() == b"100-continue"
+            elif lname == b"authorization":
+                authorization = value.decode("latin-1")
+            elif lname == b"host":
+                hosts += 1
+            elif lname == b"transfer-encoding":
+                chunked = True
+        if hosts > 1:
+            raise _Protocol(errors.MalformedRequest("more than one Host header"))
+        if chunked and request.version == "1.0":
+            raise _Protocol(errors.MalformedRequest("Transfer-Encoding is not allowed in an HTTP/1.0 request"))
+        try:
+            url = httptools.parse_url(request.url)
+        except httptools.HttpParserInvalidURLError:
+            raise _Protocol(errors.MalformedRequest("the request target is not a valid URL")) from None
+        request.path = unquote_to_bytes(url.path or b"/").decode("latin-1")
+        request.query = (url.query or b"").decode("latin-1")
+        if not self.hooks.admits_body(request.path, authorization, request.content_length):
+            raise _Reject()  # answered on its head; the body is never read
+        if request.content_length:
+            if not self._reserve(request, request.content_length):
+                raise _Reject()
+        if request.expect_continue and request.version == "1.1" and self.state == READING:
+            self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")  # never inside an answer being written
+
+    def on_body(self, data: bytes) -> None:
+        request = self.request
+        assert request is not None
+        request.body_size += len(data)
+        limit = self.limits.max_body_bytes
+        if request.body_size > limit:  # chunked past the limit: the app answers 413
+            request.body.append(data[: max(0, limit + 1 - (request.body_size - len(data)))])
+            raise _Reject()
+        if request.body_size > request.reserved and not self._reserve(request, request.body_size - request.reserved):
+            raise _Reject()  # a chunked body past the worker's budget: 503
+        request.body.append(data)
+
+    def on_message_complete(self) -> None:
+        request = self.request
+        assert request is not None
+        self.request = None
+        self._complete(request)
+
+    # --- inside ------------------------------------------------------------------------------------------------
+    def _reserve(self, request: Request, size: int) -> bool:
+        if self.hooks.reserve_body(size):
+            request.reserved += size
+            return True
+        request.error = errors.Overloaded("The server is busy: too many request bodies are being received. Retry "
+                                          "after a short pause.")
+        return False
+
+    def _release(self, request: Request) -> None:
+        if request.reserved:
+            self.hooks.release_body(request.reserved)
+            request.reserved = 0
+
+    def _complete(self, request: Request) -> None:
+        if not request.keep_alive or not self.hooks.keep_alive():
+            request.keep_alive = False
+            self.stop_reading = True
+        if self.state in (BUSY, WRITING) or self.pending:
+            if len(self.pending) >= MAX_PIPELINED:  # a client that sends and never reads: stop taking more
+                request.error = errors.Overloaded(f"more than {MAX_PIPELINED} pipelined requests wait for their "
+                                                  "answers")
+                request.keep_alive = False
+                self.stop_reading = True
+            self.pending.append(request)
+            return
+        self._start(request)
+
+    def _start(self, request: Request) -> None:
+        self.current = request
+        self.state = BUSY
+        self._stop_reading_socket()
+        if request.error is not None:
+            self.answer(request, errors.raw_error_response(request.error), True)
+        else:
+            self.hooks.dispatch(self, request)
+
+    def _written(self) -> None:
+        """An answer is fully written: the next pipelined request goes, or the connection idles or closes."""
+        self.current = None
+        if self.close_after or (self.eof and not self.pending):
+            self._linger()
+            return
+        if self.pending:
+            self._start(self.pending.popleft())
+            return
+        self.state = READING if self.request is not None else IDLE
+        if self.state == IDLE and self.limits.keepalive <= 0:
+            self._linger()
+            return
+        self.deadline = self.clock() + (self.limits.read_timeout if self.request else self.limits.keepalive)
+        if not self.eof:
+            self.reading = True
+            self.transport.reading(True)
+
+    def _head_only(self) -> None:
+        """Answer a request on its head alone (the app refuses it before reading a body: wrong key, too large;
+        or the worker's body budget is spent: 503), then close."""
+        request = self.request
+        assert request is not None
+        self.request = None
+        request.keep_alive = False
+        self.stop_reading = True
+        self._complete(request)
+
+    def _protocol_error(self, error: errors.ServerError) -> None:
+        """A request that cannot be read as HTTP: answered by the connection itself (in turn, after any answer in
+        flight), then the connection closes."""
+        request = self.request or Request()
+        self.request = None
+        request.error = error
+        request.keep_alive = False
+        self.stop_reading = True
+        if self.state in (BUSY, WRITING) or self.pending:
+            self.pending.append(request)
+            return
+        self._start(request)
+
+    def _stop(self) -> None:
+        self.stop_reading = True
+
+    def _stop_reading_socket(self) -> None:
+        if self.reading:
+            self.reading = False
+            self.transport.reading(False)
+
+    def _linger(self) -> None:
+        if self.eof:
+            self.close()
+            return
+        self.state = CLOSING
+        self.deadline = self.clock() + LINGER_S
+        self.stop_reading = True
+        try:
+            self.transport.shutdown_write()
+        except OSError:
+            self.close()
+            return
+        self.reading = True
+        self.transport.reading(True)  # drain what the client still sends, until its EOF or LINGER_S
+
+    def _send_now(self, data: bytes) -> None:
+        try:
+            self.transport.send(memoryview(data))
+        except OSError:
+            pass

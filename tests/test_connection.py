@@ -1,0 +1,245 @@
+"""The connection state machine (server/connection.py) in process: no sockets, no threads, no sleeps. A fake
+transport records what would be written and whether reading is on; a fake clock moves time; the hooks stand in for
+the worker (its body budget, the app). As uvicorn tests its protocol with a mock transport."""
+
+from __future__ import annotations
+
+import gc
+import weakref
+from typing import Optional
+
+import pytest
+
+from server.connection import BUSY, CLOSED, CLOSING, IDLE, LINGER_S, READING, WRITING, Connection, Limits, Request
+
+
+class Transport:
+    def __init__(self, room: Optional[int] = None):
+        self.sent = bytearray()
+        self.room = room  # bytes the socket takes before it is full; None: all
+        self.read_on = True
+        self.write_on = False
+        self.shut = self.closed = False
+
+    def send(self, data: memoryview) -> int:
+        n = len(data) if self.room is None else min(self.room, len(data))
+        if self.room is not None:
+            self.room -= n
+        self.sent += data[:n]
+        return n
+
+    def reading(self, on: bool) -> None:
+        self.read_on = on
+
+    def writing(self, on: bool) -> None:
+        self.write_on = on
+
+    def shutdown_write(self) -> None:
+        self.shut = True
+
+    def close(self) -> None:
+        self.closed = True
+
+
+class Hooks:
+    def __init__(self, budget: int = 1 << 30, key_paths: tuple[str, ...] = ()):
+        self.budget, self.held = budget, 0
+        self.dispatched: list[tuple[Connection, Request]] = []
+        self.key_paths = key_paths
+        self.alive = True
+
+    def admits_body(self, path, authorization, content_length) -> bool:
+        return not (path in self.key_paths and authorization != "Bearer k")
+
+    def reserve_body(self, size: int) -> bool:
+        if self.held and self.held + size > self.budget:
+            return False
+        self.held += size
+        return True
+
+    def release_body(self, size: int) -> None:
+        self.held -= size
+
+    def dispatch(self, conn, request) -> None:
+        self.dispatched.append((conn, request))
+
+    def keep_alive(self) -> bool:
+        return self.alive
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+LIMITS = Limits(read_timeout=30, send_timeout=10, keepalive=5, max_body_bytes=1000)
+
+
+def make(room=None, hooks=None, limits=LIMITS):
+    transport, hooks, clock = Transport(room), hooks or Hooks(), Clock()
+    return Connection(transport, hooks, limits, clock=clock), transport, hooks, clock
+
+
+def answer_all(conn, hooks, body=b"ok", close=False):
+    while hooks.dispatched:
+        c, request = hooks.dispatched.pop(0)
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), close)
+
+
+GET = b"GET /score HTTP/1.1\r\nHost: x\r\n\r\n"
+
+
+def test_a_request_is_dispatched_with_reading_paused_then_answered_and_idle():
+    conn, transport, hooks, clock = make()
+    conn.received(GET)
+    assert conn.state == BUSY and not transport.read_on  # back-pressure: nothing read while it is answered
+    answer_all(conn, hooks)
+    assert transport.sent.endswith(b"ok") and conn.state == IDLE and transport.read_on
+    assert conn.deadline == clock.now + LIMITS.keepalive  # finding 11: idle, with the keep-alive deadline
+
+
+def test_the_write_deadline_replaces_the_read_deadline_when_the_answer_starts():
+    """Finding 5: a run() slower than --read-timeout, then an answer the socket takes slowly."""
+    conn, transport, hooks, clock = make(room=100)
+    conn.received(GET)
+    clock.now += 60  # run() took longer than read_timeout (30)
+    answer_all(conn, hooks, body=b"x" * 1000)
+    assert conn.state == WRITING and transport.write_on
+    clock.now += 5
+    conn.tick(clock.now)
+    assert conn.state == WRITING  # not cut: the deadline is the send timeout, from the last progress
+    transport.room = 10_000
+    conn.writable()
+    assert conn.state == IDLE and transport.sent.endswith(b"x" * 1000)
+    clock.now += 100
+    conn.tick(clock.now)
+    assert conn.state == CLOSED
+
+
+def test_an_answer_the_client_does_not_read_is_dropped_after_the_send_timeout():
+    conn, transport, hooks, clock = make(room=10)
+    conn.received(GET)
+    answer_all(conn, hooks, body=b"x" * 1000)
+    clock.now += LIMITS.send_timeout + 1
+    conn.tick(clock.now)
+    assert conn.state == CLOSED and transport.closed
+
+
+def test_pipelined_requests_then_a_half_close_are_all_answered_in_order_then_closed():
+    """Finding 14."""
+    conn, transport, hooks, clock = make()
+    conn.received(b"".join(b"GET /score?n=%d HTTP/1.1\r\nHost: x\r\n\r\n" % i for i in range(3)))
+    conn.ended()
+    served = []
+    while hooks.dispatched:
+        _, request = hooks.dispatched.pop(0)
+        served.append(request.query)
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + request.query[-1:].encode(), False)
+    assert served == ["n=0", "n=1", "n=2"]
+    assert transport.sent.count(b"200 OK") == 3 and transport.sent.endswith(b"2") and conn.state == CLOSED
+
+
+def test_trailer_fields_never_become_headers():
+    """Finding 12."""
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\nContent-Type: text/plain\r\n\r\n"
+                  b"3\r\nabc\r\n0\r\nX-Forwarded-For: 6.6.6.6\r\nx-request-id: evil\r\nContent-Type: a/b\r\n\r\n")
+    (_, request), = hooks.dispatched
+    assert b"".join(request.body) == b"abc"
+    assert request.headers == [(b"Host", b"x"), (b"Transfer-Encoding", b"chunked"), (b"Content-Type", b"text/plain")]
+
+
+@pytest.mark.parametrize("head, words", [
+    (b"GET /\r\n\r\n", b"HTTP/0.9"),
+    (b"GET / HTTP/2.0\r\nHost: x\r\n\r\n", b"HTTP/2.0"),
+    (b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n", b"more than one Host"),
+    (b"POST /score HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n0\r\n\r\n", b"HTTP/1.0"),
+])
+def test_what_gunicorn_refuses_is_400_then_closed(head, words):
+    """Finding 15."""
+    conn, transport, hooks, clock = make()
+    conn.received(head)
+    assert not hooks.dispatched
+    assert transport.sent.startswith(b"HTTP/1.1 400 ") and words in transport.sent
+    assert conn.state in (CLOSING, CLOSED)
+
+
+def test_100_continue_only_for_http_1_1():
+    for version, expected in ((b"1.1", True), (b"1.0", False)):
+        conn, transport, hooks, clock = make()
+        conn.received(b"POST /score HTTP/" + version + b"\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+        assert (b"100 Continue" in transport.sent) is expected
+
+
+def test_the_body_budget_answers_503_on_the_head_and_releases_on_answer():
+    """Finding 6: bodies in flight are bounded per worker; one request always passes."""
+    hooks = Hooks(budget=500)
+    first, t1, _, _ = make(hooks=hooks)
+    first.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n" + b"a" * 400)
+    assert hooks.held == 400 and len(hooks.dispatched) == 1
+    second, t2, _, _ = make(hooks=hooks)
+    second.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n" + b"b" * 10)
+    assert t2.sent.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in t2.sent and len(hooks.dispatched) == 1
+    assert hooks.held == 400
+    answer_all(first, hooks)
+    assert hooks.held == 0
+    chunked, t3, _, _ = make(hooks=Hooks(budget=5))
+    chunked.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n")
+    chunked.hooks.held = 3 + 5  # another request took the rest of the budget meanwhile
+    chunked.received(b"3\r\ndef\r\n")
+    assert t3.sent.startswith(b"HTTP/1.1 503 ")
+
+
+def test_a_closed_connection_frees_its_buffers_without_a_garbage_collection():
+    """Finding 18: connection and parser referred to each other, so dropped connections' buffers waited for gc."""
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"z" * 500)
+    ref = weakref.ref(conn)
+    conn.close()
+    gc.disable()
+    try:
+        del conn
+        assert ref() is None
+    finally:
+        gc.enable()
+    assert hooks.held == 0
+
+
+def test_evacuation_answers_the_request_being_answered_and_those_pipelined_behind_it():
+    """Finding 3: a worker that must exit answers what it holds, in order, then closes."""
+    conn, transport, hooks, clock = make()
+    conn.received(GET * 3)
+    (_, first), = hooks.dispatched
+    conn.evacuate(lambda request: b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert transport.sent.count(b"503") == 3 and conn.state in (CLOSING, CLOSED)
+    conn.answer(first, b"HTTP/1.1 200 OK\r\n\r\n", False)  # the late answer of its app thread is dropped
+    assert b"200" not in transport.sent
+
+
+def test_a_request_that_stops_arriving_is_408_and_an_idle_one_is_closed():
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")
+    assert conn.state == READING
+    clock.now += LIMITS.read_timeout + 1
+    conn.tick(clock.now)
+    assert transport.sent.startswith(b"HTTP/1.1 408 ")
+    idle, t2, _, c2 = make()
+    c2.now += LIMITS.read_timeout + 1
+    idle.tick(c2.now)
+    assert idle.state == CLOSED
+
+
+def test_a_refused_head_is_answered_without_reading_the_body_and_the_rest_is_discarded():
+    conn, transport, hooks, clock = make(hooks=Hooks(key_paths=("/score",)))
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 900\r\n\r\n" + b"q" * 100)
+    (_, request), = hooks.dispatched
+    assert request.body == [] and not request.keep_alive
+    answer_all(conn, hooks)
+    assert conn.state == CLOSING and transport.shut
+    conn.received(b"q" * 800)  # drained, never parsed
+    clock.now += LINGER_S + 1
+    conn.tick(clock.now)
+    assert conn.state == CLOSED

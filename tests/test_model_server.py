@@ -1,0 +1,180 @@
+"""The model process's queue and batching (server/model_process.ModelServer) and the wire between processes
+(server/wire.py), in process: a ModelServer needs no socket to build, and fake peers collect its answers."""
+
+from __future__ import annotations
+
+import io
+import socket
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from server import errors, wire
+from server.model_process import Answer, ModelClient, ModelServer, Peer, RequestSnapshot
+
+
+class FakePeer(Peer):
+    def __init__(self):
+        super().__init__(None)
+        self.answers: list[Answer] = []
+
+    def send(self, answers) -> None:
+        self.answers += list(answers)
+
+
+def server(run_batch, **kwargs) -> ModelServer:
+    options = dict(batch_max=4, delay_ms=0, sizes=(), queue_max=8, timeout_ms=60_000, grace_s=10)
+    return ModelServer(run_batch, **{**options, **kwargs})
+
+
+def far() -> float:
+    return time.monotonic() + 60
+
+
+def test_queued_items_are_batched_up_to_batch_max_and_each_answered_its_own():
+    sizes = []
+    model = server(lambda items: sizes.append(len(items)) or [x * 10 for x in items])
+    peer = FakePeer()
+    for i in range(6):
+        assert model.submit(peer, i, i, far()) is None
+    assert model.step(wait_s=0) == 4 and model.step(wait_s=0) == 2
+    assert sizes == [4, 2]
+    assert [(a.rid, a.ok, a.payload, a.size) for a in peer.answers] == [(i, True, i * 10, 4 if i < 4 else 2)
+                                                                       for i in range(6)]
+
+
+def test_padding_to_the_allowed_sizes():
+    seen = []
+    model = server(lambda items: seen.append(len(items)) or items, sizes=(1, 2, 4))
+    peer = FakePeer()
+    for i in range(3):
+        model.submit(peer, i, i, far())
+    model.step(wait_s=0)
+    assert seen == [4] and [a.payload for a in peer.answers] == [0, 1, 2]
+
+
+def test_a_full_queue_or_a_hopeless_deadline_is_refused_at_once():
+    model = server(lambda items: items, queue_max=2, queue_bytes=100)
+    peer = FakePeer()
+    assert model.submit(peer, 1, "a", far()) is None and model.submit(peer, 2, "b", far()) is None
+    assert isinstance(model.submit(peer, 3, "c", far()), errors.Overloaded)  # count
+    model.queue.clear()
+    model.queued_bytes = 0
+    assert model.submit(peer, 4, "d", far(), nbytes=60) is None
+    assert isinstance(model.submit(peer, 5, "e", far(), nbytes=60), errors.Overloaded)  # bytes
+    model.batch_s = 10.0
+    assert isinstance(model.submit(peer, 6, "f", time.monotonic() + 1), errors.Overloaded)  # would miss its deadline
+
+
+def test_an_item_whose_deadline_passed_in_the_queue_gets_503_and_never_reaches_the_model():
+    called = []
+    model = server(lambda items: called.append(items) or items)
+    peer = FakePeer()
+    model.submit(peer, 1, "late", time.monotonic() + 0.001)
+    model.submit(peer, 2, "fine", far())
+    time.sleep(0.002)
+    model.step(wait_s=0)
+    assert called == [["fine"]]
+    late = next(a for a in peer.answers if a.rid == 1)
+    assert not late.ok and isinstance(late.payload, errors.Overloaded)
+
+
+def test_a_raising_batch_and_a_failing_item_fail_only_their_own_requests():
+    def run_batch(items):
+        if "boom" in items:
+            raise RuntimeError("whole batch")
+        return [ValueError("this one") if x == "bad" else x for x in items]
+
+    model = server(run_batch)
+    peer = FakePeer()
+    for rid, value in enumerate(["ok", "bad", "ok2"]):
+        model.submit(peer, rid, value, far())
+    model.step(wait_s=0)
+    assert [(a.ok, type(a.payload).__name__) for a in peer.answers] == [(True, "str"), (False, "ScriptFailed"),
+                                                                      (True, "str")]
+    model.submit(peer, 9, "boom", far())
+    model.step(wait_s=0)
+    assert isinstance(peer.answers[-1].payload, errors.ScriptFailed)
+
+
+def test_stop_queue_answers_everything_still_waiting():
+    model = server(lambda items: items)
+    peer = FakePeer()
+    for i in range(3):
+        model.submit(peer, i, i, far())
+    model.stop_queue(errors.ModelUnavailable("stopping"))
+    assert [a.rid for a in peer.answers] == [0, 1, 2] and all(isinstance(a.payload, errors.ModelUnavailable)
+                                                               for a in peer.answers)
+    assert not model.queue and model.queued_bytes == 0
+
+
+# --- the wire --------------------------------------------------------------------------------------------------
+
+def _roundtrip(payload, kind=wire.Type.RESULT):
+    parts = wire.encode(kind, 7, payload, 1.5, 3)
+    a, b = socket.socketpair()
+    with a, b:
+        threading.Thread(target=wire.send, args=(a, parts)).start()
+        return wire.receive(b.makefile("rb"), 1 << 30)
+
+
+def test_large_bytes_and_arrays_cross_out_of_band_and_come_back_equal():
+    body = bytes(range(256)) * 600
+    parts = wire.encode(wire.Type.SCORE, 1, RequestSnapshot({"PATH_INFO": "/score"}, body), 0.0)
+    assert len(parts) == 3 and memoryview(parts[2]).nbytes == len(body)  # header, pickle, the body itself
+    assert len(memoryview(parts[1])) < 200  # the body is not copied into the pickle
+    frame = _roundtrip(RequestSnapshot({"PATH_INFO": "/score"}, body), wire.Type.SCORE)
+    assert type(frame.payload.body) is bytes and frame.payload.body == body
+    array = np.arange(224 * 224 * 3, dtype=np.uint8).reshape(224, 224, 3)
+    assert np.array_equal(_roundtrip(array).payload, array)
+    assert _roundtrip(body).payload == body and type(_roundtrip(body).payload) is bytes
+
+
+def test_what_cannot_be_pickled_fails_before_sending_and_what_cannot_be_unpickled_fails_alone():
+    with pytest.raises(wire.PayloadError, match="lock"):
+        wire.encode(wire.Type.RESULT, 1, {"lock": threading.Lock()})
+    parts = wire.encode(wire.Type.RESULT, 1, _Local()) + wire.encode(wire.Type.RESULT, 2, "next")
+    a, b = socket.socketpair()
+    with a, b:
+        wire.send(a, parts)
+        stream = b.makefile("rb")
+        first, second = wire.receive(stream, 1 << 30), wire.receive(stream, 1 << 30)
+    assert first.rid == 1 and isinstance(first.payload, wire.PayloadError)  # the request id is outside the pickle
+    assert second.rid == 2 and second.payload == "next"  # and the stream goes on
+
+
+def test_a_frame_of_another_version_or_an_impossible_size_breaks_the_link():
+    for corrupt in (bytes([9]) + b"\0" * (wire.HEADER.size - 1),
+                    wire.HEADER.pack(wire.VERSION, 2, 1, 1, 0.0, 0) + (1 << 40).to_bytes(8, "little")):
+        with pytest.raises(wire.WireError):
+            wire.receive(io.BytesIO(corrupt), 1 << 30)
+
+
+class _Local:
+    """Pickles by reference to a class the receiving side cannot import."""
+
+    def __reduce__(self):
+        return (_missing_module_factory, ())
+
+
+def _missing_module_factory():  # pragma: no cover - replaced below so that unpickling fails
+    raise ImportError("no module named only_in_init")
+
+
+def test_readiness_never_waits_for_a_send_in_progress():
+    """Finding 9: /ready is answered on the event loop; it read the link under the lock held while an item was
+    sent."""
+    client = ModelClient(["/nonexistent/model.sock"], 1000)
+    link = client.links[0]
+    with link.send_lock:
+        started = time.perf_counter()
+        assert client.ready() is False
+        assert time.perf_counter() - started < 0.01
+
+
+def test_an_item_over_the_limit_is_refused_before_it_is_sent():
+    client = ModelClient(["/nonexistent/model.sock"], 1000, item_max_bytes=10_000)
+    with pytest.raises(errors.ItemTooLarge, match="10000"):
+        client.submit(b"x" * 20_000)
