@@ -33,6 +33,7 @@ class Clients:
     clusters: Any = None
     extensions: Any = None
     resources: Any = None
+    credential: Any = None  # also for the cluster's own API, on Entra ID clusters
 
 
 def connect(s: DeploySettings, credential: Any = None) -> Clients:
@@ -55,7 +56,7 @@ def connect(s: DeploySettings, credential: Any = None) -> Clients:
     return Clients(MLClient(credential, s.subscription_id, s.resource_group, s.workspace),
                    ContainerServiceClient(credential, s.subscription_id),
                    SourceControlConfigurationClient(credential, s.subscription_id),
-                   ResourceManagementClient(credential, s.subscription_id))
+                   ResourceManagementClient(credential, s.subscription_id), credential)
 
 
 @dataclasses.dataclass
@@ -71,9 +72,10 @@ class Entities:
 
 def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = None) -> Entities:
     from azure.ai.ml.constants import AssetTypes
-    from azure.ai.ml.entities import (CodeConfiguration, DefaultScaleSettings, Environment, KubernetesCompute,
-                                      KubernetesOnlineDeployment, KubernetesOnlineEndpoint, ManagedOnlineDeployment,
-                                      ManagedOnlineEndpoint, Model, OnlineRequestSettings, ProbeSettings)
+    from azure.ai.ml.entities import (CodeConfiguration, DefaultScaleSettings, Environment, IdentityConfiguration,
+                                      KubernetesCompute, KubernetesOnlineDeployment, KubernetesOnlineEndpoint,
+                                      ManagedOnlineDeployment, ManagedOnlineEndpoint, Model, OnlineRequestSettings,
+                                      ProbeSettings)
 
     # The code folder holds only the entry script, byte for byte: what runs in the cloud is what ran locally.
     code_dir = code_dir or tempfile.mkdtemp(prefix="scorehost-code-")
@@ -91,10 +93,12 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
         name=s.deployment, endpoint_name=s.endpoint, model=model, environment=environment, tags=tags,
         code_configuration=CodeConfiguration(code=code_dir, scoring_script=script),
         instance_count=s.instance_count, scale_settings=DefaultScaleSettings(),
-        # Azure ML runs the script with its inference server: WORKER_COUNT workers take the requests in flight.
-        environment_variables={"WORKER_COUNT": str(s.max_concurrent_requests)},
+        # Azure ML runs the script with its inference server: WORKER_COUNT workers take the requests in flight, each
+        # loading the model on the instance's one GPU; with memory growth on, the first does not take all of it.
+        environment_variables={"WORKER_COUNT": str(s.max_concurrent_requests), "TF_FORCE_GPU_ALLOW_GROWTH": "true"},
         request_settings=OnlineRequestSettings(request_timeout_ms=s.request_timeout_ms,
-                                               max_concurrent_requests_per_instance=s.max_concurrent_requests),
+                                               max_concurrent_requests_per_instance=s.max_concurrent_requests,
+                                               max_queue_wait_ms=s.max_queue_wait_ms),
         liveness_probe=ProbeSettings(initial_delay=s.liveness_initial_delay_s, period=10, timeout=2,
                                      failure_threshold=30),
         readiness_probe=ProbeSettings(initial_delay=s.readiness_initial_delay_s, period=10, timeout=2,
@@ -105,7 +109,9 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
         endpoint = ManagedOnlineEndpoint(name=s.endpoint, auth_mode="key", tags=tags, description=description)
         deployment = ManagedOnlineDeployment(instance_type=s.vm_size, **common)
     else:
-        compute = KubernetesCompute(name=s.compute, resource_id=s.aks_resource_id, namespace="azureml")
+        # A system-assigned identity: what the compute uses to reach Azure (the workspace's registry among others).
+        compute = KubernetesCompute(name=s.compute, resource_id=s.aks_resource_id, namespace="azureml",
+                                    identity=IdentityConfiguration(type="system_assigned"))
         endpoint = KubernetesOnlineEndpoint(name=s.endpoint, compute=s.compute, auth_mode="key", tags=tags,
                                             description=description)
         deployment = KubernetesOnlineDeployment(instance_type=s.instance_type, **common)
@@ -115,8 +121,12 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
 def export(s: DeploySettings, out_dir: str) -> list[str]:
     """The endpoint and deployment as `az ml` YAML (`az ml online-endpoint create -f endpoint.yml`, then
     `az ml online-deployment create -f deployment.yml`): what the SDK would send, to review or apply by hand."""
+    import logging
+
     from deploy.files import write_yaml
 
+    # azure-ai-ml logs "This is an experimental class" for a schema class it uses inside _to_dict(): noise here.
+    logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
     entities = build_entities(s, managed=s.target == "managed", code_dir=os.path.join(out_dir, "code"))
     paths = []
     for name, entity in (("endpoint.yml", entities.endpoint), ("deployment.yml", entities.deployment)):
@@ -127,6 +137,20 @@ def export(s: DeploySettings, out_dir: str) -> list[str]:
     if s.target != "managed":
         paths.append(write_yaml(os.path.join(out_dir, "instance-type.yaml"), cluster.instance_type_manifest(s)))
     return paths
+
+
+def apply_by_hand(s: DeploySettings, paths: list[str]) -> list[str]:
+    """The commands that apply what `export` wrote, in order, with what they need that the YAML cannot say: on AKS
+    the instance type (kubectl) and the compute attach with its identity before the endpoint."""
+    ws = f"-g {s.resource_group or '<resource-group>'} -w {s.workspace or '<workspace>'}"
+    lines = []
+    if s.target != "managed":
+        lines += [f"az aks get-credentials -g {s.resource_group or '<resource-group>'} -n {s.aks_cluster}",
+                  f"kubectl apply -f {paths[2]}",
+                  f"az ml compute attach {ws} --type Kubernetes --name {s.compute} --resource-id {s.aks_resource_id}"
+                  " --namespace azureml --identity-type SystemAssigned"]
+    return lines + [f"az ml online-endpoint create {ws} -f {paths[0]}",
+                    f"az ml online-deployment create {ws} -f {paths[1]}"]
 
 
 def _plain(data: Any) -> Any:
@@ -222,15 +246,18 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
             created.append(record)
         return result
 
+    side = None
     try:
         if not managed:
             step = f"cluster {s.aks_cluster}"
-            cluster.prepare(clients, s, say, created.append, poll_s=poll_s)
+            side = cluster.prepare(clients, s, say, created.append, poll_s=poll_s)
             step = f"compute {s.compute}"
             compute = cluster.existing(lambda: ml.compute.get(s.compute))
             if compute is None:
-                do(f"attach AKS cluster {s.aks_cluster} as compute {s.compute}",
-                   lambda: ml.compute.begin_create_or_update(entities.compute), f"compute {s.compute} (attached)")
+                compute = do(f"attach AKS cluster {s.aks_cluster} as compute {s.compute}",
+                             lambda: ml.compute.begin_create_or_update(entities.compute),
+                             f"compute {s.compute} (attached)")
+                say(registry_role_line(ml, s, compute))
             elif (getattr(compute, "resource_id", "") or "").lower() != s.aks_resource_id.lower():
                 raise DeployError(f"compute {s.compute} exists but is {compute.resource_id}, not {s.aks_resource_id}:"
                                   " pass --compute with another name")
@@ -240,6 +267,10 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
         current = dict(endpoint.traffic or {}) if endpoint is not None else {}
         traffic = planned_traffic(current, s)  # checked before anything is written
+        if side is not None and cluster.existing(lambda: ml.online_deployments.get(
+                name=s.deployment, endpoint_name=s.endpoint)) is None:
+            step = f"GPUs for deployment {s.deployment}"
+            cluster.check_gpu_capacity(side.api_client, s)
         model = registered_model(ml, entities.model)
         if model is not None:
             say(f"model {s.model_name}:{model.version} holds these files already: used as it is")
@@ -260,6 +291,9 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         endpoint = ml.online_endpoints.get(s.endpoint)
         key = ml.online_endpoints.get_keys(s.endpoint).primary_key
         passed = True
+        if check is not None and side is not None and side.https_name:
+            step = f"DNS for {side.https_name}"
+            cluster.wait_for_dns(side.https_name, side.router_ip, say, s.dns_wait_s, poll_s)
         if check is not None:
             step = "parity"
             say(f"\nParity replay against deployment {s.deployment} alone, before it takes traffic")
@@ -289,6 +323,16 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
     say(f"key: az ml online-endpoint get-credentials -n {s.endpoint} -g {s.resource_group} -w {s.workspace}")
     return {"scoring_uri": endpoint.scoring_uri, "key": key, "traffic": traffic, "created": created,
             "script_sha256": entities.script_sha256}
+
+
+def registry_role_line(ml: Any, s: DeploySettings, compute: Any) -> str:
+    """The role the attached compute's system-assigned identity needs to pull the deployment's image: AcrPull on the
+    workspace's container registry (where Azure ML builds the environment's image)."""
+    principal = getattr(getattr(compute, "identity", None), "principal_id", None) or "<the compute's principal id>"
+    registry = getattr(ml.workspaces.get(s.workspace), "container_registry", None) or "<the workspace's registry id>"
+    return (f"compute {s.compute} has a system-assigned identity ({principal}); it pulls the deployment's image with "
+            f"AcrPull on the workspace's registry: az role assignment create --assignee-object-id {principal} "
+            f"--assignee-principal-type ServicePrincipal --role AcrPull --scope {registry}")
 
 
 def set_traffic(ml: Any, s: DeploySettings, requested: dict[str, int], say: Say = print) -> dict[str, int]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import re
 from typing import Any, Optional
 
@@ -76,7 +77,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         s = s.with_workspace()
     except WorkspaceNotFound:
-        pass  # a plan needs no workspace: it says none is known yet
+        s = s.named()  # a plan needs no workspace: it says none is known yet
     found = plan.problems(s, load_check=not args.no_load_check)
     plan.print_plan(s)
     if found:
@@ -88,8 +89,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
 
         paths = azure_v2.export(s, args.out)
         print("\nWritten (what the SDK sends, as az ml YAML):\n" + "\n".join(f"  {p}" for p in paths) +
-              f"\nApply by hand: az ml online-endpoint create -f {paths[0]}; "
-              f"az ml online-deployment create -f {paths[1]}")
+              "\nApply by hand, in this order:\n" + "\n".join(f"  {line}" for line in azure_v2.apply_by_hand(s, paths)))
     return 0
 
 
@@ -183,15 +183,25 @@ def cmd_teardown(args: argparse.Namespace, clients: Any = None) -> int:
 def cmd_k8s(args: argparse.Namespace) -> int:
     require("deploy k8s", ("yaml",))
     from deploy import k8s
+    from deploy.plan import sha256
 
-    s = settings_from(args)
+    s = _demo_model(settings_from(args)).named()
+    found = k8s.problems(s)
+    if found:
+        raise DeployError("scorehost deploy k8s: " + "; ".join(found))
     paths = k8s.write(s, args.out, args.image)
-    print("\n".join(paths))
+    print(f"entry script: {os.path.abspath(s.entry_script)} (sha256 {sha256(s.entry_script)[:16]}...)\n"
+          f"model directory: {os.path.abspath(s.model_dir)}\n"
+          f"both baked into {args.out}/code and {args.out}/model, the image's build context\n" + "\n".join(paths))
     if not k8s.looks_pullable(args.image):
         print(f"note: {args.image} names no registry; the cluster pulls images from one: push it to a registry the "
               "cluster can reach (e.g. myregistry.azurecr.io/scorehost-model:1) and pass that as --image")
+    print(f"autoscaler: {s.instance_count} to {k8s.max_replicas(s)} instances of {s.gpus} GPU"
+          + ("" if s.cluster_gpus else " (pass --cluster-gpus N to let it grow into the cluster's free GPUs)"))
     print(f"1. build and push the model image: see {paths[0]}\n"
-          f"2. kubectl apply -f {args.out}   (the API key is in {args.out}/secret.yaml, readable by you alone)")
+          f"2. the GPU nodes must offer nvidia.com/gpu, which takes NVIDIA's device plugin: {k8s.GPU_CHECK}\n"
+          f"   shows a number for each GPU node; where it shows <none>: kubectl apply -f {k8s.DEVICE_PLUGIN}\n"
+          f"3. kubectl apply -f {args.out}   (the API key is in {args.out}/secret.yaml, readable by you alone)")
     return 0
 
 

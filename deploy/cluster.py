@@ -10,6 +10,8 @@ handed in, so the tests can give them a recording transport or a local API serve
 from __future__ import annotations
 
 import base64
+import dataclasses
+import socket
 import tempfile
 import time
 from typing import Any, Callable, Optional
@@ -22,6 +24,11 @@ CREATED_BY = {"created-by": "scorehost"}  # the tag that lets teardown offer to 
 PROVIDER = "Microsoft.KubernetesConfiguration"  # cluster extensions need it registered in the subscription
 INSTANCE_TYPE_CRD = "instancetypes.amlarc.azureml.com"
 INSTANCE_TYPE_API = ("amlarc.azureml.com", "v1alpha1", "instancetypes")
+# The inference router the extension puts behind a LoadBalancer (namespace azureml): the IP an HTTPS name points at.
+ROUTER = ("azureml-fe", "azureml")
+# AKS's Entra ID server application: what `kubelogin get-token --server-id` asks tokens for (its default).
+AKS_AAD_SERVER_APP = "6dae42f8-4368-4678-94ff-3960e28e3630"
+GPU = "nvidia.com/gpu"
 
 Say = Callable[[str], None]
 
@@ -90,15 +97,37 @@ def ensure_provider(resources: Any, say: Say, timeout_s: float = 900, poll_s: fl
         time.sleep(poll_s)
 
 
-def extension_settings(s: DeploySettings, cluster: Any) -> tuple[dict[str, str], dict[str, str]]:
+@dataclasses.dataclass
+class GpuAddOns:
+    """What the cluster runs already: a device plugin (its GPU nodes advertise nvidia.com/gpu) and a DCGM exporter."""
+    device_plugin: bool
+    dcgm_exporter: bool
+
+
+def gpu_add_ons(api_client: Any, s: DeploySettings) -> GpuAddOns:
+    """Read from the cluster: the extension installs either only where the cluster lacks it (two device plugins
+    fight over the GPUs; the extension's docs say to reuse an existing DCGM exporter)."""
+    import kubernetes
+
+    core, apps = kubernetes.client.CoreV1Api(api_client), kubernetes.client.AppsV1Api(api_client)
+    daemonsets = [d.metadata.name for d in apps.list_daemon_set_for_all_namespaces().items]
+    nodes = core.list_node(label_selector=f"agentpool={s.gpu_pool}").items
+    advertised = any(int((n.status.allocatable or {}).get(GPU, 0)) for n in nodes)
+    return GpuAddOns(advertised or any("nvidia-device-plugin" in d for d in daemonsets),
+                     any("dcgm-exporter" in d for d in daemonsets))
+
+
+def extension_settings(s: DeploySettings, cluster: Any, add_ons: GpuAddOns) -> tuple[dict[str, str], dict[str, str]]:
     """(configuration settings, protected settings) as `az k8s-extension create` sends them for an AKS cluster
-    (azure-cli-extensions, AzureMLKubernetes.py), with inference on and the HTTPS choice the caller made."""
+    (azure-cli-extensions, AzureMLKubernetes.py: cluster_name, then clusterId and the Prometheus label derived from
+    it), with inference on, the HTTPS choice the caller made, and the GPU add-ons the cluster lacks."""
     location = (cluster.location or s.location).lower()
     nodes = sum(p.count or 0 for p in cluster.agent_pool_profiles or [])
     settings = {
         "enableTraining": "False", "enableInference": "True", "inferenceRouterServiceType": "LoadBalancer",
-        "installNvidiaDevicePlugin": "True", "installDcgmExporter": "True",
-        "allowInsecureConnections": str(s.allow_insecure),
+        "installNvidiaDevicePlugin": str(not add_ons.device_plugin),
+        "installDcgmExporter": str(not add_ons.dcgm_exporter),
+        "allowInsecureConnections": str(s.allow_insecure), "cluster_name": s.aks_resource_id,
         "clusterId": s.aks_resource_id, "prometheus.prometheusSpec.externalLabels.cluster_name": s.aks_resource_id,
         "domain": f"{location}.cloudapp.azure.com", "location": location, "jobSchedulerLocation": location,
         "cluster_name_friendly": s.aks_cluster,
@@ -115,9 +144,10 @@ def extension_settings(s: DeploySettings, cluster: Any) -> tuple[dict[str, str],
     return settings, protected
 
 
-def ensure_extension(extensions: Any, s: DeploySettings, cluster: Any, say: Say,
-                     created: Callable[[str], None]) -> None:
-    """The Azure ML extension: left as it is when installed, else installed (10-20 min)."""
+def ensure_extension(extensions: Any, s: DeploySettings, cluster: Any, add_ons: GpuAddOns, say: Say,
+                     created: Callable[[str], None]) -> str:
+    """The Azure ML extension: left as it is when installed, else installed (10-20 min). Returns the HTTPS name
+    its inference router answers to ("" for plain HTTP)."""
     from azure.mgmt.kubernetesconfiguration.models import Extension, Scope, ScopeCluster
 
     where = (s.resource_group, "Microsoft.ContainerService", "managedClusters", s.aks_cluster, EXTENSION_NAME)
@@ -125,30 +155,76 @@ def ensure_extension(extensions: Any, s: DeploySettings, cluster: Any, say: Say,
     if found is not None:
         say(f"Azure ML extension on {s.aks_cluster} exists ({found.provisioning_state}): its settings are left as "
             "they are")
-        return
+        return (found.configuration_settings or {}).get("sslCname", "")
     if not (s.allow_insecure or s.ssl_cname):
         raise DeployError(f"AKS cluster {s.aks_cluster} has no Azure ML extension, and installing it needs a choice: "
                           "--ssl-cname NAME --ssl-cert CERT.pem --ssl-key KEY.pem for HTTPS, or --allow-insecure")
-    settings, protected = extension_settings(s, cluster)
+    settings, protected = extension_settings(s, cluster, add_ons)
     say(f"installing the Azure ML extension ({EXTENSION_TYPE}) on {s.aks_cluster}, "
-        f"{'HTTPS for ' + s.ssl_cname if not s.allow_insecure else 'plain HTTP (--allow-insecure)'} (10-20 min)")
+        f"{'HTTPS for ' + s.ssl_cname if not s.allow_insecure else 'plain HTTP (--allow-insecure)'} (10-20 min); "
+        f"NVIDIA device plugin: {'the cluster has one' if add_ons.device_plugin else 'installed with it'}, DCGM "
+        f"exporter: {'the cluster has one' if add_ons.dcgm_exporter else 'installed with it'}")
     extension = Extension(extension_type=EXTENSION_TYPE, auto_upgrade_minor_version=True, release_train="stable",
                           scope=Scope(cluster=ScopeCluster(release_namespace="azureml")),
                           configuration_settings=settings, configuration_protected_settings=protected)
     poller = extensions.extensions.begin_create(*where, extension)
     created(f"Azure ML extension on {s.aks_cluster}")
     poller.result()
+    return "" if s.allow_insecure else s.ssl_cname
 
 
-def kubernetes_client(clusters: Any, s: DeploySettings) -> Any:
-    """An API client for the cluster itself, from its user credentials (what `az aks get-credentials` fetches)."""
+def _client_from(kubeconfig: dict) -> Any:
     import kubernetes
+    import yaml
 
-    credentials = clusters.managed_clusters.list_cluster_user_credentials(s.resource_group, s.aks_cluster)
-    with tempfile.NamedTemporaryFile("wb", suffix=".kubeconfig") as f:
-        f.write(credentials.kubeconfigs[0].value)
+    with tempfile.NamedTemporaryFile("w", suffix=".kubeconfig") as f:
+        yaml.safe_dump(kubeconfig, f)
         f.flush()
         return kubernetes.config.new_client_from_config(f.name)
+
+
+def _kubeconfig(credentials: Any) -> dict:
+    import yaml
+
+    return yaml.safe_load(credentials.kubeconfigs[0].value)
+
+
+def kubernetes_client(clusters: Any, s: DeploySettings, credential: Any, found: Any, say: Say) -> Any:
+    """An API client for the cluster itself, from its user credentials (what `az aks get-credentials` fetches).
+
+    On an Entra ID cluster those hold an `exec` user that runs kubelogin, which is not here to run: the same Azure
+    credential then gets a token for AKS's server application (the scope kubelogin asks for), sent as a bearer
+    token. Where the cluster refuses it (the signed-in identity has no Kubernetes role there) and local accounts
+    are enabled, the admin credential is used instead (`az aks get-credentials --admin`)."""
+    import kubernetes
+
+    config = _kubeconfig(clusters.managed_clusters.list_cluster_user_credentials(s.resource_group, s.aks_cluster))
+    context = next(c["context"] for c in config["contexts"] if c["name"] == config.get("current-context"))
+    user = next(u for u in config["users"] if u["name"] == context["user"])
+    exec_ = (user.get("user") or {}).get("exec")
+    if not exec_:
+        return _client_from(config)
+    args = exec_.get("args") or []
+    server_app = args[args.index("--server-id") + 1] if "--server-id" in args[:-1] else AKS_AAD_SERVER_APP
+    user["user"] = {"token": credential.get_token(f"{server_app}/.default").token}
+    api_client = _client_from(config)
+    try:
+        kubernetes.client.CoreV1Api(api_client).list_node(limit=1)
+        say(f"AKS cluster {s.aks_cluster} uses Entra ID: signed in to it with your Azure credential")
+        return api_client
+    except kubernetes.client.ApiException as ex:
+        if ex.status not in (401, 403):
+            raise
+        if getattr(found, "disable_local_accounts", False):
+            raise DeployError(
+                f"AKS cluster {s.aks_cluster} uses Entra ID and refused your Azure identity ({ex.status}), and its "
+                f"local accounts are disabled (which Azure ML's extension does not support): give your identity "
+                f"the 'Azure Kubernetes Service RBAC Cluster Admin' role on the cluster, or enable local accounts "
+                f"(az aks update -g {s.resource_group} -n {s.aks_cluster} --enable-local-accounts)") from ex
+    say(f"AKS cluster {s.aks_cluster} uses Entra ID and refused your identity: using its admin credential (local "
+        "accounts are enabled)")
+    return _client_from(_kubeconfig(clusters.managed_clusters.list_cluster_admin_credentials(s.resource_group,
+                                                                                             s.aks_cluster)))
 
 
 def instance_type_manifest(s: DeploySettings, resource_version: Optional[str] = None) -> dict:
@@ -202,15 +278,116 @@ def upsert_instance_type(api_client: Any, s: DeploySettings, say: Say) -> None:
                                       instance_type_manifest(s, found["metadata"]["resourceVersion"]))
 
 
-def prepare(clients: Any, s: DeploySettings, say: Say, created: Callable[[str], None], poll_s: float = 10) -> None:
+def router_ip(api_client: Any, say: Say, timeout_s: float = 600, poll_s: float = 10) -> str:
+    """The public IP of the extension's inference router, once its LoadBalancer has one."""
+    import kubernetes
+
+    api = kubernetes.client.CoreV1Api(api_client)
+    deadline, said = time.monotonic() + timeout_s, False
+    while True:
+        service = existing(lambda: api.read_namespaced_service(*ROUTER))
+        ingress = (service.status.load_balancer.ingress or []) if service is not None else []
+        if ingress and ingress[0].ip:
+            return ingress[0].ip
+        if time.monotonic() > deadline:
+            raise DeployError(f"the inference router ({ROUTER[0]} in namespace {ROUTER[1]}) has no public IP after "
+                              f"{timeout_s:.0f} s: kubectl get service -n {ROUTER[1]} {ROUTER[0]}")
+        if not said:
+            say(f"  ... waiting for the inference router's public IP ({ROUTER[0]})")
+            said = True
+        time.sleep(poll_s)
+
+
+def resolves_to(name: str, ip: str) -> bool:
+    try:
+        return ip in {a[4][0] for a in socket.getaddrinfo(name, None, proto=socket.IPPROTO_TCP)}
+    except OSError:
+        return False
+
+
+def wait_for_dns(name: str, ip: str, say: Say, timeout_s: float, poll_s: float = 10) -> None:
+    """HTTPS endpoints answer at the certificate's name: nothing reaches them until it resolves to the router."""
+    if resolves_to(name, ip):
+        return
+    say(f"waiting up to {timeout_s:.0f} s for {name} to resolve to {ip} (the DNS A record above)")
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        time.sleep(poll_s)
+        if resolves_to(name, ip):
+            return
+    raise DeployError(f"{name} does not resolve to the inference router's IP {ip} after {timeout_s:.0f} s: create "
+                      f"the DNS A record {name} -> {ip} (or wait for it to spread), then run this command again")
+
+
+@dataclasses.dataclass
+class ClusterSide:
+    """What the deployment steps need from the cluster: its API, and where HTTPS requests must arrive."""
+    api_client: Any
+    https_name: str = ""
+    router_ip: str = ""
+
+
+def prepare(clients: Any, s: DeploySettings, say: Say, created: Callable[[str], None],
+            poll_s: float = 10) -> ClusterSide:
     """Cluster, provider, extension, InstanceType: everything a Kubernetes deployment needs on the cluster side.
-    `created` hears of each thing made, so a failure later can say what exists."""
+    `created` hears of each thing made, so a failure later can say what exists. With HTTPS, it prints the DNS
+    record the user must create, as early as it is known."""
     cluster = ensure_cluster(clients.clusters, s, say, created)
+    refuse_foreign_taints(cluster, s)
     ensure_provider(clients.resources, say, poll_s=poll_s)
-    ensure_extension(clients.extensions, s, cluster, say, created)
-    api_client = kubernetes_client(clients.clusters, s)
+    api_client = kubernetes_client(clients.clusters, s, clients.credential, cluster, say)
+    https_name = ensure_extension(clients.extensions, s, cluster, gpu_add_ons(api_client, s), say, created)
     wait_for_instance_types(api_client, say, poll_s=poll_s)
     upsert_instance_type(api_client, s, say)
+    if not https_name:
+        return ClusterSide(api_client)
+    ip = router_ip(api_client, say, poll_s=poll_s)
+    if not resolves_to(https_name, ip):
+        say(f"DNS: create an A record {https_name} -> {ip} (the inference router's public IP) now; the parity "
+            "replay waits for it")
+    return ClusterSide(api_client, https_name, ip)
+
+
+def refuse_foreign_taints(cluster: Any, s: DeploySettings) -> None:
+    """Azure ML's pods tolerate only its own `ml.azure.com` taints: on a pool with another NoSchedule taint (AKS's
+    GPU guide suggests sku=gpu:NoSchedule) no instance would ever be scheduled."""
+    pool = next(p for p in cluster.agent_pool_profiles if p.name == s.gpu_pool)
+    foreign = [t for t in pool.node_taints or [] if not t.startswith("ml.azure.com/")]
+    if foreign:
+        raise DeployError(f"GPU pool {s.gpu_pool} is tainted {', '.join(foreign)}, which Azure ML's pods do not "
+                          f"tolerate (only ml.azure.com/ taints): az aks nodepool update -g {s.resource_group} "
+                          f"--cluster-name {s.aks_cluster} -n {s.gpu_pool} --node-taints \"\"")
+
+
+def free_gpus(api_client: Any, s: DeploySettings) -> tuple[int, int]:
+    """(free, allocatable) nvidia.com/gpu on the GPU pool's nodes: what the running pods there do not hold."""
+    import kubernetes
+
+    core = kubernetes.client.CoreV1Api(api_client)
+    nodes = {n.metadata.name: int((n.status.allocatable or {}).get(GPU, 0))
+             for n in core.list_node(label_selector=f"agentpool={s.gpu_pool}").items}
+    used = 0
+    for pod in core.list_pod_for_all_namespaces(field_selector="status.phase!=Succeeded,status.phase!=Failed").items:
+        if pod.spec.node_name in nodes:
+            for c in pod.spec.containers:
+                limits = (c.resources.limits or {}) if c.resources else {}
+                used += int(limits.get(GPU, 0))
+    return sum(nodes.values()) - used, sum(nodes.values())
+
+
+def check_gpu_capacity(api_client: Any, s: DeploySettings) -> None:
+    """A new deployment beside a live one needs GPUs of its own: say before creating it what is free and needed."""
+    free, allocatable = free_gpus(api_client, s)
+    needed = s.instance_count * s.gpus
+    if free >= needed:
+        return
+    fits = free // s.gpus
+    fix = (f"Pass --instance-count {fits}, or add nodes: " if fits else "Add nodes: ") + (
+        f"az aks nodepool scale -g {s.resource_group} --cluster-name {s.aks_cluster} -n {s.gpu_pool} --node-count N")
+    raise DeployError(f"GPU pool {s.gpu_pool} has {free} of {allocatable} {GPU} free; deployment {s.deployment} "
+                      f"needs {needed} ({s.instance_count} instances x {s.gpus} GPU). {fix}"
+                      + ("" if allocatable else f" (no node of the pool advertises {GPU}: is NVIDIA's device plugin "
+                                                "running?)"))
 
 
 def still_billing(clusters: Any, s: DeploySettings) -> tuple[list[str], bool]:

@@ -1,15 +1,18 @@
 """`scorehost deploy k8s --image REGISTRY/NAME:TAG --out DIR`: plain Kubernetes manifests for users who run
 Kubernetes without Azure ML: a Secret with the API key (written 0600), a Deployment with GPU limits, CPU/memory
-requests and limits and probes, a Service, and a HorizontalPodAutoscaler.
+requests and limits and probes, a Service, and a HorizontalPodAutoscaler that asks for no more GPUs than the cluster
+has (--cluster-gpus).
 
-The model travels inside the image, so any cluster can run it with no volume to provision or fill: DIR/Dockerfile
-adds the model directory to the Dockerfile.gpu image, and the result is pushed to a registry the cluster pulls from.
+The entry script and the model travel inside the image, so any cluster can run them with no volume to provision or
+fill: DIR is the build context of DIR/Dockerfile, which adds DIR/code/ (the script, byte for byte) and DIR/model/ to
+the Dockerfile.gpu image where Azure ML puts them; the result is pushed to a registry the cluster pulls from.
 """
 
 from __future__ import annotations
 
 import base64
 import os
+import shutil
 import secrets
 from typing import Any
 
@@ -17,18 +20,25 @@ from deploy.files import write_yaml
 from deploy.settings import DeploySettings
 
 PORT = 5001
-MODEL_MOUNT = "/var/azureml-app/azureml-models"  # AZUREML_MODEL_DIR in Dockerfile.gpu
+APP_ROOT = "/var/azureml-app"  # AML_APP_ROOT in Dockerfile.gpu, as in Azure ML's containers
+MODEL_MOUNT = f"{APP_ROOT}/azureml-models"  # AZUREML_MODEL_DIR in Dockerfile.gpu
 BASE_IMAGE = "scorehost:gpu"  # what the README's `docker build -f Dockerfile.gpu` tags
+# Where GPUs come from: nvidia.com/gpu exists on a node only once a device plugin advertises it.
+DEVICE_PLUGIN = ("https://raw.githubusercontent.com/NVIDIA/k8s-device-plugin/v0.17.1/deployments/static/"
+                 "nvidia-device-plugin.yml")
+GPU_CHECK = "kubectl get nodes -o custom-columns=NODE:.metadata.name,GPUS:.status.allocatable.nvidia\\.com/gpu"
 
 MODEL_DOCKERFILE = f"""\
-# The scorehost GPU image with the model inside it, so the cluster needs no volume for it. Build the base image
-# from the scorehost checkout first (docker build -f Dockerfile.gpu -t {BASE_IMAGE} .), then, with the model
-# directory as the build context:
-#   docker build -f {{dockerfile}} -t {{image}} {{model_dir}}
+# The scorehost GPU image with the entry script and the model inside it, so the cluster needs no volume. Build the
+# base image from the scorehost checkout first (docker build -f Dockerfile.gpu -t {BASE_IMAGE} .), then, with this
+# folder as the build context:
+#   docker build -f {{dockerfile}} -t {{image}} {{context}}
 #   docker push {{image}}
 # The cluster must be able to pull from that registry (AKS with ACR: az aks update --attach-acr REGISTRY).
 FROM {BASE_IMAGE}
-COPY --chown=1000 . {MODEL_MOUNT}/
+COPY --chown=1000 model/ {MODEL_MOUNT}/
+COPY --chown=1000 code/ {APP_ROOT}/code/
+ENV AZUREML_ENTRY_SCRIPT=code/{{script}}
 """
 
 
@@ -68,23 +78,58 @@ def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, An
         "hpa.yaml": {"apiVersion": "autoscaling/v2", "kind": "HorizontalPodAutoscaler",
                      "metadata": {"name": name, "labels": labels},
                      "spec": {"scaleTargetRef": {"apiVersion": "apps/v1", "kind": "Deployment", "name": name},
-                              "minReplicas": s.instance_count, "maxReplicas": 2 * s.instance_count,
+                              "minReplicas": s.instance_count, "maxReplicas": max_replicas(s),
                               "metrics": [{"type": "Resource", "resource": {
                                   "name": "cpu", "target": {"type": "Utilization", "averageUtilization": 70}}}]}},
     }
 
 
+def max_replicas(s: DeploySettings) -> int:
+    """As many instances as the cluster's GPUs hold (--cluster-gpus), never fewer than asked for."""
+    return max(s.instance_count, (s.cluster_gpus or s.instance_count * s.gpus) // s.gpus)
+
+
+def problems(s: DeploySettings) -> list[str]:
+    found = [] if os.path.isfile(s.entry_script) else [f"entry script {s.entry_script} is not a file"]
+    if not os.path.isdir(s.model_dir):
+        found.append(f"model directory {s.model_dir} is not a directory")
+    if s.gpus < 1 or s.instance_count < 1:
+        found.append("--gpus and --instance-count must be at least 1")
+    elif s.cluster_gpus and s.cluster_gpus < s.instance_count * s.gpus:
+        found.append(f"--cluster-gpus {s.cluster_gpus} cannot hold {s.instance_count} instances of {s.gpus} GPU each")
+    return found
+
+
+def bake(s: DeploySettings, out_dir: str) -> None:
+    """The build context: code/ with the entry script, byte for byte, and model/ with the model directory (hard
+    links where the file system allows, so a large model is not copied twice)."""
+    for folder in ("code", "model"):
+        shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
+    os.makedirs(os.path.join(out_dir, "code"))
+    shutil.copy2(s.entry_script, os.path.join(out_dir, "code", os.path.basename(s.entry_script)))
+
+    def link_or_copy(source: str, target: str) -> None:
+        try:
+            os.link(source, target)
+        except OSError:
+            shutil.copy2(source, target)
+
+    shutil.copytree(s.model_dir, os.path.join(out_dir, "model"), copy_function=link_or_copy)
+
+
 def write(s: DeploySettings, out_dir: str, image: str, key: str = "") -> list[str]:
-    """Write the manifests and the model image's Dockerfile; a new random key unless one is given (only the
+    """Write the manifests, the build context and its Dockerfile; a new random key unless one is given (only the
     Secret holds it)."""
     os.makedirs(out_dir, exist_ok=True)
     paths = []
     for filename, manifest in manifests(s, image, key or secrets.token_urlsafe(32)).items():
         paths.append(write_yaml(os.path.join(out_dir, filename), manifest,
                                 mode=0o600 if manifest["kind"] == "Secret" else None))
+    bake(s, out_dir)
     dockerfile = os.path.join(out_dir, "Dockerfile")
     with open(dockerfile, "w", encoding="utf-8") as f:
-        f.write(MODEL_DOCKERFILE.format(dockerfile=dockerfile, image=image, model_dir=s.model_dir or "MODEL_DIR"))
+        f.write(MODEL_DOCKERFILE.format(dockerfile=dockerfile, image=image, context=out_dir,
+                                        script=os.path.basename(s.entry_script)))
     return [dockerfile, *paths]
 
 

@@ -19,8 +19,11 @@ GPU_SIZE = re.compile(r"^Standard_N(C\d+as_T4_v3|C\d+ads_A10_v4|C\d+ads_H100_v5|
                       r"D\d+s_v2|D\d+s_v3|D\d+asr_v4|D\d+amsr_A100_v4|D\d+isr_H100_v5|V\d+ads_A10_v5|V\d+s_v3)$")
 # Retired: NC (K80), NCv2 (P100), ND; NCv3 (V100: NC6s/12s/24s/24rs_v3) on 2025-09-30.
 RETIRED = re.compile(r"^Standard_N(C\d+|C\d+s_v2|C\d+r?s_v3|C\d+_Promo|V\d+|V\d+_Promo|D\d+|D\d+s)$")
-ENDPOINT_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,30}[a-zA-Z0-9]$")  # 3-32, letters/digits/-, starts w/ letter
-DEPLOYMENT_NAME = re.compile(r"^[a-z0-9][a-z0-9-]{1,30}[a-z0-9]$")
+# Endpoints and deployments alike: 3-32 characters, a letter first, letters, digits and '-' (azure-ai-ml's
+# validate_endpoint_or_deployment_name; Azure ML's "Endpoint limits"). On Kubernetes both names together are 6-62.
+ENDPOINT_NAME = DEPLOYMENT_NAME = re.compile(r"^(?=.{3,32}$)[a-zA-Z]([-a-zA-Z0-9]*[a-zA-Z0-9])?$")
+KUBERNETES_NAMES_TOTAL = (6, 62)
+INSTANCE_TYPE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a Kubernetes object's name
 COMPUTE_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,14}[a-zA-Z0-9]$")  # 3-16 characters
 ASSET_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")
 
@@ -43,13 +46,18 @@ def sha256(path: str) -> str:
 
 
 def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
-    """Everything wrong with the settings that can be known without Azure."""
+    """Everything wrong with the settings that can be known without Azure, all of it at once."""
+    s = s.named()
     found = []
     for name, value, rule in (("endpoint", s.endpoint, ENDPOINT_NAME), ("deployment", s.deployment, DEPLOYMENT_NAME),
                               ("compute", s.compute, COMPUTE_NAME), ("model_name", s.model_name, ASSET_NAME),
-                              ("instance_type", s.instance_type, DEPLOYMENT_NAME)):
+                              ("instance_type", s.instance_type, INSTANCE_TYPE_NAME)):
         if not rule.match(value):
             found.append(f"{name} {value!r} is not a legal Azure name ({rule.pattern})")
+    low, high = KUBERNETES_NAMES_TOTAL
+    if s.target == "aks" and not low <= len(s.endpoint) + len(s.deployment) <= high:
+        found.append(f"endpoint {s.endpoint!r} and deployment {s.deployment!r} are {len(s.endpoint) + len(s.deployment)}"
+                     f" characters together; on Kubernetes they must be {low}-{high}")
     if RETIRED.match(s.vm_size):
         found.append(f"vm_size {s.vm_size} is retired (NC, NCv2, NCv3 and ND are): use Standard_NC4as_T4_v3")
     elif not GPU_SIZE.match(s.vm_size):
@@ -64,15 +72,28 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
         found.append(f"entry script {s.entry_script} does not exist")
     found += conda_problems(s.conda_file)
     # What the model directory must hold is the entry script's business: the load check below runs its init() on it.
+    loadable = os.path.isfile(s.entry_script)
     if not s.model_dir or not os.path.isdir(s.model_dir):
         found.append(f"model_dir {s.model_dir!r} is not a directory (build one: scorehost model resnet50 --out DIR)")
+        loadable = False
     elif not any(files for _, _, files in os.walk(s.model_dir)):
         found.append(f"model_dir {s.model_dir} holds no files")
-    if not found and load_check:
+        loadable = False
+    if loadable and load_check:  # also beside other problems: every problem is reported in one run
         error = script_load_error(s)
         if error:
             found.append(error)
     return found
+
+
+def warnings(s: DeploySettings) -> list[str]:
+    """What works but deserves a second look."""
+    out = []
+    if s.target == "aks" and s.max_concurrent_requests > 1:
+        out.append(f"max_concurrent_requests {s.max_concurrent_requests}: Azure ML's server then runs that many "
+                   "workers, each with its own model on the one GPU (TF_FORCE_GPU_ALLOW_GROWTH is set so they share "
+                   "it), and the Kubernetes online deployment reference says to leave this at its default, 1")
+    return out
 
 
 def https_problems(s: DeploySettings) -> list[str]:
@@ -139,7 +160,8 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
         out += [("instance type", s.instance_type, {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": s.gpus,
                                                     "nodes": f"pool {s.gpu_pool}"}),
                 ("Kubernetes compute (attach, if absent)", s.compute, {"aks": s.aks_resource_id,
-                                                                       "namespace": "azureml"})]
+                                                                       "namespace": "azureml",
+                                                                       "identity": "system-assigned"})]
     kind = "managed online" if s.target == "managed" else "Kubernetes online"
     out += [("model (a new version, unless one holds these files)", s.model_name,
              {"path": s.model_dir, "type": "custom_model"}),
@@ -150,9 +172,9 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
              {"scoring_script": f"{os.path.basename(s.entry_script)} sha256={sha256(s.entry_script)[:16]}...",
               "instance_type": s.vm_size if s.target == "managed" else s.instance_type,
               "instance_count": s.instance_count, "scale_settings": "default",
-              "request_timeout_ms": s.request_timeout_ms,
+              "request_timeout_ms": s.request_timeout_ms, "max_queue_wait_ms": s.max_queue_wait_ms,
               "max_concurrent_requests_per_instance": f"{s.max_concurrent_requests} (WORKER_COUNT="
-                                                      f"{s.max_concurrent_requests})",
+                                                      f"{s.max_concurrent_requests}, TF_FORCE_GPU_ALLOW_GROWTH=true)",
               "probes": f"liveness after {s.liveness_initial_delay_s}s, readiness after {s.readiness_initial_delay_s}s",
               "traffic": f"{s.traffic}%" if s.traffic is not None else
                          "100% on a new endpoint; unchanged if live; 0% beside a live deployment"})]
@@ -179,3 +201,5 @@ def print_plan(s: DeploySettings) -> None:
                  "), their disks, its load balancer and public IP, for as long as the cluster exists")
     print(f"Bills: {bills}. Remove with: scorehost deploy teardown --endpoint {s.endpoint}"
           + (" --cluster" if s.target == "aks" else ""))
+    for warning in warnings(s):
+        print(f"warning: {warning}")

@@ -3,21 +3,26 @@
 
 Defaults fit the mission: the reference score.py and myenv.yml, a current GPU size, 3 instances of 2 CPU / 4 GiB /
 1 GPU, key auth, one request at a time per instance (Azure ML's default, matched by the container's WORKER_COUNT).
-Names follow Azure's rules, checked by `deploy plan`.
+Names follow Azure's rules, checked by `deploy plan`; unless given, the model's name comes from its directory and the
+endpoint's from the model's, with a suffix from the workspace (endpoint names are unique per region).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
+import re
 from typing import Any, Optional
 
 from scorehost import REFERENCE_SCRIPT, REPO_ROOT
 
-# Azure ML's GPU base image for conda environments, pinned (Azure/AzureML-Containers: the CUDA 11.8 image is
-# deprecated and was last rebuilt 2024-12-02; this CUDA 12 image is maintained). The one place it is named.
-GPU_BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.4-ubuntu22.04:20250414.v1"
+# Azure ML's GPU base image for conda environments, pinned to the newest tag in Azure/AzureML-Containers'
+# images/openmpi5.0-cuda12.5-ubuntu22.04/release-notes.md. CUDA 12.5 because TensorFlow 2.21's [and-cuda] wheels bring
+# CUDA 12.5+ runtime libraries; not SDK v1's default openmpi4.1.0-cuda11.8-cudnn8 image, whose release notes end with
+# 20241202.v1 and which has no CUDA 12. The one place it is named.
+GPU_BASE_IMAGE = "mcr.microsoft.com/azureml/openmpi5.0-cuda12.5-ubuntu22.04:20250619.v1"
 
 # The commands a setting can apply to.
 PLAN, AKS, MANAGED, TRAFFIC, TEARDOWN, K8S = "plan", "aks", "managed", "traffic", "teardown", "k8s"
@@ -40,10 +45,12 @@ class DeploySettings:
     config_file: str = setting("config.json", "the workspace's config.json (Azure ML studio: 'Download config file')",
                                *CLOUD)
     # What is deployed
-    entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte", *DEPLOYS)
+    entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte", *DEPLOYS, K8S)
     conda_file: str = setting(os.path.join(REPO_ROOT, "myenv.yml"), "conda environment of the deployment", *DEPLOYS)
     model_dir: str = setting("", "model directory (default: the demo model, built on first use)", *DEPLOYS, K8S)
-    model_name: str = setting("resnet50", "name the model is registered under", *DEPLOYS, TEARDOWN)
+    model_name: str = setting("", "name the model is registered under (default: from the model directory, "
+                              "<dir>/<name>/<version>/ as Azure ML lays it out, else the directory's own name)",
+                              *DEPLOYS, TEARDOWN)
     base_image: str = setting(GPU_BASE_IMAGE, "Azure ML base image the conda environment is built on", *DEPLOYS)
     # Where, on AKS: a cluster attached to the workspace as Kubernetes compute
     compute: str = setting("gpu-aks", "name of the cluster as Kubernetes compute in the workspace", *ON_AKS, TEARDOWN)
@@ -64,7 +71,8 @@ class DeploySettings:
     ssl_key: str = setting("", "HTTPS: PEM private key file for --ssl-cert", *ON_AKS)
     allow_insecure: bool = setting(False, "plain HTTP to the inference router (development only)", *ON_AKS)
     # The endpoint and its deployment
-    endpoint: str = setting("scorehost-resnet50", "the online endpoint", *CLOUD, K8S)
+    endpoint: str = setting("", "the online endpoint (default: the model's name and a suffix from the workspace, as "
+                                "endpoint names are unique per region)", *CLOUD, K8S)
     deployment: str = setting("blue", "the deployment (a new name creates it beside the live one)", *DEPLOYS)
     traffic: Optional[int] = setting(None, "percent of traffic for the deployment (default: 100 for an endpoint's "
                                      "first deployment, unchanged for a live one, 0 for a new one beside it)",
@@ -76,6 +84,11 @@ class DeploySettings:
     request_timeout_ms: int = setting(5000, "scoring timeout per request", *DEPLOYS, K8S)
     max_concurrent_requests: int = setting(1, "requests in flight per instance; the container runs as many workers "
                                            "(WORKER_COUNT), each with the model on the instance's GPU", *DEPLOYS)
+    max_queue_wait_ms: int = setting(500, "how long a request may wait in the instance's queue", *DEPLOYS)
+    cluster_gpus: int = setting(0, "GPUs the cluster can give this deployment: its autoscaler adds instances up to "
+                                "that many GPUs (default: instance_count x gpus, no more than asked for)", K8S)
+    dns_wait_s: int = setting(900, "HTTPS: how long to wait for --ssl-cname to resolve to the inference router before "
+                              "the parity replay", *ON_AKS)
     liveness_initial_delay_s: int = setting(30, "seconds before the first liveness probe", *DEPLOYS, K8S)
     readiness_initial_delay_s: int = setting(10, "seconds before the first readiness probe", *DEPLOYS, K8S)
     sdk: str = setting("v2", "Azure ML SDK: v2 (azure-ai-ml) or v1 (azureml-core, deprecated)", PLAN, AKS, TEARDOWN)
@@ -95,10 +108,18 @@ class DeploySettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
+    def named(self) -> "DeploySettings":
+        """The model's and the endpoint's names, where not given: derived from the model directory and the
+        workspace (see the module docstring)."""
+        model_name = self.model_name or model_name_of(self.model_dir)
+        return dataclasses.replace(self, model_name=model_name,
+                                   endpoint=self.endpoint or endpoint_name(model_name, self.workspace_id))
+
     def with_workspace(self) -> "DeploySettings":
-        """Fill subscription, resource group and workspace from config.json (as the Azure ML SDKs do)."""
+        """Fill subscription, resource group and workspace from config.json (as the Azure ML SDKs do), then the
+        names that derive from them."""
         if self.has_workspace:
-            return self
+            return self.named()
         if not os.path.exists(self.config_file):
             raise WorkspaceNotFound(
                 f"No workspace given and no {self.config_file}: download config.json from the Azure ML studio "
@@ -108,17 +129,51 @@ class DeploySettings:
             config = json.load(f)
         return dataclasses.replace(self, subscription_id=self.subscription_id or config["subscription_id"],
                                    resource_group=self.resource_group or config["resource_group"],
-                                   workspace=self.workspace or config["workspace_name"])
+                                   workspace=self.workspace or config["workspace_name"]).named()
 
     @property
     def has_workspace(self) -> bool:
         return bool(self.subscription_id and self.resource_group and self.workspace)
 
     @property
+    def workspace_id(self) -> str:
+        """The workspace's ARM id, or "" while no workspace is known."""
+        if not self.has_workspace:
+            return ""
+        return (f"/subscriptions/{self.subscription_id}/resourceGroups/{self.resource_group}"
+                f"/providers/Microsoft.MachineLearningServices/workspaces/{self.workspace}")
+
+    @property
     def aks_resource_id(self) -> str:
         return (f"/subscriptions/{self.subscription_id or '<subscription-id>'}"
                 f"/resourceGroups/{self.resource_group or '<resource-group>'}"
                 f"/providers/Microsoft.ContainerService/managedClusters/{self.aks_cluster}")
+
+
+DEMO_MODEL_NAME = "resnet50"  # what a model is called when no directory is given: the demo's
+
+
+def model_name_of(model_dir: str) -> str:
+    """<dir>/<name>/<version>/ (Azure ML's layout, the demo's too) gives <name>; any other directory its own name.
+    Made a legal asset name: letters, digits, '-', '_' and '.'."""
+    if not model_dir or not os.path.isdir(model_dir):
+        return DEMO_MODEL_NAME
+    entries = os.listdir(model_dir)
+    folder = os.path.basename(os.path.abspath(model_dir))
+    if len(entries) == 1 and os.path.isdir(os.path.join(model_dir, entries[0])):
+        folder = entries[0]
+    return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-_.") or DEMO_MODEL_NAME
+
+
+def endpoint_name(model_name: str, workspace_id: str) -> str:
+    """A legal endpoint name (a letter first, then letters, digits and single '-', 3-32 characters) from the model's
+    name, with 6 hex characters of the workspace's id, so that two workspaces in one region do not collide."""
+    base = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+    if not base[:1].isalpha():
+        base = "model-" + base
+    suffix = "-" + hashlib.sha256(workspace_id.lower().encode()).hexdigest()[:6] if workspace_id else ""
+    base = base[:32 - len(suffix)].rstrip("-")
+    return (base + suffix) if len(base + suffix) >= 3 else (base + "-ep")[:32]
 
 
 def fields_for(command: str) -> list[dataclasses.Field]:

@@ -4,8 +4,9 @@
   Resource). It records each HTTP request the SDK sends (method, path, api-version, JSON body) and keeps what was
   PUT, so a GET afterwards finds it, as Azure would: a second run meets the first run's resources.
 - `KubeApi`: a Kubernetes API server on 127.0.0.1 for the real `kubernetes` client (reached through the kubeconfig
-  that `Arm` hands out for listClusterUserCredential). It refuses a replace without the current resourceVersion
-  (422), as the real API server does.
+  that `Arm` hands out for listClusterUserCredential, or listClusterAdminCredential). It refuses a replace without
+  the current resourceVersion (422), as the real API server does, and a bearer token it does not know (401), or an
+  Entra ID token it is told to refuse (403). It has nodes, pods, DaemonSets and the inference router's Service.
 - `FakeML`: MLClient's operations (azure-ai-ml uploads models and code to blob storage, which no fake can take),
   recording the real entities, each with the REST body the SDK would send for it (`_to_rest_*`).
 """
@@ -36,19 +37,26 @@ SUBSCRIPTION = "00000000-1111-2222-3333-444444444444"
 ARM_ID = "/subscriptions/{sub}/resourceGroups/{rg}/providers/Microsoft.MachineLearningServices/workspaces/{ws}"
 
 
+AKS_AAD_SCOPE = "6dae42f8-4368-4678-94ff-3960e28e3630/.default"
+AAD_TOKEN = "entra-id-token-for-aks"  # what the credential gives for AKS's server application
+USER_TOKEN, ADMIN_TOKEN = "cluster-user-token", "cluster-admin-token"
+
+
 class Credential:
-    """A token credential that counts its calls, or fails like DefaultAzureCredential without a login."""
+    """A token credential that counts its calls and records their scopes, or fails like DefaultAzureCredential
+    without a login."""
 
     def __init__(self, fail: bool = False):
-        self.calls, self.fail = 0, fail
+        self.calls, self.fail, self.scopes = 0, fail, []
 
     def get_token(self, *scopes: str, **kwargs: Any) -> AccessToken:
         self.calls += 1
+        self.scopes.extend(scopes)
         if self.fail:
             raise ClientAuthenticationError("DefaultAzureCredential failed to retrieve a token from the included "
                                             "credentials. AzureCliCredential: Please run 'az login' to set up an "
                                             "account")
-        return AccessToken("token", int(time.time()) + 3600)
+        return AccessToken(AAD_TOKEN if AKS_AAD_SCOPE in scopes else "token", int(time.time()) + 3600)
 
 
 @dataclasses.dataclass
@@ -57,6 +65,7 @@ class Request:
     path: str
     query: dict[str, str]
     body: Any
+    authorization: str = ""
 
     @property
     def api_version(self) -> str:
@@ -66,12 +75,12 @@ class Request:
 class Arm(RequestsTransport):
     """Azure Resource Manager as a recording, stateful transport."""
 
-    def __init__(self, kubeconfig: bytes = b""):
+    def __init__(self, kubeconfig: bytes = b"", admin_kubeconfig: bytes = b""):
         super().__init__()
         self.requests: list[Request] = []
         self.resources: dict[str, dict] = {}
         self.providers: dict[str, str] = {}
-        self.kubeconfig = kubeconfig
+        self.kubeconfig, self.admin_kubeconfig = kubeconfig, admin_kubeconfig
 
     def writes(self, *methods: str) -> list[Request]:
         return [r for r in self.requests if r.method in (methods or ("PUT", "POST", "PATCH", "DELETE"))]
@@ -92,9 +101,9 @@ class Arm(RequestsTransport):
             if path.endswith("/register"):
                 self.providers[namespace] = "Registered"
             return 200, {"namespace": namespace, "registrationState": self.providers.get(namespace, "NotRegistered")}
-        if path.endswith("/listclusterusercredential"):
-            return 200, {"kubeconfigs": [{"name": "clusterUser",
-                                          "value": base64.b64encode(self.kubeconfig).decode()}]}
+        if path.endswith(("/listclusterusercredential", "/listclusteradmincredential")):
+            kubeconfig = self.admin_kubeconfig if path.endswith("admincredential") else self.kubeconfig
+            return 200, {"kubeconfigs": [{"name": "clusterUser", "value": base64.b64encode(kubeconfig).decode()}]}
         if r.method == "GET":
             found = self.resources.get(path)
             return (200, found) if found else (404, {"error": {"code": "ResourceNotFound",
@@ -130,11 +139,21 @@ class KubeApi:
 
     CRD_PATH = "/apis/apiextensions.k8s.io/v1/customresourcedefinitions/instancetypes.amlarc.azureml.com"
     OBJECTS = "/apis/amlarc.azureml.com/v1alpha1/instancetypes"
+    ROUTER_PATH = "/api/v1/namespaces/azureml/services/azureml-fe"
 
-    def __init__(self, crd_after_polls: int = 0):
+    def __init__(self, crd_after_polls: int = 0, gpu_nodes: int = 3, gpus_advertised: bool = True,
+                 router_ip: str = "203.0.113.7", router_after_polls: int = 0):
         self.requests: list[Request] = []
         self.objects: dict[str, dict] = {}
         self.crd_polls_left = crd_after_polls
+        self.tokens = {USER_TOKEN, ADMIN_TOKEN, AAD_TOKEN}
+        self.refuse_aad = False  # as a cluster where the Entra ID identity has no Kubernetes role
+        self.nodes = [{"metadata": {"name": f"aks-gpupool-{i}", "labels": {"agentpool": "gpupool"}},
+                       "status": {"allocatable": {"cpu": "4", "nvidia.com/gpu": "1"} if gpus_advertised
+                                  else {"cpu": "4"}}} for i in range(gpu_nodes)]
+        self.pods: list[dict] = []
+        self.daemonsets: list[str] = ["nvidia-device-plugin-daemonset"] if gpus_advertised else []
+        self.router_ip, self.router_polls_left = router_ip, router_after_polls
         api = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -145,7 +164,8 @@ class KubeApi:
                 url = urllib.parse.urlsplit(self.path)
                 length = int(self.headers.get("Content-Length") or 0)
                 body = json.loads(self.rfile.read(length)) if length else None
-                request = Request(self.command, url.path, dict(urllib.parse.parse_qsl(url.query)), body)
+                request = Request(self.command, url.path, dict(urllib.parse.parse_qsl(url.query)), body,
+                                  self.headers.get("Authorization", ""))
                 api.requests.append(request)
                 status, answer = api.answer(request)
                 raw = json.dumps(answer).encode()
@@ -161,17 +181,59 @@ class KubeApi:
         threading.Thread(target=self.server.serve_forever, daemon=True).start()
         self.url = f"http://127.0.0.1:{self.server.server_port}"
 
-    def kubeconfig(self) -> bytes:
+    def kubeconfig(self, user: Optional[dict] = None) -> bytes:
+        """A kubeconfig for this server: a token user by default; `exec_user()` for an Entra ID cluster's."""
         return json.dumps({
             "apiVersion": "v1", "kind": "Config", "current-context": "aks",
             "clusters": [{"name": "aks", "cluster": {"server": self.url}}],
-            "users": [{"name": "user", "user": {"token": "cluster-token"}}],
+            "users": [{"name": "user", "user": user or {"token": USER_TOKEN}}],
             "contexts": [{"name": "aks", "context": {"cluster": "aks", "user": "user"}}]}).encode()
+
+    @staticmethod
+    def exec_user() -> dict:
+        """The user `listClusterUserCredential` returns for an Entra ID (AAD) cluster: kubelogin, run by kubectl."""
+        return {"exec": {"apiVersion": "client.authentication.k8s.io/v1beta1", "command": "kubelogin",
+                         "args": ["get-token", "--login", "devicecode", "--server-id",
+                                  AKS_AAD_SCOPE.split("/")[0], "--client-id", "80faf920-1908-4b52-b5ef-a8e7bedfc67a",
+                                  "--tenant-id", "72f988bf-0000-0000-0000-000000000000"],
+                         "interactiveMode": "IfAvailable", "provideClusterInfo": False}}
+
+    def used_by(self, deployment: str, count: int, gpus: int = 1) -> None:
+        """Pods holding GPUs on the pool's nodes, as the extension runs a deployment's instances."""
+        self.pods += [{"metadata": {"name": f"{deployment}-{i}", "namespace": "azureml"},
+                       "spec": {"nodeName": self.nodes[i % len(self.nodes)]["metadata"]["name"],
+                                "containers": [{"name": "inference-server",
+                                                "resources": {"limits": {"nvidia.com/gpu": str(gpus)}}}]},
+                       "status": {"phase": "Running"}} for i in range(count)]
 
     def answer(self, r: Request) -> tuple[int, Any]:
         def status(code: int, reason: str) -> tuple[int, dict]:
             return code, {"kind": "Status", "apiVersion": "v1", "status": "Failure", "code": code, "reason": reason,
                           "message": reason}
+
+        token = r.authorization.removeprefix("Bearer ")
+        if token not in self.tokens:
+            return status(401, "Unauthorized")
+        if token == AAD_TOKEN and self.refuse_aad:
+            return status(403, "Forbidden")
+        if r.path == "/api/v1/nodes":
+            wanted = dict([r.query["labelSelector"].split("=", 1)]) if r.query.get("labelSelector") else {}
+            items = [n for n in self.nodes if wanted.items() <= n["metadata"]["labels"].items()]
+            return 200, {"kind": "NodeList", "apiVersion": "v1", "metadata": {}, "items": items}
+        if r.path == "/api/v1/pods":
+            return 200, {"kind": "PodList", "apiVersion": "v1", "metadata": {}, "items": self.pods}
+        if r.path == "/apis/apps/v1/daemonsets":
+            return 200, {"kind": "DaemonSetList", "apiVersion": "apps/v1", "metadata": {}, "items": [
+                {"metadata": {"name": name, "namespace": "kube-system"},
+                 "spec": {"selector": {}, "template": {}}} for name in self.daemonsets]}
+        if r.path == self.ROUTER_PATH:
+            ingress = []
+            if self.router_polls_left > 0:
+                self.router_polls_left -= 1
+            elif self.router_ip:
+                ingress = [{"ip": self.router_ip}]
+            return 200, {"kind": "Service", "apiVersion": "v1", "metadata": {"name": "azureml-fe"},
+                         "status": {"loadBalancer": {"ingress": ingress}}}
 
         if r.path == self.CRD_PATH:
             if self.crd_polls_left > 0:
@@ -271,11 +333,12 @@ class FakeML:
         self.endpoint_state: dict[str, Any] = {}
         self.deployment_state: dict[tuple[str, str], Any] = {}
         self.arm = ARM_ID.format(sub=workspace[0], rg=workspace[1], ws=workspace[2])
-        for name in ("compute", "models", "online_endpoints", "online_deployments"):
+        for name in ("compute", "models", "online_endpoints", "online_deployments", "workspaces"):
             setattr(self, name, _Operations(self, name))
 
     def writes(self) -> list[tuple[str, str]]:
-        return [(c.operation, c.method) for c in self.calls if c.method not in ("get", "list", "get_keys")]
+        return [(c.operation, c.method) for c in self.calls if c.method not in ("get", "list", "get_keys", "list_usage",
+                                                                                "list_sizes")]
 
     @staticmethod
     def _missing(what: str) -> ResourceNotFoundError:
@@ -287,8 +350,16 @@ class FakeML:
         return self.compute_state[name]
 
     def _compute_begin_create_or_update(self, call: Call, compute: Any) -> Poller:
-        self.compute_state[compute.name] = compute
-        return Poller(compute)
+        call.body = compute._to_rest_object().as_dict()
+        attached = copy.deepcopy(compute)
+        if attached.identity is not None:  # Azure gives a system-assigned identity its principal
+            attached.identity.principal_id = "11111111-2222-3333-4444-555555555555"
+        self.compute_state[compute.name] = attached
+        return Poller(attached)
+
+    def _workspaces_get(self, call: Call, name: str) -> Any:
+        return dataclasses.make_dataclass("Workspace", [("name", str), ("container_registry", str)])(
+            name, self.arm.split("/providers/")[0] + "/providers/Microsoft.ContainerRegistry/registries/wsacr")
 
     def _compute_begin_delete(self, call: Call, name: str, action: str = "Delete") -> Poller:
         self.compute_state.pop(name, None)
@@ -338,6 +409,11 @@ class FakeML:
         call.body = sent._to_rest_object(self.location).as_dict()
         self.deployment_state[(deployment.endpoint_name, deployment.name)] = deployment
         return Poller(deployment)
+
+    def _online_deployments_get(self, call: Call, name: str, endpoint_name: str) -> Any:
+        if (endpoint_name, name) not in self.deployment_state:
+            raise self._missing(f"deployment {endpoint_name}/{name}")
+        return self.deployment_state[(endpoint_name, name)]
 
     def _online_deployments_list(self, call: Call, endpoint_name: str) -> list:
         return [d for (e, _), d in self.deployment_state.items() if e == endpoint_name]

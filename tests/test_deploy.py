@@ -10,6 +10,7 @@ import base64
 import dataclasses
 import json
 import os
+import re
 import stat
 import subprocess
 import sys
@@ -18,13 +19,17 @@ import pytest
 import yaml
 
 from deploy import azure_v2, cli as deploy_cli, cluster, k8s, parity, plan
-from deploy.settings import GPU_BASE_IMAGE, DeployError, DeploySettings, fields_for
-from fake_azure import SUBSCRIPTION, Arm, Credential, FakeML, KubeApi, Poller
+from deploy.settings import GPU_BASE_IMAGE, DeployError, DeploySettings, endpoint_name, fields_for
+from fake_azure import (AAD_TOKEN, ADMIN_TOKEN, AKS_AAD_SCOPE, SUBSCRIPTION, USER_TOKEN, Arm, Credential, FakeML,
+                        KubeApi, Poller)
 from scorehost import REFERENCE_SCRIPT, processes
 
 CLUSTER_PATH = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-ml/providers/Microsoft.ContainerService/"
                 "managedClusters/scorehost-gpu")
 EXTENSION_PATH = CLUSTER_PATH + "/providers/Microsoft.KubernetesConfiguration/extensions/azureml"
+WORKSPACE_ID = (f"/subscriptions/{SUBSCRIPTION}/resourceGroups/rg-ml/providers/Microsoft.MachineLearningServices/"
+                "workspaces/ws-ml")
+ENDPOINT = endpoint_name("colors", WORKSPACE_ID)  # the colour model's endpoint in the test workspace
 
 
 @pytest.fixture(scope="module")
@@ -50,7 +55,9 @@ def settings(colors_model, workspace_config):
 
 @pytest.fixture
 def https(settings, certificate):
-    return dataclasses.replace(settings, create_cluster=True, ssl_cname="scoring.example.com",
+    # The certificate's name resolves to the inference router's IP the fake cluster gives (127.0.0.1), as it does
+    # once the user has created the DNS record.
+    return dataclasses.replace(settings, create_cluster=True, ssl_cname="localhost",
                                ssl_cert=certificate[0], ssl_key=certificate[1])
 
 
@@ -64,7 +71,8 @@ class Azure:
     clients: azure_v2.Clients
 
     def cluster_writes(self) -> list[tuple[str, str]]:
-        return [(r.method, r.path) for r in self.arm.writes() if not r.path.endswith("/listClusterUserCredential")]
+        return [(r.method, r.path) for r in self.arm.writes() if not r.path.endswith(("/listClusterUserCredential",
+                                                                                      "/listClusterAdminCredential"))]
 
 
 @pytest.fixture
@@ -73,11 +81,12 @@ def azure():
     from azure.mgmt.kubernetesconfiguration import SourceControlConfigurationClient
     from azure.mgmt.resource.resources import ResourceManagementClient
 
-    kube = KubeApi(crd_after_polls=2)
-    arm, credential, ml = Arm(kube.kubeconfig()), Credential(), FakeML()
+    kube = KubeApi(crd_after_polls=2, router_ip="127.0.0.1")
+    arm = Arm(kube.kubeconfig(), admin_kubeconfig=kube.kubeconfig({"token": ADMIN_TOKEN}))
+    credential, ml = Credential(), FakeML()
     clients = azure_v2.Clients(ml, ContainerServiceClient(credential, SUBSCRIPTION, transport=arm),
                                SourceControlConfigurationClient(credential, SUBSCRIPTION, transport=arm),
-                               ResourceManagementClient(credential, SUBSCRIPTION, transport=arm))
+                               ResourceManagementClient(credential, SUBSCRIPTION, transport=arm), credential)
     yield Azure(arm, kube, ml, credential, clients)
     kube.close()
 
@@ -136,6 +145,9 @@ def test_plan_catches_a_script_that_does_not_load(colors_model, tmp_path):
     broken.write_text("def init():\n    raise RuntimeError('CANNOT-LOAD')\n\ndef run(x):\n    return x\n")
     found = plan.problems(DeploySettings(entry_script=str(broken), model_dir=colors_model))
     assert len(found) == 1 and "CANNOT-LOAD" in found[0]
+    # Reported together with any other problem, in one run (a name Azure refuses: it starts with a digit).
+    found = plan.problems(DeploySettings(entry_script=str(broken), model_dir=colors_model, deployment="1blue"))
+    assert len(found) == 2 and "deployment '1blue' is not a legal Azure name" in found[0] and "CANNOT-LOAD" in found[1]
 
 
 def test_plan_leaves_what_a_model_dir_holds_to_the_script(colors_model, tmp_path):
@@ -151,29 +163,80 @@ def test_plan_leaves_what_a_model_dir_holds_to_the_script(colors_model, tmp_path
         f"model_dir {missing!r} is not a directory (build one: scorehost model resnet50 --out DIR)"]
 
 
+USER_SCRIPT = """\
+import json, os
+
+def init():
+    global greeting
+    with open(os.path.join(os.environ["AZUREML_MODEL_DIR"], "greeter", "3", "greeting.txt")) as f:
+        greeting = f.read().strip()
+
+def run(data):
+    return {"greeting": greeting, "name": json.loads(data)["name"]}
+"""
+
+
+@pytest.fixture
+def users_own(tmp_path):
+    """A user's own JSON script and model, as in `--entry-script my/score.py --model-dir my/models`."""
+    my = tmp_path / "my"
+    (my / "models" / "greeter" / "3").mkdir(parents=True)
+    (my / "models" / "greeter" / "3" / "greeting.txt").write_text("bonjour\n")
+    (my / "score.py").write_text(USER_SCRIPT)
+    return my
+
+
 @pytest.mark.parametrize("target", ["aks", "managed"])
-def test_plan_out_writes_az_ml_yaml_that_the_sdk_loads(colors_model, workspace_config, tmp_path, target):
+def test_plan_out_writes_az_ml_yaml_that_the_sdk_loads(users_own, workspace_config, tmp_path, target):
+    """The user's own script and model: the script byte for byte, the names from the model's (greeter)."""
     from azure.ai.ml import load_online_deployment, load_online_endpoint
 
-    done = scorehost_cli("deploy", "plan", "--no-load-check", "--model-dir", colors_model, "--config-file",
-                         workspace_config, "--target", target, "--out", str(tmp_path))
+    out = tmp_path / "plan"
+    done = scorehost_cli("deploy", "plan", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--config-file", workspace_config, "--target", target,
+                         "--out", str(out))
     assert done.returncode == 0, done.stdout + done.stderr
-    endpoint = load_online_endpoint(str(tmp_path / "endpoint.yml"))
-    deployment = load_online_deployment(str(tmp_path / "deployment.yml"))
-    assert endpoint.name == "scorehost-resnet50" and endpoint.auth_mode == "key"
+    assert "experimental" not in done.stdout + done.stderr
+    endpoint = load_online_endpoint(str(out / "endpoint.yml"))
+    deployment = load_online_deployment(str(out / "deployment.yml"))
+    assert endpoint.name == endpoint_name("greeter", WORKSPACE_ID) and endpoint.auth_mode == "key"
+    assert re.fullmatch(r"greeter-[0-9a-f]{6}", endpoint.name) and deployment.endpoint_name == endpoint.name
+    assert deployment.model.name == "greeter" and deployment.environment.name == "scorehost-greeter"
     assert deployment.instance_count == 3 and deployment.request_settings.max_concurrent_requests_per_instance == 1
-    assert deployment.environment_variables == {"WORKER_COUNT": "1"}
+    assert deployment.request_settings.max_queue_wait_ms == 500  # explicit, not whatever the service defaults to
+    assert deployment.environment_variables == {"WORKER_COUNT": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
     assert deployment.environment.image == GPU_BASE_IMAGE
-    with open(tmp_path / "code" / "score.py", "rb") as f, open(REFERENCE_SCRIPT, "rb") as g:
-        assert f.read() == g.read()
+    assert (out / "code" / "score.py").read_bytes() == (users_own / "score.py").read_bytes()
+    apply = done.stdout.split("Apply by hand, in this order:\n")[1].splitlines()
     if target == "aks":
         assert deployment.instance_type == "gpu-t4" and endpoint.compute == "gpu-aks"
-        assert yaml.safe_load((tmp_path / "instance-type.yaml").read_text())["kind"] == "InstanceType"
+        assert yaml.safe_load((out / "instance-type.yaml").read_text())["kind"] == "InstanceType"
+        assert apply[1].strip() == f"kubectl apply -f {out / 'instance-type.yaml'}"
+        assert apply[2].strip() == (f"az ml compute attach -g rg-ml -w ws-ml --type Kubernetes --name gpu-aks "
+                                    f"--resource-id {CLUSTER_PATH} --namespace azureml --identity-type SystemAssigned")
     else:
-        assert deployment.instance_type == "Standard_NC4as_T4_v3" and not (tmp_path / "instance-type.yaml").exists()
-    for name in os.listdir(tmp_path):
+        assert deployment.instance_type == "Standard_NC4as_T4_v3" and not (out / "instance-type.yaml").exists()
+        assert "compute attach" not in done.stdout
+    assert apply[-2:] == [f"  az ml online-endpoint create -g rg-ml -w ws-ml -f {out / 'endpoint.yml'}",
+                          f"  az ml online-deployment create -g rg-ml -w ws-ml -f {out / 'deployment.yml'}"]
+    for name in os.listdir(out):
         if name.endswith((".yml", ".yaml")):
-            assert "&id" not in (tmp_path / name).read_text()
+            assert "&id" not in (out / name).read_text()
+
+
+def test_names_follow_azures_rules(colors_model):
+    """Endpoint and deployment names: a letter first, 3-32 characters (azure-ai-ml's own check); on Kubernetes both
+    together 6-62. Derived names are legal whatever the model is called."""
+    for model_name in ("colors", "9lives", "My Model!", "x" * 40, "a"):
+        name = endpoint_name(model_name, WORKSPACE_ID)
+        assert plan.ENDPOINT_NAME.match(name) and name.endswith("-" + name.rsplit("-", 1)[1]), name
+    assert endpoint_name("colors", WORKSPACE_ID) != endpoint_name("colors", WORKSPACE_ID.replace("ws-ml", "ws-2"))
+    s = DeploySettings(model_dir=colors_model, target="aks")
+    long = plan.problems(dataclasses.replace(s, endpoint="e" * 32, deployment="d" * 31), load_check=False)
+    assert long == ["endpoint 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee' and deployment 'ddddddddddddddddddddddddddddddd' are 63 "
+                    "characters together; on Kubernetes they must be 6-62"]
+    assert plan.problems(dataclasses.replace(s, endpoint="e" * 32, deployment="d" * 31, target="managed"),
+                         load_check=False) == []
 
 
 def test_base_image_is_a_pinned_cuda12_image_named_once():
@@ -213,7 +276,10 @@ def test_create_cluster_sends_the_cluster_provider_extension_and_instance_type(a
     assert (settings["relayserver.enabled"], settings["servicebus.enabled"], settings["nginxIngress.enabled"]) == (
         "false", "false", "true")
     assert (settings["enableInference"], settings["allowInsecureConnections"], settings["sslCname"]) == (
-        "True", "False", "scoring.example.com")
+        "True", "False", "localhost")
+    assert settings["cluster_name"] == CLUSTER_PATH  # az k8s-extension create keeps it beside what it derives
+    # The fake cluster's GPU nodes advertise nvidia.com/gpu (a device plugin runs); it has no DCGM exporter.
+    assert (settings["installNvidiaDevicePlugin"], settings["installDcgmExporter"]) == ("False", "True")
     assert settings["cluster_name_friendly"] == "scorehost-gpu" and "clusterPurpose" not in settings  # 4 nodes
     protected = extension["configurationProtectedSettings"]
     with open(certificate[0], "rb") as f:
@@ -223,11 +289,117 @@ def test_create_cluster_sends_the_cluster_provider_extension_and_instance_type(a
     # The InstanceType only once the extension's CRD is established (the fake answers 404 twice first).
     kube = [(r.method, r.path) for r in azure.kube.requests]
     assert kube.count(("GET", KubeApi.CRD_PATH)) == 3
-    assert kube[-1] == ("POST", KubeApi.OBJECTS)
-    body = azure.kube.requests[-1].body
+    created = kube.index(("POST", KubeApi.OBJECTS))
+    assert max(i for i, r in enumerate(kube) if r == ("GET", KubeApi.CRD_PATH)) < created
+    body = azure.kube.requests[created].body
     assert body["spec"]["resources"] == {"requests": {"cpu": "2", "memory": "4Gi"},
                                          "limits": {"cpu": "2", "memory": "4Gi", "nvidia.com/gpu": 1}}
     assert body["spec"]["nodeSelector"] == {"agentpool": "gpupool"}
+
+
+def test_a_cluster_without_a_device_plugin_gets_the_extensions(azure, https):
+    azure.kube.nodes = [{**n, "status": {"allocatable": {"cpu": "4"}}} for n in azure.kube.nodes]
+    azure.kube.daemonsets = ["dcgm-exporter"]
+    with pytest.raises(DeployError) as e:  # the fake runs no device plugin: its nodes never advertise a GPU
+        run_deploy(azure, https)
+    settings = azure.arm.writes("PUT")[1].body["properties"]["configurationSettings"]
+    assert (settings["installNvidiaDevicePlugin"], settings["installDcgmExporter"]) == ("True", "False")
+    assert "0 of 0 nvidia.com/gpu free" in e.value.message and "device plugin running?" in e.value.message
+
+
+def entra_id_cluster(azure: Azure, local_accounts: bool = True) -> None:
+    """As listClusterUserCredential answers for an Entra ID cluster: an exec user that runs kubelogin."""
+    azure.arm.kubeconfig = azure.kube.kubeconfig(KubeApi.exec_user())
+    azure.arm.resources[CLUSTER_PATH.lower()]["properties"].update(
+        {"aadProfile": {"managed": True, "enableAzureRbac": True}, "disableLocalAccounts": not local_accounts})
+
+
+def test_an_entra_id_cluster_is_reached_with_a_token_from_the_same_credential(azure, https):
+    run_deploy(azure, https)
+    entra_id_cluster(azure)
+    azure.kube.requests.clear(), azure.arm.requests.clear()
+    run_deploy(azure, https)
+    assert AKS_AAD_SCOPE in azure.credential.scopes  # the scope kubelogin --server-id asks for
+    assert {r.authorization for r in azure.kube.requests} == {f"Bearer {AAD_TOKEN}"}
+    assert not any(r.path.endswith("/listClusterAdminCredential") for r in azure.arm.requests)
+
+
+def test_an_entra_id_cluster_that_refuses_the_identity_is_reached_with_its_admin_credential(azure, https):
+    run_deploy(azure, https)
+    entra_id_cluster(azure)
+    azure.kube.refuse_aad = True
+    azure.kube.requests.clear(), azure.arm.requests.clear()
+    run_deploy(azure, https)
+    assert [r.method for r in azure.arm.requests if r.path.endswith("/listClusterAdminCredential")] == ["POST"]
+    refused = [r for r in azure.kube.requests if r.authorization == f"Bearer {AAD_TOKEN}"]
+    assert len(refused) == 1 and refused[0].path == "/api/v1/nodes"  # one probe, then the admin credential
+    assert {r.authorization for r in azure.kube.requests[1:]} == {f"Bearer {ADMIN_TOKEN}"}
+
+
+def test_an_entra_id_cluster_without_local_accounts_that_refuses_the_identity_says_which_role(azure, https):
+    run_deploy(azure, https)
+    entra_id_cluster(azure, local_accounts=False)
+    azure.kube.refuse_aad = True
+    azure.ml.calls.clear()
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, https)
+    assert "Azure Kubernetes Service RBAC Cluster Admin" in e.value.message and "--enable-local-accounts" in \
+        e.value.message
+    assert azure.ml.writes() == [] and not any(r.path.endswith("/listClusterAdminCredential")
+                                               for r in azure.arm.requests)
+
+
+def test_https_waits_for_the_name_to_resolve_to_the_router_before_the_replay(azure, https):
+    said, checked = [], []
+    s = dataclasses.replace(https, ssl_cname="scoring.invalid", dns_wait_s=0)  # .invalid never resolves (RFC 6761)
+    azure.kube.router_polls_left = 2  # the LoadBalancer gets its IP after a while
+    azure.kube.router_ip = "203.0.113.7"
+    with pytest.raises(DeployError) as e:
+        azure_v2.deploy(azure.clients, s, managed=False, say=said.append, poll_s=0,
+                        check=lambda *a: checked.append(a) or True)
+    assert any(line.startswith("DNS: create an A record scoring.invalid -> 203.0.113.7") for line in said)
+    assert "create the DNS A record scoring.invalid -> 203.0.113.7" in e.value.message and checked == []
+    assert [r.path for r in azure.kube.requests].count(KubeApi.ROUTER_PATH) == 3
+    assert ("online_endpoints", "begin_create_or_update") in azure.ml.writes()  # created, but no traffic moved
+    assert azure.ml.endpoint_state[ENDPOINT].traffic in ({}, None)
+
+
+def test_a_second_deployment_needs_free_gpus_on_the_pool(azure, https):
+    run_deploy(azure, https)
+    azure.kube.used_by("blue", 3)  # blue's 3 instances hold the pool's 3 GPUs
+    azure.ml.calls.clear()
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10))
+    assert "GPU pool gpupool has 0 of 3 nvidia.com/gpu free; deployment green needs 3 (3 instances x 1 GPU)" in \
+        e.value.message and "az aks nodepool scale" in e.value.message
+    assert ("online_deployments", "begin_create_or_update") not in azure.ml.writes()
+    azure.kube.pods = azure.kube.pods[:2]  # one GPU free: one instance fits
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10))
+    assert "1 of 3 nvidia.com/gpu free" in e.value.message and "--instance-count 1" in e.value.message
+    run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10, instance_count=1))
+    run_deploy(azure, https)  # an update of blue in place asks for no new GPUs
+
+
+def test_a_gpu_pool_with_a_foreign_taint_is_refused(azure, https):
+    run_deploy(azure, https)
+    pools = azure.arm.resources[CLUSTER_PATH.lower()]["properties"]["agentPoolProfiles"]
+    next(p for p in pools if p["name"] == "gpupool")["nodeTaints"] = ["sku=gpu:NoSchedule"]
+    azure.ml.calls.clear()
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, https)
+    assert "tainted sku=gpu:NoSchedule" in e.value.message and "--node-taints" in e.value.message
+    assert azure.ml.calls == []
+
+
+def test_the_compute_is_attached_with_a_system_assigned_identity_and_its_registry_role_is_printed(azure, https):
+    said = []
+    azure_v2.deploy(azure.clients, https, managed=False, say=said.append, poll_s=0)
+    attach = next(c for c in azure.ml.calls if (c.operation, c.method) == ("compute", "begin_create_or_update"))
+    assert attach.body["identity"]["type"] == "SystemAssigned"
+    line = next(x for x in said if "AcrPull" in x)
+    assert "--assignee-object-id 11111111-2222-3333-4444-555555555555" in line and \
+        "/providers/Microsoft.ContainerRegistry/registries/wsacr" in line
 
 
 def test_insecure_extension_sends_no_certificate_and_small_clusters_are_devtest(azure, settings):
@@ -263,9 +435,10 @@ def test_second_run_rewrites_nothing_that_exists(azure, https):
     azure.arm.requests.clear(), azure.kube.requests.clear(), azure.ml.calls.clear()
     second = run_deploy(azure, https)
     assert azure.cluster_writes() == []  # the cluster (its node pools), the provider, the extension: read only
-    kube = [(r.method, r.path) for r in azure.kube.requests]
-    assert kube[-2:] == [("GET", KubeApi.OBJECTS + "/gpu-t4"), ("PUT", KubeApi.OBJECTS + "/gpu-t4")]
-    assert azure.kube.requests[-1].body["metadata"]["resourceVersion"] == "1"  # else the API server says 422
+    kube = [(r.method, r.path) for r in azure.kube.requests if r.path.startswith(KubeApi.OBJECTS)]
+    assert kube == [("GET", KubeApi.OBJECTS + "/gpu-t4"), ("PUT", KubeApi.OBJECTS + "/gpu-t4")]
+    replaced = next(r for r in azure.kube.requests if r.method == "PUT")
+    assert replaced.body["metadata"]["resourceVersion"] == "1"  # else the API server says 422
     # The model's files are registered already (same files_sha256): nothing is uploaded again.
     assert azure.ml.writes() == [("online_deployments", "begin_create_or_update")]
     assert first["traffic"] == second["traffic"] == {"blue": 100}
@@ -283,7 +456,7 @@ def test_a_model_with_other_files_is_registered_as_a_new_version(azure, https, t
     versions = azure.ml.model_versions["colors"]
     assert [v.version for v in versions] == ["1", "2"]
     assert versions[0].tags["files_sha256"] == plan.sha256(https.model_dir) != versions[1].tags["files_sha256"]
-    deployed = azure.ml.deployment_state[("scorehost-resnet50", "blue")]
+    deployed = azure.ml.deployment_state[(ENDPOINT, "blue")]
     assert deployed.model.version == "2"
 
 
@@ -296,12 +469,14 @@ def test_an_existing_cluster_without_the_gpu_pool_is_refused(azure, https):
 
 def test_deployment_request_asks_for_exact_replicas_and_one_request_each(azure, https):
     run_deploy(azure, dataclasses.replace(https, instance_count=3))
-    body = next(c.body for c in azure.ml.calls if c.operation == "online_deployments")
+    body = next(c.body for c in azure.ml.calls if c.operation == "online_deployments" and c.body)
     assert body["sku"] == {"name": "Default", "capacity": 3}
     properties = body["properties"]
     assert properties["scaleSettings"] == {"scaleType": "Default"}
-    assert properties["requestSettings"] == {"maxConcurrentRequestsPerInstance": 1, "requestTimeout": "PT5S"}
-    assert properties["environmentVariables"] == {"WORKER_COUNT": "1"}
+    assert properties["requestSettings"] == {"maxConcurrentRequestsPerInstance": 1, "requestTimeout": "PT5S",
+                                             "maxQueueWait": "PT0.5S"}
+    # Azure ML's server in the container: one worker per request in flight, sharing the GPU with memory growth on.
+    assert properties["environmentVariables"] == {"WORKER_COUNT": "1", "TF_FORCE_GPU_ALLOW_GROWTH": "true"}
     assert (properties["instanceType"], properties["endpointComputeType"]) == ("gpu-t4", "Kubernetes")
     assert properties["codeConfiguration"]["scoringScript"] == "score.py"
     assert properties["model"].endswith("/models/colors/versions/1")
@@ -315,17 +490,17 @@ def test_a_second_deployment_is_checked_alone_then_takes_its_share(azure, https)
 
     def check(uri, key, deployment):
         # At the time of the check, the endpoint still sends everything to blue.
-        checked.append((uri, key, deployment, dict(azure.ml.endpoint_state["scorehost-resnet50"].traffic)))
+        checked.append((uri, key, deployment, dict(azure.ml.endpoint_state[ENDPOINT].traffic)))
         return True
 
     result = run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10), check=check)
-    assert checked == [("https://scorehost-resnet50.eastus.inference.ml.azure.com/score",
-                        "scorehost-resnet50-primary-key", "green", {"blue": 100})]
+    assert checked == [(f"https://{ENDPOINT}.eastus.inference.ml.azure.com/score",
+                        f"{ENDPOINT}-primary-key", "green", {"blue": 100})]
     assert result["traffic"] == {"blue": 90, "green": 10}
     endpoint_writes = [c for c in azure.ml.calls if (c.operation, c.method) == ("online_endpoints",
                                                                                 "begin_create_or_update")]
     assert len(endpoint_writes) == 1 and endpoint_writes[0].body["properties"]["traffic"] == {"blue": 90, "green": 10}
-    assert ("scorehost-resnet50", "blue") in azure.ml.deployment_state  # blue stays beside green
+    assert (ENDPOINT, "blue") in azure.ml.deployment_state  # blue stays beside green
 
 
 def test_a_deployment_that_fails_parity_takes_no_traffic(azure, https):
@@ -334,7 +509,7 @@ def test_a_deployment_that_fails_parity_takes_no_traffic(azure, https):
     with pytest.raises(DeployError) as e:
         run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=50), check=lambda *a: False)
     assert "takes no new traffic" in e.value.message and "--only-deployment green" in e.value.message
-    assert azure.ml.endpoint_state["scorehost-resnet50"].traffic == {"blue": 100}
+    assert azure.ml.endpoint_state[ENDPOINT].traffic == {"blue": 100}
     assert ("online_endpoints", "begin_create_or_update") not in azure.ml.writes()
 
 
@@ -366,16 +541,17 @@ def test_traffic_shares_add_up_to_100(current, requested, expected):
 def test_deploy_traffic_shifts_and_rolls_back(azure, https):
     run_deploy(azure, https)
     run_deploy(azure, dataclasses.replace(https, deployment="green"))
-    args = namespace("traffic", shares=["green=25"], config_file=https.config_file)
+    args = namespace("traffic", endpoint=ENDPOINT, shares=["green=25"], config_file=https.config_file)
     assert deploy_cli.cmd_traffic(args, azure.clients) == 0
-    assert azure.ml.endpoint_state["scorehost-resnet50"].traffic == {"blue": 75, "green": 25}
-    assert deploy_cli.cmd_traffic(namespace("traffic", shares=["blue=100", "green=0"],
+    assert azure.ml.endpoint_state[ENDPOINT].traffic == {"blue": 75, "green": 25}
+    assert deploy_cli.cmd_traffic(namespace("traffic", endpoint=ENDPOINT, shares=["blue=100", "green=0"],
                                             config_file=https.config_file), azure.clients) == 0
-    assert azure.ml.endpoint_state["scorehost-resnet50"].traffic == {"blue": 100, "green": 0}
+    assert azure.ml.endpoint_state[ENDPOINT].traffic == {"blue": 100, "green": 0}
     for shares, message in ((["red=10"], "has no deployment red"), (["green=110"], "0-100"),
                             (["green"], "is not DEPLOYMENT=PERCENT")):
         with pytest.raises(DeployError) as e:
-            deploy_cli.cmd_traffic(namespace("traffic", shares=shares, config_file=https.config_file), azure.clients)
+            deploy_cli.cmd_traffic(namespace("traffic", endpoint=ENDPOINT, shares=shares,
+                                             config_file=https.config_file), azure.clients)
         assert message in e.value.message
 
 
@@ -384,7 +560,7 @@ def test_managed_endpoint_needs_no_cluster(azure, settings):
     assert azure.arm.requests == [] and azure.kube.requests == []  # no cluster, extension or instance type
     endpoint = next(c for c in azure.ml.calls if c.operation == "online_endpoints" and c.body)
     assert "compute" not in endpoint.body["properties"] and endpoint.body["properties"]["authMode"] == "Key"
-    body = next(c.body for c in azure.ml.calls if c.operation == "online_deployments")
+    body = next(c.body for c in azure.ml.calls if c.operation == "online_deployments" and c.body)
     assert (body["properties"]["instanceType"], body["properties"]["endpointComputeType"]) == (
         "Standard_NC4as_T4_v3", "Managed")
     assert body["sku"]["capacity"] == 3 and result["traffic"] == {"blue": 100}
@@ -419,7 +595,7 @@ def test_quota_failure_says_what_was_created_and_how_to_delete_it(azure, https):
     with pytest.raises(DeployError) as e:
         run_deploy(azure, https)
     message = e.value.message
-    assert "GPU quota" in message and "endpoint scorehost-resnet50" in message and "model colors:1" in message
+    assert "GPU quota" in message and f"endpoint {ENDPOINT}" in message and "model colors:1" in message
     assert "AKS cluster scorehost-gpu" in message and "--cluster --delete-cluster" in message
     assert "get-logs" in message
 
@@ -467,14 +643,14 @@ def test_teardown_says_what_still_bills_and_deletes_a_cluster_scorehost_made(azu
     run_deploy(azure, https)
     said = []
     deleted = azure_v2.teardown(azure.clients, https, detach=True, delete_cluster=lambda: False, say=said.append)
-    assert deleted == ["endpoint scorehost-resnet50", "compute gpu-aks (detached)"]
+    assert deleted == [f"endpoint {ENDPOINT}", "compute gpu-aks (detached)"]
     billing = said[-1]
     for item in ("node pool system: 1 x Standard_D4s_v5", "node pool gpupool: 3 x Standard_NC4as_T4_v3",
                  "OS disks", "load balancer and its public IP", "Azure ML extension", "MC_rg-ml_scorehost-gpu",
                  "scorehost created this cluster", "--delete-cluster", "model colors"):
         assert item in billing, billing
     assert [c.kwargs for c in azure.ml.calls if c.method == "begin_delete"] == [
-        {"name": "scorehost-resnet50"}, {"name": "gpu-aks", "action": "Detach"}]
+        {"name": ENDPOINT}, {"name": "gpu-aks", "action": "Detach"}]
     assert azure.arm.writes("DELETE") == []
 
     deleted = azure_v2.teardown(azure.clients, https, detach=True, delete_cluster=lambda: True, say=said.append)
@@ -486,7 +662,7 @@ def test_teardown_says_what_still_bills_and_deletes_a_cluster_scorehost_made(azu
 def test_teardown_of_a_managed_endpoint_touches_no_cluster(azure, settings):
     run_deploy(azure, settings, managed=True)
     said = []
-    assert azure_v2.teardown(azure.clients, settings, detach=True, say=said.append) == ["endpoint scorehost-resnet50"]
+    assert azure_v2.teardown(azure.clients, settings, detach=True, say=said.append) == [f"endpoint {ENDPOINT}"]
     assert azure.arm.requests == [] and "node pool" not in said[-1] and "model colors" in said[-1]
 
 
@@ -504,8 +680,8 @@ def test_teardown_of_one_deployment_refuses_while_it_takes_traffic(azure, https)
     with pytest.raises(DeployError):
         azure_v2.teardown(azure.clients, https, detach=False, only_deployment="blue", say=quiet)
     assert azure_v2.teardown(azure.clients, https, detach=False, only_deployment="green", say=quiet) == [
-        "deployment scorehost-resnet50/green"]
-    assert ("scorehost-resnet50", "blue") in azure.ml.deployment_state
+        f"deployment {ENDPOINT}/green"]
+    assert (ENDPOINT, "blue") in azure.ml.deployment_state
 
 
 @pytest.mark.parametrize("answer,deletes", [("n", False), ("", False), ("y", True)])
@@ -513,7 +689,7 @@ def test_teardown_asks_before_deleting(azure, https, monkeypatch, capsys, answer
     run_deploy(azure, https)
     azure.ml.calls.clear()
     monkeypatch.setattr("builtins.input", lambda prompt: answer)
-    args = namespace("teardown", yes=False, cluster=False, only_deployment=None, delete_cluster=False,
+    args = namespace("teardown", model_name="colors", yes=False, cluster=False, only_deployment=None, delete_cluster=False,
                      config_file=https.config_file)
     assert deploy_cli.cmd_teardown(args, azure.clients) == (0 if deletes else 1)
     assert bool(azure.ml.writes()) == deletes
@@ -535,7 +711,7 @@ def test_k8s_manifests_validate_offline_with_the_model_in_the_image(tmp_path, co
     assert "names no registry" not in done.stdout
     kinds = {}
     for name in sorted(os.listdir(tmp_path)):
-        if name == "Dockerfile":
+        if not name.endswith(".yaml"):  # Dockerfile, and the image's build context: code/, model/
             continue
         text = (tmp_path / name).read_text()
         assert "&id" not in text and "*id" not in text  # no YAML anchors
@@ -555,15 +731,43 @@ def test_k8s_manifests_validate_offline_with_the_model_in_the_image(tmp_path, co
     assert kinds["Deployment"]["spec"]["replicas"] == 2
 
     dockerfile = (tmp_path / "Dockerfile").read_text()
-    assert f"COPY --chown=1000 . {k8s.MODEL_MOUNT}/" in dockerfile and "FROM scorehost:gpu" in dockerfile
-    assert f"docker build -f {tmp_path / 'Dockerfile'} -t myregistry.azurecr.io/scorehost-colors:1 {colors_model}" \
+    assert f"COPY --chown=1000 model/ {k8s.MODEL_MOUNT}/" in dockerfile and "FROM scorehost:gpu" in dockerfile
+    assert f"docker build -f {tmp_path / 'Dockerfile'} -t myregistry.azurecr.io/scorehost-colors:1 {tmp_path}" \
         in dockerfile and "docker push myregistry.azurecr.io/scorehost-colors:1" in dockerfile
     lint = subprocess.run([hadolint(), str(tmp_path / "Dockerfile")], capture_output=True, text=True)
     assert lint.returncode == 0, lint.stdout
 
 
-def test_k8s_says_when_the_image_names_no_registry(tmp_path):
-    done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--image", "scorehost:gpu")
+def test_k8s_bakes_the_users_own_script_and_model_and_asks_for_no_more_gpus_than_there_are(tmp_path, users_own):
+    out = tmp_path / "k8s"
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "myregistry.azurecr.io/greeter:1", "--out", str(out),
+                         "--instance-count", "3", "--cluster-gpus", "4")
+    assert done.returncode == 0, done.stderr
+    assert f"entry script: {users_own / 'score.py'}" in done.stdout
+    assert f"model directory: {users_own / 'models'}" in done.stdout
+    assert (out / "code" / "score.py").read_bytes() == (users_own / "score.py").read_bytes()
+    assert (out / "model" / "greeter" / "3" / "greeting.txt").read_text() == "bonjour\n"
+    dockerfile = (out / "Dockerfile").read_text()
+    assert "ENV AZUREML_ENTRY_SCRIPT=code/score.py" in dockerfile and f"COPY --chown=1000 code/ {k8s.APP_ROOT}/code/" in \
+        dockerfile
+    hpa = yaml.safe_load((out / "hpa.yaml").read_text())["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 4)  # 4 GPUs hold 4 instances of 1 GPU, not 6
+    assert yaml.safe_load((out / "deployment.yaml").read_text())["metadata"]["name"] == "greeter"
+    assert "nvidia.com/gpu" in done.stdout and k8s.DEVICE_PLUGIN in done.stdout
+    # Without --cluster-gpus it asks for exactly what it was given; fewer GPUs than instances is refused.
+    scorehost_cli("deploy", "k8s", "--model-dir", str(users_own / "models"), "--entry-script",
+                  str(users_own / "score.py"), "--image", "r.io/g:1", "--out", str(out))
+    hpa = yaml.safe_load((out / "hpa.yaml").read_text())["spec"]
+    assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 3)
+    done = scorehost_cli("deploy", "k8s", "--model-dir", str(users_own / "models"), "--entry-script",
+                         str(users_own / "score.py"), "--image", "r.io/g:1", "--out", str(out), "--cluster-gpus", "2")
+    assert done.returncode == 1 and "--cluster-gpus 2 cannot hold 3 instances" in done.stderr
+
+
+def test_k8s_says_when_the_image_names_no_registry(tmp_path, colors_model):
+    done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--image", "scorehost:gpu", "--model-dir",
+                         colors_model)
     assert done.returncode == 0 and "names no registry" in done.stdout
     assert scorehost_cli("deploy", "k8s", "--out", str(tmp_path)).returncode == 2  # --image is required
 

@@ -20,7 +20,7 @@ def settings(tmp_path):
     model = tmp_path / "colors" / "1"
     model.mkdir(parents=True)
     (model / "saved_model.pb").write_bytes(b"")
-    return DeploySettings(model_dir=str(tmp_path), model_name="colors", sdk="v1")
+    return DeploySettings(model_dir=str(tmp_path), model_name="colors", sdk="v1").named()  # endpoint "colors"
 
 
 def test_v1_objects_are_the_original_flow_fixed(settings):
@@ -62,7 +62,7 @@ def test_v1_deploy_registers_and_deploys_with_a_deprecation_warning(settings, mo
         warnings.simplefilter("always")
         result = azure_v1.deploy("workspace", settings, say=lambda m: None)
     assert any("2026-06-30" in str(w.message) for w in caught)
-    assert ("register", "colors") in calls and ("deploy", "scorehost-resnet50", 1) in calls
+    assert ("register", "colors") in calls and ("deploy", "colors", 1) in calls
     assert result["scoring_uri"] == "http://v1.example/score" and result["key"] == "k1"
 
 

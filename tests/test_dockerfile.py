@@ -83,3 +83,58 @@ def test_readme_has_the_dockerfiles_build_and_run_lines():
 def test_python_version_agrees():
     assert "- python=3.11" in read("myenv.yml") and "python:3.11" not in DOCKERFILE
     assert re.search(r"python_requires\s*=\s*>=3\.11", read("setup.cfg"))
+
+
+USER_SCRIPT = '''\
+import json, os
+
+def init():
+    global labels
+    with open(os.path.join(os.environ["AZUREML_MODEL_DIR"], "greeter", "1", "labels.json")) as f:
+        labels = json.load(f)
+
+def run(data):
+    return {"greeting": labels["hello"], "name": json.loads(data)["name"], "script": __file__}
+'''
+
+
+def test_the_image_serves_a_users_script_and_model_mounted_as_azure_ml_mounts_them(tmp_path):
+    """The image's CMD with its ENV, the app root a temporary folder instead of /var/azureml-app, and the user's
+    script and model where the README's `docker run -v ... -e AZUREML_ENTRY_SCRIPT=code/score.py` line puts them."""
+    import urllib.request
+
+    from scorehost import processes
+
+    app_root = tmp_path / "var-azureml-app"
+    (app_root / "code").mkdir(parents=True)
+    (app_root / "code" / "score.py").write_text(USER_SCRIPT)
+    (app_root / "azureml-models" / "greeter" / "1").mkdir(parents=True)
+    (app_root / "azureml-models" / "greeter" / "1" / "labels.json").write_text('{"hello": "bonjour"}')
+    (app_root / "score.py").write_text("raise SystemExit('the baked-in reference script was loaded')\n")
+    run_line = next(line for line in re.findall(r"^#   (docker run .*)$", DOCKERFILE, re.M) if "-e " in line)
+    env = {k: v.replace("/var/azureml-app", str(app_root))
+           for k, v in re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV"))) if k != "PATH"}
+    env.update(re.findall(r"-e (\w+)=(\S+)", run_line))  # what the user's docker run sets
+    assert ":/var/azureml-app/code:ro" in run_line and f":{MODEL_MOUNT}:ro" in run_line
+    cmd = json.loads(instructions("CMD")[0])
+    port = processes.free_port()
+    cmd[cmd.index("--port") + 1] = str(port)
+    cmd[cmd.index("--host") + 1] = "127.0.0.1"
+    argv = [processes._bin(cmd[0]), *cmd[1:]]
+    server = processes.ServerProcess("scorehost", argv, {**os.environ, **env}, port, cwd=str(app_root))  # WORKDIR
+    try:
+        server.wait_healthy(60)
+        request = urllib.request.Request(server.url + "/score", b'{"name": "Ada"}',
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            answer = json.loads(r.read())
+    finally:
+        server.stop()
+    assert answer == {"greeting": "bonjour", "name": "Ada", "script": str(app_root / "code" / "score.py")}
+
+
+def test_the_readmes_outputs_stay_out_of_git_and_the_image():
+    """`scorehost model ... --out models`, `deploy plan --out plan/` and `deploy k8s --out k8s/` (a key inside)."""
+    for name, patterns in ((".gitignore", ("/models/", "/plan/", "/k8s/")), (".dockerignore", ("models", "plan", "k8s"))):
+        lines = read(name).splitlines()
+        assert all(p in lines for p in patterns), name
