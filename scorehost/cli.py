@@ -71,16 +71,57 @@ def serving_plan(settings, gpus: list[str]) -> tuple[object, tuple, str]:
     return settings, (), mode
 
 
+def announce_ready(host: str, port: int, every_s: float = 0.5) -> None:
+    """Print one line, `scorehost: ready on http://HOST:PORT`, once GET /ready first answers 200: the moment the
+    server takes traffic, in both modes (with model processes, HTTP workers are up seconds before the model is).
+
+    A daemon thread of the master, started before gunicorn forks: a forked worker does not inherit it, and it
+    takes no lock a worker could inherit held (http.client is imported here, the line is one os.write)."""
+    import http.client
+    import threading
+
+    poll_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{poll_host}]' if ':' in poll_host else poll_host}:{port}"
+
+    def poll() -> None:
+        while True:
+            time.sleep(every_s)
+            connection = http.client.HTTPConnection(poll_host, port, timeout=5)
+            try:
+                connection.request("GET", "/ready")
+                if connection.getresponse().status == 200:
+                    os.write(1, f"scorehost: ready on {url}\n".encode())
+                    return
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    threading.Thread(target=poll, name="announce-ready", daemon=True).start()
+
+
+def reads_model_dir(entry_script: str) -> bool:
+    try:
+        with open(entry_script, encoding="utf-8", errors="replace") as f:
+            return "AZUREML_MODEL_DIR" in f.read()
+    except OSError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
+    from server import record
     from server.gpus import visible_gpus
     from server.runner import serve
     from server.settings import BY_NAME, SettingError, check, resolve
 
-    if args.entry_script:  # a path typed on the command line means "from here", as azmlinfsrv takes it
-        args.entry_script = os.path.abspath(args.entry_script)
     settings = resolve({name: getattr(args, name) for name in BY_NAME})
+    if settings.entry_script and not os.path.isabs(settings.entry_script):
+        # flag or AZUREML_ENTRY_SCRIPT alike: relative to --app-root (AML_APP_ROOT, default "."), as in Azure ML
+        settings = settings.replace(entry_script=os.path.abspath(os.path.join(settings.app_root,
+                                                                              settings.entry_script)))
     try:
         check(settings)
+        record.check(settings)
     except SettingError as ex:
         print(ex, file=sys.stderr)
         return ex.exit_code
@@ -99,21 +140,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         settings = settings.replace(access_log=sys.stdout.isatty())
     settings, model_slots, mode = serving_plan(settings, visible_gpus())
     _banner(settings, mode)
-    return serve(settings, model_slots) or 0
-
+    announce_ready(settings.host, settings.port)
+    code = serve(settings, model_slots) or 0
+    if code == 3 and settings.model_dir is None and reads_model_dir(settings.entry_script):
+        print(f"scorehost: no model directory was given, and {os.path.basename(settings.entry_script)} reads "
+              "AZUREML_MODEL_DIR: pass --model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
+    return code
 
 
 def cmd_model(args: argparse.Namespace) -> int:
     import logging
 
-    from .models import BUILDERS
+    from .models import build
 
     # Our own progress at INFO; TensorFlow's and absl's INFO lines (assets written, captured inputs renamed) are
     # nothing a user can act on.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("scorehost").setLevel(logging.INFO)
     started = time.perf_counter()
-    path = BUILDERS[args.name](args.out)
+    path = build(args.name, args.out)
     print(f"{path} ({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -214,6 +259,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C at any moment: one line, the shell's code for SIGINT
+        print("\nscorehost: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as ex:  # DeployError and friends: their message, exit code 1, no traceback
         if isinstance(ex.code, str):
             print(ex.code, file=sys.stderr)

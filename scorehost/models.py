@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -130,6 +132,24 @@ def build_colors(out_dir: str, version: str = "1") -> str:
 BUILDERS: dict[str, Callable[[str], str]] = {"resnet50": build_resnet50, "colors": build_colors}
 
 
+def build(name: str, out_dir: str) -> str:
+    """Build model `name` into `out_dir/<name>/<version>/`, whole or not at all: it is built in a temporary
+    directory beside it and renamed into place when complete, so a build interrupted at any moment (Ctrl-C, a
+    kill) leaves no partial model for the next run to mistake for one. A model already there is replaced."""
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-building-", dir=out_dir)
+    try:
+        built = BUILDERS[name](staging)
+        final = os.path.join(out_dir, name, os.path.basename(built))
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.exists(final):
+            os.rename(final, os.path.join(staging, "replaced"))
+        os.rename(built, final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
 # Where each demo model is kept: one model per root, so AZUREML_MODEL_DIR can point at a root (score.py refuses a
 # directory holding several SavedModels).
 DEMO_ROOTS = {"resnet50": "models", "colors": "models-colors"}
@@ -147,6 +167,20 @@ def demo_model_dir(name: str = "resnet50") -> str:
         note = " (random weights)" if name == "resnet50" else ""
         print(f"scorehost: building the demo model {name}{note} in {root} ...", flush=True)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "scorehost.cli", "model", name, "--out", root], check=True)
+        # Its output is shown only if it fails: on Ctrl-C (which the terminal sends it too) the caller says one line.
+        child = subprocess.Popen([sys.executable, "-m", "scorehost.cli", "model", name, "--out", root],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            output, _ = child.communicate()
+        except KeyboardInterrupt:
+            try:
+                child.wait(10)  # it was interrupted too, and removes its temporary directory on the way out
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+        if child.returncode:
+            raise SystemExit(f"scorehost: building the demo model {name} failed (exit {child.returncode}):\n"
+                             + output.decode(errors="replace")[-3000:])
         print(f"scorehost: demo model built in {time.perf_counter() - started:.1f} s", flush=True)
     return root

@@ -29,6 +29,7 @@ from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavai
 from .invoke import Invoker, Timed
 from .model_process import ModelClient
 from .metrics import Metrics
+from .record import Recorder, exchange_of
 from .settings import Settings
 from .swagger import Swagger, SwaggerNotFound
 
@@ -61,6 +62,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     swagger = Swagger(script.run, settings.app_root)
     server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
     key = settings.auth_key.encode() if settings.auth_key else None
+    recorder = Recorder.from_settings(settings)
     app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics,
                                    "admits_body": body_admission(key, settings.max_body_bytes), "ready": ready}
 
@@ -139,6 +141,8 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         rule = request.url_rule
         metrics.observe_request(rule.rule if rule else "unmatched", request.method, response.status_code,
                                 time.perf_counter() - g.get("started", time.perf_counter()))
+        if recorder is not None and recorder.wants(request.path, response.status_code):
+            recorder.save(exchange_of(request, response))
         return response
 
     return app

@@ -110,6 +110,15 @@ SETTINGS: tuple[Setting, ...] = (
             "Log one short line per request (client, method, path, status, size, time). Default: on when the "
             "server runs in a terminal, so a first user sees requests arrive; off otherwise (on a trivial script it "
             "costs about 15% of the requests a second, bench/RESULTS.md)."),
+    Setting("record", "--record", "SCOREHOST_RECORD", None, str,
+            "Directory to record each answered request and its answer into, one JSON file each (server/record.py "
+            "has the format), for `scorehost parity URL --replay DIR`. The Authorization header is never written."),
+    Setting("record_max_count", "--record-max-count", "SCOREHOST_RECORD_MAX_COUNT", 1000, int,
+            "Recording: most exchanges kept in the --record directory; later ones are not written (the oldest "
+            "are kept)."),
+    Setting("record_max_bytes", "--record-max-bytes", "SCOREHOST_RECORD_MAX_BYTES", 256 * MIB, int,
+            "Recording: most bytes of recorded files in the --record directory; an exchange that would pass it "
+            "is not written."),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
