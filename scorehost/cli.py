@@ -71,7 +71,7 @@ def serving_plan(settings, gpus: list[str]) -> tuple[object, tuple, str]:
     return settings, (), mode
 
 
-def announce_ready(host: str, port: int, every_s: float = 0.5) -> None:
+def announce_ready(host: str, port: int, every_s: float = 0.25) -> None:
     """Print one line, `scorehost: ready on http://HOST:PORT`, once GET /ready first answers 200: the moment the
     server takes traffic, in both modes (with model processes, HTTP workers are up seconds before the model is).
 
