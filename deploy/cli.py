@@ -240,7 +240,7 @@ def register(sub: Any) -> None:
     p.add_argument("--only-deployment", metavar="NAME", help="delete only this deployment (it must take no traffic)")
     p.add_argument("--delete-cluster", action="store_true",
                    help="also delete the AKS cluster, when scorehost created it (asked otherwise)")
-    p.add_argument("--yes", action="store_true")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = step(K8S, "write plain Kubernetes manifests and a Dockerfile that bakes the model into the image", cmd_k8s)
     p.add_argument("--out", required=True, help="folder to write the manifests into")
     p.add_argument("--image", required=True,

@@ -216,6 +216,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each flag's line with its default, as it would be typed; flags without one show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        default, text = action.default, action.help or ""
+        if default in (None, [], False) or default is argparse.SUPPRESS or "default" in text:
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from server.settings import add_arguments
 
@@ -232,12 +243,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     model.add_argument("--out", required=True, help="directory to write <name>/<version>/ into")
     model.set_defaults(func=cmd_model)
 
-    bench = sub.add_parser("bench", help="benchmark scorehost against Azure ML's server (or a remote endpoint)")
-    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"], choices=["scorehost", "aihs"])
+    bench = sub.add_parser("bench", help="benchmark scorehost against Azure ML's server (or a remote endpoint)",
+                           formatter_class=ShowDefaults)
+    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"], choices=["scorehost", "aihs"],
+                       help="local servers to compare")
     bench.add_argument("--scripts", nargs="+", default=["trivial", "resnet50"],
                        help="trivial, resnet50 (the reference score.py on the demo model), or NAME=PATH")
     bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH scripts")
-    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
+    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
+                       help="closed-loop clients of each cell")
     bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
     bench.add_argument("--workers", type=int, default=1, help="worker processes of every local server (AIHS too)")
     bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")

@@ -80,7 +80,6 @@ def build_resnet50(out_dir: str, version: str = "1") -> str:
     tf = _quiet_tensorflow()
     import keras
 
-    started = time.perf_counter()
     network = keras.applications.ResNet50(weights=None)
     with open(IMAGENET_LABELS, encoding="utf-8") as f:
         labels = f.read().splitlines()
@@ -91,9 +90,8 @@ def build_resnet50(out_dir: str, version: str = "1") -> str:
 
     description = ("ResNet50 architecture with RANDOM weights (keras.applications.ResNet50(weights=None), built "
                    "offline): class scores are meaningless; use it for speed and memory, not for answers.")
-    path = _save(out_dir, "resnet50", version, network, 224, preprocess, labels, description)
-    log.info("built %s in %.1f s: %s", path, time.perf_counter() - started, description)
-    return path
+    log.info("resnet50: %s", description)  # where it lands and how long it took: the caller says, once
+    return _save(out_dir, "resnet50", version, network, 224, preprocess, labels, description)
 
 
 def color_images(per_class: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -111,7 +109,6 @@ def build_colors(out_dir: str, version: str = "1") -> str:
     _quiet_tensorflow()
     import keras
 
-    started = time.perf_counter()
     keras.utils.set_random_seed(0)
     network = keras.Sequential([
         keras.Input((16, 16, 3)),
@@ -124,9 +121,7 @@ def build_colors(out_dir: str, version: str = "1") -> str:
     images, labels = color_images(per_class=64, size=16)
     network.fit(images / 255.0, labels, epochs=30, batch_size=64, verbose=0)
     description = "Solid-colour classifier trained on generated images; answers are checkable."
-    path = _save(out_dir, "colors", version, network, 16, lambda rgb: rgb / 255.0, list(COLORS), description)
-    log.info("built %s in %.1f s", path, time.perf_counter() - started)
-    return path
+    return _save(out_dir, "colors", version, network, 16, lambda rgb: rgb / 255.0, list(COLORS), description)
 
 
 BUILDERS: dict[str, Callable[[str], str]] = {"resnet50": build_resnet50, "colors": build_colors}

@@ -196,7 +196,9 @@ def authorize(header: str, key: bytes) -> None:
     """`Authorization: Bearer <key>`, compared in constant time; the given value is never logged."""
     if not header:
         raise Unauthorized("Missing Authorization header: send 'Authorization: Bearer <key>'.")
-    scheme, _, given = header.partition(" ")
+    scheme, _, given = header.strip().partition(" ")
+    if not given and scheme.lower() != "bearer":  # the key alone: say what is missing, nothing about the key
+        raise Unauthorized("The Authorization header has no scheme: send 'Authorization: Bearer <key>'.")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
         raise Unauthorized("Invalid key in the Authorization header.")
 

@@ -107,7 +107,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a run() or run_batch() may go on past the scoring timeout (its requests already answered 500) "
             "before its worker or model process is restarted."),
     Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", None, _bool,
-            "Log one short line per request (client, method, path, status, size, time). Default: on when the "
+            "Log one short line per request (client, method, path, status, size, time): true or false (also "
+            "1/0, yes/no, on/off). Default: on when the "
             "server runs in a terminal, so a first user sees requests arrive; off otherwise (on a trivial script it "
             "costs about 15% of the requests a second, bench/RESULTS.md)."),
     Setting("record", "--record", "SCOREHOST_RECORD", None, str,

@@ -115,3 +115,53 @@ def test_a_model_build_that_fails_half_way_leaves_nothing(tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         models.build("half", str(tmp_path))
     assert os.listdir(tmp_path) == []
+
+
+# --- messages of the first hour ---------------------------------------------------------------------------------
+
+def test_a_form_upload_is_told_to_send_the_bytes():
+    """`curl -F image=@x.jpg` sends multipart/form-data: the reference script says how to send the image instead
+    (preprocess() answers it in an HTTP worker, without the model)."""
+    import importlib.util
+    import json
+
+    from werkzeug.test import EnvironBuilder
+    from werkzeug.wrappers import Request
+
+    from scorehost import REFERENCE_SCRIPT
+
+    spec = importlib.util.spec_from_file_location("score_form_upload", REFERENCE_SCRIPT)
+    score = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score)
+    form = EnvironBuilder(method="POST", data={"image": (open(os.path.join(os.path.dirname(REFERENCE_SCRIPT),
+                                                                           "samples", "gradient.jpg"), "rb"),
+                                                         "gradient.jpg")})
+    answer = score.preprocess(Request(form.get_environ()))
+    assert answer.status_code == 415
+    assert "--data-binary @image.jpg" in json.loads(answer.get_data())["message"]
+
+
+def test_a_key_without_its_scheme_is_told_the_scheme_is_missing(start_server, tmp_path):
+    (tmp_path / "echo.py").write_text("def init():\n    pass\n\n\ndef run(data):\n    return data\n")
+    server = start_server("scorehost", str(tmp_path / "echo.py"), extra_args=("--auth-key", "k3y"))
+    for given in ("k3y", "wrong"):  # the same words either way: nothing about the key itself
+        request = urllib.request.Request(server.url + "/score", b"x", {"Authorization": given})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(request, timeout=10)
+        assert e.value.code == 401
+        assert "has no scheme: send 'Authorization: Bearer <key>'" in e.value.read().decode()
+
+
+def test_a_failed_sign_in_lists_the_credentials_tried_once(monkeypatch, caplog):
+    from azure.identity import ChainedTokenCredential, EnvironmentCredential
+
+    from deploy import azure_v2
+    from deploy.settings import DeployError, DeploySettings
+
+    for name in ("AZURE_CLIENT_ID", "AZURE_CLIENT_SECRET", "AZURE_TENANT_ID", "AZURE_USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    with pytest.raises(DeployError) as e:
+        azure_v2.connect(DeploySettings(subscription_id="s", resource_group="r", workspace="w"),
+                         ChainedTokenCredential(EnvironmentCredential()))
+    assert e.value.message.count("EnvironmentCredential:") == 1 and "az login" in e.value.message
+    assert not [r for r in caplog.records if r.name.startswith("azure.identity")]
