@@ -308,3 +308,17 @@ def test_deploy_refuses_a_users_script_without_recorded_requests(recorded):
     assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
     assert "the parity gate needs requests for" in done.stderr and "--record requests/" in done.stderr
     assert "--parity-requests requests/" in done.stderr and "--skip-parity" in done.stderr
+
+
+def test_the_reference_corpus_passes_a_managed_endpoint_by_its_rules(start_server, colors_model):
+    """The shipped corpus's error probes and its 2.2 MB batch: 424 and 413 on a managed endpoint, which match."""
+    from scorehost import REFERENCE_SCRIPT
+
+    local = start_server("scorehost", REFERENCE_SCRIPT, colors_model)
+    front = ManagedFront(local.url)
+    try:
+        result = parity(front.url, "--local", local.url, "--target", "managed", "--key", KEY)
+    finally:
+        front.shutdown()
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert result.stdout.count("endpoint 424 (container 4") == 8 and "endpoint 413 (request of" in result.stdout
