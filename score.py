@@ -181,6 +181,9 @@ def images_of(request):
     """The encoded images a request carries, checked, or BadRequest."""
     if request.method != "POST":
         raise BadRequest(405, f"{request.method} is not supported: POST an image, or JSON {{\"images\": [...]}}")
+    if request.mimetype == "multipart/form-data":
+        raise BadRequest(415, "A form upload (curl -F) wraps the image in multipart/form-data: send the image's "
+                              "bytes as the body: curl --data-binary @image.jpg -H 'Content-Type: image/jpeg' URL")
     body = request.get_data()
     if not request.is_json:
         return [check_image(body, "The request body")[0]]

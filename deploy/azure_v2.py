@@ -12,6 +12,7 @@ delete it. `build_entities` makes the real SDK objects offline; `deploy` submits
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import shutil
 import tempfile
@@ -49,10 +50,14 @@ def connect(s: DeploySettings, credential: Any = None) -> Clients:
         from azure.identity import DefaultAzureCredential
 
         credential = DefaultAzureCredential()
+    chain_log = logging.getLogger("azure.identity._credentials.chained")
+    chain_log.disabled = True  # it logs the credentials it tried, which the message below says: once, not twice
     try:
         credential.get_token(ARM_SCOPE)
     except ClientAuthenticationError as ex:
         raise DeployError(f"scorehost deploy: {explain(ex)}\nNothing was created.") from ex
+    finally:
+        chain_log.disabled = False
     return Clients(MLClient(credential, s.subscription_id, s.resource_group, s.workspace),
                    ContainerServiceClient(credential, s.subscription_id),
                    SourceControlConfigurationClient(credential, s.subscription_id),

@@ -99,6 +99,11 @@ def _deploy(args: argparse.Namespace, target: str, clients: Any = None) -> int:
 
     s = settings_from(args, target=target)
     require_sdk(f"deploy {target}", s)
+    from deploy import parity
+
+    check = None if args.skip_parity else parity.gate(f"deploy {target}", s.entry_script, s.model_dir, parity.MANAGED
+                                                      if target == MANAGED else parity.KUBERNETES,
+                                                      args.parity_requests, tuple(args.parity_ignore or ()))
     s = _demo_model(s)
     found = plan.problems(s)
     if found:
@@ -112,17 +117,13 @@ def _deploy(args: argparse.Namespace, target: str, clients: Any = None) -> int:
     if s.sdk == "v1":
         from azureml.core import Workspace
 
-        from deploy import azure_v1, parity
+        from deploy import azure_v1
 
         result = azure_v1.deploy(clients or Workspace(s.subscription_id, s.resource_group, s.workspace), s)
-        return 0 if args.skip_parity else parity.run(result["scoring_uri"], result["key"], model_dir=s.model_dir)
-    from deploy import azure_v2, parity
+        return 0 if check is None or check(result["scoring_uri"], result["key"], "") else 1
+    from deploy import azure_v2
 
-    def check(scoring_uri: str, key: str, deployment: str) -> bool:
-        return parity.run(scoring_uri, key, model_dir=s.model_dir, deployment=deployment) == 0
-
-    azure_v2.deploy(clients or azure_v2.connect(s), s, managed=target == MANAGED, check=None if args.skip_parity
-                    else check)
+    azure_v2.deploy(clients or azure_v2.connect(s), s, managed=target == MANAGED, check=check)
     return 0
 
 
@@ -209,7 +210,8 @@ def cmd_parity(args: argparse.Namespace) -> int:
     from deploy import parity
 
     return parity.run(args.url, args.key or "", local=args.local, model_dir=args.model_dir,
-                      tolerance=args.tolerance, deployment=args.deployment or "")
+                      tolerance=args.tolerance, deployment=args.deployment or "", target=args.target,
+                      replay_dir=args.replay or "", ignore=tuple(args.ignore))
 
 
 def register(sub: Any) -> None:
@@ -234,6 +236,10 @@ def register(sub: Any) -> None:
         p = step(name, help, func)
         p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
         p.add_argument("--skip-parity", action="store_true", help="move traffic without the parity replay")
+        p.add_argument("--parity-requests", metavar="DIR", help="gate on these requests, recorded with `scorehost "
+                       "serve --record DIR` (needed for any script but the reference score.py)")
+        p.add_argument("--parity-ignore", metavar="PATH", action="append",
+                       help="a JSON field of the answers that changes on every call, e.g. created_at (repeat)")
     p = step(TRAFFIC, "shift or roll back the endpoint's traffic, e.g. `green=10` (the others keep their "
                       "proportions of the rest) or `blue=100 green=0`", cmd_traffic)
     p.add_argument("shares", nargs="+", metavar="DEPLOYMENT=PERCENT")
@@ -244,17 +250,27 @@ def register(sub: Any) -> None:
     p.add_argument("--only-deployment", metavar="NAME", help="delete only this deployment (it must take no traffic)")
     p.add_argument("--delete-cluster", action="store_true",
                    help="also delete the AKS cluster, when scorehost created it (asked otherwise)")
-    p.add_argument("--yes", action="store_true")
+    p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = step(K8S, "write plain Kubernetes manifests and a Dockerfile that bakes the model into the image", cmd_k8s)
     p.add_argument("--out", required=True, help="folder to write the manifests into")
     p.add_argument("--image", required=True,
                    help="the model image in a registry the cluster pulls from, e.g. myregistry.azurecr.io/model:1")
 
-    p = sub.add_parser("parity", help="replay the request corpus against an endpoint and a local server; diff")
+    p = sub.add_parser("parity", help="replay recorded requests (or the reference corpus) against an endpoint and "
+                                      "compare its answers with the local ones")
     p.add_argument("url", help="the endpoint's base URL or scoring URI")
     p.add_argument("--key", help="its bearer key")
     p.add_argument("--deployment", help="send every request to this deployment (azureml-model-deployment header)")
-    p.add_argument("--local", help="a running local server to compare with (default: start one on the demo model)")
-    p.add_argument("--model-dir", help="model for the local server it starts")
-    p.add_argument("--tolerance", type=float, default=1e-3, help="absolute tolerance for probabilities")
+    p.add_argument("--replay", metavar="DIR", help="requests recorded with `scorehost serve --record DIR`, with the "
+                                                    "answers to compare with (default: the reference corpus)")
+    p.add_argument("--target", choices=["kubernetes", "managed"], default="kubernetes",
+                   help="how the endpoint answers: kubernetes as the container does; managed with Azure's 424 for "
+                        "a container's non-200 and 413 for bodies over 1.5 MB (default: %(default)s)")
+    p.add_argument("--ignore", metavar="PATH", action="append", default=[],
+                   help="a JSON field that changes on every call, e.g. created_at or items[*].id (repeat)")
+    p.add_argument("--local", help="reference corpus: a running local server to compare with (default: start one on "
+                                   "the demo model)")
+    p.add_argument("--model-dir", help="reference corpus: model for the local server it starts")
+    p.add_argument("--tolerance", type=float, default=1e-3,
+                   help="absolute tolerance for numbers in JSON bodies (default: %(default)s)")
     p.set_defaults(func=cmd_parity)

@@ -53,17 +53,58 @@ def _restart_without_visible_key(args: argparse.Namespace) -> None:
                                f"{KEY_FD_PREFIX}{fd}"], environ)
 
 
+def announce_ready(host: str, port: int, every_s: float = 0.25) -> None:
+    """Print one line, `scorehost: ready on http://HOST:PORT`, once GET /ready first answers 200: the moment the
+    server takes traffic, in both modes (with model processes, HTTP workers are up seconds before the model is).
+
+    A daemon thread of the master, started before gunicorn forks: a forked worker does not inherit it, and it
+    takes no lock a worker could inherit held (http.client is imported here, the line is one os.write)."""
+    import http.client
+    import threading
+
+    poll_host = {"0.0.0.0": "127.0.0.1", "": "127.0.0.1", "::": "::1"}.get(host, host)
+    url = f"http://{f'[{poll_host}]' if ':' in poll_host else poll_host}:{port}"
+
+    def poll() -> None:
+        while True:
+            time.sleep(every_s)
+            connection = http.client.HTTPConnection(poll_host, port, timeout=5)
+            try:
+                connection.request("GET", "/ready")
+                if connection.getresponse().status == 200:
+                    os.write(1, f"scorehost: ready on {url}\n".encode())
+                    return
+            except OSError:
+                pass
+            finally:
+                connection.close()
+
+    threading.Thread(target=poll, name="announce-ready", daemon=True).start()
+
+
+def reads_model_dir(entry_script: str) -> bool:
+    try:
+        with open(entry_script, encoding="utf-8", errors="replace") as f:
+            return "AZUREML_MODEL_DIR" in f.read()
+    except OSError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     _restart_without_visible_key(args)
+    from server import record
     from server.gpus import visible_gpus
     from server.runner import plan, serve
     from server.settings import BY_NAME, SettingError, check, resolve
 
-    if args.entry_script:  # a path typed on the command line means "from here", as azmlinfsrv takes it
-        args.entry_script = os.path.abspath(args.entry_script)
     settings = resolve({name: getattr(args, name) for name in BY_NAME})
+    if settings.entry_script and not os.path.isabs(settings.entry_script):
+        # flag or AZUREML_ENTRY_SCRIPT alike: relative to --app-root (AML_APP_ROOT, default "."), as in Azure ML
+        settings = settings.replace(entry_script=os.path.abspath(os.path.join(settings.app_root,
+                                                                              settings.entry_script)))
     try:
         check(settings)
+        record.check(settings)
     except SettingError as ex:
         print(ex, file=sys.stderr)
         return ex.exit_code
@@ -82,21 +123,25 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
     settings, model_slots, mode = plan(settings, visible_gpus())
     _banner(settings, mode)
-    return serve(settings, model_slots) or 0
-
+    announce_ready(settings.host, settings.port)
+    code = serve(settings, model_slots) or 0
+    if code == 3 and settings.model_dir is None and reads_model_dir(settings.entry_script):
+        print(f"scorehost: no model directory was given, and {os.path.basename(settings.entry_script)} reads "
+              "AZUREML_MODEL_DIR: pass --model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
+    return code
 
 
 def cmd_model(args: argparse.Namespace) -> int:
     import logging
 
-    from .models import BUILDERS
+    from .models import build
 
     # Our own progress at INFO; TensorFlow's and absl's INFO lines (assets written, captured inputs renamed) are
     # nothing a user can act on.
     logging.basicConfig(level=logging.WARNING, format="%(message)s")
     logging.getLogger("scorehost").setLevel(logging.INFO)
     started = time.perf_counter()
-    path = BUILDERS[args.name](args.out)
+    path = build(args.name, args.out)
     print(f"{path} ({time.perf_counter() - started:.1f} s)")
     return 0
 
@@ -154,6 +199,17 @@ def cmd_bench(args: argparse.Namespace) -> int:
     return 0
 
 
+class ShowDefaults(argparse.HelpFormatter):
+    """Help that ends each flag's line with its default, as it would be typed; flags without one show none."""
+
+    def _get_help_string(self, action: argparse.Action) -> Optional[str]:
+        default, text = action.default, action.help or ""
+        if default in (None, [], False) or default is argparse.SUPPRESS or "default" in text:
+            return action.help
+        shown = " ".join(map(str, default)) if isinstance(default, list) else str(default)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     from server.settings import add_arguments
 
@@ -170,12 +226,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     model.add_argument("--out", required=True, help="directory to write <name>/<version>/ into")
     model.set_defaults(func=cmd_model)
 
-    bench = sub.add_parser("bench", help="benchmark scorehost against Azure ML's server (or a remote endpoint)")
-    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"], choices=["scorehost", "aihs"])
+    bench = sub.add_parser("bench", help="benchmark scorehost against Azure ML's server (or a remote endpoint)",
+                           formatter_class=ShowDefaults)
+    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"], choices=["scorehost", "aihs"],
+                       help="local servers to compare")
     bench.add_argument("--scripts", nargs="+", default=["trivial", "resnet50"],
                        help="trivial, resnet50 (the reference score.py on the demo model), or NAME=PATH")
     bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH scripts")
-    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8])
+    bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
+                       help="closed-loop clients of each cell")
     bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
     bench.add_argument("--workers", type=int, default=1, help="worker processes of every local server (AIHS too)")
     bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
@@ -198,6 +257,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.from_command_line = argv is None
     try:
         return args.func(args)
+    except KeyboardInterrupt:  # Ctrl-C at any moment: one line, the shell's code for SIGINT
+        print("\nscorehost: interrupted", file=sys.stderr)
+        return 130
     except SystemExit as ex:  # DeployError and friends: their message, exit code 1, no traceback
         if isinstance(ex.code, str):
             print(ex.code, file=sys.stderr)

@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
 from typing import Callable
 
@@ -78,7 +80,6 @@ def build_resnet50(out_dir: str, version: str = "1") -> str:
     tf = _quiet_tensorflow()
     import keras
 
-    started = time.perf_counter()
     network = keras.applications.ResNet50(weights=None)
     with open(IMAGENET_LABELS, encoding="utf-8") as f:
         labels = f.read().splitlines()
@@ -89,9 +90,8 @@ def build_resnet50(out_dir: str, version: str = "1") -> str:
 
     description = ("ResNet50 architecture with RANDOM weights (keras.applications.ResNet50(weights=None), built "
                    "offline): class scores are meaningless; use it for speed and memory, not for answers.")
-    path = _save(out_dir, "resnet50", version, network, 224, preprocess, labels, description)
-    log.info("built %s in %.1f s: %s", path, time.perf_counter() - started, description)
-    return path
+    log.info("resnet50: %s", description)  # where it lands and how long it took: the caller says, once
+    return _save(out_dir, "resnet50", version, network, 224, preprocess, labels, description)
 
 
 def color_images(per_class: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
@@ -109,7 +109,6 @@ def build_colors(out_dir: str, version: str = "1") -> str:
     _quiet_tensorflow()
     import keras
 
-    started = time.perf_counter()
     keras.utils.set_random_seed(0)
     network = keras.Sequential([
         keras.Input((16, 16, 3)),
@@ -122,12 +121,28 @@ def build_colors(out_dir: str, version: str = "1") -> str:
     images, labels = color_images(per_class=64, size=16)
     network.fit(images / 255.0, labels, epochs=30, batch_size=64, verbose=0)
     description = "Solid-colour classifier trained on generated images; answers are checkable."
-    path = _save(out_dir, "colors", version, network, 16, lambda rgb: rgb / 255.0, list(COLORS), description)
-    log.info("built %s in %.1f s", path, time.perf_counter() - started)
-    return path
+    return _save(out_dir, "colors", version, network, 16, lambda rgb: rgb / 255.0, list(COLORS), description)
 
 
 BUILDERS: dict[str, Callable[[str], str]] = {"resnet50": build_resnet50, "colors": build_colors}
+
+
+def build(name: str, out_dir: str) -> str:
+    """Build model `name` into `out_dir/<name>/<version>/`, whole or not at all: it is built in a temporary
+    directory beside it and renamed into place when complete, so a build interrupted at any moment (Ctrl-C, a
+    kill) leaves no partial model for the next run to mistake for one. A model already there is replaced."""
+    os.makedirs(out_dir, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}-building-", dir=out_dir)
+    try:
+        built = BUILDERS[name](staging)
+        final = os.path.join(out_dir, name, os.path.basename(built))
+        os.makedirs(os.path.dirname(final), exist_ok=True)
+        if os.path.exists(final):
+            os.rename(final, os.path.join(staging, "replaced"))
+        os.rename(built, final)
+        return final
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # Where each demo model is kept: one model per root, so AZUREML_MODEL_DIR can point at a root (score.py refuses a
@@ -147,6 +162,20 @@ def demo_model_dir(name: str = "resnet50") -> str:
         note = " (random weights)" if name == "resnet50" else ""
         print(f"scorehost: building the demo model {name}{note} in {root} ...", flush=True)
         started = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "scorehost.cli", "model", name, "--out", root], check=True)
+        # Its output is shown only if it fails: on Ctrl-C (which the terminal sends it too) the caller says one line.
+        child = subprocess.Popen([sys.executable, "-m", "scorehost.cli", "model", name, "--out", root],
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        try:
+            output, _ = child.communicate()
+        except KeyboardInterrupt:
+            try:
+                child.wait(10)  # it was interrupted too, and removes its temporary directory on the way out
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()
+            raise
+        if child.returncode:
+            raise SystemExit(f"scorehost: building the demo model {name} failed (exit {child.returncode}):\n"
+                             + output.decode(errors="replace")[-3000:])
         print(f"scorehost: demo model built in {time.perf_counter() - started:.1f} s", flush=True)
     return root

@@ -31,6 +31,7 @@ from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavai
 from .invoke import Invoker, Timed
 from .model_process import ModelClient
 from .metrics import Metrics
+from .record import Recorder, exchange_of
 from .settings import Settings
 from .swagger import Swagger, SwaggerNotFound
 
@@ -65,6 +66,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     swagger = Swagger(script.run, settings.app_root)
     server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
     key = settings.auth_key.encode() if settings.auth_key else None
+    recorder = Recorder.from_settings(settings)
     app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics,
                                    "admits_body": body_admission(key, settings.max_body_bytes), "ready": ready}
 
@@ -146,6 +148,8 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         rule = request.url_rule
         metrics.observe_request(rule.rule if rule else "unmatched", request.method, response.status_code,
                                 time.perf_counter() - g.get("started", time.perf_counter()))
+        if recorder is not None and recorder.wants(request.path, response.status_code):
+            recorder.save(exchange_of(request, response))
         return response
 
     return app
@@ -205,7 +209,9 @@ def authorize(header: str, key: bytes) -> None:
     """`Authorization: Bearer <key>`, compared in constant time; the given value is never logged."""
     if not header:
         raise Unauthorized("Missing Authorization header: send 'Authorization: Bearer <key>'.")
-    scheme, _, given = header.partition(" ")
+    scheme, _, given = header.strip().partition(" ")
+    if not given and scheme.lower() != "bearer":  # the key alone: say what is missing, nothing about the key
+        raise Unauthorized("The Authorization header has no scheme: send 'Authorization: Bearer <key>'.")
     if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), key):
         raise Unauthorized("Invalid key in the Authorization header.")
 

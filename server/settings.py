@@ -174,9 +174,19 @@ SETTINGS: tuple[Setting, ...] = (
             "before its worker or model process is restarted. A worker first lets its other requests finish (up to "
             "5 s) and answers what is left 503 with Retry-After.", check=positive),
     Setting("access_log", "--access-log", "SCOREHOST_ACCESS_LOG", None, _bool,
-            "Log one short line per request (client, method, path, status, size, time). Default: on when the "
+            "Log one short line per request (client, method, path, status, size, time): true or false (also "
+            "1/0, yes/no, on/off). Default: on when the "
             "server runs in a terminal, so a first user sees requests arrive; off otherwise (on a trivial script it "
             "costs about 15% of the requests a second, bench/RESULTS.md).", computed=lambda get, m: m.terminal),
+    Setting("record", "--record", "SCOREHOST_RECORD", None, str,
+            "Directory to record each answered request and its answer into, one JSON file each (server/record.py "
+            "has the format), for `scorehost parity URL --replay DIR`. The Authorization header is never written."),
+    Setting("record_max_count", "--record-max-count", "SCOREHOST_RECORD_MAX_COUNT", 1000, int,
+            "Recording: most exchanges kept in the --record directory; later ones are not written (the oldest "
+            "are kept).", check=at_least(1)),
+    Setting("record_max_bytes", "--record-max-bytes", "SCOREHOST_RECORD_MAX_BYTES", 256 * MIB, int,
+            "Recording: most bytes of recorded files in the --record directory; an exchange that would pass it "
+            "is not written.", check=at_least(1)),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}

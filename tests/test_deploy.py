@@ -834,6 +834,7 @@ def test_parity_sends_the_deployment_header(monkeypatch):
 
     class Answer:
         status = 200
+        headers: dict = {}
 
         def read(self):
             return b"{}"
