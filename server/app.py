@@ -25,6 +25,7 @@ from azureml.contrib.services.aml_response import AMLResponse
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
 from . import __version__
+from .body import WholeBodyRequest
 from .entry_script import EntryScript
 from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavailable, PayloadTooLarge,
                      ScoringTimeout, ServerError, Unauthorized, UnreadableBody, error_response, message_response)
@@ -58,6 +59,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         if not model_sockets:
             script.init()
     app = flask.Flask("scorehost")
+    app.request_class = WholeBodyRequest  # get_data() is the body the front read, not a copy (server/body.py)
     # One byte over the limit: werkzeug silently truncates a chunked body at MAX_CONTENT_LENGTH, so the limit itself
     # is checked in `read_body` on what was read.
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1

@@ -40,6 +40,7 @@ from gunicorn.workers.base import Worker
 
 from . import errors
 from .app import BODY_ERROR, DEADLINE, TIMED_OUT
+from .body import WHOLE_BODY
 from .connection import BUSY, CLOSED, WRITING, Connection, Limits, Request
 from .model_process import EXIT_HUNG
 
@@ -107,6 +108,10 @@ class FrontWorker(Worker):
     wait_for_models = False  # a reload's worker takes traffic once its generation's model processes answer
     replacement = False
     gpu: Optional[str] = None
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGINT and SIGQUIT (Ctrl-C) stop this worker as SIGTERM does: what it accepted is answered first."""
+        self.alive = False
 
     def init_process(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -445,6 +450,7 @@ class FrontWorker(Worker):
             environ[key] = f"{environ[key]},{text}" if key in environ else text
         body = request.body
         environ["wsgi.input"] = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
+        environ[WHOLE_BODY] = True
         environ[DEADLINE] = request.deadline
         if request.body_error:
             environ[BODY_ERROR] = request.body_error

@@ -37,6 +37,7 @@ import flask
 from gunicorn.workers.base import Worker
 
 from . import errors, wire
+from .body import WHOLE_BODY, WholeBodyRequest
 from .invoke import Timed
 
 log = logging.getLogger("scorehost.model")
@@ -76,8 +77,10 @@ class RequestSnapshot(NamedTuple):
         return cls({k: v for k, v in request.environ.items() if isinstance(v, str)}, request.get_data())
 
     def request(self) -> flask.Request:
-        """A Flask request, as Azure ML's server gives run() (AMLRequest cannot be built from an environ)."""
-        return flask.Request({**self.environ, "wsgi.input": io.BytesIO(self.body), "wsgi.url_scheme": "http"})
+        """A Flask request, as Azure ML's server gives run() (AMLRequest cannot be built from an environ); its
+        get_data() is the body that crossed, not a copy."""
+        return WholeBodyRequest({**self.environ, "wsgi.input": io.BytesIO(self.body), "wsgi.url_scheme": "http",
+                                 WHOLE_BODY: True})
 
     def __reduce__(self) -> tuple:
         return _request_snapshot, (self.environ, wire.big_bytes(self.body))
@@ -390,6 +393,10 @@ class ModelWorker(Worker):
     generation = 0
     replacement = False
     gpu: Optional[str] = None
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        """SIGINT and SIGQUIT (Ctrl-C) stop this worker as SIGTERM does: what it accepted is answered first."""
+        self.alive = False
 
     def load_wsgi(self) -> None:
         self.wsgi = None

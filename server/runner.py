@@ -98,6 +98,11 @@ class ScoreArbiter(gunicorn.arbiter.Arbiter):
 
     rolling: Optional[tuple[set[int], set[int]]] = None  # (old pids, new pids) while a reload is under way
 
+    def handle_int(self) -> None:
+        """Ctrl-C: workers stop as on SIGTERM (answering what they accepted), and the server exits 130."""
+        self.app.interrupted = True
+        super().handle_int()
+
     def spawn_worker(self) -> int:
         """gunicorn has one worker class; here each start picks its own: a model process (ModelWorker) while a
         model slot of this generation has none, else an HTTP worker (FrontWorker)."""
@@ -151,6 +156,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         self._worker: Any = None
         self._gpus = GpuPinning()
         self.shares = ConnectionShares()
+        self.interrupted = False
         super().__init__()
 
     @property
@@ -241,13 +247,21 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
                 result["error"] = traceback.format_exc()
 
         thread = threading.Thread(target=run, name="init", daemon=True)
+        # A worker stopped while it loads has accepted nothing: it exits at once, instead of unwinding Python while
+        # the init thread is inside TensorFlow (which aborts: "terminate called without an active exception").
+        stopping = (signal.SIGINT, signal.SIGQUIT, signal.SIGTERM)
+        previous = {sig: signal.signal(sig, _exit_at_once) for sig in stopping}
         thread.start()
         waited = 0.0
-        while thread.is_alive() and waited < self.settings.init_timeout:
-            thread.join(timeout=1.0)
-            waited += 1.0
-            if self._worker is not None:
-                self._worker.notify()
+        try:
+            while thread.is_alive() and waited < self.settings.init_timeout:
+                thread.join(timeout=1.0)
+                waited += 1.0
+                if self._worker is not None:
+                    self._worker.notify()
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
         replacement = self._worker.replacement if self._worker is not None else False
         if thread.is_alive():
             _fail(f"init() did not finish within {self.settings.init_timeout} s (--init-timeout); "
@@ -286,6 +300,10 @@ def tune_memory(every_s: float = 10.0) -> None:
             trim(0)
 
     threading.Thread(target=loop, name="malloc-trim", daemon=True).start()
+
+
+def _exit_at_once(signum: int, frame: Any) -> None:
+    os._exit(0)
 
 
 def _fail(message: str, replacement: bool = False) -> None:
@@ -335,9 +353,13 @@ def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Op
     own_dirs = [metrics.own_temp_dir("run")]  # the model processes' sockets
     own_dirs.append(metrics.prepare_multiprocess_dir())
     master = os.getpid()
+    server = ScoreServer(settings, model_slots, own_dirs[0])
     try:
-        ScoreServer(settings, model_slots, own_dirs[0]).run()
+        server.run()
     except SystemExit as ex:
+        if server.interrupted and os.getpid() == master:
+            print("scorehost: interrupted", file=sys.stderr, flush=True)
+            return 130
         return ex.code if isinstance(ex.code, int) else 1
     finally:
         # Workers are forked inside run(): an exiting worker unwinds through here too, and must leave them alone.

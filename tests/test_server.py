@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import re
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -194,3 +195,33 @@ def test_access_line_per_request_when_asked(start_server):
     send(quiet.url, Case("undecorated.py", "POST", "/score", b"hi"))
     time.sleep(0.3)
     assert "scorehost.access" not in quiet.output()
+
+
+TF_INIT = '''
+def init():
+    import tensorflow  # seconds of C++ start-up: a Ctrl-C lands inside it
+
+
+def run(data):
+    return data
+'''
+
+
+@pytest.mark.parametrize("at_s", [2.0, None], ids=["during-init", "while-serving"])
+def test_ctrl_c_is_one_line_and_exit_130(tmp_path, at_s):
+    """Ctrl-C at any moment: exit 130 and one line, no traceback and no C++ abort (issue 19.4)."""
+    entry = tmp_path / "tf_init.py"
+    entry.write_text(TF_INIT)
+    server = processes.start("scorehost", str(entry), workers=2)
+    try:
+        if at_s is None:
+            server.wait_healthy(90)
+        else:
+            time.sleep(at_s)
+        os.killpg(server.pid, signal.SIGINT)  # what a terminal's Ctrl-C sends: the whole process group
+        assert server.proc.wait(60) == 130
+    finally:
+        server.stop()
+    output = server.output()
+    assert output.rstrip().endswith("scorehost: interrupted")
+    assert "Traceback" not in output and "terminate called" not in output and "SIGABRT" not in output
