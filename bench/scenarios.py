@@ -167,8 +167,12 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
     throughput (doubled while it still meets the bound), until the rates that met and missed are within
     `precision` of each other, or `deadline` (time.monotonic()) passes. offered_qps is the highest rate that met
     the bound (0: none did); its p99 is that step's."""
+    alone = single_stream(url, load, min(seconds, 2.0))
+    if alone.p50_ms is None or alone.p50_ms > bound_ms:  # half the requests miss it with no load at all
+        return Outcome(server, script, "server", 0, 0.0, bound_ms=bound_ms, p50_ms=alone.p50_ms)
     ceiling = offline(url, load, 64, min(seconds, 3.0)).answered_qps
     lo, hi, best, steps = 0.0, max(1.0, 1.2 * ceiling), None, []
+    slowest = MIN_REQUESTS_FOR_P99 * 1.25 / 120  # no rate whose step would need more than 2 minutes
 
     def attempt(rate: float) -> bool:
         nonlocal best
@@ -182,7 +186,7 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
     while attempt(hi) and len(steps) < 4 and time.monotonic() < deadline:
         lo, hi = hi, 2 * hi
     if best is None or best.rate < hi:
-        while hi - lo > precision * hi and hi > ceiling / 64 and time.monotonic() < deadline:
+        while hi - lo > precision * hi and hi > max(slowest, ceiling / 64) and time.monotonic() < deadline:
             mid = (lo + hi) / 2
             if attempt(mid):
                 lo = mid
@@ -205,6 +209,8 @@ def line(o: Outcome) -> str:
     """One outcome as the console shows it, with units."""
     who = f"{o.server:9} {o.script:10} {o.name:18}"
     if o.bound_ms is not None:
+        if not o.steps:
+            return f"{who} none: one request alone takes {_fmt_ms(o.p50_ms)} (median), over the bound"
         if not o.offered_qps:
             return f"{who} no rate tried kept p99 under {o.bound_ms:g} ms ({len(o.steps)} tried)"
         text = f"{who} {o.offered_qps:,.1f} req/s with p99 {_fmt_ms(o.p99_ms)} (<= {o.bound_ms:g} ms; {len(o.steps)} rates tried)"
