@@ -1,50 +1,95 @@
-"""A lean closed-loop HTTP load generator (asyncio, keep-alive, one process) for loads Locust cannot drive from one
-core: thousands of requests per second against a GPU server, or the soak's mixed traffic.
+"""The load generator for every `scorehost bench` client that is not Locust: asyncio, keep-alive, raw HTTP/1.1,
+for loads Locust cannot drive from one core (thousands of requests a second against a GPU server, the soak's mix).
 
-    python -m bench.loadgen URL --clients 64 --seconds 20 [--images DIR] [--key K]
+    python -m bench.loadgen URL --clients 64 --seconds 20 [--images DIR] [--key K]     # closed loop
+    python -m bench.loadgen URL --qps 500 --seconds 20 [--processes 4]                 # open loop, Poisson
 
-Each client keeps one connection and sends the next request as soon as the last is answered. Bodies come from a
-callable that returns (label, content type, body), so a caller can mix valid and bad requests. The result counts
-answers by (label, status) and keeps every latency.
+Two ways to load a server:
+- closed loop (`run`): each client keeps one connection and sends the next request as soon as the last is answered
+  (the offline and single-stream scenarios, and the concurrency matrix);
+- open loop (`open_loop`): requests are scheduled by a Poisson process at a fixed rate, whatever the server does,
+  and each latency is measured from its scheduled send time, so a server that falls behind shows the queue it
+  builds (no coordinated omission).
+Either can be spread over several client processes (`processes=N`, each its share of the load) when one core
+cannot carry the rate. `client_ceiling` measures the most this client sends on this machine, against a server that
+answers at once (`trivial_server`), so that a result limited by the client can be marked as such.
+
+Bodies come from a callable that returns (label, content type, body), so a caller can mix valid and bad requests.
+The result counts answers by (label, status) and keeps every latency.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import dataclasses
 import itertools
 import json
+import math
+import multiprocessing
+import os
+import random
+import resource
+import socket
+import ssl
 import statistics
 import time
 import urllib.parse
 from typing import Callable, Optional
 
 Request = tuple[str, str, bytes]  # label, content type, body
+LATE = math.inf  # the latency of a request never answered (dropped, or still waiting when the run ended)
 
 
 @dataclasses.dataclass
 class LoadResult:
     seconds: float
-    latencies_ms: list[float] = dataclasses.field(default_factory=list)
+    latencies_ms: list[float] = dataclasses.field(default_factory=list)  # answered requests, any status
     statuses: dict[str, int] = dataclasses.field(default_factory=dict)  # "label status" -> count
     dropped: int = 0  # connections that closed or failed without an answer
     run_ms: list[float] = dataclasses.field(default_factory=list)  # x-ms-run-fn-exec-ms
+    unanswered: int = 0  # open loop: still waiting when the run ended
+    scheduled_s: list[float] = dataclasses.field(default_factory=list)  # open loop: each answer's send time, from start
+    stopped_early: bool = False  # open loop: ended once its latency bound was already missed (see open_loop)
 
     @property
     def answered(self) -> int:
         return sum(self.statuses.values())
 
+    @property
+    def sent(self) -> int:
+        return self.answered + self.dropped + self.unanswered
+
     def percentile(self, q: float) -> float:
-        if not self.latencies_ms:
+        """Over every request sent: one without an answer counts as slower than any answered (LATE)."""
+        missing = self.dropped + self.unanswered
+        n = len(self.latencies_ms) + missing
+        if not n:
             return 0.0
+        i = min(n - 1, int(q / 100 * n))
         ordered = sorted(self.latencies_ms)
-        return ordered[min(len(ordered) - 1, int(q / 100 * len(ordered)))]
+        return ordered[i] if i < len(ordered) else LATE
+
+    def server_errors(self) -> int:
+        """Answers of 5xx, and requests with no answer at all."""
+        return sum(n for name, n in self.statuses.items() if int(name.rsplit(" ", 1)[-1]) >= 500) + self.dropped \
+            + self.unanswered
 
     def summary(self) -> dict:
         return {"requests": self.answered, "req_s": self.answered / self.seconds, "dropped": self.dropped,
                 "p50_ms": self.percentile(50), "p95_ms": self.percentile(95), "p99_ms": self.percentile(99),
                 "run_mean_ms": statistics.fmean(self.run_ms) if self.run_ms else 0.0, "statuses": self.statuses}
+
+    def merge(self, other: "LoadResult") -> "LoadResult":
+        """Two client processes' results as one (the same run, run side by side)."""
+        statuses = dict(self.statuses)
+        for name, n in other.statuses.items():
+            statuses[name] = statuses.get(name, 0) + n
+        return LoadResult(max(self.seconds, other.seconds), self.latencies_ms + other.latencies_ms, statuses,
+                          self.dropped + other.dropped, self.run_ms + other.run_ms,
+                          self.unanswered + other.unanswered, self.scheduled_s + other.scheduled_s,
+                          self.stopped_early or other.stopped_early)
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -60,77 +105,297 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
     return status, headers, body
 
 
-async def _client(url: urllib.parse.SplitResult, next_request: Callable[[], Request], deadline: float,
-                  key: str, result: LoadResult) -> None:
-    reader = writer = None
-    while time.perf_counter() < deadline:
-        label, content_type, body = next_request()
+class _Target:
+    """Where requests go: a server's base URL (/score appended) or its full scoring URL; https and a key allowed."""
+
+    def __init__(self, url: str, key: str):
+        parts = urllib.parse.urlsplit(url.rstrip("/"))
+        self.host, tls = parts.hostname, parts.scheme == "https"
+        self.port = parts.port or (443 if tls else 80)
+        path = parts.path if parts.path.endswith("/score") else parts.path + "/score"
+        auth = f"Authorization: Bearer {key}\r\n" if key else ""
+        self.head = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{auth}"
+        self.ssl = ssl.create_default_context() if tls else None
+
+    async def connect(self):
+        return await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
+
+    async def exchange(self, conn, request: Request, started: float, result: LoadResult) -> tuple[int, bool]:
+        """Send one request on `conn`, record its answer with its latency from `started`: (status, conn reusable)."""
+        label, content_type, body = request
+        reader, writer = conn
+        writer.write(f"{self.head}Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
+        status, headers, _ = await _read_response(reader)
+        result.latencies_ms.append((time.monotonic() - started) * 1000)
+        name = f"{label} {status}"
+        result.statuses[name] = result.statuses.get(name, 0) + 1
+        if "x-ms-run-fn-exec-ms" in headers:
+            result.run_ms.append(float(headers["x-ms-run-fn-exec-ms"]))
+        return status, headers.get("connection", "").lower() != "close"
+
+
+_FAILED = (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, IndexError)
+
+
+async def _client(target: _Target, next_request: Callable[[], Request], deadline: float,
+                  result: LoadResult) -> None:
+    conn = None
+    while time.monotonic() < deadline:
+        request = next_request()
         try:
-            if writer is None:
-                reader, writer = await asyncio.open_connection(url.hostname, url.port or 80)
-            auth = f"Authorization: Bearer {key}\r\n" if key else ""
-            writer.write(f"POST {url.path or ''}/score HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: {content_type}"
-                         f"\r\nContent-Length: {len(body)}\r\n{auth}\r\n".encode() + body)
-            started = time.perf_counter()
-            status, headers, _ = await _read_response(reader)
-            result.latencies_ms.append((time.perf_counter() - started) * 1000)
-            name = f"{label} {status}"
-            result.statuses[name] = result.statuses.get(name, 0) + 1
-            if "x-ms-run-fn-exec-ms" in headers:
-                result.run_ms.append(float(headers["x-ms-run-fn-exec-ms"]))
-            if headers.get("connection", "").lower() == "close":
-                writer.close()
-                writer = None
-        except (OSError, asyncio.IncompleteReadError, ValueError, IndexError):
+            if conn is None:
+                conn = await target.connect()
+            if not (await target.exchange(conn, request, time.monotonic(), result))[1]:
+                conn[1].close()
+                conn = None
+        except _FAILED:
             result.dropped += 1
-            if writer is not None:
-                writer.close()
-            writer = None
+            if conn is not None:
+                conn[1].close()
+            conn = None
             await asyncio.sleep(0.01)
-    if writer is not None:
-        writer.close()
+    if conn is not None:
+        conn[1].close()
 
 
-async def _run(base_url: str, clients: int, seconds: float, next_request: Callable[[], Request],
-               key: str) -> LoadResult:
-    url = urllib.parse.urlsplit(base_url.rstrip("/"))
-    result = LoadResult(seconds)
-    deadline = time.perf_counter() + seconds
-    await asyncio.gather(*(_client(url, next_request, deadline, key, result) for _ in range(clients)))
+async def _closed_loop(target: _Target, next_request: Callable[[], Request], start_at: float, seconds: float,
+                       clients: int) -> LoadResult:
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    result, started = LoadResult(seconds), time.monotonic()
+    await asyncio.gather(*(_client(target, next_request, started + seconds, result) for _ in range(clients)))
+    result.seconds = time.monotonic() - started  # until the last answer: the requests sent before the end count
     return result
 
 
+async def _open_loop(target: _Target, next_request: Callable[[], Request], start_at: float, seconds: float,
+                     rate: float, seed: int, drain_s: float, bound_ms: Optional[float]) -> LoadResult:
+    """Poisson arrivals at `rate` for `seconds`, then up to `drain_s` more for the answers still due.
+
+    With `bound_ms`, the run ends as soon as more than 1% of the requests it plans have missed the bound (answered
+    after it or with a 5xx, dropped, or still unanswered past it): its p99 can no longer meet the bound."""
+    result = LoadResult(seconds)
+    rng = random.Random(seed)
+    idle: list = []
+    slots = asyncio.Semaphore(max(16, _raise_open_files_limit() - 64))  # past that many, requests wait (clock on)
+    waiting: dict[int, float] = {}  # request number -> scheduled time
+    allowed_misses = int(0.01 * rate * seconds)
+    missed = 0
+    done = asyncio.Event()
+
+    async def one(number: int, scheduled: float) -> None:
+        nonlocal missed
+        waiting[number] = scheduled
+        request, conn = next_request(), None
+        try:
+            async with slots:
+                while True:
+                    reused = bool(idle)
+                    conn = idle.pop() if idle else await target.connect()
+                    try:
+                        status, reusable = await target.exchange(conn, request, scheduled, result)
+                        break
+                    except _FAILED:  # a kept-alive connection the server closed meanwhile: once more on a new one
+                        conn[1].close()
+                        conn = None
+                        if not reused:
+                            raise
+                (idle.append if reusable else lambda c: c[1].close())(conn)
+                result.scheduled_s.append(scheduled - start_at)
+                missed += bound_ms is not None and (status >= 500 or result.latencies_ms[-1] > bound_ms)
+        except _FAILED:
+            result.dropped += 1
+            missed += 1
+            if conn is not None:
+                conn[1].close()
+        finally:
+            del waiting[number]
+
+    async def watch() -> None:
+        while not done.is_set():
+            now = time.monotonic()
+            if missed + sum(1 for t in waiting.values() if (now - t) * 1000 > bound_ms) > allowed_misses:
+                result.stopped_early = True
+                done.set()
+            await asyncio.sleep(0.02)
+
+    await asyncio.sleep(max(0.0, start_at - time.monotonic()))
+    watcher = asyncio.create_task(watch()) if bound_ms is not None else None
+    tasks: set = set()
+    t = 0.0
+    for number in itertools.count():
+        t += rng.expovariate(rate)
+        if t >= seconds or done.is_set():
+            break
+        delay = start_at + t - time.monotonic()
+        if delay > 0:
+            try:
+                await asyncio.wait_for(done.wait(), delay)
+                break
+            except asyncio.TimeoutError:
+                pass
+        task = asyncio.create_task(one(number, start_at + t))
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
+    if tasks:  # even after an early end: what was sent is answered before the next run starts on this server
+        await asyncio.wait(list(tasks), timeout=drain_s)
+    done.set()
+    result.unanswered = len(waiting)
+    for task in list(tasks):
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    if watcher:
+        await watcher
+    for _, writer in idle:
+        writer.close()
+    return result
+
+
+def _raise_open_files_limit() -> int:
+    """The open loop holds one connection per waiting request: allow as many as the system lets this process."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+        soft = hard
+    return min(soft, 65536)
+
+
+@dataclasses.dataclass(frozen=True)
+class Bodies:
+    """What to send, built once and handed to each client process: (label, content type, body) in turn."""
+    items: tuple[Request, ...]
+
+    @classmethod
+    def images(cls, directory: Optional[str] = None, batch: int = 1) -> "Bodies":
+        """The image corpus (scorehost/corpus.py, or the JPEGs and PNGs in `directory`), `batch` images a request."""
+        import base64
+
+        from scorehost import corpus
+
+        images = corpus.load(directory)
+        if batch <= 1:
+            return cls(tuple(("image", "image/jpeg", b) for b in images))
+        cycle = itertools.cycle(images)
+        return cls(tuple(("batch", "application/json",
+                          json.dumps({"images": [base64.b64encode(next(cycle)).decode() for _ in range(batch)]}).encode())
+                         for _ in images))
+
+    def requests(self) -> Callable[[], Request]:
+        return itertools.cycle(self.items).__next__
+
+
+def _in_this_process(job: tuple) -> LoadResult:
+    loop, url, key, bodies, start_at, seconds, kwargs = job
+    return asyncio.run(loop(_Target(url, key), bodies.requests(), start_at, seconds, **kwargs))
+
+
+def _spread(loop, url: str, key: str, bodies: Bodies, seconds: float, shares: list[dict]) -> LoadResult:
+    """Run `loop` in one process per share (its own keyword arguments), all starting together; one merged result."""
+    start_at = time.monotonic() + (0.1 if len(shares) == 1 else 2.0)  # time for client processes to start
+    jobs = [(loop, url, key, bodies, start_at, seconds, share) for share in shares]
+    if len(jobs) == 1:
+        return _in_this_process(jobs[0])
+    with concurrent.futures.ProcessPoolExecutor(len(jobs), mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(_in_this_process, jobs))
+    merged = results[0]
+    for r in results[1:]:
+        merged = merged.merge(r)
+    return merged
+
+
 def run(base_url: str, clients: int, seconds: float, next_request: Callable[[], Request], key: str = "") -> LoadResult:
-    """Bounded in time: every client stops at `seconds`; only the loopback or the given endpoint is loaded."""
-    return asyncio.run(_run(base_url, clients, seconds, next_request, key))
+    """Closed loop in this process with any body callable. Bounded in time: every client stops at `seconds`."""
+    return asyncio.run(_closed_loop(_Target(base_url, key), next_request, time.monotonic(), seconds, clients))
+
+
+def closed_loop(url: str, clients: int, seconds: float, bodies: Optional[Bodies] = None, key: str = "",
+                processes: int = 1) -> LoadResult:
+    """`clients` closed-loop clients in all, spread over `processes` client processes."""
+    processes = max(1, min(processes, clients))
+    shares = [{"clients": clients // processes + (i < clients % processes)} for i in range(processes)]
+    return _spread(_closed_loop, url, key, bodies or Bodies.images(), seconds, shares)
+
+
+def open_loop(url: str, rate: float, seconds: float, bodies: Optional[Bodies] = None, key: str = "", processes: int = 1,
+              drain_s: float = 30.0, bound_ms: Optional[float] = None, seed: int = 0) -> LoadResult:
+    """Poisson arrivals at `rate` a second in all (each of `processes` sends an independent Poisson share: their sum
+    is Poisson at `rate`); latencies from the scheduled send times. See _open_loop for `drain_s` and `bound_ms`."""
+    shares = [{"rate": rate / processes, "seed": seed * 1000 + i, "drain_s": drain_s, "bound_ms": bound_ms}
+              for i in range(processes)]
+    return _spread(_open_loop, url, key, bodies or Bodies.images(), seconds, shares)
+
+
+async def _answer_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    try:
+        while True:
+            head = await reader.readuntil(b"\r\n\r\n")
+            length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                           if line.lower().startswith(b"content-length:")), 0)
+            await reader.readexactly(length)
+            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+    except _FAILED:
+        writer.close()
+
+
+def _serve_trivially(sock: socket.socket) -> None:
+    async def serve() -> None:
+        server = await asyncio.start_server(_answer_at_once, sock=sock, backlog=4096)
+        await server.serve_forever()
+
+    asyncio.run(serve())
+
+
+class trivial_server:
+    """A server that reads each request and answers `{}` at once, in `processes` processes sharing one socket: what
+    a load is left with when the server costs nothing (the client's own ceiling). A context manager: its URL."""
+
+    def __init__(self, processes: int = 1):
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(4096)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        context = multiprocessing.get_context("fork")  # the listening socket is inherited
+        self.procs = [context.Process(target=_serve_trivially, args=(self.sock,), daemon=True) for _ in range(processes)]
+
+    def __enter__(self) -> str:
+        for p in self.procs:
+            p.start()
+        return self.url
+
+    def __exit__(self, *exc: object) -> None:
+        for p in self.procs:
+            p.terminate()
+            p.join()
+        self.sock.close()
+
+
+def client_ceiling(bodies: Optional[Bodies] = None, processes: int = 1, seconds: float = 2.0) -> float:
+    """Requests a second this client carries against trivial_server on this machine (closed loop, 64 connections
+    per process; the trivial server shares the machine, so this is a floor of what the client alone could do)."""
+    with trivial_server(max(1, min(processes, (os.cpu_count() or 1) // 2))) as url:
+        result = closed_loop(url, 64 * processes, seconds, bodies, processes=processes)
+    return result.answered / seconds
 
 
 def image_requests(directory: Optional[str] = None, batch: int = 1) -> Callable[[], Request]:
-    import base64
-
-    from scorehost import corpus
-
-    images = corpus.load(directory)
-    if batch > 1:
-        cycle = itertools.cycle(images)
-        bodies = [json.dumps({"images": [base64.b64encode(next(cycle)).decode() for _ in range(batch)]}).encode()
-                  for _ in images]
-        requests = itertools.cycle([("batch", "application/json", b) for b in bodies])
-    else:
-        requests = itertools.cycle([("image", "image/jpeg", b) for b in images])
-    return lambda: next(requests)
+    return Bodies.images(directory, batch).requests()
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url")
-    parser.add_argument("--clients", type=int, default=8)
+    parser.add_argument("--clients", type=int, default=8, help="closed loop: concurrent clients")
+    parser.add_argument("--qps", type=float, help="open loop instead: Poisson arrivals at this rate a second")
+    parser.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--images")
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--key", default="")
     args = parser.parse_args()
-    result = run(args.url, args.clients, args.seconds, image_requests(args.images, args.batch), args.key)
+    bodies = Bodies.images(args.images, args.batch)
+    if args.qps:
+        result = open_loop(args.url, args.qps, args.seconds, bodies, args.key, args.processes)
+    else:
+        result = closed_loop(args.url, args.clients, args.seconds, bodies, args.key, args.processes)
     print(json.dumps(result.summary(), indent=1))
 
 

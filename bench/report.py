@@ -32,7 +32,7 @@ def _row(r: Result) -> list[str]:
             f"{r.run_mean_ms:.2f}", f"{r.overhead_mean_ms:.2f}", cpu, rss]
 
 
-def _table(header: list[str], rows: list[list[str]]) -> str:
+def table(header: list[str], rows: list[list[str]]) -> str:
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(row) + " |" for row in rows])
 
@@ -62,7 +62,7 @@ def markdown(results: list[Result], command: str, seconds: float) -> str:
               f"Python {platform.python_version()}"
     parts = [f"# scorehost bench\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
              f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop clients\n",
-             "## Results\n\n" + _table(list(COLUMNS), [_row(r) for r in results])]
+             "## Results\n\n" + table(list(COLUMNS), [_row(r) for r in results])]
     thin = [r for r in results if r.requests < MIN_REQUESTS_FOR_P99]
     if thin:
         cells = ", ".join(f"{r.cell.server}/{r.cell.script}/{r.cell.concurrency} ({r.requests})" for r in thin)
@@ -74,7 +74,7 @@ def markdown(results: list[Result], command: str, seconds: float) -> str:
                  _fmt(r["rss"])] for r in rs]
         parts.append("## Each server / AIHS\n\nAbove 1 is better for req/s and img/s; below 1 is better for p99, server "
                      "CPU per request and memory.\n\n"
-                     + _table(["server", "script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
+                     + table(["server", "script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
     parts.append("## Plots\n\n![throughput](throughput.png)\n![latency](latency.png)\n![time split](time_split.png)"
                  "\n\n" + __doc__.split("\n\n", 1)[1].strip())
     return "\n\n".join(parts) + "\n"
@@ -100,25 +100,34 @@ def plots(results: list[Result], out_dir: str) -> list[str]:
             ax.plot([r.cell.concurrency for r in s], [r.img_s for r in s], marker="o", label=server)
         ax.set(title=f"{script}: throughput", xlabel="concurrent clients", ylabel="images/s (successful)")
         ax.set_ylim(bottom=0)
+        _client_axis(ax, results)
         ax.legend()
         ax.grid(alpha=0.3)
     written.append(_save(fig, out_dir, "throughput.png"))
 
-    fig, axes = plt.subplots(1, len(scripts), figsize=(5.5 * len(scripts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(scripts), figsize=(7.5 * len(scripts), 4), squeeze=False)
     for ax, script in zip(axes[0], scripts):
         for server, color in zip(servers, ("tab:blue", "tab:orange", "tab:green")):
             s = series(server, script)
             x = [r.cell.concurrency for r in s]
-            for attr, style in (("p50_ms", ":"), ("p95_ms", "--"), ("p99_ms", "-")):
+            for attr, style in (("p50_ms", ":"), ("p95_ms", "--")):
                 ax.plot(x, [getattr(r, attr) for r in s], style, color=color, marker=".",
                         label=f"{server} {attr.split('_')[0]}")
+            # p99 only where it rests on enough requests; elsewhere a hollow marker, named in the legend
+            ax.plot(x, [r.p99_ms if r.requests >= MIN_REQUESTS_FOR_P99 else None for r in s], "-", color=color,
+                    marker=".", label=f"{server} p99")
+            thin = [r for r in s if r.requests < MIN_REQUESTS_FOR_P99]
+            if thin:
+                ax.plot([r.cell.concurrency for r in thin], [r.p99_ms for r in thin], "o", mfc="none", color=color,
+                        label=f"{server} p99 from < {MIN_REQUESTS_FOR_P99} requests")
         ax.set(title=f"{script}: latency", xlabel="concurrent clients", ylabel="ms")
         ax.set_ylim(bottom=0)
-        ax.legend(fontsize=7)
+        _client_axis(ax, results)
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
         ax.grid(alpha=0.3)
     written.append(_save(fig, out_dir, "latency.png"))
 
-    fig, axes = plt.subplots(1, len(scripts), figsize=(5.5 * len(scripts), 4), squeeze=False)
+    fig, axes = plt.subplots(1, len(scripts), figsize=(5.5 * len(scripts), 4.8), squeeze=False)
     for ax, script in zip(axes[0], scripts):
         labels, model, rest = [], [], []
         for server in servers:
@@ -131,9 +140,14 @@ def plots(results: list[Result], out_dir: str) -> list[str]:
         ax.bar(x, rest, bottom=model, label="everything else (server, network, client)")
         ax.set_xticks(list(x), labels, fontsize=7)
         ax.set(title=f"{script}: where the mean latency goes", ylabel="ms", xlabel="server / clients")
-        ax.legend(fontsize=7)
+        ax.legend(fontsize=7, loc="lower center", bbox_to_anchor=(0.5, 1.12), ncol=2, borderaxespad=0)  # above the bars
     written.append(_save(fig, out_dir, "time_split.png"))
     return written
+
+
+def _client_axis(ax, results: list[Result]) -> None:
+    """Clients are whole numbers: a tick at each concurrency measured, none between."""
+    ax.set_xticks(sorted({r.cell.concurrency for r in results}))
 
 
 def _save(fig, out_dir: str, name: str) -> str:

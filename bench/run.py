@@ -8,6 +8,7 @@ the server's memory (master plus workers) is sampled while the cell runs and its
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import dataclasses
 import os
@@ -16,7 +17,7 @@ import sys
 import tempfile
 import threading
 import urllib.request
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from scorehost import processes
 
@@ -193,6 +194,25 @@ def _warm(url: str, key: str) -> None:
             pass  # errors are the matrix's business, not the warm-up's
 
 
+@contextlib.contextmanager
+def started(servers: list[str], entry_script: str, model_dir: Optional[str], scorehost_args: tuple[str, ...] = (),
+            key: str = "", workers: Optional[int] = 1) -> Iterator[dict[str, processes.ServerProcess]]:
+    """Each server in `servers` on the script, healthy and warmed (scorehost with `scorehost_args` and the key),
+    by name; all stopped on the way out."""
+    running = {}
+    try:
+        for server in servers:
+            extra = scorehost_args + (("--auth-key", key) if key else ()) if server == "scorehost" else ()
+            running[server] = processes.start(server, entry_script, model_dir, extra_args=extra, workers=workers)
+        for server in running.values():
+            server.wait_healthy(300)
+            _warm(server.url, key)
+        yield running
+    finally:
+        for server in running.values():
+            server.stop()
+
+
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
                seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
                progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
@@ -207,14 +227,7 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
             progress(len(results), total, results[-1])
         return results
     for name, (entry_script, model_dir) in scripts.items():
-        running = {}
-        try:
-            for server in servers:
-                extra = scorehost_args + (("--auth-key", key) if key else ()) if server == "scorehost" else ()
-                running[server] = processes.start(server, entry_script, model_dir, extra_args=extra, workers=workers)
-            for server in running.values():
-                server.wait_healthy(300)
-                _warm(server.url, key)
+        with started(servers, entry_script, model_dir, scorehost_args, key, workers) as running:
             for i, c in enumerate(concurrencies):
                 order = servers if i % 2 == 0 else servers[::-1]
                 for server in order:
@@ -223,7 +236,4 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
                         result = measure(Cell(server, name, c), proc.url, seconds, client, **load)
                     results.append(_with_usage(result, usage))
                     progress(len(results), total, results[-1])
-        finally:
-            for server in running.values():
-                server.stop()
     return results

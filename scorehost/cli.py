@@ -152,8 +152,8 @@ def _missing_for_bench(args: argparse.Namespace) -> list[str]:
 
     from .extras import missing
 
-    absent = missing(("matplotlib", "locust") if args.client == "locust" else ("matplotlib",))
-    if "aihs" in args.servers and not args.remote and not (
+    absent = missing(("matplotlib", "locust") if args.client == "locust" and not args.scenario else ("matplotlib",))
+    if "aihs" in args.servers and not (args.remote or args.url) and not (
             shutil.which("azmlinfsrv") or os.path.exists(os.path.join(os.path.dirname(sys.executable), "azmlinfsrv"))):
         absent.append("azureml-inference-server-http (azmlinfsrv)")
     return absent
@@ -169,7 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     from bench import report, run
 
     scripts: dict[str, tuple[str, Optional[str]]] = {}
-    for name in args.scripts:
+    for name in [] if args.remote or args.url else args.scripts:  # a remote server brings its own script
         if name == "trivial":
             scripts[name] = (run.TRIVIAL, None)
         elif name == "resnet50":
@@ -182,6 +182,10 @@ def cmd_bench(args: argparse.Namespace) -> int:
                 raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50 or NAME=PATH")
             scripts[label] = (path, args.model_dir)
     out = args.out or os.path.join("reports", time.strftime("bench-%Y%m%d-%H%M%S"))
+    if args.scenario:
+        from bench import scenarios
+
+        return scenarios.cmd(args, scripts, out)
     cells = len(args.concurrency) * (1 if args.remote else len(scripts) * len(args.servers))
 
     def progress(i: int, n: int, r) -> None:
@@ -247,6 +251,11 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help="load generator: Locust (bench/locustfile.py), or bench/loadgen.py (lighter, asyncio)")
     bench.add_argument("--out", help="report folder (default: reports/bench-<time>)")
     bench.set_defaults(func=cmd_bench)
+    from bench.scenarios import add_arguments as add_scenario_arguments
+    from bench.tune import register as register_tune
+
+    add_scenario_arguments(bench)
+    register_tune(sub)
 
     from deploy.cli import register
 

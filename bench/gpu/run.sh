@@ -26,4 +26,27 @@ if [ -n "$missing" ]; then
   echo "bench/gpu/run.sh: missing here: $missing. PyTorch and torchvision come with the GPU image; the rest: bash bench/gpu/wheels.sh where PyPI is reachable, then bring .whl/ here." >&2
   exit 2
 fi
-PYTHONUNBUFFERED=1 python3 bench/gpu/measure.py "$@"
+export PYTHONUNBUFFERED=1
+OUT_DIR=${OUT:-reports/gpu}
+if [ "${SKIP_MEASURE:-0}" != 1 ]; then python3 bench/gpu/measure.py "$@"; fi
+# MLPerf-style scenarios on bench/gpu/score_torch.py (bench/scenarios.py): server at p99 <= 15 ms and <= 100 ms,
+# offline, single-stream; scorehost's defaults beside AIHS (when installed), then the configuration `scorehost tune`
+# finds, each with its own report. SCENARIO_SECONDS (least length of each run), TUNE_MINUTES, CLIENT_PROCESSES.
+S=${SCENARIO_SECONDS:-20}
+P=${CLIENT_PROCESSES:-4}
+SCRIPT=bench/gpu/score_torch.py
+servers=scorehost
+if command -v azmlinfsrv >/dev/null || [ -x "$(dirname "$(command -v python3)")/azmlinfsrv" ]; then servers="scorehost aihs"; fi
+scenarios=(--scenario server offline single-stream --p99-ms 15 100 --seconds "$S" --client-processes "$P"
+           --in-flight 256 --workers "$(nproc)")
+python3 -m scorehost.cli bench "${scenarios[@]}" --scripts "torch=$SCRIPT" --servers $servers --out "$OUT_DIR/scenarios-defaults"
+python3 -m scorehost.cli tune --entry-script "$SCRIPT" --p99-ms 100 --budget "${TUNE_MINUTES:-15}" \
+  --client-processes "$P" --out "$OUT_DIR/tune" || true
+if [ -s "$OUT_DIR/tune/best.txt" ]; then
+  # the winning serve line, less `scorehost serve --entry-script PATH`, as --scorehost-arg=FLAG=VALUE
+  tuned=$(python3 -c 'import sys; a = open(sys.argv[1]).read().split()[4:]; print(" ".join(f"--scorehost-arg={f}={v}" for f, v in zip(a[::2], a[1::2]) if f != "--workers"))' "$OUT_DIR/tune/best.txt")
+  tuned_workers=$(python3 -c 'import sys; a = open(sys.argv[1]).read().split(); print(a[a.index("--workers") + 1] if "--workers" in a else "'"$(nproc)"'")' "$OUT_DIR/tune/best.txt")
+  python3 -m scorehost.cli bench "${scenarios[@]}" --workers "$tuned_workers" $tuned --scripts "torch=$SCRIPT" \
+    --servers scorehost --out "$OUT_DIR/scenarios-tuned"
+fi
+echo "reports: $OUT_DIR/scenarios-defaults/report.md, $OUT_DIR/tune/frontier.md, $OUT_DIR/scenarios-tuned/report.md"

@@ -1,0 +1,197 @@
+"""`scorehost tune`: the `scorehost serve` flags that carry the most requests a second under a p99 bound, for one
+entry script on this machine (CPU or GPU), found within a time budget.
+
+Each configuration tried is a real `scorehost serve` on 127.0.0.1, measured with the server scenario's p99 search
+(bench/scenarios.py: open-loop Poisson load, the highest rate whose p99 stays under --p99-ms). The search is
+coordinate ascent from scorehost's defaults: one flag at a time (--batch-max, --workers, --batch-delay-ms,
+--threads, --batch-sizes) over a few values each, keeping the best, until a full pass improves nothing or the budget
+is spent. --threads > 1 without batching lets run() calls overlap, so it is tried only with --thread-safe.
+Everything goes to one folder: trials.jsonl (one line per configuration, read back on the next run, so a run
+stopped half-way resumes where it was), frontier.md (the table), frontier.png (rate against p99 for every
+configuration) and best.txt (the winning serve line).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import sys
+import time
+from typing import Optional
+
+from bench import loadgen, scenarios
+from bench.report import table
+
+PASS_ORDER = ("batch_max", "workers", "batch_delay_ms", "threads", "batch_sizes")
+
+
+def register(sub) -> None:
+    tune = sub.add_parser("tune", help="find the serve flags with the most requests a second under a p99 bound")
+    tune.add_argument("--entry-script", required=True, help="the entry script to tune for")
+    tune.add_argument("--model-dir", help="AZUREML_MODEL_DIR for the script")
+    tune.add_argument("--p99-ms", type=float, default=100, help="the latency bound (default 100 ms)")
+    tune.add_argument("--budget", type=float, default=10, help="minutes to spend (default 10)")
+    tune.add_argument("--seconds", type=float, default=5, help="least length of each rate tried")
+    tune.add_argument("--precision", type=float, default=0.1, help="p99 search precision (see scorehost bench)")
+    tune.add_argument("--thread-safe", action="store_true",
+                      help="run() may be called on several threads at once: also try --threads > 1 without batching")
+    tune.add_argument("--client-processes", type=int, default=1, help="client processes sharing the load")
+    tune.add_argument("--images", help="directory of JPEG/PNG files to send (default: the generated corpus)")
+    tune.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
+    tune.add_argument("--out", help="results folder (default: reports/tune-<script>); an existing one is resumed")
+    tune.set_defaults(func=cmd)
+
+
+def candidates(flag: str, config: dict, cores: int, has_batch: bool, thread_safe: bool) -> list:
+    """Values to try for `flag` from `config` (None: scorehost's default, the flag left out)."""
+    batched = (config.get("batch_max") or 0) > 1
+    powers = [n for n in (1, 2, 4, 8, 16, 32, 64) if n <= cores] + ([cores] if cores not in (1, 2, 4, 8, 16, 32, 64) else [])
+    if flag == "batch_max":
+        return [4, 16, 64, 0] if has_batch else []  # 0 (off) last: on a CPU it is the default again
+    if flag == "workers":
+        return powers
+    if flag == "threads":
+        if batched:
+            return [config["batch_max"], 2 * config["batch_max"], 4 * config["batch_max"]]
+        return [1, 2, 4, 8] if thread_safe else []
+    if flag == "batch_delay_ms":
+        return [0, 2, 5, 10] if batched else []
+    if flag == "batch_sizes":
+        return ["any", "powers"] if batched else []
+    raise ValueError(flag)
+
+
+def serve_args(config: dict) -> list[str]:
+    """The `scorehost serve` flags of a configuration (only those set)."""
+    argv = []
+    for flag in PASS_ORDER:
+        value = config.get(flag)
+        if value is None:
+            continue
+        if flag == "batch_sizes":
+            value = "any" if value == "any" else ",".join(str(2 ** i) for i in range(int(config["batch_max"]).bit_length())
+                                                          if 2 ** i < config["batch_max"]) + f",{config['batch_max']}"
+        argv += [f"--{flag.replace('_', '-')}", str(value)]
+    return argv
+
+
+def _key(config: dict) -> str:
+    return json.dumps({k: v for k, v in sorted(config.items()) if v is not None})
+
+
+@dataclasses.dataclass
+class Trial:
+    config: dict
+    rate: float = 0.0  # the highest rate that kept p99 under the bound (0: none)
+    p99_ms: Optional[float] = None
+    steps: list = dataclasses.field(default_factory=list)
+    complete: bool = True  # False: the budget ran out during its search (rate is a lower bound)
+    error: str = ""
+
+
+def measure(config: dict, args, load: scenarios.Load, deadline: float) -> Trial:
+    from scorehost import processes
+
+    server = processes.start("scorehost", args.entry_script, args.model_dir, workers=None,
+                             extra_args=tuple(serve_args(config)))
+    try:
+        server.wait_healthy(300)
+        out = scenarios.search(server.url, load, args.p99_ms, args.seconds, args.precision, deadline)
+    except RuntimeError as ex:  # the server would not start with these flags
+        return Trial(config, error=str(ex).splitlines()[0])
+    finally:
+        server.stop()
+    return Trial(config, out.offered_qps or 0.0, out.p99_ms, [dataclasses.asdict(s) for s in out.steps],
+                 time.monotonic() < deadline)
+
+
+def report(trials: list[Trial], args, best: Trial, out: str) -> str:
+    """frontier.md, frontier.png and best.txt; returns the winning serve line."""
+    line = " ".join(["scorehost serve", "--entry-script", args.entry_script]
+                    + (["--model-dir", args.model_dir] if args.model_dir else []) + serve_args(best.config))
+    rows = [[" ".join(serve_args(t.config)) or "(defaults)", f"{t.rate:,.1f}" + ("" if t.complete else " (at least)"),
+             scenarios._fmt_ms(t.p99_ms) if t.rate else "-", str(len(t.steps)), t.error or ("best" if t is best else "")]
+            for t in trials]
+    with open(os.path.join(out, "frontier.md"), "w") as f:
+        f.write(f"# scorehost tune: {args.entry_script}, p99 <= {args.p99_ms:g} ms\n\n- commit: {scenarios._commit()}"
+                f"\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- cores: {os.cpu_count()}\n- client ceiling: "
+                f"{load_ceiling(out):,.0f} req/s\n\n"
+                + table(["serve flags", "req/s at p99 bound", "p99", "rates tried", "note"], rows)
+                + f"\n\nWinner:\n\n    {line}\n\n![frontier](frontier.png)\n")
+    with open(os.path.join(out, "best.txt"), "w") as f:
+        f.write(line + "\n")
+    scenarios.p99_plot({" ".join(serve_args(t.config)) or "defaults": [scenarios.Step(**s) for s in t.steps]
+                        for t in trials if t.steps}, [args.p99_ms], os.path.join(out, "frontier.png"),
+                       f"scorehost tune: p99 against rate, each configuration ({os.path.basename(args.entry_script)})")
+    return line
+
+
+def load_ceiling(out: str) -> float:
+    try:
+        with open(os.path.join(out, "ceiling.json")) as f:
+            return json.load(f)["req_s"]
+    except (OSError, ValueError, KeyError):
+        return 0.0
+
+
+def cmd(args) -> int:
+    from server.entry_script import defines
+
+    if not os.path.isfile(args.entry_script):
+        raise SystemExit(f"scorehost tune: --entry-script {args.entry_script}: no such file")
+    if args.p99_ms <= 0 or args.budget < 0 or args.seconds <= 0:
+        raise SystemExit("scorehost tune: --p99-ms and --seconds must be above 0, --budget at least 0")
+    args.entry_script = os.path.abspath(args.entry_script)
+    out = args.out or os.path.join("reports", "tune-" + os.path.splitext(os.path.basename(args.entry_script))[0])
+    os.makedirs(out, exist_ok=True)
+    path = os.path.join(out, "trials.jsonl")
+    trials: dict[str, Trial] = {}
+    if os.path.exists(path):
+        with open(path) as f:
+            for row in f:
+                t = Trial(**json.loads(row))
+                if t.complete:  # one cut short by the budget is measured again
+                    trials[_key(t.config)] = t
+        print(f"scorehost tune: resuming {out}: {len(trials)} configuration(s) already measured", flush=True)
+    deadline = time.monotonic() + args.budget * 60
+    bodies = loadgen.Bodies.images(args.images, args.batch)
+    load = scenarios.Load(bodies, processes=args.client_processes, ceiling=load_ceiling(out))
+    if not load.ceiling and args.budget:
+        load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)
+        with open(os.path.join(out, "ceiling.json"), "w") as f:
+            json.dump({"req_s": load.ceiling, "client_processes": args.client_processes}, f)
+    has_batch, cores = defines(args.entry_script, "run_batch"), os.cpu_count() or 1
+
+    def tried(config: dict) -> Trial:
+        key = _key(config)
+        if key not in trials and time.monotonic() < deadline:
+            print(f"trying {' '.join(serve_args(config)) or '(defaults)'} ...", flush=True)
+            t = measure(config, args, load, deadline)
+            print(f"  {t.rate:,.1f} req/s with p99 {scenarios._fmt_ms(t.p99_ms)}" if not t.error else f"  {t.error}",
+                  flush=True)
+            with open(path, "a") as f:
+                f.write(json.dumps(dataclasses.asdict(t)) + "\n")
+            trials[key] = t
+        return trials.get(key, Trial(config, complete=False))
+
+    best = tried({})
+    improved = True
+    while improved and time.monotonic() < deadline:
+        improved = False
+        for flag in PASS_ORDER:
+            for value in candidates(flag, best.config, cores, has_batch, args.thread_safe):
+                t = tried({**best.config, flag: value})
+                if t.rate > best.rate * 1.03:  # past the noise of one measurement
+                    best, improved = t, True
+    if not trials:
+        raise SystemExit(f"scorehost tune: nothing measured (budget {args.budget:g} min)")
+    best = max(trials.values(), key=lambda t: t.rate)  # on a tie, the first tried: the defaults
+    ordered = sorted(trials.values(), key=lambda t: -t.rate)
+    line = report(ordered, args, best, out)
+    print(f"\nfrontier: {os.path.join(out, 'frontier.md')}\n"
+          + table(["serve flags", "req/s", "p99"], [[" ".join(serve_args(t.config)) or "(defaults)",
+                                                    f"{t.rate:,.1f}", scenarios._fmt_ms(t.p99_ms)] for t in ordered]))
+    print(f"\nbest under p99 <= {args.p99_ms:g} ms ({best.rate:,.1f} req/s):\n{line}", flush=True)
+    return 0 if best.rate else 1

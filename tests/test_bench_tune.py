@@ -1,0 +1,46 @@
+"""`scorehost tune` on the CPU pipeline script (tests/scripts/pipeline.py: Pillow decode in preprocess(), run_batch()
+a fixed 20 ms per call whatever its size) with a small budget: batching is off by default on a machine without a
+GPU, so one run() at a time carries about 40 requests a second, and any --batch-max > 1 carries several times
+that. The tuner must find it, print its serve line, write the frontier, and resume from its folder."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+
+from PIL import Image
+
+from conftest import script
+from scorehost import processes
+
+
+def tune(out, budget: str) -> subprocess.CompletedProcess:
+    return subprocess.run([processes._bin("scorehost"), "tune", "--entry-script", script("pipeline.py"),
+                           "--p99-ms", "200", "--budget", budget, "--seconds", "2", "--precision", "0.3",
+                           "--out", str(out)], capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "PIPELINE_COST_S": "0.02"})
+
+
+def test_tune_finds_batching_beats_the_defaults_and_resumes(tmp_path):
+    done = tune(tmp_path, "1")
+    assert done.returncode == 0, done.stdout + done.stderr
+    trials = [json.loads(row) for row in (tmp_path / "trials.jsonl").read_text().splitlines()]
+    defaults, best = trials[0], max(trials, key=lambda t: t["rate"])
+    assert defaults["config"] == {} and defaults["rate"] > 0
+    assert best["config"]["batch_max"] > 1 and best["rate"] >= 2 * defaults["rate"], trials
+    serve_line = done.stdout.strip().splitlines()[-1]
+    assert serve_line.startswith("scorehost serve --entry-script") and "--batch-max" in serve_line
+    assert (tmp_path / "best.txt").read_text().strip() == serve_line
+    frontier = (tmp_path / "frontier.md").read_text()
+    assert frontier.count("\n| ") == len(trials) + 1  # a row per configuration, under the header
+    with Image.open(tmp_path / "frontier.png") as image:
+        assert image.format == "PNG"
+        image.verify()
+
+    again = tune(tmp_path, "0")  # no budget: what the folder holds, nothing measured again
+    assert again.returncode == 0, again.stdout + again.stderr
+    complete = sum(t["complete"] for t in trials)  # one cut short by the budget would be measured again
+    assert f"{complete} configuration(s) already measured" in again.stdout and "trying" not in again.stdout
+    assert again.stdout.strip().splitlines()[-1] == serve_line
+    assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == len(trials)
