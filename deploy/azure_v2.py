@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -272,10 +273,14 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
         current = dict(endpoint.traffic or {}) if endpoint is not None else {}
         traffic = planned_traffic(current, s)  # checked before anything is written
-        if side is not None and cluster.existing(lambda: ml.online_deployments.get(
-                name=s.deployment, endpoint_name=s.endpoint)) is None:
+        new_deployment = cluster.existing(lambda: ml.online_deployments.get(
+            name=s.deployment, endpoint_name=s.endpoint)) is None
+        if new_deployment and side is not None:
             step = f"GPUs for deployment {s.deployment}"
             cluster.check_gpu_capacity(side.api_client, s)
+        elif new_deployment and managed:
+            step = f"quota for deployment {s.deployment}"
+            check_managed_quota(ml, s)
         model = registered_model(ml, entities.model)
         if model is not None:
             say(f"model {s.model_name}:{model.version} holds these files already: used as it is")
@@ -328,6 +333,34 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
     say(f"key: az ml online-endpoint get-credentials -n {s.endpoint} -g {s.resource_group} -w {s.workspace}")
     return {"scoring_uri": endpoint.scoring_uri, "key": key, "traffic": traffic, "created": created,
             "script_sha256": entities.script_sha256}
+
+
+MANAGED_RESERVE = 1.2  # Azure ML reserves 20% more than a managed deployment's instances, for upgrades
+
+
+def check_managed_quota(ml: Any, s: DeploySettings) -> None:
+    """A managed deployment takes vCPU quota of its VM family: ceil(1.2 x instances) x the size's vCPUs (Azure ML's
+    20% reserve, "Manage and increase quotas", managed online endpoints). Say before creating it what is free and
+    needed, instead of a failed deployment minutes later."""
+    size = next((v for v in ml.compute.list_sizes() if (v.name or "").lower() == s.vm_size.lower()), None)
+    if size is None or not size.family or not size.v_cp_us:
+        raise DeployError(f"VM size {s.vm_size} is not offered in the workspace's region: pass --vm-size with one "
+                          "that is (az ml compute list-sizes)")
+    usage = next((u for u in ml.compute.list_usage() if u.name is not None and
+                  (u.name.value or "").lower() == size.family.lower()), None)
+    needed = math.ceil(MANAGED_RESERVE * s.instance_count) * size.v_cp_us
+    if usage is None or usage.limit is None:
+        return  # no quota row for the family: nothing to check against
+    free = usage.limit - (usage.current_value or 0)
+    if free >= needed:
+        return
+    fits = next((n for n in range(s.instance_count - 1, 0, -1)
+                 if math.ceil(MANAGED_RESERVE * n) * size.v_cp_us <= free), 0)
+    raise DeployError(
+        f"{size.family} has {free} of {usage.limit} vCPUs free; deployment {s.deployment} needs {needed} "
+        f"(ceil(1.2 x {s.instance_count} instances) x {size.v_cp_us} vCPUs of {s.vm_size}: Azure ML reserves 20% "
+        "for upgrades). " + (f"Pass --instance-count {fits}, or request" if fits else "Request")
+        + " more quota: Azure portal > Quotas > Machine learning, or free it by deleting another deployment.")
 
 
 def registry_role_line(ml: Any, s: DeploySettings, compute: Any) -> str:

@@ -150,7 +150,8 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         rule = request.url_rule
         metrics.observe_request(rule.rule if rule else "unmatched", request.method, response.status_code,
                                 time.perf_counter() - g.get("started", time.perf_counter()))
-        if recorder is not None and recorder.wants(request.path, response.status_code):
+        if recorder is not None and not request.environ.get(TIMED_OUT) and recorder.wants(request.path,
+                                                                                            response.status_code):
             recorder.save(exchange_of(request, response))
         return response
 

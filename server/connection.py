@@ -57,7 +57,8 @@ class Hooks(Protocol):
     """What a connection asks of its worker."""
 
     def admits_body(self, path: str, authorization: Optional[str], content_length: Optional[int]) -> bool: ...
-    def reserve_body(self, size: int) -> bool: ...  # body bytes in flight, per worker (the budget)
+    def reserve_body(self, size: int, own: int) -> bool: ...  # body bytes in flight per worker; `own`: this
+    # request's reservation so far (a request alone always passes)
     def release_body(self, size: int) -> None: ...
     def dispatch(self, conn: "Connection", request: "Request") -> None: ...  # to the app; answered via answer()
     def keep_alive(self) -> bool: ...  # False while the worker drains
@@ -103,6 +104,11 @@ class _Reject(Exception):
     """Raised inside the parser to stop reading: the request is answered on its head alone."""
 
 
+class _Discard(Exception):
+    """Raised inside the parser when a request begins after the connection's last one: the rest of the bytes read
+    are dropped unparsed (a closing answer was already given, maybe inside this same read)."""
+
+
 class _Protocol(Exception):
     def __init__(self, error: errors.ServerError):
         self.error = error
@@ -123,6 +129,7 @@ class Connection:
         self.head_bytes = 0
         self.stop_reading = False  # the last request closes the connection: what follows it is discarded
         self.out: Optional[memoryview] = None
+        self.unsent = b""  # the part of a 100 Continue the socket did not take: it precedes the answer
         self.close_after = False
         self.eof = False
         self.reading = True
@@ -146,6 +153,8 @@ class Connection:
             self._stop()  # no upgrades here: answer what came, then close
         except httptools.HttpParserCallbackError as ex:
             cause = ex.__context__
+            if isinstance(cause, _Discard):
+                return
             if isinstance(cause, _Reject):
                 self._head_only()
             elif isinstance(cause, _Protocol):
@@ -178,7 +187,8 @@ class Connection:
         request.answered = True
         self._release(request)
         self.state = WRITING
-        self.out = memoryview(data)
+        self.out = memoryview(self.unsent + data if self.unsent else data)
+        self.unsent = b""
         self.close_after = close or not request.keep_alive
         self.deadline = self.clock() + self.limits.send_timeout  # a write deadline, never a stale read one
         self.writable()
@@ -219,12 +229,15 @@ class Connection:
         """The worker must exit now: every request this connection holds and has not answered gets `answer` (503
         + Retry-After), in order, and the connection closes after them. An answer being written is finished."""
         held = ([self.current] if self.state == BUSY and self.current is not None else []) + list(self.pending)
+        if self.request is not None and self.request.head_done:
+            held.append(self.request)  # its body is still arriving: it was accepted, it gets its answer
         self.pending.clear()
         self.request = None
         self.stop_reading = True
         if self.state == WRITING:
             for r in held:
                 r.answered = True
+                self._release(r)
             if self.out is not None and held:
                 self.out = memoryview(bytes(self.out) + b"".join(answer(r) for r in held))
             self.close_after = True
@@ -234,6 +247,7 @@ class Connection:
             return
         for r in held[1:]:
             r.answered = True
+            self._release(r)
         tail = b"".join(answer(r) for r in held[1:])
         first = held[0]
         self.current = first
@@ -261,6 +275,8 @@ class Connection:
 
     # --- httptools callbacks -----------------------------------------------------------------------------------
     def on_message_begin(self) -> None:
+        if self.stop_reading or self.state in (CLOSING, CLOSED):
+            raise _Discard()
         self.request = Request()
         self.in_head = True
 
@@ -325,7 +341,7 @@ class Connection:
             if not self._reserve(request, request.content_length):
                 raise _Reject()
         if request.expect_continue and request.version == "1.1" and self.state == READING:
-            self._send_now(b"HTTP/1.1 100 Continue\r\n\r\n")  # never inside an answer being written
+            self._send_continue()  # never inside an answer being written
 
     def on_body(self, data: bytes) -> None:
         request = self.request
@@ -347,7 +363,7 @@ class Connection:
 
     # --- inside ------------------------------------------------------------------------------------------------
     def _reserve(self, request: Request, size: int) -> bool:
-        if self.hooks.reserve_body(size):
+        if self.hooks.reserve_body(size, request.reserved):
             request.reserved += size
             return True
         request.error = errors.Overloaded("The server is busy: too many request bodies are being received. Retry "
@@ -446,8 +462,11 @@ class Connection:
         self.reading = True
         self.transport.reading(True)  # drain what the client still sends, until its EOF or LINGER_S
 
-    def _send_now(self, data: bytes) -> None:
+    def _send_continue(self) -> None:
+        """`100 Continue`: what the socket does not take now goes out before the answer (never half of it alone)."""
+        data = b"HTTP/1.1 100 Continue\r\n\r\n"
         try:
-            self.transport.send(memoryview(data))
+            sent = self.transport.send(memoryview(data))
         except OSError:
-            pass
+            return
+        self.unsent = data[sent:]

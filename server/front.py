@@ -41,8 +41,9 @@ from gunicorn.workers.base import Worker
 from . import errors
 from .app import BODY_ERROR, DEADLINE, TIMED_OUT
 from .body import WHOLE_BODY
-from .connection import BUSY, CLOSED, WRITING, Connection, Limits, Request
+from .connection import BUSY, CLOSED, CLOSING, WRITING, Connection, Limits, Request
 from .model_process import EXIT_HUNG
+from .settings import drain_plan
 
 log = logging.getLogger("scorehost.front")
 access_log = logging.getLogger("scorehost.access")
@@ -109,9 +110,15 @@ class FrontWorker(Worker):
     replacement = False
     gpu: Optional[str] = None
 
+    stop_asked: Optional[float] = None  # when SIGTERM (or SIGINT, SIGQUIT) came: the master's clock starts then
+
+    def handle_exit(self, sig: int, frame: Any) -> None:
+        self.alive = False
+        self.stop_asked = self.stop_asked or time.monotonic()
+
     def handle_quit(self, sig: int, frame: Any) -> None:
         """SIGINT and SIGQUIT (Ctrl-C) stop this worker as SIGTERM does: what it accepted is answered first."""
-        self.alive = False
+        self.handle_exit(sig, frame)
 
     def init_process(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -135,6 +142,7 @@ class FrontWorker(Worker):
         self.conns: dict[int, Connection] = {}
         self.overdue: set[Request] = set()  # answered at their deadline while their app thread is still out
         self.hung = ""  # why this worker must exit, once a call stays stuck past --hung-grace
+        self.write_s = EVACUATE_S  # how long the last answers get to be written before the worker exits
         self.work: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]" = queue.SimpleQueue()
         self.side: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]" = queue.SimpleQueue()
         self.done: "queue.SimpleQueue[tuple[Connection, Request, bytes, bool]]" = queue.SimpleQueue()
@@ -180,9 +188,9 @@ class FrontWorker(Worker):
     def admits_body(self, path: str, authorization: Optional[str], content_length: Optional[int]) -> bool:
         return self._admits_body(path, authorization, content_length)
 
-    def reserve_body(self, size: int) -> bool:
-        if self.body_bytes and self.body_bytes + size > self.body_budget:
-            return False  # one request at a time always passes, whatever its size within --max-body-bytes
+    def reserve_body(self, size: int, own: int) -> bool:
+        if self.body_bytes - own and self.body_bytes + size > self.body_budget:
+            return False  # a request alone always passes, whatever its size within --max-body-bytes
         self.body_bytes += size
         return True
 
@@ -218,9 +226,13 @@ class FrontWorker(Worker):
                 if not self.accepting and self.listeners and now >= self.accept_paused_until and self.alive:
                     self._accepting(True)
                 if not self.alive and drain_until is None:
-                    # Stopping (SIGTERM, a reload, a hung call): take nothing new, finish what is held, then go.
-                    drain_until = now + (min(self.cfg.graceful_timeout, HUNG_DRAIN_S) if self.hung
-                                         else self.cfg.graceful_timeout)
+                    # Stopping (SIGTERM, a reload, a hung call): take nothing new, finish what is held, then go:
+                    # before the master's SIGKILL at --graceful-timeout, with time left to write the last answers.
+                    if self.hung:
+                        drain_until, self.write_s = now + min(self.cfg.graceful_timeout, HUNG_DRAIN_S), EVACUATE_S
+                    else:
+                        plan = drain_plan(self.cfg.graceful_timeout)
+                        drain_until, self.write_s = (self.stop_asked or now) + plan.http_s, plan.write_s
                     self._stop_accepting()
                     for conn in self.conns.values():
                         conn.drain(DRAIN_IDLE_S)
@@ -236,20 +248,27 @@ class FrontWorker(Worker):
         for fd, events in self.epoll.poll(timeout):
             conn = self.conns.get(fd)
             if conn is not None:
-                if events & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
-                    self._read(conn, events)
-                if events & select.EPOLLOUT and conn.state != CLOSED:
-                    conn.writable()
+                try:
+                    if events & (select.EPOLLIN | select.EPOLLRDHUP | select.EPOLLHUP | select.EPOLLERR):
+                        self._read(conn, events)
+                    if events & select.EPOLLOUT and conn.state != CLOSED:
+                        conn.writable()
+                except Exception:  # noqa: BLE001 - one connection's failure must never end the loop
+                    log.exception("closing a connection after an unexpected error")
+                    conn.close()
             elif fd in self.listeners:
                 self._accept(self.listeners[fd])
             elif fd == self.wake_r.fileno():
                 self._answers()
-            # else: the signal pipe; the handler already ran, the tick acts on it
+            else:  # gunicorn's signal pipe: the handler already ran and the tick acts on it; empty it, or it stays
+                _drain(self.PIPE[0])  # readable and the loop spins
 
     def _accepting(self, on: bool) -> None:
         if on == self.accepting:
             return
         self.accepting = on
+        if on:
+            self.shares.publish(self.share_slot, len(self.conns))  # counted from now on (ConnectionShares)
         for fd in self.listeners:
             if on:  # every worker wakes; the least loaded accepts (ConnectionShares)
                 self.epoll.register(fd, select.EPOLLIN)
@@ -259,7 +278,11 @@ class FrontWorker(Worker):
     def _accept(self, listener: socket.socket) -> None:
         """Take a new connection only while no worker holds fewer (`ConnectionShares`): keep-alive connections
         then spread evenly over the workers instead of piling onto whichever woke first."""
-        if not self.alive or not self.shares.may_accept(self.share_slot, len(self.conns)):
+        if not self.alive:
+            return
+        if not self.shares.may_accept(self.share_slot, len(self.conns)):
+            self._accepting(False)  # another worker takes this one; look again at the next tick (no spinning)
+            self.accept_paused_until = time.monotonic() + TICK_S
             return
         try:
             sock, peer = listener.accept()
@@ -295,7 +318,7 @@ class FrontWorker(Worker):
     def _read(self, conn: Connection, events: int) -> None:
         if not conn.reading:
             if events & (select.EPOLLHUP | select.EPOLLERR):
-                conn.ended()  # gone both ways while its request is answered: the answer will fail and close
+                conn.close()  # reset or gone both ways while its request is answered: no answer can reach it
             return
         try:
             data = conn.transport.sock.recv(RECV_SIZE)  # type: ignore[attr-defined]
@@ -357,8 +380,10 @@ class FrontWorker(Worker):
         error = errors.ModelUnavailable(f"Not answered: {why}. Retry shortly.")
         for conn in list(self.conns.values()):
             conn.evacuate(lambda _request: errors.raw_error_response(error))
-        until = time.monotonic() + EVACUATE_S
-        while any(conn.state == WRITING for conn in self.conns.values()) and time.monotonic() < until:
+        # Write them, and read what the clients still send until they close (exiting with unread bytes would reset
+        # the connection and could destroy answers not yet read), within the time left.
+        until = time.monotonic() + self.write_s
+        while any(conn.state in (WRITING, CLOSING) for conn in self.conns.values()) and time.monotonic() < until:
             self._poll(0.05)
 
     def _stop_accepting(self) -> None:
@@ -457,6 +482,14 @@ class FrontWorker(Worker):
         return environ
 
 
+def _drain(fd: int) -> None:
+    try:
+        while os.read(fd, 4096):
+            pass
+    except BlockingIOError:
+        pass
+
+
 class ConnectionShares:
     """Open connections per worker, in memory shared by the master and its workers.
 
@@ -467,6 +500,7 @@ class ConnectionShares:
     """
 
     FREE = 1 << 30
+    BOOTING = FREE - 1  # a slot taken by a worker that does not accept yet: not counted as the least loaded
 
     def __init__(self, slots: int = 256):
         import multiprocessing
@@ -476,7 +510,7 @@ class ConnectionShares:
 
     def assign(self, arbiter: Any, worker: Any) -> None:
         slot = next(i for i, count in enumerate(self.counts) if count == self.FREE)
-        self.counts[slot] = 0
+        self.counts[slot] = self.BOOTING  # until the worker accepts: the others must not wait for it
         self.used.value = max(self.used.value, slot + 1)
         worker.share_slot = slot
 

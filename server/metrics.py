@@ -8,6 +8,7 @@ are read from NVML at scrape time, when a GPU is there.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -66,15 +67,27 @@ def worker_exited(pid: int) -> None:
     if not path:
         return
     multiprocess.mark_process_dead(pid)
-    for kind in ("counter", "histogram"):
-        dead = os.path.join(path, f"{kind}_{pid}.db")
-        if os.path.exists(dead):
-            _archive(dead, os.path.join(path, f"{kind}_archive.db"))
+    with _files_locked(path, exclusive=True):  # a scrape sees the dead worker's samples once, never twice or none
+        for kind in ("counter", "histogram"):
+            dead = os.path.join(path, f"{kind}_{pid}.db")
+            if os.path.exists(dead):
+                _archive(dead, os.path.join(path, f"{kind}_archive.db"))
+
+
+@contextlib.contextmanager
+def _files_locked(path: str, exclusive: bool) -> Iterator[None]:
+    """The samples directory, locked: a scrape (shared) against the master folding a dead worker's files into the
+    archive (exclusive)."""
+    import fcntl
+
+    with open(os.path.join(path, ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+        yield
 
 
 def _archive(dead: str, archive: str) -> None:
     """Add a dead process's samples to the archive: a new archive is written beside it and renamed over it, then
-    the dead file is removed, so a scrape never sees a half-written file."""
+    the dead file is removed (under the directory's lock)."""
     from prometheus_client.mmap_dict import MmapedDict
 
     totals: dict[str, float] = {}
@@ -139,10 +152,12 @@ class Metrics:
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess
 
-        if os.environ.get(ENV):
+        path = os.environ.get(ENV)
+        if path:
             registry = CollectorRegistry()
-            multiprocess.MultiProcessCollector(registry)
-            text = generate_latest(registry)
+            multiprocess.MultiProcessCollector(registry, path)
+            with _files_locked(path, exclusive=False):
+                text = generate_latest(registry)
         else:
             text = generate_latest(self.registry)
         return text + generate_latest(_gpu_registry()), CONTENT_TYPE_LATEST

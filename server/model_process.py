@@ -39,6 +39,7 @@ from gunicorn.workers.base import Worker
 from . import errors, wire
 from .body import WHOLE_BODY, WholeBodyRequest
 from .invoke import Timed
+from .settings import drain_plan
 
 log = logging.getLogger("scorehost.model")
 
@@ -327,10 +328,11 @@ class ModelServer:
         stop_at: Optional[float] = None
         while True:
             if stop_at is None and not alive():
-                stop_at = time.monotonic() + self.graceful_s
+                serve_s = drain_plan(self.graceful_s).model_s
+                stop_at = time.monotonic() + serve_s
                 listener.close()
                 log.info("model process %d stopping: serving its %d linked HTTP workers until they are done (at "
-                         "most %g s, --graceful-timeout)", os.getpid(), len(self.peers), self.graceful_s)
+                         "most %.1f s, within --graceful-timeout)", os.getpid(), len(self.peers), serve_s)
             if stop_at is not None and (time.monotonic() >= stop_at or not (self.peers or self.queue)):
                 break
             self.step(wait_s=0.1 if stop_at is not None else 0.5)
@@ -462,31 +464,38 @@ class _Link:
         with self.connect_lock:
             if self.sock is None:
                 sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+                sock.settimeout(1.0)  # a model process whose backlog is full must not hold this thread
                 try:
                     sock.connect(self.path)
                 except OSError:
                     sock.close()
                     return None
+                sock.settimeout(None)
                 wire.set_send_timeout(sock, self.send_timeout_s)
                 self.sock = sock
                 threading.Thread(target=self._receive, args=(sock,), name="model-link-reader", daemon=True).start()
             return self.sock
 
-    def send(self, rid: int, parts: list[Any], pending: _Pending) -> None:
+    def send(self, rid: int, parts: list[Any], pending: _Pending, deadline: float) -> bool:
+        """Send one item; False when the deadline passed while other sends held the link."""
         sock = self.sock or self._connect()  # a request never fails for a link that could be up
         if sock is None:
             raise errors.ModelUnavailable()
-        with self.pending_lock:
-            if sock is not self.sock:
-                raise errors.ModelUnavailable()
-            self.pending[rid] = pending
+        if not self.send_lock.acquire(timeout=max(0.0, deadline - time.monotonic())):
+            return False
         try:
-            with self.send_lock:
-                wire.send(sock, parts)
+            with self.pending_lock:
+                if sock is not self.sock:
+                    raise errors.ModelUnavailable()
+                self.pending[rid] = pending
+            wire.send(sock, parts)
+            return True
         except OSError as ex:
             log.warning("the link to model process %s failed a send (%s): dropping it", self.path, ex)
             self._drop(sock)
             raise errors.ModelUnavailable() from None
+        finally:
+            self.send_lock.release()
 
     def forget(self, rid: int) -> None:
         with self.pending_lock:
@@ -557,8 +566,7 @@ class ModelClient:
                                       f"process takes at most {self.item_max_bytes} (--batch-queue-bytes).")
         link = min(self.links, key=lambda candidate: (not candidate.up, len(candidate.pending)))
         pending = _Pending()
-        link.send(rid, parts, pending)
-        if not pending.done.wait(max(0.0, deadline - time.monotonic())):
+        if not link.send(rid, parts, pending, deadline) or not pending.done.wait(max(0.0, deadline - time.monotonic())):
             link.forget(rid)  # the worker's loop answered it at the deadline already
             raise errors.ScoringTimeout(self.timeout_ms)
         frame = pending.frame

@@ -13,7 +13,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Mapping, NamedTuple, Optional
 
 MIB = 1024 * 1024
 
@@ -247,6 +247,22 @@ def check(settings: Settings) -> None:
         except OSError as ex:
             raise SettingError(BY_NAME["port"], f"cannot listen on {v['host']}:{v['port']} ({ex.strerror}): another "
                                "server may hold it; choose another with --port") from None
+
+
+class DrainPlan(NamedTuple):
+    """How a graceful stop (SIGTERM, Ctrl-C) spends --graceful-timeout, after which gunicorn's master SIGKILLs every
+    worker: HTTP workers finish their requests for `http_s`, then answer what is left 503 and have `write_s` to write
+    it; a model process serves its linked HTTP workers for `model_s`, then answers its queue 503 early enough for
+    those answers to reach the clients."""
+
+    http_s: float
+    model_s: float
+    write_s: float
+
+
+def drain_plan(graceful_s: float) -> DrainPlan:
+    margin = min(2.0, graceful_s / 4)
+    return DrainPlan(graceful_s - margin, max(0.0, graceful_s - 2 * margin), margin / 2)
 
 
 def fill_defaults(settings: Settings, machine: Machine) -> Settings:

@@ -93,15 +93,22 @@ class _Bytes(NamedTuple):
 def encode(kind: Type, rid: int, payload: Any, value: float = 0.0, size: int = 0) -> list[Any]:
     """The frame as a list of buffers for sendmsg; raises PayloadError when the payload does not pickle."""
     buffers: list[pickle.PickleBuffer] = []
+
+    def out_of_band(buffer: pickle.PickleBuffer) -> bool:
+        """True keeps a buffer in the pickle: small ones (numpy sends every array out of band), and any past the
+        part limit (a list of thousands of arrays still crosses)."""
+        if buffer.raw().nbytes < BIG_BYTES or len(buffers) >= MAX_PARTS - 1:
+            return True
+        buffers.append(buffer)
+        return False
+
     if type(payload) is bytes and len(payload) >= BIG_BYTES:
         payload = _Bytes(payload)
     try:
-        head = pickle.dumps(payload, protocol=5, buffer_callback=buffers.append)
+        head = pickle.dumps(payload, protocol=5, buffer_callback=out_of_band)
     except Exception as ex:  # noqa: BLE001 - whatever the object's own pickling raises
         raise PayloadError(f"{type(ex).__name__}: {ex}") from None
     raws = [b.raw() for b in buffers]
-    if len(raws) + 1 > MAX_PARTS:
-        raise PayloadError(f"the payload has {len(raws)} large buffers; at most {MAX_PARTS - 1} can cross")
     sizes = [len(head)] + [r.nbytes | (READ_ONLY if r.readonly else 0) for r in raws]
     prefix = HEADER.pack(VERSION, kind, len(sizes), rid, value, size) + _sizes(len(sizes)).pack(*sizes)
     return [prefix, head, *raws]
@@ -156,7 +163,7 @@ def receive(stream: BinaryIO, max_bytes: int) -> Frame:
     buffers = [_read_bytes(stream, n) if m & READ_ONLY else _recv_exact(stream, n) for n, m in zip(sizes[1:], marked[1:])]
     try:
         payload = pickle.loads(head, buffers=buffers)
-    except Exception as ex:  # noqa: BLE001 - a class missing on this side, a failing __setstate__, ...
+    except BaseException as ex:  # noqa: B036 - a class missing on this side, a __setstate__ raising SystemExit...
         payload = PayloadError(f"{type(ex).__name__}: {ex}")
     return Frame(kind, rid, value, size, payload, sum(sizes))
 

@@ -332,6 +332,8 @@ class FakeML:
         self.model_versions: dict[str, list] = {}
         self.endpoint_state: dict[str, Any] = {}
         self.deployment_state: dict[tuple[str, str], Any] = {}
+        self.vcpus_used = {"standardNCASv3_T4Family": 0}  # the workspace region's quota in use, per VM family
+        self.vcpus_limit = {"standardNCASv3_T4Family": 24}
         self.arm = ARM_ID.format(sub=workspace[0], rg=workspace[1], ws=workspace[2])
         for name in ("compute", "models", "online_endpoints", "online_deployments", "workspaces"):
             setattr(self, name, _Operations(self, name))
@@ -356,6 +358,19 @@ class FakeML:
             attached.identity.principal_id = "11111111-2222-3333-4444-555555555555"
         self.compute_state[compute.name] = attached
         return Poller(attached)
+
+    def _compute_list_sizes(self, call: Call, location: Optional[str] = None) -> list:
+        from azure.ai.ml.entities import VmSize
+
+        return [VmSize(name="Standard_NC4as_T4_v3", family="standardNCASv3_T4Family", v_cp_us=4, gpus=1),
+                VmSize(name="Standard_NC64as_T4_v3", family="standardNCASv3_T4Family", v_cp_us=64, gpus=4),
+                VmSize(name="Standard_D4s_v5", family="standardDSv5Family", v_cp_us=4, gpus=0)]
+
+    def _compute_list_usage(self, call: Call, location: Optional[str] = None) -> list:
+        from azure.ai.ml.entities import Usage, UsageName
+
+        return [Usage(name=UsageName(value=family, localized_value=family), current_value=self.vcpus_used[family],
+                      limit=limit, unit="Count") for family, limit in self.vcpus_limit.items()]
 
     def _workspaces_get(self, call: Call, name: str) -> Any:
         return dataclasses.make_dataclass("Workspace", [("name", str), ("container_registry", str)])(

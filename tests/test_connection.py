@@ -51,8 +51,8 @@ class Hooks:
     def admits_body(self, path, authorization, content_length) -> bool:
         return not (path in self.key_paths and authorization != "Bearer k")
 
-    def reserve_body(self, size: int) -> bool:
-        if self.held and self.held + size > self.budget:
+    def reserve_body(self, size: int, own: int) -> bool:
+        if self.held - own and self.held + size > self.budget:
             return False
         self.held += size
         return True
@@ -243,3 +243,46 @@ def test_a_refused_head_is_answered_without_reading_the_body_and_the_rest_is_dis
     clock.now += LINGER_S + 1
     conn.tick(clock.now)
     assert conn.state == CLOSED
+
+
+class AnsweringHooks(Hooks):
+    """Answers inside dispatch, as the worker's loop answers GET / and /ready, closing as with --keepalive 0."""
+
+    def dispatch(self, conn, request) -> None:
+        self.dispatched.append((conn, request))
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 7\r\n\r\nHealthy", True)
+
+
+def test_requests_after_a_closing_answer_in_the_same_read_are_dropped_unparsed():
+    """Review: three pipelined GET / in one packet, the first answered (and closed) inside the parser's callback:
+    the next one was started on a closed connection and the third crashed the worker's loop."""
+    conn, transport, hooks, clock = make(hooks=AnsweringHooks())
+    conn.received(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    assert len(hooks.dispatched) == 1 and transport.sent.count(b"200 OK") == 1
+    assert conn.state in (CLOSING, CLOSED) and transport.shut
+
+
+def test_a_100_continue_the_socket_takes_only_in_part_precedes_the_answer_whole():
+    """Review: a partly sent 100 Continue put 'HTTP/HTTP/1.1 200 OK' on the wire."""
+    conn, transport, hooks, clock = make(room=5)
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 2\r\nExpect: 100-continue\r\n\r\n")
+    assert transport.sent == b"HTTP/"
+    transport.room = None
+    conn.received(b"ok")
+    answer_all(conn, hooks)
+    assert transport.sent.startswith(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\n")
+
+
+def test_evacuation_answers_a_request_whose_body_is_still_arriving_and_releases_the_budget():
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
+    assert hooks.held == 100 and not hooks.dispatched
+    conn.evacuate(lambda request: b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert transport.sent.startswith(b"HTTP/1.1 503 ") and hooks.held == 0
+
+
+def test_a_chunked_body_alone_is_not_refused_by_a_budget_below_its_size():
+    conn, transport, hooks, clock = make(hooks=Hooks(budget=4))
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
+    (_, request), = hooks.dispatched
+    assert b"".join(request.body) == b"abcdef"

@@ -878,3 +878,17 @@ def test_connect_builds_every_client_on_the_one_credential(settings):
         SUBSCRIPTION, "rg-ml", "ws-ml")
     for client in (clients.clusters, clients.extensions, clients.resources):
         assert client._config.credential is credential and client._config.subscription_id == SUBSCRIPTION
+
+
+def test_a_managed_deployment_needs_vcpu_quota_with_azures_20_percent_reserve(azure, settings):
+    """Issue 19.12: ceil(1.2 x instances) x vCPUs of the VM family must be free ("Manage and increase quotas",
+    managed online endpoints); checked before anything is created, with what would fit."""
+    azure.ml.vcpus_used["standardNCASv3_T4Family"] = 12  # another deployment holds 12 of the 24
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, settings, managed=True)  # 3 instances x 4 vCPUs: ceil(3.6) x 4 = 16 needed, 12 free
+    message = e.value.message
+    assert "standardNCASv3_T4Family has 12 of 24 vCPUs free" in message and "needs 16" in message
+    assert "ceil(1.2 x 3 instances) x 4 vCPUs" in message and "--instance-count 2" in message  # ceil(2.4) x 4 = 12
+    assert azure.ml.writes() == []  # refused before anything was created
+    azure.ml.vcpus_used["standardNCASv3_T4Family"] = 8  # 16 free: exactly enough
+    assert run_deploy(azure, settings, managed=True, check=lambda *a: True)["traffic"] == {"blue": 100}

@@ -366,8 +366,93 @@ def test_worker_restarts_leave_a_bounded_number_of_metrics_files(start_server):
                 break
             time.sleep(0.2)
     post(server, b"count")
-    files = os.listdir(metrics_dir)
+    files = glob.glob(os.path.join(metrics_dir, "*.db"))
     assert len(files) <= 4, files  # the live worker's two, and one archive per kind
     text = send(server.url, Case("x", "GET", "/metrics")).body.decode()
     served = re.search(r'scorehost_requests_total\{method="POST",route="/score",status="200"\} (\d+)', text)
     assert served and int(served[1]) >= 7  # nothing counted was lost with the dead workers' files
+
+
+# --- found by the review of this change ----------------------------------------------------------------------
+
+def _idle_cpu_s(pid: int, seconds: float = 2.0) -> float:
+    before = _cpu_s(pid)
+    time.sleep(seconds)
+    return _cpu_s(pid) - before
+
+
+def test_pipelined_probes_with_keepalive_0_do_not_kill_the_worker(start_server):
+    """Three pipelined GET / in one packet, the first answered with a close: the third crashed the loop."""
+    server = start_server("scorehost", FRAMING, workers=1, extra_args=("--keepalive", "0"))
+    worker, = _children(server.pid)
+    reply = answers_until_closed(server.port, b"GET / HTTP/1.1\r\nHost: x\r\n\r\n" * 3)
+    assert statuses(reply) == [200]
+    assert post(server, b"still").status == 200 and _children(server.pid) == [worker]
+
+
+def test_signals_and_reset_clients_do_not_make_the_loop_spin(start_server):
+    """gunicorn's signal pipe was never read (SIGUSR1, SIGWINCH: the loop spun for ever), and a client reset while
+    its request ran kept reporting EPOLLHUP (the loop spun until run() returned)."""
+    server = start_server("scorehost", FRAMING, workers=1)
+    worker, = _children(server.pid)
+    os.kill(server.pid, signal.SIGUSR1)  # log reopening: the master passes it on to its workers
+    os.kill(worker, signal.SIGWINCH)  # a terminal resize reaches the whole process group
+    assert _idle_cpu_s(worker) < 0.3
+    s = socket.create_connection(("127.0.0.1", server.port))
+    s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\n\r\nnap:4")
+    time.sleep(0.3)
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")  # close with a reset
+    s.close()
+    assert _idle_cpu_s(worker) < 0.3
+    assert post(server, b"after").status == 200
+
+
+def test_sigterm_answers_what_outlasts_the_graceful_timeout_503_before_the_master_kills():
+    """On SIGTERM the master SIGKILLs at --graceful-timeout: the worker's own clock started later and lost the race
+    (the client saw a dropped connection, not a 503)."""
+    server = processes.start("scorehost", FRAMING, workers=1, extra_args=("--graceful-timeout", "3")).wait_healthy(60)
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            slow = pool.submit(post, server, b"nap:10")
+            time.sleep(0.5)
+            os.kill(server.pid, signal.SIGTERM)
+            answer = slow.result()
+        assert answer.status == 503 and answer.header("retry-after") == "1"
+    finally:
+        server.stop()
+
+
+SLOW_INIT = '''
+import os, time
+
+def init():
+    time.sleep(float(os.environ.get("INIT_S", "0")))
+
+def run(data):
+    return {"pid": os.getpid()}
+'''
+
+
+def test_a_worker_booting_does_not_stop_the_others_from_accepting(tmp_path):
+    """A booting worker counted as holding 0 connections: every live worker with 2 or more refused new ones (and
+    spun) until it had booted."""
+    entry = tmp_path / "slow_init.py"
+    entry.write_text(SLOW_INIT)
+    server = processes.start("scorehost", str(entry), workers=2).wait_healthy(60)
+    held = []
+    try:
+        for _ in range(4):  # keep-alive connections spread over both workers
+            s = socket.create_connection(("127.0.0.1", server.port))
+            s.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 1\r\n\r\nx")
+            s.recv(4096)
+            held.append(s)
+        entry.write_text(SLOW_INIT.replace('"0"', '"6"'))
+        os.kill(_children(server.pid)[0], signal.SIGKILL)  # its replacement re-imports the script: a 6 s init()
+        time.sleep(0.5)
+        started = time.monotonic()
+        assert post(server, b"new", timeout=10).status == 200
+        assert time.monotonic() - started < 2
+    finally:
+        for s in held:
+            s.close()
+        server.stop()

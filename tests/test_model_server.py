@@ -178,3 +178,11 @@ def test_an_item_over_the_limit_is_refused_before_it_is_sent():
     client = ModelClient(["/nonexistent/model.sock"], 1000, item_max_bytes=10_000)
     with pytest.raises(errors.ItemTooLarge, match="10000"):
         client.submit(b"x" * 20_000)
+
+
+def test_thousands_of_small_arrays_cross_in_the_pickle():
+    """Review: numpy puts every array out of band; 1,024 or more made the payload fail."""
+    arrays = [np.full(3, i, dtype=np.float32) for i in range(1100)]
+    frame = _roundtrip(arrays)
+    assert len(frame.payload) == 1100 and float(frame.payload[-1][0]) == 1099.0
+    assert len(wire.encode(wire.Type.RESULT, 1, arrays)) == 2  # header and pickle: nothing out of band
