@@ -33,13 +33,13 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(path: str) -> None:
+def serve(path: str, delay_ms: float) -> None:
     from server.model_process import ModelServer
     from server.runner import tune_memory
 
     tune_memory()  # as a model process does after its fork
 
-    server = ModelServer(lambda items: [0] * len(items), batch_max=64, delay_ms=0, sizes=(), queue_max=4096,
+    server = ModelServer(lambda items: [0] * len(items), batch_max=64, delay_ms=delay_ms, sizes=(), queue_max=4096,
                          timeout_ms=60_000, grace_s=10)
     server.serve(path, heartbeat=lambda: None, alive=lambda: True)
 
@@ -48,11 +48,11 @@ def submit(client: Any, item: Any) -> None:
     client.submit(item)
 
 
-def measure(item_name: str, seconds: float, threads: int) -> dict:
+def measure(item_name: str, seconds: float, threads: int, delay_ms: float) -> dict:
     from server.model_process import ModelClient
 
     path = os.path.join(tempfile.mkdtemp(prefix="model-cpu-"), "model.sock")
-    child = subprocess.Popen([sys.executable, "-m", "bench.model_cpu", "--serve", path])
+    child = subprocess.Popen([sys.executable, "-m", "bench.model_cpu", "--serve", path, "--delay-ms", str(delay_ms)])
     try:
         while not os.path.exists(path):
             time.sleep(0.05)
@@ -90,11 +90,13 @@ def main() -> None:
     parser.add_argument("--item", choices=sorted(ITEMS), default="bytes-150k")
     parser.add_argument("--seconds", type=float, default=5)
     parser.add_argument("--threads", type=int, default=16)
+    parser.add_argument("--delay-ms", type=float, default=0.0,
+                        help="the model process's --batch-delay-ms (0: every item that finds it idle wakes it)")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve)
+        serve(args.serve, args.delay_ms)
         return
-    result = measure(args.item, args.seconds, args.threads)
+    result = measure(args.item, args.seconds, args.threads, args.delay_ms)
     print(f"{result['item']}: {result['items']} items, {result['items_per_s']:.0f} items/s, "
           f"model process CPU {result['model_cpu_us_per_item']:.1f} us per item")
 
