@@ -33,13 +33,18 @@ def _cpu_s(pid: int) -> float:
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def serve(path: str, delay_ms: float) -> None:
+def serve(path: str, delay_ms: float, batch_cost_ms: float) -> None:
     from server.model_process import ModelServer
     from server.runner import tune_memory
 
     tune_memory()  # as a model process does after its fork
 
-    server = ModelServer(lambda items: [0] * len(items), batch_max=64, delay_ms=delay_ms, sizes=(), queue_max=4096,
+    def run_batch(items: list) -> list:
+        if batch_cost_ms:
+            time.sleep(batch_cost_ms / 1000)  # a GPU's batch: the GIL is free meanwhile, the next batch forms
+        return [0] * len(items)
+
+    server = ModelServer(run_batch, batch_max=64, delay_ms=delay_ms, sizes=(), queue_max=4096,
                          timeout_ms=60_000, grace_s=10)
     server.serve(path, heartbeat=lambda: None, alive=lambda: True)
 
@@ -48,11 +53,12 @@ def submit(client: Any, item: Any) -> None:
     client.submit(item)
 
 
-def measure(item_name: str, seconds: float, threads: int, delay_ms: float) -> dict:
+def measure(item_name: str, seconds: float, threads: int, delay_ms: float, batch_cost_ms: float) -> dict:
     from server.model_process import ModelClient
 
     path = os.path.join(tempfile.mkdtemp(prefix="model-cpu-"), "model.sock")
-    child = subprocess.Popen([sys.executable, "-m", "bench.model_cpu", "--serve", path, "--delay-ms", str(delay_ms)])
+    child = subprocess.Popen([sys.executable, "-m", "bench.model_cpu", "--serve", path, "--delay-ms", str(delay_ms),
+                              "--batch-cost-ms", str(batch_cost_ms)])
     try:
         while not os.path.exists(path):
             time.sleep(0.05)
@@ -92,11 +98,13 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=16)
     parser.add_argument("--delay-ms", type=float, default=0.0,
                         help="the model process's --batch-delay-ms (0: every item that finds it idle wakes it)")
+    parser.add_argument("--batch-cost-ms", type=float, default=0.0,
+                        help="what each run_batch() call takes, GIL free (a GPU's batch); 0: nothing")
     args = parser.parse_args()
     if args.serve:
-        serve(args.serve, args.delay_ms)
+        serve(args.serve, args.delay_ms, args.batch_cost_ms)
         return
-    result = measure(args.item, args.seconds, args.threads, args.delay_ms)
+    result = measure(args.item, args.seconds, args.threads, args.delay_ms, args.batch_cost_ms)
     print(f"{result['item']}: {result['items']} items, {result['items_per_s']:.0f} items/s, "
           f"model process CPU {result['model_cpu_us_per_item']:.1f} us per item")
 

@@ -352,7 +352,7 @@ class ModelServer:
 
     def _read(self, peer: Peer) -> None:
         try:
-            stream = peer.sock.makefile("rb", buffering=256 * 1024)  # type: ignore[union-attr]
+            stream = peer.sock.makefile("rb", buffering=wire.READ_BUFFER)  # type: ignore[union-attr]
             while True:
                 frame = wire.receive(stream, self.queue_bytes)
                 if frame.type != wire.Type.SCORE:
@@ -503,7 +503,7 @@ class _Link:
 
     def _receive(self, sock: socket.socket) -> None:
         try:
-            stream = sock.makefile("rb", buffering=256 * 1024)
+            stream = sock.makefile("rb", buffering=wire.READ_BUFFER)
             while True:
                 frame = wire.receive(stream, 1 << 40)
                 with self.pending_lock:

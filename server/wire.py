@@ -36,6 +36,9 @@ HEADER = struct.Struct("<BBHQdI")  # version, type, parts, request id, deadline 
 BIG_BYTES = 4096  # bytes this long or longer cross out of band (one copy fewer each way)
 MAX_PARTS = 1024
 READ_ONLY = 1 << 63
+# The buffered reader's own buffer: small frames come several to one read; a large part (over this) is read
+# straight from the socket into its final buffer, not through this one (a 256 KB buffer cost a copy per image).
+READ_BUFFER = 16 * 1024
 IOV_MAX = 512  # buffers per sendmsg call (Linux allows 1024)
 
 
