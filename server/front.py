@@ -54,6 +54,7 @@ TICK_S = 0.25  # how often deadlines are checked and the master is told this wor
 EVACUATE_S = 5.0  # an exiting worker's last answers get this long to be written
 HUNG_DRAIN_S = 5.0  # a worker with a stuck call lets its other requests finish this long before it exits
 ACCEPT_PAUSE_S = 0.5  # out of descriptors: accept() rests this long, instead of spinning on the failure
+SHARE_RECHECK_S = 0.005  # a worker leaving new connections to a less loaded one looks again this often
 # Answered by the loop thread itself: nothing they do can block.
 LOOP_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready")}
 # Answered by the side thread: never queued behind a long run(), never on the loop.
@@ -157,7 +158,8 @@ class FrontWorker(Worker):
             listener.setblocking(False)
             self.listeners[listener.fileno()] = listener
         self.accepting = False
-        self.accept_paused_until = 0.0
+        self.accept_paused_until = 0.0  # out of descriptors: accept() rests until then
+        self.yielding = False  # more connections than the least loaded worker: accept() waits until it is not
         self.accept_failures = 0
         self.base_environ = {
             "SERVER_NAME": str(self.sockets[0].cfg_addr[0]) if self.sockets else "",
@@ -242,7 +244,11 @@ class FrontWorker(Worker):
                         logging.shutdown()
                         os._exit(EXIT_HUNG)
                     return
-            self._poll(TICK_S)
+            if self.yielding and (not self.alive or self.shares.may_accept(self.share_slot, len(self.conns))):
+                self.yielding = False
+                if self.alive and self.listeners and now >= self.accept_paused_until:
+                    self._accepting(True)
+            self._poll(SHARE_RECHECK_S if self.yielding else TICK_S)
 
     def _poll(self, timeout: float) -> None:
         for fd, events in self.epoll.poll(timeout):
@@ -281,8 +287,8 @@ class FrontWorker(Worker):
         if not self.alive:
             return
         if not self.shares.may_accept(self.share_slot, len(self.conns)):
-            self._accepting(False)  # another worker takes this one; look again at the next tick (no spinning)
-            self.accept_paused_until = time.monotonic() + TICK_S
+            self._accepting(False)  # another worker takes this one; look again every SHARE_RECHECK_S, not spinning
+            self.yielding = True
             return
         try:
             sock, peer = listener.accept()
