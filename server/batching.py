@@ -15,8 +15,9 @@ The policy learns two things while serving, and answers "dispatch n items now, o
 Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
 1. q >= the best size (`--batch-max`, or fewer when the learned curve makes a smaller padded size pay more per
    second), or nothing else is expected (population <= q, e.g. a single client): dispatch now.
-2. Waiting for the m expected items pays only if (q + m) / (wait + cost(q + m)) > q / cost(q), items per second of
-   model time; with a per-item cost it never does.
+2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
+   the model free: a fast model is never held) and (q + m) / (wait + cost(q + m)) > q / cost(q), items per second
+   of model time; with a per-item cost it never does.
 3. Wait until the earliest of: when they are expected, t0 + `--batch-delay-ms`, d - cost(q + m). Each arrival wakes
    the model process, which asks again: the batch goes the moment the expected clients are in.
 How many to take: of the q queued (at most batch_max), the count whose padded batch gives the most items per second
@@ -175,6 +176,8 @@ class BatchPolicy:
             return Decision(take, now, "alone")
         expected_at = self.answered_at[-1] + self.return_s
         goal = q + coming
+        if expected_at - now >= self.cost(self.padded(q)):  # they would find the model free again: no gain
+            return Decision(take, now, "in time")
         if self.rate(goal, max(0.0, expected_at - now)) <= self.rate(q):
             return Decision(take, now, "not worth it")
         until = min(expected_at, queue[0].arrived + self.delay_s,

@@ -123,6 +123,15 @@ def test_no_waiting_when_the_cost_is_per_item():
     assert max(waited) == 0, max(waited)
 
 
+def test_a_fast_model_is_never_held_for_clients_that_come_after_it_is_done():
+    """1 ms a batch whatever its size, clients back 5-20 ms later (preprocess() is the bottleneck): by the time they
+    come the model is free again: a batch is never held as long as a run, and clients see what greedy gives them."""
+    think = lambda rng: rng.uniform(0.005, 0.02)  # noqa: E731
+    run, greedy = simulate(per_batch(0.001), 16, think=think), simulate(per_batch(0.001), 16, think=think, delay_s=0)
+    assert max(dispatched - free for free, dispatched, _ in run.held) < 0.001
+    assert run.rate >= 0.98 * greedy.rate and max(run.latencies) <= max(greedy.latencies) + 0.001
+
+
 def test_a_single_client_never_waits():
     """At one client the answer takes run_batch()'s time: nobody else is coming (issue: under 5 ms over it)."""
     run = simulate(per_batch(0.040), 1)
