@@ -145,19 +145,10 @@ def own_answers(server: Server, n: int = 64) -> bool:
                for (rgb, _), (status, body) in zip(images, answers))
 
 
-def requests_for(server: Server, corpus: list[bytes]) -> Callable[[], loadgen.Request]:
-    bodies = [("image", *server.body(jpeg)) for jpeg in corpus]
-    state = {"i": 0}
-
-    def next_request() -> loadgen.Request:
-        state["i"] += 1
-        return bodies[state["i"] % len(bodies)]
-    return next_request
-
-
-def measure(server: Server, clients: int, seconds: float, corpus: list[bytes], cell: Cell) -> None:
+def measure(server: Server, clients: int, seconds: float, corpus: list[bytes], cell: Cell, processes: int) -> None:
     items0, calls0 = server.batch_counts()
-    r = loadgen.run(server.base, clients, seconds, requests_for(server, corpus))
+    bodies = loadgen.Bodies(tuple(("image", *server.body(jpeg)) for jpeg in corpus))
+    r = loadgen.closed_loop(server.base, clients, seconds, bodies, processes=processes)
     items1, calls1 = server.batch_counts()
     ok = sum(n for label, n in r.statuses.items() if label.endswith(" 200"))
     cell.rates.append(ok / seconds)
@@ -193,6 +184,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--scorehost-arg", action="append", default=[], help="extra scorehost serve flag (repeat)")
     parser.add_argument("--peers-dir", default=DEFAULT_PEERS_DIR)
     parser.add_argument("--images", help="JPEG directory (default: the bench corpus)")
+    parser.add_argument("--client-processes", type=int, default=1, help="load generator processes (bench/loadgen.py)")
     args = parser.parse_args(argv)
     from scorehost import corpus as bench_corpus
 
@@ -209,7 +201,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                 for i, c in enumerate(args.clients):
                     order = servers if (round_ + i) % 2 == 0 else servers[::-1]
                     for server in order:
-                        measure(server, c, args.seconds, corpus, results.setdefault((server.name, c), Cell()))
+                        measure(server, c, args.seconds, corpus, results.setdefault((server.name, c), Cell()),
+                                args.client_processes)
                         cell = results[(server.name, c)]
                         print(f"round {round_ + 1} {server.name} {c} clients: {cell.rates[-1]:.0f}/s batch "
                               f"{cell.batches[-1]:.1f} p99 {cell.p99s[-1]:.0f} ms", file=sys.stderr, flush=True)

@@ -9,7 +9,7 @@ dir=${1:-${SCOREHOST_PEERS_DIR:-$HOME/.cache/scorehost-peers}}
 shift || true
 names=${*:-torchserve litserve mlserver bentoml rayserve}
 declare -A packages=(
-  [torchserve]="torchserve torch-model-archiver torch==2.13.0+cpu"
+  [torchserve]="torchserve torch-model-archiver torch==2.13.0+cpu pyyaml"
   [litserve]="litserve"
   [mlserver]="mlserver"
   [bentoml]="bentoml"
