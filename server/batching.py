@@ -16,8 +16,10 @@ Decision, with the model idle and q queued (first arrival t0, earliest deadline 
 1. q >= the best size (`--batch-max`, or fewer when the learned curve makes a smaller padded size pay more per
    second), or nothing else is expected (population <= q, e.g. a single client): dispatch now.
 2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
-   the model free: a fast model is never held) and (q + m) / (wait + cost(q + m)) > q / cost(q), items per second
-   of model time; with a per-item cost it never does.
+   the model free: a fast model is never held) and the wait costs the model less time than a second batch would:
+   wait + cost(q + m) < cost(q) + cost(m), i.e. the wait is under the fixed part; with a per-item cost it never is.
+   (Comparing items per second of the batch now with the batch after the wait looks right but is not: it sends 14
+   of 16 and leaves 2 to start a small batch of their own, and the clients stay split.)
 3. Wait until the earliest of: when they are expected, t0 + `--batch-delay-ms`, d - cost(q + m). Each arrival wakes
    the model process, which asks again: the batch goes the moment the expected clients are in.
 How many to take: of the q queued (at most batch_max), the count whose padded batch gives the most items per second
@@ -178,7 +180,9 @@ class BatchPolicy:
         goal = q + coming
         if expected_at - now >= self.cost(self.padded(q)):  # they would find the model free again: no gain
             return Decision(take, now, "in time")
-        if self.rate(goal, max(0.0, expected_at - now)) <= self.rate(q):
+        # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later.
+        if max(0.0, expected_at - now) + self.cost(self.padded(goal)) >= \
+                self.cost(self.padded(q)) + self.cost(self.padded(coming)):
             return Decision(take, now, "not worth it")
         until = min(expected_at, queue[0].arrived + self.delay_s,
                     min(item.deadline for item in queue) - self.cost(self.padded(goal)))

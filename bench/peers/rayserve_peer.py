@@ -5,7 +5,8 @@ batch_wait_timeout_s)`.
 
 POST /score with the JPEG body; the replica decodes it (per request), then the batch call runs in a thread so the
 replica's event loop goes on taking requests. `max_ongoing_requests` is raised from Ray's default (5), which would
-cap a batch at 5."""
+cap a batch at 5. Answers carry a Content-Length (a dict would go out chunked, which bench/loadgen.py does not
+read)."""
 
 import asyncio
 import os
@@ -14,6 +15,7 @@ import time
 import ray
 from ray import serve
 from starlette.requests import Request
+from starlette.responses import JSONResponse
 
 import proxy
 
@@ -27,8 +29,8 @@ def deployment(max_batch: int, delay_s: float, replicas: int):
         async def score(self, images: list) -> list:
             return await asyncio.to_thread(proxy.run_batch, images)
 
-        async def __call__(self, request: Request) -> dict:
-            return await self.score(proxy.decode(await request.body()))
+        async def __call__(self, request: Request) -> JSONResponse:  # a length, not Ray's chunked default
+            return JSONResponse(await self.score(proxy.decode(await request.body())))
 
     return Proxy
 
