@@ -131,6 +131,9 @@ class Metrics:
         self._children: dict[tuple[str, str, int], tuple] = {}
         self.batch_size = Histogram("scorehost_batch_size", "Requests per run_batch() call", buckets=BATCH_BUCKETS,
                                     registry=r)
+        self.policy_wait = Histogram("scorehost_batch_policy_wait_seconds",
+                                     "Time the batching policy held a batch, with the model idle, for more requests "
+                                     "to join it", buckets=LATENCY_BUCKETS, registry=r)
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """`route` is a rule of the app or "unmatched", `status` one the server sent: both bounded already."""
@@ -143,8 +146,9 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_batch(self, size: int, seconds: float, queue_waits: list[float]) -> None:
+    def observe_batch(self, size: int, seconds: float, queue_waits: list[float], policy_wait: float = 0.0) -> None:
         self.batch_size.observe(size)
+        self.policy_wait.observe(policy_wait)
         self.run_time.observe(seconds)
         for wait in queue_waits:
             self.queue_wait.observe(wait)

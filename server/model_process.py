@@ -8,9 +8,9 @@ Used when the script has `run_batch` and batching is on (the default on a GPU ma
   one per GPU or one on a machine without GPU): supervised like any worker (killed -> the master starts another).
   It loads the script, calls init(), warms every `--batch-sizes` size, and only then listens. One reader thread per
   HTTP worker puts items in one queue (`ModelServer.submit`); the main thread takes what is queued as soon as the
-  previous run_batch() returned (up to `--batch-max`; when the model was idle it waits up to `--batch-delay-ms` for
-  more), pads to the next allowed size, calls run_batch(), and answers each item. The next batch forms while this
-  one runs.
+  previous run_batch() returned, or later when the batching policy (batching.py) expects others to join soon
+  (never past `--batch-delay-ms`), pads to the next allowed size, calls run_batch(), and answers each item. The next
+  batch forms while this one runs.
 - What crosses: `wire`'s named, versioned frames; the request id and deadline travel outside the pickle, so a
   result that cannot be pickled here or unpickled there fails its own request (500), never the link or the process.
 - A run_batch() past the scoring deadline: its requests get Azure ML's 500 at once (a late result is never sent);
@@ -37,6 +37,7 @@ import flask
 from gunicorn.workers.base import Worker
 
 from . import errors, wire
+from .batching import BatchPolicy
 from .body import WHOLE_BODY, WholeBodyRequest
 from .invoke import Timed
 from .settings import drain_plan
@@ -184,7 +185,7 @@ class ModelServer:
         self.grace_s = grace_s
         self.send_timeout_s = send_timeout_s
         self.graceful_s = graceful_s
-        self.observe = observe  # (batch size, run_batch seconds, queue waits) -> None, for metrics
+        self.observe = observe  # (batch size, run_batch seconds, queue waits, policy's wait) -> None, for metrics
         self.on_hung = on_hung
         self.queue: collections.deque[_Item] = collections.deque()
         self.queued_bytes = 0
@@ -193,6 +194,8 @@ class ModelServer:
         self.batch_s = 0.0  # recent run_batch() time (moving average): how long the queue ahead will take
         self.answer_lock = threading.Lock()  # an item is answered once: by its result or by its deadline
         self.peers: set[Peer] = set()
+        self.policy = BatchPolicy(self.batch_max, self.sizes, self.delay_s)
+        self.policy_wait_s = 0.0  # how long the last batch was held for others to join (for /metrics)
 
     def padded(self, n: int) -> int:
         return next((s for s in self.sizes if s >= n), n)
@@ -233,19 +236,23 @@ class ModelServer:
         return None
 
     def take_batch(self, wait_s: float = 0.5) -> list[_Item]:
-        """The next batch: up to batch_max queued items, waiting up to `wait_s` for a first one, then (the model
-        was idle) up to `delay_ms` for others to join it. Items whose deadline already passed are answered 503."""
+        """The next batch: waiting up to `wait_s` for a first item, then as long as the batching policy says
+        others are about to join (server/batching.py). Items whose deadline already passed are answered 503."""
+        called = time.monotonic()  # the model is idle from now
         with self.ready:
             if not self.queue:
                 if wait_s > 0:
                     self.ready.wait(wait_s)
                 if not self.queue:
                     return []
-                until = self.queue[0].arrived + self.delay_s  # the model was idle: give others a moment to join
-                while len(self.queue) < self.batch_max and (left := until - time.monotonic()) > 0:
-                    self.ready.wait(left)
-            batch = [self.queue.popleft() for _ in range(min(self.batch_max, len(self.queue)))]
+            free = max(self.queue[0].arrived, called)
+            while not (decision := self.policy.decide(self.queue)).take:
+                self.ready.wait(decision.until - time.monotonic())
+            queued = len(self.queue)
+            batch = [self.queue.popleft() for _ in range(decision.take)]
             self.queued_bytes -= sum(item.nbytes for item in batch)
+            self.policy.dispatched(batch, queued)
+            self.policy_wait_s = max(0.0, time.monotonic() - free)
         now = time.monotonic()
         late = [item for item in batch if item.deadline <= now]
         if late:  # its deadline passed while it queued: the server was too busy, the model never saw it
@@ -279,7 +286,7 @@ class ModelServer:
         elapsed = time.monotonic() - started
         self.batch_s = elapsed if not self.batch_s else 0.8 * self.batch_s + 0.2 * elapsed
         if self.observe:
-            self.observe(len(values), elapsed, [started - item.arrived for item in batch])
+            self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s)
         results = []
         for item, output in zip(batch, outputs):
             if isinstance(output, BaseException):
@@ -292,6 +299,7 @@ class ModelServer:
             else:
                 results.append((item, True, output))
         self._answer(results, elapsed * 1000, len(values))
+        self.policy.finished(len(values), elapsed, n + len(self.queue))
 
     def _answer(self, results: list[tuple[_Item, bool, Any]], run_ms: float, size: int) -> None:
         """Send each item's answer once (by its result, or by its deadline: a late result is never sent), the

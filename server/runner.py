@@ -333,7 +333,9 @@ def plan(settings: Settings, gpus: list[str]) -> tuple[Settings, tuple[Optional[
         where = f"one per GPU ({', '.join(gpus)})" if gpus else "one, on the CPU (no GPU visible)"
         mode = (f"batched: {len(slots)} model process(es), {where}, run init() and run_batch() (up to "
                 f"{settings.batch_max} requests a call); {settings.workers} HTTP workers preprocess and feed them. "
-                f"Why: the script has run_batch() and batching is on")
+                f"Why: the script has run_batch() and batching is on. Batches: the policy learns run_batch()'s cost "
+                f"per size and when clients come back, and holds a batch only while a fuller one pays (at most "
+                f"{settings.batch_delay_ms:g} ms after its first request, never past a deadline)")
         return settings, slots, mode
     if not has_batch:
         why = "the script has no run_batch()"

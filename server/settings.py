@@ -147,9 +147,11 @@ SETTINGS: tuple[Setting, ...] = (
             "GPU (one on a machine without GPU) that batches for every HTTP worker. Default: 64 on a machine with "
             "a GPU when the script has run_batch(), else 0 (off: each worker calls run(), as Azure ML).",
             check=at_least(0), computed=lambda get, m: 64 if m.gpus and m.has_run_batch else 0),
-    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 2.0, float,
-            "Batching: when the model is idle, how long the first request waits for others to join. A busy model "
-            "takes whatever queued while it ran, without waiting.", check=at_least(0)),
+    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 50.0, float,
+            "Batching: the longest a batch is held, from its first request's arrival, while the batching policy "
+            "waits for a fuller one. It waits only when run_batch()'s learned cost and the clients' return pattern "
+            "say a fuller batch pays (never for a single client, never past a request's deadline); for batches to "
+            "fill, this must exceed run_batch()'s time. 0: send whatever is queued at once.", check=at_least(0)),
     Setting("batch_sizes", "--batch-sizes", "SCOREHOST_BATCH_SIZES", None, _sizes,
             "Batching: allowed batch sizes, e.g. 1,2,4,8,16,32,64; a batch is padded to the next one, and each is "
             "warmed (with the script's warmup_item()) before the model process takes traffic, so GPU kernels are "

@@ -1,0 +1,219 @@
+"""Issue 22's table: scorehost's batching beside the peers' own, on a proxy of a GPU script, closed-loop clients.
+
+    python -m bench.batching_table [--servers scorehost litserve ...] [--clients 1 8 16 64 128] [--seconds 10]
+        [--rounds 3] [--cost-ms 40] [--batch-max 64] [--peer-delay-ms 10] [--peers-dir DIR] [--images DIR]
+
+The model is the same everywhere: a Pillow decode and resize of the request's JPEG on the request path, then a
+batch call costing --cost-ms whatever its size (scorehost: tests/scripts/pipeline.py with CUDA_VISIBLE_DEVICES=0,
+i.e. one model process and the GPU defaults; peers: bench/peers/*_peer.py on bench/peers/proxy.py, each with its
+own batching, `--peer-delay-ms` as its delay bound and one model copy). Peers run from their own virtualenvs,
+PEERS_DIR/NAME/bin/python (bench/peers/install.sh makes them); one that is not installed is skipped, said so. All
+servers run side by side; in each round and concurrency they take turns (the order alternates), and the table
+gives the median of the rounds: answers a second, mean batch per run_batch() call, p99, and the fraction of the
+ideal min(clients, batch max) / cost. Before the load, each server must answer 64 concurrent distinct images each
+with its own image's colour."""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import concurrent.futures
+import io
+import json
+import os
+import re
+import statistics
+import sys
+import tempfile
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Callable, Optional
+
+from bench import loadgen
+from scorehost import processes
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+PEERS = os.path.join(HERE, "peers")
+PIPELINE = os.path.join(os.path.dirname(HERE), "tests", "scripts", "pipeline.py")
+PEER_NAMES = ("torchserve", "litserve", "mlserver", "bentoml", "rayserve")
+JSON_BODY = {  # peers that read JSON only: the JPEG in base64
+    "litserve": lambda b64: {"image": b64},
+    "bentoml": lambda b64: {"images": [b64]},  # a batchable API takes a list (and answers one)
+}
+BASE_PATH = {"torchserve": "/predictions"}  # TorchServe's model is named "score": POST /predictions/score
+DEFAULT_PEERS_DIR = os.environ.get("SCOREHOST_PEERS_DIR", os.path.expanduser("~/.cache/scorehost-peers"))
+
+
+@dataclass
+class Server:
+    name: str
+    process: processes.ServerProcess
+    base: str
+    stats: Optional[str] = None  # the proxy's per-call log (peers); scorehost: /metrics
+
+    def body(self, jpeg: bytes) -> tuple[str, bytes]:
+        if self.name in JSON_BODY:
+            return "application/json", json.dumps(JSON_BODY[self.name](base64.b64encode(jpeg).decode())).encode()
+        return "image/jpeg", jpeg
+
+    def post(self, jpeg: bytes, timeout: float = 30) -> tuple[int, dict]:
+        content_type, body = self.body(jpeg)
+        request = urllib.request.Request(self.base + "/score", body, {"Content-Type": content_type})
+        try:
+            with urllib.request.urlopen(request, timeout=timeout) as r:
+                answer = json.loads(r.read())
+                return r.status, answer[0] if isinstance(answer, list) else answer
+        except urllib.error.HTTPError as ex:
+            return ex.code, {}
+
+    def batch_counts(self) -> tuple[float, float]:
+        """(items, calls) so far: scorehost's /metrics, or the proxy's log in a peer."""
+        if self.stats is None:
+            with urllib.request.urlopen(self.base + "/metrics", timeout=10) as r:
+                text = r.read().decode()
+            total = lambda name: sum(float(v) for v in re.findall(rf"^{name} (\S+)", text, re.M))  # noqa: E731
+            return total("scorehost_batch_size_sum"), total("scorehost_batch_size_count")
+        with open(self.stats) as f:
+            sizes = [int(line) for line in f if line.strip()]
+        return float(sum(sizes)), float(len(sizes))
+
+
+@dataclass
+class Cell:
+    rates: list[float] = field(default_factory=list)
+    batches: list[float] = field(default_factory=list)
+    p99s: list[float] = field(default_factory=list)
+    errors: int = 0
+
+
+def start(name: str, args: argparse.Namespace, scratch: str) -> Optional[Server]:
+    env = {"PIPELINE_COST_S": str(args.cost_ms / 1000)}
+    if name == "scorehost":
+        process = processes.start("scorehost", PIPELINE, env={**env, "CUDA_VISIBLE_DEVICES": "0"}, workers=None,
+                                  extra_args=("--batch-max", str(args.batch_max), *args.scorehost_arg))
+        return Server(name, process, process.url)
+    if name == "aihs":
+        process = processes.start("aihs", PIPELINE, env=env, workers=1)
+        return Server(name, process, process.url)
+    python = os.path.join(args.peers_dir, name, "bin", "python")
+    if not os.path.exists(python):
+        print(f"{name}: not installed ({python} missing; bench/peers/install.sh makes it): skipped", file=sys.stderr)
+        return None
+    port = processes.free_port()
+    stats = os.path.join(scratch, f"{name}.calls")
+    open(stats, "w").close()
+    argv = [python, os.path.join(PEERS, f"{name}_peer.py"), "--port", str(port), "--max-batch", str(args.batch_max),
+            "--delay-ms", str(args.peer_delay_ms), "--workers", "1"]
+    process = processes.ServerProcess(name, argv, {**os.environ, **env, "PROXY_STATS": stats,
+                                                   "PYTHONUNBUFFERED": "1"}, port, scratch)
+    return Server(name, process, process.url + BASE_PATH.get(name, ""), stats)
+
+
+def wait_ready(server: Server, jpeg: bytes, timeout: float) -> None:
+    """Up when it answers a real request 200 (peers have no common readiness route)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.proc.poll() is not None:
+            raise RuntimeError(f"{server.name} exited ({server.process.proc.returncode}):\n"
+                               f"{server.process.output()[-3000:]}")
+        try:
+            if server.post(jpeg, timeout=5)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{server.name} not answering after {timeout} s:\n{server.process.output()[-3000:]}")
+
+
+def colour_jpeg(i: int) -> tuple[tuple[int, int, int], bytes]:
+    from PIL import Image
+
+    rgb = (12 * (i % 20) + 8, 12 * ((i // 20) % 20) + 8, 128)
+    out = io.BytesIO()
+    Image.new("RGB", (64, 48), rgb).save(out, "JPEG", quality=95)
+    return rgb, out.getvalue()
+
+
+def own_answers(server: Server, n: int = 64) -> bool:
+    """n concurrent requests, each a different solid colour: does each get its own image's mean back?"""
+    images = [colour_jpeg(i) for i in range(n)]
+    with concurrent.futures.ThreadPoolExecutor(n) as pool:
+        answers = list(pool.map(lambda image: server.post(image[1]), images))
+    return all(status == 200 and all(abs(m - c) <= 3 for m, c in zip(body["mean"], rgb))
+               for (rgb, _), (status, body) in zip(images, answers))
+
+
+def measure(server: Server, clients: int, seconds: float, corpus: list[bytes], cell: Cell, processes: int) -> None:
+    items0, calls0 = server.batch_counts()
+    bodies = loadgen.Bodies(tuple(("image", *server.body(jpeg)) for jpeg in corpus))
+    r = loadgen.closed_loop(server.base, clients, seconds, bodies, processes=processes)
+    items1, calls1 = server.batch_counts()
+    ok = sum(n for label, n in r.statuses.items() if label.endswith(" 200"))
+    cell.rates.append(ok / seconds)
+    cell.batches.append((items1 - items0) / (calls1 - calls0) if calls1 > calls0 else 0.0)
+    cell.p99s.append(r.percentile(99))
+    cell.errors += r.answered - ok + r.dropped
+
+
+def table(results: dict[tuple[str, int], Cell], names: list[str], clients: list[int], ideal: Callable[[int], float],
+          command: str) -> str:
+    rows = [f"`{command}`", "", "| clients | ideal | " + " | ".join(names) + " |", "|---" * (len(names) + 2) + "|"]
+    for c in clients:
+        cells = []
+        for name in names:
+            cell = results[(name, c)]
+            rate = statistics.median(cell.rates)
+            cells.append(f"{rate:,.0f}/s ({rate / ideal(c):.2f} of ideal; batch {statistics.median(cell.batches):.1f}"
+                         f", p99 {statistics.median(cell.p99s):.0f} ms{f', {cell.errors} errors' if cell.errors else ''})")
+        rows.append(f"| {c} | {ideal(c):,.0f}/s | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--servers", nargs="+", default=["scorehost", *PEER_NAMES],
+                        choices=["scorehost", "aihs", *PEER_NAMES])
+    parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 64, 128])
+    parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--cost-ms", type=float, default=40.0, help="run_batch()'s cost, whatever the batch size")
+    parser.add_argument("--batch-max", type=int, default=64)
+    parser.add_argument("--peer-delay-ms", type=float, default=10.0, help="the peers' batching delay bound")
+    parser.add_argument("--scorehost-arg", action="append", default=[], help="extra scorehost serve flag (repeat)")
+    parser.add_argument("--peers-dir", default=DEFAULT_PEERS_DIR)
+    parser.add_argument("--images", help="JPEG directory (default: the bench corpus)")
+    parser.add_argument("--client-processes", type=int, default=1, help="load generator processes (bench/loadgen.py)")
+    args = parser.parse_args(argv)
+    from scorehost import corpus as bench_corpus
+
+    corpus = bench_corpus.load(args.images)
+    results: dict[tuple[str, int], Cell] = {}
+    with tempfile.TemporaryDirectory(prefix="batching-table-") as scratch:
+        servers = [s for s in (start(name, args, scratch) for name in args.servers) if s]
+        try:
+            for server in servers:
+                wait_ready(server, corpus[0], 300)
+                if not own_answers(server):
+                    raise RuntimeError(f"{server.name}: some answers were not their own image's")
+            for round_ in range(args.rounds):
+                for i, c in enumerate(args.clients):
+                    order = servers if (round_ + i) % 2 == 0 else servers[::-1]
+                    for server in order:
+                        measure(server, c, args.seconds, corpus, results.setdefault((server.name, c), Cell()),
+                                args.client_processes)
+                        cell = results[(server.name, c)]
+                        print(f"round {round_ + 1} {server.name} {c} clients: {cell.rates[-1]:.0f}/s batch "
+                              f"{cell.batches[-1]:.1f} p99 {cell.p99s[-1]:.0f} ms", file=sys.stderr, flush=True)
+        finally:
+            for server in servers:
+                server.process.stop()
+        names = [s.name for s in servers]
+    command = "python -m bench.batching_table " + " ".join(argv if argv is not None else sys.argv[1:])
+    print(table(results, names, args.clients, lambda c: min(c, args.batch_max) / (args.cost_ms / 1000), command))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

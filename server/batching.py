@@ -1,0 +1,191 @@
+"""When a model process dispatches its queue to run_batch(): now, or after waiting for a fuller batch (issue 22).
+
+The policy learns two things while serving, and answers "dispatch n items now, or wait until T" (`BatchPolicy.decide`):
+
+- **What a batch costs**: run_batch() time = fixed + per_item x padded size, fitted by weighted least squares over an
+  exponentially weighted mean time per padded size seen (`CostModel`). A batch of 9 padded to 16 (`--batch-sizes`)
+  costs a 16. Until two sizes have been seen the per-item part is taken as 0: optimistic for batching, so a GPU's
+  flat curve is found quickly; one larger batch is enough to learn that a CPU's cost is per item.
+- **Who is about to arrive**: clients that got an answer send their next request a moment later (closed loop). The
+  policy counts the requests the model process holds at the end of each batch (that batch's plus those that queued
+  meanwhile: the clients it serves, `population`) and learns how soon after a batch's answers the next requests
+  arrive (`return_s`, a high percentile of arrival - latest answer). With q queued and the model idle, up to
+  population - q more are expected by the last answer + return_s.
+
+Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
+1. q >= the best size (`--batch-max`, or fewer when the learned curve makes a smaller padded size pay more per
+   second), or nothing else is expected (population <= q, e.g. a single client): dispatch now.
+2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
+   the model free: a fast model is never held) and the wait costs the model less time than a second batch would:
+   wait + cost(q + m) < cost(q) + cost(m), i.e. the wait is under the fixed part; with a per-item cost it never is.
+   (Comparing items per second of the batch now with the batch after the wait looks right but is not: it sends 14
+   of 16 and leaves 2 to start a small batch of their own, and the clients stay split.)
+3. Wait until the earliest of: when they are expected, t0 + `--batch-delay-ms`, d - cost(q + m). Each arrival wakes
+   the model process, which asks again: the batch goes the moment the expected clients are in.
+How many to take: of the q queued (at most batch_max), the count whose padded batch gives the most items per second
+(9 queued with sizes 8,16 and a per-item cost: 8 now, 1 in the next batch).
+
+What the others do, and what this takes from them (their docs, read 2026-12):
+- Triton's dynamic batcher: `preferred_batch_size` (dispatch at once when one can be formed, the largest) and
+  `max_queue_delay_microseconds` (how long a request may wait for others; default 0). Taken: dispatch at once at
+  the best size, a hard delay bound from the first request's arrival. Both are static: the preferred sizes are
+  the user's guess of the cost curve, and a fixed delay is paid whether or not anyone comes.
+- TF Serving: `allowed_batch_sizes` (pad to the next), `batch_timeout_micros` (an incomplete batch waits this long).
+  Taken: padding is part of the cost. The timeout is again static, and a padded batch's cost is not weighed
+  against a smaller one.
+- BentoML's adaptive batching (the CORK dispatcher): regresses batch time on batch size and estimates the arrival
+  rate; releases when waiting longer would pass `max_latency_ms` or the next request is not worth waiting for.
+  Taken: the learned linear cost and the "worth waiting" test. Better here: a mean arrival rate cannot see that
+  closed-loop clients come back in a burst right after their answers (the rate averaged over a cycle makes waiting
+  look break-even, and batches stay split in two groups); the population and return time see it. Padding and
+  each request's own deadline are part of the decision, and a single client (population 1) never waits.
+No sockets, no threads: the clock is injected, the model process feeds it (`dispatched`, `finished`) and tests
+drive it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import bisect
+import collections
+import time
+from typing import Callable, NamedTuple, Optional, Protocol, Sequence
+
+HISTORY = 8  # batches: the population estimate is the largest count held over the last HISTORY batches
+RETURN_SAMPLES = 256  # arrivals kept to estimate how soon after an answer the next request comes
+RETURN_PERCENTILE = 0.9
+RETURN_SLACK_S = 0.0005  # added to the percentile: the last of a burst comes a little after most of it
+COST_DECAY = 0.8  # weight of the previous mean time for a padded size (0.2 to the new sample)
+
+
+class Queued(Protocol):
+    arrived: float
+    deadline: float
+
+
+class Decision(NamedTuple):
+    """`take` > 0: dispatch that many of the queue's first items now. `take` == 0: wait until `until` (or an
+    arrival, whichever comes first) and ask again. `wait_for` is the count the policy hopes for, `why` one word."""
+
+    take: int
+    until: float
+    why: str
+    wait_for: int = 0
+
+
+class CostModel:
+    """run_batch() seconds for a padded size, as fixed + per_item x size, learned from measured calls."""
+
+    def __init__(self) -> None:
+        self.mean: dict[int, float] = {}
+        self.count: dict[int, int] = {}
+        self.fixed = 0.0
+        self.per_item = 0.0
+
+    def observe(self, size: int, seconds: float) -> None:
+        old = self.mean.get(size)
+        self.mean[size] = seconds if old is None else COST_DECAY * old + (1 - COST_DECAY) * seconds
+        self.count[size] = min(self.count.get(size, 0) + 1, 32)
+        self._fit()
+
+    def _fit(self) -> None:
+        weights = self.count
+        total = sum(weights.values())
+        mean_n = sum(n * w for n, w in weights.items()) / total
+        mean_t = sum(self.mean[n] * w for n, w in weights.items()) / total
+        spread = sum(w * (n - mean_n) ** 2 for n, w in weights.items())
+        slope = (sum(w * (n - mean_n) * (self.mean[n] - mean_t) for n, w in weights.items()) / spread
+                 if spread else 0.0)
+        self.per_item = max(0.0, slope)
+        self.fixed = max(0.0, mean_t - self.per_item * mean_n)
+
+    @property
+    def known(self) -> bool:
+        return bool(self.mean)
+
+    def __call__(self, size: int) -> float:
+        return self.fixed + self.per_item * size
+
+
+class BatchPolicy:
+    """See the module docstring. `sizes` are the allowed padded sizes (empty: any), `delay_s` the longest the first
+    queued request may be held for others (--batch-delay-ms)."""
+
+    def __init__(self, batch_max: int, sizes: Sequence[int] = (), delay_s: float = 0.0,
+                 clock: Callable[[], float] = time.monotonic):
+        self.batch_max = max(1, batch_max)
+        self.sizes = tuple(sorted(s for s in sizes if s <= self.batch_max))
+        self.delay_s = delay_s
+        self.clock = clock
+        self.cost = CostModel()
+        self.held: collections.deque[int] = collections.deque(maxlen=HISTORY)
+        self.answered_at: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_SAMPLES)
+        self.return_s = 0.0
+
+    # --- what the model process tells it ---------------------------------------------------------------------
+    def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
+        """A batch left the queue (`queued_before` items were queued just before): learn how soon after the
+        latest answers its items arrived."""
+        self.held.append(queued_before)
+        for item in items:
+            i = bisect.bisect_right(self.answered_at, item.arrived)
+            if i:
+                self.returns.append(item.arrived - self.answered_at[i - 1])
+
+    def finished(self, padded: int, seconds: float, held: int) -> None:
+        """run_batch() of `padded` items took `seconds`; its answers are out now, and `held` requests were in the
+        model process at its end (the batch's and those that queued meanwhile)."""
+        if seconds > 0:
+            self.cost.observe(padded, seconds)
+        self.held.append(held)
+        self.answered_at.append(self.clock())
+        if self.returns:
+            ordered = sorted(self.returns)
+            self.return_s = ordered[int(RETURN_PERCENTILE * (len(ordered) - 1))] + RETURN_SLACK_S
+
+    # --- what it answers -------------------------------------------------------------------------------------
+    @property
+    def population(self) -> int:
+        """The requests the model process serves at once, as seen over the last batches."""
+        return max(self.held, default=0)
+
+    def padded(self, n: int) -> int:
+        return next((s for s in self.sizes if s >= n), n)
+
+    def rate(self, n: int, wait_s: float = 0.0) -> float:
+        """Items per second of model time when n items go after `wait_s` more seconds."""
+        return n / (wait_s + self.cost(self.padded(n)) or 1e-9)
+
+    def best_take(self, queued: int) -> int:
+        """Of `queued` items, how many to dispatch: the most items per second of model time (ties: more)."""
+        top = min(queued, self.batch_max)
+        candidates = {s for s in self.sizes if s < top} | {top}  # a full allowed size, or all that is queued
+        return max(candidates, key=lambda n: (round(self.rate(n), 6), n))
+
+    def best_size(self) -> int:
+        return self.best_take(self.batch_max)
+
+    def decide(self, queue: Sequence[Queued], idle: bool = True) -> Decision:
+        now = self.clock()
+        q = len(queue)
+        if not q or not idle:  # nothing to send, or the model is busy: the caller asks again when it frees
+            return Decision(0, float("inf"), "busy" if q else "empty")
+        take = self.best_take(q)
+        if q >= self.batch_max or take < min(q, self.batch_max) or q >= self.best_size():
+            return Decision(take, now, "full")
+        coming = min(self.population - q, self.batch_max - q)
+        if coming < 1 or not self.cost.known or not self.answered_at:
+            return Decision(take, now, "alone")
+        expected_at = self.answered_at[-1] + self.return_s
+        goal = q + coming
+        if expected_at - now >= self.cost(self.padded(q)):  # they would find the model free again: no gain
+            return Decision(take, now, "in time")
+        # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later.
+        if max(0.0, expected_at - now) + self.cost(self.padded(goal)) >= \
+                self.cost(self.padded(q)) + self.cost(self.padded(coming)):
+            return Decision(take, now, "not worth it")
+        until = min(expected_at, queue[0].arrived + self.delay_s,
+                    min(item.deadline for item in queue) - self.cost(self.padded(goal)))
+        if until <= now:
+            return Decision(take, now, "bound")
+        return Decision(0, until, "waiting", goal)
