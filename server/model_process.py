@@ -40,6 +40,7 @@ from . import errors, wire
 from .body import WHOLE_BODY, WholeBodyRequest
 from .invoke import Timed
 from .settings import drain_plan
+from .telemetry import Carried, start as start_tracing
 
 log = logging.getLogger("scorehost.model")
 
@@ -157,12 +158,13 @@ def _encode(answer: Answer) -> list[Any]:
 
 
 class _Item:
-    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered")
+    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered", "traceparent")
 
     def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int):
         self.peer, self.rid, self.value, self.arrived, self.deadline = peer, rid, value, arrived, deadline
         self.nbytes = nbytes
         self.answered = False
+        self.traceparent: Optional[str] = None  # the request span's, when its HTTP worker traces (telemetry)
 
 
 class ModelServer:
@@ -193,6 +195,7 @@ class ModelServer:
         self.batch_s = 0.0  # recent run_batch() time (moving average): how long the queue ahead will take
         self.answer_lock = threading.Lock()  # an item is answered once: by its result or by its deadline
         self.peers: set[Peer] = set()
+        self.tracing: Any = None  # telemetry.Tracing when tracing is on: the run_batch span
 
     def padded(self, n: int) -> int:
         return next((s for s in self.sizes if s >= n), n)
@@ -211,6 +214,9 @@ class ModelServer:
             log.error("an item from an HTTP worker cannot be read here: %s", value)
             return errors.ResultUnusable("The item made for run_batch() cannot be read in the model process "
                                          f"({value}).")
+        traceparent = None
+        if isinstance(value, Carried):
+            value, traceparent = value
         try:
             if isinstance(value, RequestSnapshot):
                 value = value.request()
@@ -227,7 +233,8 @@ class ModelServer:
             if now + batches_until_done * self.batch_s > deadline:
                 return errors.Overloaded("The server is busy: this request would wait past its scoring timeout. "
                                          "Retry after a short pause.")
-            self.queue.append(_Item(peer, rid, value, now, deadline, nbytes))
+            self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes))
+            item.traceparent = traceparent
             self.queued_bytes += nbytes
             self.ready.notify()
         return None
@@ -267,6 +274,8 @@ class ModelServer:
         values += [values[-1]] * (self.padded(n) - n)
         self.current = batch
         started = time.monotonic()
+        span = self.tracing.batch([item.traceparent for item in batch], [item.arrived for item in batch], n,
+                                  len(values)) if self.tracing is not None else None
         try:
             outputs = list(self.run_batch(values))[:n]
             if len(outputs) != n:
@@ -276,6 +285,8 @@ class ModelServer:
             outputs = [ex] * n
         finally:
             self.current = []
+            if span is not None:
+                span.end()
         elapsed = time.monotonic() - started
         self.batch_s = elapsed if not self.batch_s else 0.8 * self.batch_s + 0.2 * elapsed
         if self.observe:
@@ -414,6 +425,7 @@ class ModelWorker(Worker):
                              timeout_ms=s.scoring_timeout_ms, grace_s=s.hung_grace, send_timeout_s=s.send_timeout,
                              graceful_s=s.graceful_timeout, observe=metrics.observe_batch,
                              on_hung=metrics.restarts.labels("hung run_batch()").inc)
+        server.tracing = start_tracing(s)
         warmup = getattr(self.script.module, "warmup_item", None)
         if server.sizes and callable(warmup):
             server.warm(warmup())
