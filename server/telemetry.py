@@ -154,8 +154,12 @@ class RequestTrace:
 
     def answered(self, request: Any, response: Any, ids: Any) -> None:
         """In the app, once the answer is made: its status, and what azmlinfsrv sends Application Insights."""
+        from opentelemetry.trace import StatusCode
+
         span, settings = self.span, self.tracing.settings
         span.set_attribute("http.status_code", response.status_code)
+        if response.status_code >= 400:  # azmlinfsrv's `success` is status < 400: Application Insights agrees
+            span.set_status(StatusCode.ERROR)
         if not self.tracing.appinsights:
             return
         body = None
