@@ -321,7 +321,7 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics,
         else:
             with trace.child("run"):
                 timed = invoker.invoke(script.call_run(request), deadline_of(request, settings))
-        metrics.observe_model(timed.elapsed_ms / 1000)
+        metrics.run_time.observe(timed.elapsed_ms / 1000)
         return timed
 
     return one_by_one, lambda: True
