@@ -209,9 +209,12 @@ class FrontWorker(Worker):
             conn.answer(request, data, close)
         else:
             request.dispatched = time.perf_counter()
+            if route in SIDE_ROUTES:
+                self.side.put((conn, request))
+                return
             if self.tracing is not None:
                 request.trace = self.tracing.begin(request.method, request.path, request.headers, request.started)
-            (self.side if route in SIDE_ROUTES else self.work).put((conn, request))
+            self.work.put((conn, request))
 
     # --- the loop thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:

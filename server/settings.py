@@ -296,7 +296,9 @@ def check(settings: Settings) -> None:
             raise SettingError(s, problem)
     if v["entry_script"] and not os.path.isfile(os.path.join(v["app_root"], v["entry_script"])):
         raise SettingError(BY_NAME["entry_script"], f"{v['entry_script']} is not a file")
-    for name in ("port", "health_port") if v["separate_health_endpoint"] else ("port",):
+    ports = ("port",) + (("health_port",) if v["separate_health_endpoint"] else ()) + (
+        ("debug_port",) if v["debug_port"] else ())
+    for name in ports:
         with socket.socket(socket.AF_INET6 if ":" in v["host"] else socket.AF_INET) as probe:
             # As gunicorn binds: SO_REUSEADDR, so the TIME_WAIT sockets a previous server left do not block a
             # restart.
