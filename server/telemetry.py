@@ -29,7 +29,6 @@ from typing import Any, NamedTuple, Optional, Sequence
 
 log = logging.getLogger("scorehost.telemetry")
 
-NEEDS = ("opentelemetry.sdk", "azure.monitor.opentelemetry.exporter")  # the `telemetry` extra
 TRACE = "scorehost.trace"  # environ key: the request's RequestTrace, for app.py's spans
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.I)
 
@@ -46,6 +45,12 @@ def connection_string(settings: Any) -> Optional[str]:
 
 def wanted(settings: Any) -> bool:
     return bool(settings.otlp_endpoint or connection_string(settings))
+
+
+def needs(settings: Any) -> tuple[str, ...]:
+    """The modules (of the `telemetry` extra) the configured exporters import."""
+    return (("opentelemetry.sdk",) if wanted(settings) else ()) + (
+        ("azure.monitor.opentelemetry.exporter",) if connection_string(settings) else ())
 
 
 def start(settings: Any) -> Optional["Tracing"]:

@@ -183,6 +183,15 @@ class DapClient:
         threading.Thread(target=self._read, daemon=True).start()
 
     def _read(self) -> None:
+        try:
+            self._read_messages()
+        except (OSError, ValueError):
+            return  # closed at the end of the test
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def _read_messages(self) -> None:
         stream = self.sock.makefile("rb")
         while True:
             length = 0
@@ -267,6 +276,7 @@ def test_a_debugger_attaches_and_stops_at_a_breakpoint(tmp_path, batching):
         assert not answers
         dap.response(dap.send("continue", threadId=stopped["body"]["threadId"]))
         request.join(60)
+        dap.close()
         assert answers and answers[0].status == 200 and json.loads(answers[0].body)["tag"] == "held"
 
 
