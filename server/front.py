@@ -373,6 +373,8 @@ class FrontWorker(Worker):
                 data, _ = self._respond(conn, request, timed_out=True)
                 conn.answer(request, data, True)
                 self.overdue.add(request)
+                if request.trace is not None:  # its late answer will be dropped: the trace ends with this one
+                    request.trace.end(time.perf_counter())
         for request in list(self.overdue):
             if request.returned:
                 self.overdue.discard(request)

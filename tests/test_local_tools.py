@@ -371,3 +371,15 @@ def test_tracing_is_off_by_default(start_server):
     server = start_server("scorehost", script("undecorated.py"))
     answer = send(server.url, Case("undecorated.py", "POST", "/score", b"x", (("traceparent", TRACEPARENT),)))
     assert answer.status == 200 and answer.header("traceparent") is None
+
+
+def test_a_call_stuck_past_the_scoring_timeout_still_ends_its_trace(start_server, recorder):
+    """Answered 500 by the worker's loop at the deadline while run() sits in native code: the trace ends there."""
+    server = start_server("scorehost", script("stuck.py"), extra_args=("--scoring-timeout-ms", "500",
+                                                                      "--hung-grace", "30"),
+                          env={**EXPORT_SOON, "OTEL_EXPORTER_OTLP_ENDPOINT": recorder.url})
+    answer = send(server.url, Case("stuck.py", "POST", "/score", b"native"))
+    assert answer.status == 500
+    span_id = answer.header("traceparent").split("-")[2]
+    root = recorder.wait_for(lambda: next((s for s in recorder.spans() if s["spanId"] == span_id), None))
+    assert attributes(root)["http.status_code"] == "500" and root["status"]["code"] == 2  # ERROR
