@@ -107,6 +107,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.appinsights_enabled and not telemetry.connection_string(settings):
         print("scorehost: Application Insights is disabled: AML_APP_INSIGHTS_KEY (--appinsights-instrumentation-"
               "key) is missing or not a valid instrumentation key (a GUID)", file=sys.stderr)
+        settings = settings.replace(appinsights_enabled=False)  # as azmlinfsrv
     if settings.entry_script and not os.path.isabs(settings.entry_script):
         # flag or AZUREML_ENTRY_SCRIPT alike: relative to --app-root (AML_APP_ROOT, default "."), as in Azure ML
         settings = settings.replace(entry_script=os.path.abspath(os.path.join(settings.app_root,

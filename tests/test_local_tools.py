@@ -367,6 +367,16 @@ def test_application_insights_key_as_azmlinfsrv_takes_it():
         "InstrumentationKey=k"
 
 
+def test_an_invalid_instrumentation_key_turns_application_insights_off():
+    with processes.running("scorehost", script("undecorated.py"),
+                           extra_args=("--appinsights_instrumentation_key", "not-a-guid")) as server:
+        answer = send(server.url, Case("undecorated.py", "POST", "/score", b"x"))
+        output = server.output()
+    assert answer.status == 200 and answer.header("traceparent") is None
+    assert "scorehost: Application Insights is disabled: AML_APP_INSIGHTS_KEY" in output
+    assert "appinsights_enabled: False" in output and "not-a-guid" not in output
+
+
 def test_tracing_is_off_by_default(start_server):
     server = start_server("scorehost", script("undecorated.py"))
     answer = send(server.url, Case("undecorated.py", "POST", "/score", b"x", (("traceparent", TRACEPARENT),)))
