@@ -20,8 +20,9 @@ def _banner(settings, mode: str) -> None:
     for name, value in settings.describe():
         print(f"{name}: {value}")
     base = f"http://{settings.host}:{settings.port}"
+    health = f"http://{settings.host}:{settings.health_port}" if settings.separate_health_endpoint else base
     print(f"\nMode: {mode}")
-    print(f"\nServer Routes\n---------------\nLiveness Probe: GET   {base}/\nReadiness:      GET   {base}/ready\n"
+    print(f"\nServer Routes\n---------------\nLiveness Probe: GET   {health}/\nReadiness:      GET   {base}/ready\n"
           f"Score:          POST  {base}/score\nSwagger:        GET   {base}/swagger.json\n"
           f"Metrics:        GET   {base}/metrics\n", flush=True)
 
@@ -94,10 +95,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     _restart_without_visible_key(args)
     from server import record
     from server.gpus import visible_gpus
-    from server.runner import plan, serve
+    from server import telemetry
+    from server.runner import debugging, plan, serve
+
+    from .extras import install_line, missing
     from server.settings import BY_NAME, SettingError, check, resolve
 
     settings = resolve({name: getattr(args, name) for name in BY_NAME})
+    if args.appinsights_key:  # as azmlinfsrv: giving the key on the command line turns Application Insights on
+        settings = settings.replace(appinsights_enabled=True)
+    if settings.appinsights_enabled and not telemetry.connection_string(settings):
+        print("scorehost: Application Insights is disabled: AML_APP_INSIGHTS_KEY (--appinsights-instrumentation-"
+              "key) is missing or not a valid instrumentation key (a GUID)", file=sys.stderr)
+        settings = settings.replace(appinsights_enabled=False)  # as azmlinfsrv
     if settings.entry_script and not os.path.isabs(settings.entry_script):
         # flag or AZUREML_ENTRY_SCRIPT alike: relative to --app-root (AML_APP_ROOT, default "."), as in Azure ML
         settings = settings.replace(entry_script=os.path.abspath(os.path.join(settings.app_root,
@@ -122,6 +132,12 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if settings.model_dir is not None:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
     settings, model_slots, mode = plan(settings, visible_gpus())
+    settings, mode = debugging(settings, mode)
+    needs = (("debugpy",) if settings.debug_port else ()) + telemetry.needs(settings)
+    if missing(needs):
+        print(install_line("serve", missing(needs), "debug" if "debugpy" in missing(needs) else "telemetry"),
+              file=sys.stderr)
+        return 2
     _banner(settings, mode)
     announce_ready(settings.host, settings.port)
     code = serve(settings, model_slots) or 0

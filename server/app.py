@@ -24,7 +24,7 @@ import flask
 from azureml.contrib.services.aml_response import AMLResponse
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import __version__
+from . import __version__, telemetry
 from .body import WholeBodyRequest
 from .entry_script import EntryScript
 from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavailable, PayloadTooLarge,
@@ -55,7 +55,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     benchmarks); otherwise it is loaded from settings.
     """
     if script is None:
-        script = EntryScript.load(settings.entry_script, settings.app_root)
+        script = EntryScript.load(settings.entry_script, settings.app_root, settings.source_dir)
         if not model_sockets:
             script.init()
     app = flask.Flask("scorehost")
@@ -65,12 +65,17 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     app.config["MAX_CONTENT_LENGTH"] = settings.max_body_bytes + 1
     metrics = Metrics()
     score_request, ready = _scorer(script, settings, metrics, model_sockets)
-    swagger = Swagger(script.run, settings.app_root)
-    server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION", f"scorehost/{__version__}")
+    swagger = Swagger(script.run, settings.app_root, {"SERVICE_NAME": settings.service_name,
+                                                      "SERVICE_VERSION": settings.service_version,
+                                                      "SERVICE_PATH_PREFIX": settings.service_path_prefix})
+    # As azmlinfsrv: HTTP_X_MS_SERVER_VERSION when set; else the server's own, unless switched off.
+    server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION",
+                                    f"scorehost/{__version__}" if settings.server_version_header else "")
     key = settings.auth_key.encode() if settings.auth_key else None
     recorder = Recorder.from_settings(settings)
     app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics,
-                                   "admits_body": body_admission(key, settings.max_body_bytes), "ready": ready}
+                                   "admits_body": body_admission(key, settings.max_body_bytes), "ready": ready,
+                                   "tracing": telemetry.start(settings)}
 
     if settings.cors_origins:
         import flask_cors
@@ -132,6 +137,9 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
 
     @app.errorhandler(ServerError)
     def _server_error(error: ServerError) -> flask.Response:
+        trace = flask.request.environ.get(telemetry.TRACE)
+        if trace is not None and error.run_function_failed and error.__context__ is not None:
+            trace.failed(error.__context__)  # the script's own exception, as azmlinfsrv logs it
         return error_response(error, flask.g.get("request_id"))
 
     @app.errorhandler(HTTPException)
@@ -147,6 +155,10 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     def _finish(response: flask.Response) -> flask.Response:
         request, g = flask.request, flask.g
         contract_headers(response, request, g, server_version)
+        trace = request.environ.get(telemetry.TRACE)
+        if trace is not None:
+            response.headers["traceparent"] = trace.traceparent()
+            trace.answered(request, response, g)
         rule = request.url_rule
         metrics.observe_request(rule.rule if rule else "unmatched", request.method, response.status_code,
                                 time.perf_counter() - g.get("started", time.perf_counter()))
@@ -283,16 +295,32 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics,
 
         def batched(request: flask.Request) -> Timed:
             deadline = deadline_of(request, settings)
-            item = invoker.invoke(lambda: script.batch_item(request), deadline,  # preprocess(), on time
-                                  passthrough=(ServerError, HTTPException)).output
+            trace = request.environ.get(telemetry.TRACE)
+            span = trace.child("preprocess") if trace is not None else None
+            try:
+                preprocessed = invoker.invoke(lambda: script.batch_item(request), deadline,  # preprocess(), on time
+                                              passthrough=(ServerError, HTTPException))
+            finally:
+                if span is not None:
+                    span.end()
+            metrics.stages["preprocess"].observe(preprocessed.elapsed_ms / 1000)
+            item = preprocessed.output
             if isinstance(item, flask.Response):  # preprocess() answered this request itself
                 return Timed(item, 0.0)
-            return client.submit(item, deadline)
+            if trace is None:
+                return client.submit(item, deadline)
+            with trace.child("model"):  # the wait for the model process; run_batch() is its own span
+                return client.submit(telemetry.Carried(item, trace.traceparent()), deadline)
 
         return batched, client.ready
 
     def one_by_one(request: flask.Request) -> Timed:
-        timed = invoker.invoke(script.call_run(request), deadline_of(request, settings))
+        trace = request.environ.get(telemetry.TRACE)
+        if trace is None:
+            timed = invoker.invoke(script.call_run(request), deadline_of(request, settings))
+        else:
+            with trace.child("run"):
+                timed = invoker.invoke(script.call_run(request), deadline_of(request, settings))
         metrics.run_time.observe(timed.elapsed_ms / 1000)
         return timed
 

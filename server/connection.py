@@ -75,7 +75,7 @@ class Limits:
 class Request:
     __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
                  "body_error", "expect_continue", "content_length", "started", "deadline", "reserved",
-                 "head_done", "answered", "returned", "error")
+                 "head_done", "answered", "returned", "error", "dispatched", "responded", "trace")
 
     def __init__(self) -> None:
         self.method: Optional[str] = None
@@ -98,6 +98,9 @@ class Request:
         self.answered = False  # loop-owned: its answer was handed to the connection (once, whoever made it)
         self.returned = False  # loop-owned: its app thread came back (a late answer is dropped, the thread is free)
         self.error: Optional[errors.ServerError] = None  # answered by the connection itself, not the app
+        # Stage times (perf_counter) for /metrics and traces: handed to an app thread; its answer made.
+        self.dispatched = self.responded = 0.0
+        self.trace: Any = None  # telemetry.RequestTrace when tracing is on
 
 
 class _Reject(Exception):

@@ -176,9 +176,12 @@ class EntryScript:
         self.preprocess: Optional[Callable] = getattr(module, "preprocess", None)
 
     @classmethod
-    def load(cls, path: str, app_root: str = ".") -> "EntryScript":
+    def load(cls, path: str, app_root: str = ".", source_dir: Optional[str] = None) -> "EntryScript":
+        """Import the script with the app root, AZUREML_SOURCE_DIRECTORY (under the app root) and the script's
+        own directory on sys.path, in Azure ML's order."""
         path = os.path.realpath(os.path.join(app_root, path))
-        for directory in (os.path.realpath(app_root), os.path.dirname(path)):
+        sources = [os.path.realpath(os.path.join(app_root, source_dir))] if source_dir else []
+        for directory in (os.path.realpath(app_root), *sources, os.path.dirname(path)):
             if directory not in sys.path:
                 sys.path.append(directory)
         flag = _rawhttp_flag()

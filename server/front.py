@@ -44,6 +44,7 @@ from .body import WHOLE_BODY
 from .connection import BUSY, CLOSED, CLOSING, WRITING, Connection, Limits, Request
 from .model_process import EXIT_HUNG
 from .settings import drain_plan
+from .telemetry import TRACE
 
 log = logging.getLogger("scorehost.front")
 access_log = logging.getLogger("scorehost.access")
@@ -139,6 +140,7 @@ class FrontWorker(Worker):
         self.body_budget = int(settings.max_body_bytes_in_flight)
         self.body_bytes = 0  # loop-owned: body bytes of the requests this worker holds
         self.metrics = scorehost["metrics"]
+        self.tracing = scorehost["tracing"]  # telemetry.Tracing, or None: off
         self.shares: ConnectionShares = self.app.shares
         self.conns: dict[int, Connection] = {}
         self.overdue: set[Request] = set()  # answered at their deadline while their app thread is still out
@@ -208,7 +210,13 @@ class FrontWorker(Worker):
             data, close = self._respond(conn, request)
             conn.answer(request, data, close)
         else:
-            (self.side if route in SIDE_ROUTES else self.work).put((conn, request))
+            request.dispatched = time.perf_counter()
+            if route in SIDE_ROUTES:
+                self.side.put((conn, request))
+                return
+            if self.tracing is not None:
+                request.trace = self.tracing.begin(request.method, request.path, request.headers, request.started)
+            self.work.put((conn, request))
 
     # --- the loop thread ---------------------------------------------------------------------------------------
     def _loop(self) -> None:
@@ -356,6 +364,9 @@ class FrontWorker(Worker):
                 continue
             if conn.state != CLOSED:
                 conn.answer(request, data, close)
+                self.metrics.stages["write"].observe(time.perf_counter() - request.responded)
+                if request.trace is not None:
+                    request.trace.end(request.responded)
 
     def _overdue(self, now: float) -> None:
         """In the loop: a call past its scoring deadline is answered now (by the app, so the 500 is Azure ML's,
@@ -368,6 +379,8 @@ class FrontWorker(Worker):
                 data, _ = self._respond(conn, request, timed_out=True)
                 conn.answer(request, data, True)
                 self.overdue.add(request)
+                if request.trace is not None:  # its late answer will be dropped: the trace ends with this one
+                    request.trace.end(time.perf_counter())
         for request in list(self.overdue):
             if request.returned:
                 self.overdue.discard(request)
@@ -414,11 +427,15 @@ class FrontWorker(Worker):
             if request.answered:
                 continue  # answered meanwhile (evacuated)
             request.deadline = time.monotonic() + self.timeout_s  # its one scoring deadline starts now
+            self.metrics.stages["queue"].observe(time.perf_counter() - request.dispatched)
+            if request.trace is not None:
+                request.trace.stage("queue", request.dispatched)
             try:
                 data, close = self._respond(conn, request)
             except BaseException:  # noqa: B036 - nothing may kill an app thread
                 log.exception("error while answering a request")
                 data, close = errors.raw_error_response(errors.InternalError()), True
+            request.responded = time.perf_counter()
             self.done.put((conn, request, data, close))
             self._wake()
 
@@ -483,6 +500,7 @@ class FrontWorker(Worker):
         environ["wsgi.input"] = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
         environ[WHOLE_BODY] = True
         environ[DEADLINE] = request.deadline
+        environ[TRACE] = request.trace
         if request.body_error:
             environ[BODY_ERROR] = request.body_error
         return environ

@@ -18,6 +18,7 @@ from typing import Iterator, Optional
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .075, .1, .15, .25, .5, .75, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+STAGES = ("preprocess", "queue", "write")
 # Label values fed from a request are bounded: any other method is counted as "other", so a client cannot grow
 # the label set (and every worker's memory and every scrape) by inventing methods.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -134,6 +135,13 @@ class Metrics:
         self.policy_wait = Histogram("scorehost_batch_policy_wait_seconds",
                                      "Time the batching policy held a batch, with the model idle, for more requests "
                                      "to join it", buckets=LATENCY_BUCKETS, registry=r)
+        # The stages that had no histogram of their own; the model's time and the batch queue's keep theirs
+        # (run_time, queue_wait above), so no sample is written twice.
+        stage = Histogram("scorehost_stage_duration_seconds", "Time of each stage of a request: preprocess(), "
+                          "queue (waiting for an app thread), write (the answer handed to the socket); the model's "
+                          "time is scorehost_run_duration_seconds, the batch queue's "
+                          "scorehost_batch_queue_wait_seconds", ["stage"], buckets=LATENCY_BUCKETS, registry=r)
+        self.stages = {name: stage.labels(name) for name in STAGES}  # labels() once, not per request
 
     def observe_request(self, route: str, method: str, status: int, seconds: float) -> None:
         """`route` is a rule of the app or "unmatched", `status` one the server sent: both bounded already."""

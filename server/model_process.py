@@ -41,6 +41,7 @@ from .batching import BatchPolicy
 from .body import WHOLE_BODY, WholeBodyRequest
 from .invoke import Timed
 from .settings import drain_plan
+from .telemetry import Carried, start as start_tracing
 
 log = logging.getLogger("scorehost.model")
 
@@ -158,12 +159,13 @@ def _encode(answer: Answer) -> list[Any]:
 
 
 class _Item:
-    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered")
+    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered", "traceparent")
 
     def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int):
         self.peer, self.rid, self.value, self.arrived, self.deadline = peer, rid, value, arrived, deadline
         self.nbytes = nbytes
         self.answered = False
+        self.traceparent: Optional[str] = None  # the request span's, when its HTTP worker traces (telemetry)
 
 
 class ModelServer:
@@ -196,6 +198,7 @@ class ModelServer:
         self.peers: set[Peer] = set()
         self.policy = BatchPolicy(self.batch_max, self.sizes, self.delay_s)
         self.policy_wait_s = 0.0  # how long the last batch was held for others to join (for /metrics)
+        self.tracing: Any = None  # telemetry.Tracing when tracing is on: the run_batch span
 
     def padded(self, n: int) -> int:
         return next((s for s in self.sizes if s >= n), n)
@@ -214,6 +217,9 @@ class ModelServer:
             log.error("an item from an HTTP worker cannot be read here: %s", value)
             return errors.ResultUnusable("The item made for run_batch() cannot be read in the model process "
                                          f"({value}).")
+        traceparent = None
+        if isinstance(value, Carried):
+            value, traceparent = value
         try:
             if isinstance(value, RequestSnapshot):
                 value = value.request()
@@ -230,7 +236,8 @@ class ModelServer:
             if now + batches_until_done * self.batch_s > deadline:
                 return errors.Overloaded("The server is busy: this request would wait past its scoring timeout. "
                                          "Retry after a short pause.")
-            self.queue.append(_Item(peer, rid, value, now, deadline, nbytes))
+            self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes))
+            item.traceparent = traceparent
             self.queued_bytes += nbytes
             self.ready.notify()
         return None
@@ -274,6 +281,8 @@ class ModelServer:
         values += [values[-1]] * (self.padded(n) - n)
         self.current = batch
         started = time.monotonic()
+        span = self.tracing.batch([item.traceparent for item in batch], [item.arrived for item in batch], n,
+                                  len(values)) if self.tracing is not None else None
         try:
             outputs = list(self.run_batch(values))[:n]
             if len(outputs) != n:
@@ -283,6 +292,8 @@ class ModelServer:
             outputs = [ex] * n
         finally:
             self.current = []
+            if span is not None:
+                span.end()
         elapsed = time.monotonic() - started
         self.batch_s = elapsed if not self.batch_s else 0.8 * self.batch_s + 0.2 * elapsed
         if self.observe:
@@ -422,6 +433,7 @@ class ModelWorker(Worker):
                              timeout_ms=s.scoring_timeout_ms, grace_s=s.hung_grace, send_timeout_s=s.send_timeout,
                              graceful_s=s.graceful_timeout, observe=metrics.observe_batch,
                              on_hung=metrics.restarts.labels("hung run_batch()").inc)
+        server.tracing = start_tracing(s)
         warmup = getattr(self.script.module, "warmup_item", None)
         if server.sizes and callable(warmup):
             server.warm(warmup())

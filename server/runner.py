@@ -170,7 +170,9 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
     def load_config(self) -> None:
         s = self.settings
         options = {
-            "bind": [f"{s.host}:{s.port}"],
+            # azmlinfsrv's separate health endpoint is a second bind of the same app too: each worker's loop
+            # answers GET / on it without any app thread, and its accept queue is its own.
+            "bind": [f"{s.host}:{s.port}"] + ([f"{s.host}:{s.health_port}"] if s.separate_health_endpoint else []),
             "workers": s.workers + len(self.model_slots),
             "worker_class": FrontWorker,
             "threads": s.threads,
@@ -178,7 +180,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             "graceful_timeout": s.graceful_timeout,
             "keepalive": s.keepalive,
             "errorlog": "-",
-            "loglevel": os.environ.get("AZUREML_LOG_LEVEL", "info").lower(),
+            "loglevel": s.log_level.lower(),
             "pre_fork": self._pre_fork,
             "post_fork": self._post_fork,
             "child_exit": self._child_exit,
@@ -225,13 +227,16 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
         """In an HTTP worker: the app (with init() unless model processes run it), or exit with a boot error."""
         from .app import create_app
 
+        if not self.model_sockets:
+            listen_for_debugger(self.settings)
         return self.boot(lambda: create_app(self.settings, model_sockets=self.model_sockets))
 
     def load_model_script(self) -> Any:
         """In a model process: the entry script, loaded and initialised."""
         from .entry_script import EntryScript
 
-        script = EntryScript.load(self.settings.entry_script, self.settings.app_root)
+        listen_for_debugger(self.settings)
+        script = EntryScript.load(self.settings.entry_script, self.settings.app_root, self.settings.source_dir)
         script.init()
         return script
 
@@ -274,6 +279,22 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
             self.boots.mark_ready()
         logging.getLogger("scorehost.runner").info("worker %d ready for serving traffic", os.getpid())
         return result["value"]
+
+
+DEBUG_TIMEOUT_S = 7 * 24 * 3600  # while debugging: a request may sit at a breakpoint for a week
+
+
+def listen_for_debugger(settings: Settings) -> None:
+    """In the process that runs init() and run(), with --debug-port (AZUREML_DEBUG_PORT): debugpy listens there
+    before the script loads, so breakpoints in it bind. azmlinfsrv instead connects out to a listening debugger;
+    listening lets the user attach (and re-attach) whenever they like."""
+    if not settings.debug_port:
+        return
+    import debugpy
+
+    debugpy.listen((settings.host, settings.debug_port))
+    print(f"scorehost: debugger listening on {settings.host}:{settings.debug_port} in process {os.getpid()} "
+          "(debugpy): attach VS Code with the README's launch.json", file=sys.stderr, flush=True)
 
 
 def tune_memory(every_s: float = 10.0) -> None:
@@ -346,6 +367,17 @@ def plan(settings: Settings, gpus: list[str]) -> tuple[Settings, tuple[Optional[
     mode = (f"per worker: {settings.workers} worker(s) each run init() and call run() "
             f"({settings.threads} at a time), as Azure ML does. Why: {why}")
     return settings, (), mode
+
+
+def debugging(settings: Settings, mode: str) -> tuple[Settings, str]:
+    """With a debug port: one worker (one process to attach to) and no scoring, worker or init timeout, since a
+    request held at a breakpoint would otherwise be answered 500 or its worker restarted."""
+    if not settings.debug_port:
+        return settings, mode
+    settings = settings.replace(workers=1, scoring_timeout_ms=DEBUG_TIMEOUT_S * 1000, worker_timeout=DEBUG_TIMEOUT_S,
+                                init_timeout=DEBUG_TIMEOUT_S, hung_grace=float(DEBUG_TIMEOUT_S))
+    return settings, (f"{mode}\nDebugging (AZUREML_DEBUG_PORT / --debug-port {settings.debug_port}): one worker, "
+                      "no scoring timeout, worker timeout or init timeout. Not for production.")
 
 
 def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Optional[int]:

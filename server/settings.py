@@ -83,14 +83,17 @@ class Setting:
     secret: bool = False
     check: Optional[Callable[[Any], Optional[str]]] = None  # the problem with a value, or None
     computed: Optional[Callable[[Get, Machine], Any]] = None  # the default when it depends on the machine
+    aihs_flag: Optional[str] = None  # azmlinfsrv's spelling of the flag, accepted as well
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("entry_script", "--entry-script", "AZUREML_ENTRY_SCRIPT", None, str,
-            "The entry script with init() and run(). Default: the reference score.py with the demo model."),
+            "The entry script with init() and run(). Default: the reference score.py with the demo model.",
+            aihs_flag="--entry_script"),
     Setting("model_dir", "--model-dir", "AZUREML_MODEL_DIR", None, str,
             "Directory the entry script loads its model from (exported as AZUREML_MODEL_DIR). "
-            "Default with the reference score.py: the demo ResNet50, built on first use.", check=is_dir),
+            "Default with the reference score.py: the demo ResNet50, built on first use.", check=is_dir,
+            aihs_flag="--model_dir"),
     Setting("app_root", "--app-root", "AML_APP_ROOT", ".", str,
             "Directory a relative entry-script path is resolved against and appended to sys.path, as in Azure ML."),
     Setting("host", "--host", "SCOREHOST_HOST", "127.0.0.1", str,
@@ -99,7 +102,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workers", "--workers", "WORKER_COUNT", None, int,
             "Worker processes, each with its own copy of the model. Default: one per visible GPU, else 1 (with a "
             "model process: one HTTP worker per core).", check=at_least(1),
-            computed=lambda get, m: m.cpus if _batching(get, m) else max(1, len(m.gpus))),
+            computed=lambda get, m: m.cpus if _batching(get, m) else max(1, len(m.gpus)),
+            aihs_flag="--worker_count"),
     Setting("threads", "--threads", "SCOREHOST_THREADS", None, int,
             "App threads per worker: how many run() calls may overlap in one worker. Default 1, as Azure ML: "
             "scripts are written for one call at a time (a module global shared by two calls mixes two clients' "
@@ -130,7 +134,8 @@ SETTINGS: tuple[Setting, ...] = (
             "Seconds a client may go without reading its answer before the connection is dropped (nginx's "
             "send_timeout). Also bounds each write between an HTTP worker and a model process.", check=positive),
     Setting("cors_origins", "--cors-origins", "AML_CORS_ORIGINS", None, str,
-            "Comma-separated origins allowed by CORS (GET and POST), as Azure ML's AML_CORS_ORIGINS."),
+            "Comma-separated origins allowed by CORS (GET and POST), as Azure ML's AML_CORS_ORIGINS.",
+            aihs_flag="--access_control_allow_origins"),
     Setting("auth_key", "--auth-key", "SCOREHOST_AUTH_KEY", None, str,
             "When set, /score, /swagger.json and /metrics need 'Authorization: Bearer <key>', as AKS endpoints do. "
             "The header is removed once checked: the entry script never sees the key. Prefer the environment "
@@ -189,6 +194,58 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("record_max_bytes", "--record-max-bytes", "SCOREHOST_RECORD_MAX_BYTES", 256 * MIB, int,
             "Recording: most bytes of recorded files in the --record directory; an exchange that would pass it "
             "is not written.", check=at_least(1)),
+    # --- Azure ML's local features (azmlinfsrv's amlserver.py, server/config.py, entry.py, appinsights_client.py)
+    Setting("config_file", "--config-file", "AZUREML_CONFIG_FILE", None, str,
+            "JSON file of Azure ML's server settings by their environment names (AZUREML_ENTRY_SCRIPT, "
+            "AZUREML_MODEL_DIR, SCORING_TIMEOUT_MS, SERVICE_PATH_PREFIX, AZUREML_DEBUG_PORT, ...), as azmlinfsrv "
+            "reads it: flags and environment win over it; unknown keys are named in one warning. Default: "
+            "config.json in the app root or beside the entry script, when there is one (as azmlinfsrv).",
+            check=is_file, aihs_flag="--config_file"),
+    Setting("health_port", "--health-port", None, 5000, int,
+            "Port of the separate liveness listener, with --separate-health-endpoint (azmlinfsrv ignores a "
+            "HEALTH_PORT variable, so there is none).", check=_port, aihs_flag="--health_port"),
+    Setting("separate_health_endpoint", "--separate-health-endpoint", "SEPERATE_HEALTH_ENDPOINT", False, _bool,
+            "Also listen on --health-port (Azure ML's own spelling of the variable), so a liveness probe of GET / "
+            "has an accept queue that scoring traffic cannot fill. As azmlinfsrv, it serves the same routes."),
+    Setting("debug_port", "--debug-port", "AZUREML_DEBUG_PORT", None, int,
+            "Listen for a debugger (debugpy; pip install scorehost[debug]) on this port in the process that runs "
+            "init() and run() (the model process when batching). Implies one worker and no scoring, worker or init "
+            "timeout, since a breakpoint would otherwise time the request out or restart the worker. Never in "
+            "production.", check=_port),
+    Setting("source_dir", "--source-dir", "AZUREML_SOURCE_DIRECTORY", None, str,
+            "Directory (relative to --app-root) appended to sys.path before the entry script loads, as azmlinfsrv."),
+    Setting("service_path_prefix", "--service-path-prefix", "SERVICE_PATH_PREFIX", "", str,
+            "Path prefix written into /swagger.json's paths, as azmlinfsrv (which, like scorehost, still serves "
+            "the routes themselves without it: Azure ML's front end strips it)."),
+    Setting("service_name", "--service-name", "SERVICE_NAME", "ML service", str,
+            "Service name in /swagger.json's title and in Application Insights records ('Service Name')."),
+    Setting("service_version", "--service-version", "SERVICE_VERSION", "1.0", str,
+            "Service version in /swagger.json's info."),
+    Setting("workspace_name", "--workspace-name", "WORKSPACE_NAME", "", str,
+            "Workspace name in Application Insights records ('Workspace Name')."),
+    Setting("server_version_header", "--server-version-header", "SERVER_VERSION_LOG_RESPONSE_ENABLED", True, _bool,
+            "Send x-ms-server-version on every answer (HTTP_X_MS_SERVER_VERSION when set, else scorehost's "
+            "version); false sends it only when HTTP_X_MS_SERVER_VERSION is set, as azmlinfsrv."),
+    Setting("log_level", "--log-level", "AZUREML_LOG_LEVEL", "info", str,
+            "Server log level (debug, info, warning, error), Azure ML's AZUREML_LOG_LEVEL."),
+    Setting("appinsights_enabled", "--appinsights-enabled", "AML_APP_INSIGHTS_ENABLED", False, _bool,
+            "Send each request (id, status, duration, the answer's body unless --appinsights-log-response false) "
+            "and the script's exceptions to Application Insights, with the key below or the connection string "
+            "(pip install scorehost[telemetry]).", aihs_flag=None),
+    Setting("appinsights_key", "--appinsights-instrumentation-key", "AML_APP_INSIGHTS_KEY", None, str,
+            "Application Insights instrumentation key (a GUID, checked as azmlinfsrv does; giving the flag turns "
+            "Application Insights on, as azmlinfsrv).", secret=True, aihs_flag="--appinsights_instrumentation_key"),
+    Setting("appinsights_connection_string", "--appinsights-connection-string",
+            "APPLICATIONINSIGHTS_CONNECTION_STRING", None, str,
+            "Application Insights connection string, as today's SDKs take it (InstrumentationKey=...;"
+            "IngestionEndpoint=...); turns Application Insights on. Beats the instrumentation key.", secret=True),
+    Setting("appinsights_log_response", "--appinsights-log-response", "APP_INSIGHTS_LOG_RESPONSE_ENABLED", True,
+            _bool, "Application Insights: include each answer's body ('Response Value'), as azmlinfsrv by default."),
+    Setting("otlp_endpoint", "--otlp-endpoint", "OTEL_EXPORTER_OTLP_ENDPOINT", None, str,
+            "Trace every request (spans for reading the body, preprocess(), the queue, run() or run_batch() with "
+            "its batch size, writing the answer; W3C traceparent taken and returned) and export them over "
+            "OTLP/HTTP (JSON) to this base URL (+ /v1/traces; OTEL_EXPORTER_OTLP_HEADERS is sent). Off by default "
+            "(pip install scorehost[telemetry])."),
 )
 
 BY_NAME: dict[str, Setting] = {s.name: s for s in SETTINGS}
@@ -241,14 +298,19 @@ def check(settings: Settings) -> None:
             raise SettingError(s, problem)
     if v["entry_script"] and not os.path.isfile(os.path.join(v["app_root"], v["entry_script"])):
         raise SettingError(BY_NAME["entry_script"], f"{v['entry_script']} is not a file")
-    with socket.socket(socket.AF_INET6 if ":" in v["host"] else socket.AF_INET) as probe:
-        # As gunicorn binds: SO_REUSEADDR, so the TIME_WAIT sockets a previous server left do not block a restart.
-        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            probe.bind((v["host"], v["port"]))
-        except OSError as ex:
-            raise SettingError(BY_NAME["port"], f"cannot listen on {v['host']}:{v['port']} ({ex.strerror}): another "
-                               "server may hold it; choose another with --port") from None
+    ports = ("port",) + (("health_port",) if v["separate_health_endpoint"] else ()) + (
+        ("debug_port",) if v["debug_port"] else ())
+    for name in ports:
+        with socket.socket(socket.AF_INET6 if ":" in v["host"] else socket.AF_INET) as probe:
+            # As gunicorn binds: SO_REUSEADDR, so the TIME_WAIT sockets a previous server left do not block a
+            # restart.
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind((v["host"], v[name]))
+            except OSError as ex:
+                flag = BY_NAME[name].flag
+                raise SettingError(BY_NAME[name], f"cannot listen on {v['host']}:{v[name]} ({ex.strerror}): another "
+                                   f"server may hold it; choose another with {flag}") from None
 
 
 class DrainPlan(NamedTuple):
@@ -287,15 +349,19 @@ def markdown_table() -> str:
     rows = ["| flag | environment | default | what it does |", "|---|---|---|---|"]
     for s in SETTINGS:
         default = "see text" if s.default is None else f"`{s.default}`"
-        rows.append(f"| `{s.flag}` | `{s.env}` | {default} | {s.doc} |")
+        flags = f"`{s.flag}`" + (f", `{s.aihs_flag}`" if s.aihs_flag and s.aihs_flag != s.flag else "")
+        rows.append(f"| {flags} | {f'`{s.env}`' if s.env else '-'} | {default} | {s.doc} |")
     return "\n".join(rows)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Every setting's flag, and azmlinfsrv's spelling of it where that differs (`--entry_script`), so a user's
+    azmlinfsrv command line works with the program name swapped."""
     for s in SETTINGS:
         env = f" [env {s.env}]" if s.env else ""
         default = "" if s.default is None or s.secret else f" (default {s.default})"
-        parser.add_argument(s.flag, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
+        flags = [s.flag] + ([s.aihs_flag] if s.aihs_flag and s.aihs_flag != s.flag else [])
+        parser.add_argument(*flags, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
                             help=f"{s.doc}{env}{default}".replace("%", "%%"))  # argparse formats help with %
 
 
@@ -312,18 +378,66 @@ def _named(setting: Setting) -> Callable[[str], Any]:
 
 
 def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping[str, str]] = None) -> Settings:
-    """Flag beats environment beats default; a malformed environment value is an error naming the variable."""
+    """Flag beats environment beats the config file (azmlinfsrv's order) beats default; a malformed value is an
+    error naming the variable (or the file and key)."""
     flags = flags or {}
     environ = os.environ if environ is None else environ
+
+    def given(name: str) -> Any:
+        env = BY_NAME[name].env
+        return flags.get(name) if flags.get(name) is not None else environ.get(env or "", "") or None
+
+    path, from_file = config_file(given("config_file"), given("app_root") or ".", given("entry_script"))
     values: dict[str, Any] = {}
     for s in SETTINGS:
         if flags.get(s.name) is not None:
             values[s.name] = flags[s.name]
         elif s.env and environ.get(s.env, "") != "":
-            try:
-                values[s.name] = s.type(environ[s.env])
-            except ValueError as ex:
-                raise SystemExit(f"scorehost: environment variable {s.env}: {ex}") from None
+            values[s.name] = _parsed(s, environ[s.env], f"environment variable {s.env}")
+        elif s.env in from_file:
+            values[s.name] = _parsed(s, str(from_file[s.env]), f"{path}: {s.env}")
         else:
             values[s.name] = s.default
+    if path:
+        values["config_file"] = path
     return Settings(values)
+
+
+def _parsed(setting: Setting, text: str, where: str) -> Any:
+    try:
+        return setting.type(text)
+    except ValueError as ex:
+        raise SystemExit(f"scorehost: {where}: {ex}") from None
+
+
+# Keys azmlinfsrv reads from its config file (its config.py fields with an alias); HOSTNAME only names the
+# container in its Application Insights records, which scorehost takes from the environment.
+CONFIG_FILE_KEYS = ("AZUREML_SOURCE_DIRECTORY", "AZUREML_ENTRY_SCRIPT", "SERVICE_NAME", "WORKSPACE_NAME",
+                    "SERVICE_PATH_PREFIX", "SERVICE_VERSION", "SCORING_TIMEOUT_MS", "AZUREML_LOG_LEVEL",
+                    "APP_INSIGHTS_LOG_RESPONSE_ENABLED", "AZUREML_MODEL_DIR", "HOSTNAME", "AZUREML_DEBUG_PORT")
+
+
+def config_file(given: Optional[str], app_root: str, entry_script: Optional[str]) -> tuple[Optional[str], dict]:
+    """azmlinfsrv's config file and its values: the one given (--config-file, AZUREML_CONFIG_FILE), else a
+    non-empty config.json in the app root or beside the entry script. Unknown keys: one warning naming them."""
+    import json
+    import sys
+
+    candidates = [given] if given else [os.path.join(app_root, "config.json")] + (
+        [os.path.join(os.path.dirname(os.path.abspath(os.path.join(app_root, entry_script))), "config.json")]
+        if entry_script else [])
+    path = next((p for p in candidates if os.path.isfile(p) and os.path.getsize(p)), None)
+    if path is None:
+        return None, {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            values = json.load(f)
+        if not isinstance(values, dict):
+            raise ValueError("expected a JSON object of settings")
+    except (OSError, ValueError) as ex:
+        raise SystemExit(f"scorehost: config file {path}: {ex}") from None
+    unknown = sorted(set(values) - set(CONFIG_FILE_KEYS))
+    if unknown:
+        print(f"scorehost: config file {path}: keys not supported by Azure ML's server, ignored: "
+              f"{', '.join(unknown)}", file=sys.stderr)
+    return os.path.abspath(path), {k: v for k, v in values.items() if k in CONFIG_FILE_KEYS and v is not None}

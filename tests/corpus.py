@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import http.client
+import os
 import re
 from typing import Optional
 
@@ -183,6 +184,30 @@ CORPUS: list[Case] = [
     _c("sleeper.py", "POST", "/score", b"0"),
     # driver_module
     _c("driver.py", "POST", "/score", b"via proxy"),
+    # SERVICE_PATH_PREFIX, SERVICE_NAME, SERVICE_VERSION, SERVER_VERSION_LOG_RESPONSE_ENABLED=false (VARIANTS)
+    _c("schema.py@prefix", "GET", "/swagger.json"),
+    _c("schema.py@prefix", "GET", "/swagger.json?version=3"),
+    _c("schema.py@prefix", "POST", "/score", b'{"a": 2, "b": "p"}', Content_Type=JSON),
+    _c("schema.py@prefix", "POST", "/api/v1/score", b'{"a": 2}', Content_Type=JSON),
+    _c("schema.py@prefix", "GET", "/"),
+    # azmlinfsrv's --config_file (its keys: SCORING_TIMEOUT_MS, SERVICE_NAME, ...), on both command lines
+    _c("sleeper.py@config", "POST", "/score", b"2"),
+    _c("sleeper.py@config", "POST", "/score", b"0"),
+    _c("sleeper.py@config", "GET", "/swagger.json"),
+    _c("sleeper.py@config", "GET", "/swagger.json?version=3.1"),
 ]
 
-SCRIPT_ENV: dict[str, dict[str, str]] = {"sleeper.py": {"SCORING_TIMEOUT_MS": "500"}}
+# How a server of the corpus is started, the same for both: "script.py" or "script.py@variant" ->
+# (environment, extra command-line arguments, spelled as azmlinfsrv spells them).
+VARIANTS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
+    "sleeper.py": ({"SCORING_TIMEOUT_MS": "500"}, ()),
+    "schema.py@prefix": ({"SERVICE_PATH_PREFIX": "/api/v1/", "SERVICE_NAME": "greeter", "SERVICE_VERSION": "2.5",
+                          "SERVER_VERSION_LOG_RESPONSE_ENABLED": "false"}, ()),
+    "sleeper.py@config": ({}, ("--config_file", os.path.join(os.path.dirname(__file__), "scripts",
+                                                             "aihs_config.json"))),
+}
+
+
+def script_of(server: str) -> str:
+    """The script file a corpus server runs ("schema.py@prefix" runs schema.py)."""
+    return server.partition("@")[0]

@@ -8,7 +8,7 @@ import http.client
 import pytest
 
 from conftest import script
-from corpus import CORPUS, SCRIPT_ENV, Case, differences, is_routing_error, send
+from corpus import CORPUS, VARIANTS, Case, differences, is_routing_error, script_of, send
 
 SCRIPTS_IN_CORPUS = sorted({c.script for c in CORPUS})
 
@@ -20,9 +20,9 @@ def pairs(start_server):
 
     def get(name: str):
         if name not in cache:
-            env = SCRIPT_ENV.get(name, {})
-            cache[name] = (start_server("scorehost", script(name), env=env),
-                           start_server("aihs", script(name), env=env))
+            env, args = VARIANTS.get(name, ({}, ()))
+            cache[name] = (start_server("scorehost", script(script_of(name)), env=env, extra_args=args),
+                           start_server("aihs", script(script_of(name)), env=env, extra_args=args))
         return cache[name]
 
     return get
@@ -30,7 +30,7 @@ def pairs(start_server):
 
 def test_corpus_is_broad_enough():
     assert len(CORPUS) >= 40
-    assert len(SCRIPTS_IN_CORPUS) >= 5
+    assert len({script_of(name) for name in SCRIPTS_IN_CORPUS}) >= 5
     methods = {c.method for c in CORPUS}
     assert {"GET", "POST", "OPTIONS", "HEAD", "PUT", "DELETE", "PATCH"} <= methods
 
