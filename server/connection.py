@@ -135,7 +135,8 @@ class Connection:
         self.unsent = b""  # the part of a 100 Continue the socket did not take: it precedes the answer
         self.close_after = False
         self.eof = False
-        self.reading = True
+        self.reading = True  # whether bytes are taken now (not while a request is answered: back-pressure)
+        self.socket_paused = False  # whether the transport was told to stop reading (lazily, see pause_socket)
 
     # --- fed by the loop ---------------------------------------------------------------------------------------
     def received(self, data: bytes) -> None:
@@ -170,7 +171,8 @@ class Connection:
     def ended(self) -> None:
         """The client closed (or half-closed) its side: answer what it sent, then close."""
         self.eof = True
-        self._stop_reading_socket()
+        self.reading = False
+        self.pause_socket()  # at EOF the socket stays readable: stop watching it
         request = self.request
         if request is not None and request.head_done and not self.stop_reading:
             self.request = None  # cut short: answered if it can be (a short body is the app's 400)
@@ -416,8 +418,7 @@ class Connection:
             return
         self.deadline = self.clock() + (self.limits.read_timeout if self.request else self.limits.keepalive)
         if not self.eof:
-            self.reading = True
-            self.transport.reading(True)
+            self._resume_reading()
 
     def _head_only(self) -> None:
         """Answer a request on its head alone (the app refuses it before reading a body: wrong key, too large;
@@ -446,9 +447,21 @@ class Connection:
         self.stop_reading = True
 
     def _stop_reading_socket(self) -> None:
-        if self.reading:
-            self.reading = False
+        """Back-pressure, lazily: the transport is told only if bytes come while a request is answered
+        (`pause_socket`), so a plain request-then-answer client costs no epoll change per request."""
+        self.reading = False
+
+    def pause_socket(self) -> None:
+        """The loop saw input while this connection takes none: stop watching the socket until it does."""
+        if not self.socket_paused:
+            self.socket_paused = True
             self.transport.reading(False)
+
+    def _resume_reading(self) -> None:
+        self.reading = True
+        if self.socket_paused:
+            self.socket_paused = False
+            self.transport.reading(True)
 
     def _linger(self) -> None:
         if self.eof:
@@ -462,8 +475,7 @@ class Connection:
         except OSError:
             self.close()
             return
-        self.reading = True
-        self.transport.reading(True)  # drain what the client still sends, until its EOF or LINGER_S
+        self._resume_reading()  # drain what the client still sends, until its EOF or LINGER_S
 
     def _send_continue(self) -> None:
         """`100 Continue`: what the socket does not take now goes out before the answer (never half of it alone)."""

@@ -149,6 +149,7 @@ class FrontWorker(Worker):
         self.work: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]" = queue.SimpleQueue()
         self.side: "queue.SimpleQueue[Optional[tuple[Connection, Request]]]" = queue.SimpleQueue()
         self.done: "queue.SimpleQueue[tuple[Connection, Request, bytes, bool]]" = queue.SimpleQueue()
+        self.wake_pending = False  # a wake-up byte is on its way to the loop
         self.epoll = select.epoll()
         self.wake_r, self.wake_w = socket.socketpair()
         self.wake_r.setblocking(False)
@@ -333,6 +334,8 @@ class FrontWorker(Worker):
         if not conn.reading:
             if events & (select.EPOLLHUP | select.EPOLLERR):
                 conn.close()  # reset or gone both ways while its request is answered: no answer can reach it
+            else:
+                conn.pause_socket()  # input while its request is answered: leave it in the socket for now
             return
         try:
             data = conn.transport.sock.recv(RECV_SIZE)  # type: ignore[attr-defined]
@@ -352,6 +355,9 @@ class FrontWorker(Worker):
                 pass
         except BlockingIOError:
             pass
+        # After the bytes are read and before the queue is: an answer queued from now on sends its own wake-up, and
+        # one queued before (which saw the flag still set and sent none) is in the queue drained below.
+        self.wake_pending = False
         while True:
             try:
                 conn, request, data, close = self.done.get_nowait()
@@ -437,7 +443,9 @@ class FrontWorker(Worker):
                 data, close = errors.raw_error_response(errors.InternalError()), True
             request.responded = time.perf_counter()
             self.done.put((conn, request, data, close))
-            self._wake()
+            if not self.wake_pending:  # the loop drains every queued answer per wake-up: one byte is enough
+                self.wake_pending = True
+                self._wake()
 
     def _respond(self, conn: Connection, request: Request, timed_out: bool = False) -> tuple[bytes, bool]:
         environ = self._environ(conn, request)

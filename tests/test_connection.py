@@ -95,7 +95,10 @@ GET = b"GET /score HTTP/1.1\r\nHost: x\r\n\r\n"
 def test_a_request_is_dispatched_with_reading_paused_then_answered_and_idle():
     conn, transport, hooks, clock = make()
     conn.received(GET)
-    assert conn.state == BUSY and not transport.read_on  # back-pressure: nothing read while it is answered
+    assert conn.state == BUSY and not conn.reading  # back-pressure: nothing read while it is answered
+    assert transport.read_on  # lazily: the socket is left alone unless bytes arrive meanwhile
+    conn.pause_socket()  # they did (the loop saw input)
+    assert not transport.read_on
     answer_all(conn, hooks)
     assert transport.sent.endswith(b"ok") and conn.state == IDLE and transport.read_on
     assert conn.deadline == clock.now + LIMITS.keepalive  # finding 11: idle, with the keep-alive deadline
