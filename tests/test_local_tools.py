@@ -312,17 +312,23 @@ def test_the_batch_span_links_every_request_span(start_server, recorder):
         thread.start()
     for thread in threads:
         thread.join()
-    assert sorted(json.loads(a.body)["batch"] for a in answers) == [3, 3, 3]
+    sizes = [json.loads(a.body)["batch"] for a in answers]  # how the batching policy grouped them (issue 22)
     request_spans = {a.header("traceparent").split("-")[2] for a in answers}
-    batch = recorder.wait_for(lambda: next((s for s in recorder.spans() if s["name"] == "run_batch"), None))
-    assert {link["spanId"] for link in batch["links"]} == request_spans
-    assert attributes(batch)["batch.size"] == "3"
+
+    def batch_spans():
+        spans = [s for s in recorder.spans() if s["name"] == "run_batch"]
+        return spans if sum(int(attributes(s)["batch.size"]) for s in spans) == 3 else None
+
+    batches = recorder.wait_for(batch_spans)
+    assert {link["spanId"] for b in batches for link in b["links"]} == request_spans  # every request, linked once
+    assert sorted(len(b["links"]) for b in batches) == sorted(int(attributes(b)["batch.size"]) for b in batches)
+    assert sorted(sizes) == sorted(n for b in batches for n in [int(attributes(b)["batch.size"])] * len(b["links"]))
     names = recorder.wait_for(lambda: (names := [s["name"] for s in recorder.spans()]).count("write") >= 3 and names)
     assert names.count("batch queue") == 3 and names.count("preprocess") == 3 and names.count("model") == 3
     metrics = send(server.url, Case("batch_tagger.py", "GET", "/metrics")).body.decode()
     counts = dict(re.findall(r'scorehost_stage_duration_seconds_count\{stage="(\w+)"\} ([\d.]+)', metrics))
     assert counts == {"preprocess": "3.0", "queue": "4.0", "write": "3.0"}  # this scrape waited for a thread too
-    assert "scorehost_run_duration_seconds_count 1.0" in metrics  # one run_batch() call
+    assert f"scorehost_run_duration_seconds_count {float(len(batches))}" in metrics  # one per run_batch() call
     assert "scorehost_batch_queue_wait_seconds_count 3.0" in metrics
 
 
