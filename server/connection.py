@@ -154,7 +154,7 @@ class Connection:
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade:
-            self._stop()  # no upgrades here: answer what came, then close
+            self.stop_reading = True  # no upgrades here: answer what came, then close
         except httptools.HttpParserCallbackError as ex:
             cause = ex.__context__
             if isinstance(cause, _Discard):
@@ -442,9 +442,6 @@ class Connection:
             self.pending.append(request)
             return
         self._start(request)
-
-    def _stop(self) -> None:
-        self.stop_reading = True
 
     def _stop_reading_socket(self) -> None:
         """Back-pressure, lazily: the transport is told only if bytes come while a request is answered

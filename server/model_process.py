@@ -113,12 +113,11 @@ class Peer:
     """One HTTP worker's link, seen from the model process. Answers are sent whole, under a lock, with a send
     timeout; a link that cannot take them is closed (its HTTP worker then answers its requests 503)."""
 
-    def __init__(self, sock: Optional[socket.socket], send_timeout_s: float = 30.0):
+    def __init__(self, sock: socket.socket, send_timeout_s: float = 30.0):
         self.sock = sock
         self.lock = threading.Lock()
-        self.open = sock is not None
-        if sock is not None:
-            wire.set_send_timeout(sock, send_timeout_s)
+        self.open = True
+        wire.set_send_timeout(sock, send_timeout_s)
 
     def send(self, answers: Iterable[Answer]) -> None:
         parts: list[Any] = []
@@ -128,7 +127,7 @@ class Peer:
             if not self.open:
                 return
             try:
-                wire.send(self.sock, parts)  # type: ignore[arg-type]
+                wire.send(self.sock, parts)
             except OSError as ex:
                 log.warning("an HTTP worker's link does not take its answers (%s): closing it", ex)
                 self._close()
@@ -141,10 +140,10 @@ class Peer:
         if self.open:
             self.open = False
             try:
-                self.sock.shutdown(socket.SHUT_RDWR)  # type: ignore[union-attr]
+                self.sock.shutdown(socket.SHUT_RDWR)
             except OSError:
                 pass
-            self.sock.close()  # type: ignore[union-attr]
+            self.sock.close()
 
 
 def _encode(answer: Answer) -> list[Any]:
@@ -371,7 +370,7 @@ class ModelServer:
 
     def _read(self, peer: Peer) -> None:
         try:
-            stream = peer.sock.makefile("rb", buffering=wire.READ_BUFFER)  # type: ignore[union-attr]
+            stream = peer.sock.makefile("rb", buffering=wire.READ_BUFFER)
             while True:
                 frame = wire.receive(stream, self.queue_bytes)
                 if frame.type != wire.Type.SCORE:

@@ -16,8 +16,9 @@ from server.model_process import Answer, ModelClient, ModelServer, Peer, Request
 
 
 class FakePeer(Peer):
-    def __init__(self):
-        super().__init__(None)
+    """Collects the answers a ModelServer sends, instead of writing them to an HTTP worker's socket."""
+
+    def __init__(self):  # no socket: nothing of Peer's own state is used
         self.answers: list[Answer] = []
 
     def send(self, answers) -> None:
