@@ -13,6 +13,10 @@ The policy learns two things while serving, and answers "dispatch n items now, o
   population - q more are expected by the last answer + return_s.
 
 Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
+0. Before any batch has been answered nothing is known of who is coming: the first batch waits for a full batch,
+   up to `--batch-delay-ms` after its first arrival (Triton's rule: clients starting together fill it, and a
+   lone client pays the delay once, on its first request) and a third of any of its requests' time to deadline
+   (the run's cost is not known yet).
 1. q >= the best size (`--batch-max`, or fewer when the learned curve makes a smaller padded size pay more per
    second), or nothing else is expected (population <= q, e.g. a single client): dispatch now.
 2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
@@ -173,8 +177,12 @@ class BatchPolicy:
         take = self.best_take(q)
         if q >= self.batch_max or take < min(q, self.batch_max) or q >= self.best_size():
             return Decision(take, now, "full")
+        if not self.answered_at:
+            until = min(queue[0].arrived + self.delay_s,  # a third of any request's time: the run's cost is unknown
+                        min(item.arrived + (item.deadline - item.arrived) / 3 for item in queue))
+            return Decision(0, until, "cold", self.batch_max) if until > now else Decision(take, now, "cold")
         coming = min(self.population - q, self.batch_max - q)
-        if coming < 1 or not self.cost.known or not self.answered_at:
+        if coming < 1 or not self.cost.known:
             return Decision(take, now, "alone")
         expected_at = self.answered_at[-1] + self.return_s
         goal = q + coming

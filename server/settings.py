@@ -155,8 +155,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 50.0, float,
             "Batching: the longest a batch is held, from its first request's arrival, while the batching policy "
             "waits for a fuller one. It waits only when run_batch()'s learned cost and the clients' return pattern "
-            "say a fuller batch pays (never for a single client, never past a request's deadline); for batches to "
-            "fill, this must exceed run_batch()'s time. 0: send whatever is queued at once.", check=at_least(0)),
+            "say a fuller batch pays (never for a single client, never past a request's deadline); the very first "
+            "batch, before anything is learned, waits this long for a full one. For batches to fill, this must "
+            "exceed run_batch()'s time. 0: send whatever is queued at once.", check=at_least(0)),
     Setting("batch_sizes", "--batch-sizes", "SCOREHOST_BATCH_SIZES", None, _sizes,
             "Batching: allowed batch sizes, e.g. 1,2,4,8,16,32,64; a batch is padded to the next one, and each is "
             "warmed (with the script's warmup_item()) before the model process takes traffic, so GPU kernels are "
