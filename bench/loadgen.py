@@ -167,9 +167,14 @@ async def _closed_loop(target: _Target, next_request: Callable[[], Request], sta
     return result
 
 
+ARRIVALS = ("poisson", "uniform")  # open loop: MLPerf's server scenario, or wrk2's constant throughput
+
+
 async def _open_loop(target: _Target, next_request: Callable[[], Request], start_at: float, seconds: float,
-                     rate: float, seed: int, drain_s: float, bound_ms: Optional[float]) -> LoadResult:
-    """Poisson arrivals at `rate` for `seconds`, then up to `drain_s` more for the answers still due.
+                     rate: float, seed: int, drain_s: float, bound_ms: Optional[float],
+                     arrivals: str = "poisson", phase: float = 0.0) -> LoadResult:
+    """Arrivals at `rate` for `seconds` (Poisson, or "uniform": one every 1/rate from `phase`, as wrk2's constant
+    throughput), then up to `drain_s` more for the answers still due.
 
     With `bound_ms`, the run ends as soon as more than 1% of the requests it plans have missed the bound (answered
     after it or with a 5xx, dropped, or still unanswered past it): its p99 can no longer meet the bound."""
@@ -221,9 +226,9 @@ async def _open_loop(target: _Target, next_request: Callable[[], Request], start
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     watcher = asyncio.create_task(watch()) if bound_ms is not None else None
     tasks: set = set()
-    t = 0.0
+    t = phase
     for number in itertools.count():
-        t += rng.expovariate(rate)
+        t += 1 / rate if arrivals == "uniform" else rng.expovariate(rate)
         if t >= seconds or done.is_set():
             break
         delay = start_at + t - time.monotonic()
@@ -316,11 +321,13 @@ def closed_loop(url: str, clients: int, seconds: float, bodies: Optional[Bodies]
 
 
 def open_loop(url: str, rate: float, seconds: float, bodies: Optional[Bodies] = None, key: str = "", processes: int = 1,
-              drain_s: float = 30.0, bound_ms: Optional[float] = None, seed: int = 0) -> LoadResult:
-    """Poisson arrivals at `rate` a second in all (each of `processes` sends an independent Poisson share: their sum
-    is Poisson at `rate`); latencies from the scheduled send times. See _open_loop for `drain_s` and `bound_ms`."""
-    shares = [{"rate": rate / processes, "seed": seed * 1000 + i, "drain_s": drain_s, "bound_ms": bound_ms}
-              for i in range(processes)]
+              drain_s: float = 30.0, bound_ms: Optional[float] = None, seed: int = 0,
+              arrivals: str = "poisson") -> LoadResult:
+    """Arrivals at `rate` a second in all, Poisson (each of `processes` sends an independent Poisson share: their
+    sum is Poisson at `rate`) or uniform (the shares interleave: one request every 1/rate in all); latencies from
+    the scheduled send times. See _open_loop for `drain_s` and `bound_ms`."""
+    shares = [{"rate": rate / processes, "seed": seed * 1000 + i, "drain_s": drain_s, "bound_ms": bound_ms,
+               "arrivals": arrivals, "phase": i / rate} for i in range(processes)]
     return _spread(_open_loop, url, key, bodies or Bodies.images(), seconds, shares)
 
 
@@ -384,7 +391,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url")
     parser.add_argument("--clients", type=int, default=8, help="closed loop: concurrent clients")
-    parser.add_argument("--qps", type=float, help="open loop instead: Poisson arrivals at this rate a second")
+    parser.add_argument("--qps", type=float, help="open loop instead: arrivals at this rate a second")
+    parser.add_argument("--arrivals", choices=ARRIVALS, default="poisson", help="open loop: how requests are spaced")
     parser.add_argument("--processes", type=int, default=1, help="client processes sharing the load")
     parser.add_argument("--seconds", type=float, default=10)
     parser.add_argument("--images")
@@ -393,7 +401,8 @@ def main() -> None:
     args = parser.parse_args()
     bodies = Bodies.images(args.images, args.batch)
     if args.qps:
-        result = open_loop(args.url, args.qps, args.seconds, bodies, args.key, args.processes)
+        result = open_loop(args.url, args.qps, args.seconds, bodies, args.key, args.processes,
+                           arrivals=args.arrivals)
     else:
         result = closed_loop(args.url, args.clients, args.seconds, bodies, args.key, args.processes)
     print(json.dumps(result.summary(), indent=1))

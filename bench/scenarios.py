@@ -1,8 +1,9 @@
 """MLPerf Inference's scenarios for any entry script or running server: `scorehost bench --scenario ...`.
 
-- server: open-loop Poisson arrivals at `--qps N` for `--seconds`, latency from each request's scheduled send time
-  (bench/loadgen.py), so an overloaded server shows the queue it builds; or, with `--p99-ms B`, a search for the
-  highest rate whose p99 stays under B (MLPerf's Server scenario: ResNet-50 at p99 <= 15 ms);
+- server: open-loop arrivals (Poisson, or `--arrivals uniform`) at `--qps N` for `--seconds`, latency from each
+  request's scheduled send time (bench/loadgen.py), so an overloaded server shows the queue it builds; or, with
+  `--p99-ms B`, a search for the highest rate whose p99 stays under B (MLPerf's Server scenario: ResNet-50 at
+  p99 <= 15 ms);
 - offline: everything at once (`--in-flight` requests outstanding), throughput;
 - single-stream: one request at a time, p90 latency.
 Locally each runs on scorehost and AIHS with the same script (servers alternating), with scorehost/AIHS ratios;
@@ -33,7 +34,8 @@ def add_arguments(bench) -> None:
     bench.add_argument("--scenario", nargs="+", choices=SCENARIOS,
                        help="MLPerf-style scenarios instead of the concurrency matrix: server (open-loop Poisson, "
                             "--qps or --p99-ms), offline (throughput), single-stream (p90 latency)")
-    bench.add_argument("--qps", type=float, help="server scenario: requests a second offered (Poisson)")
+    bench.add_argument("--qps", type=float, help="server scenario: requests a second offered")
+    add_arrivals(bench)
     bench.add_argument("--p99-ms", type=float, nargs="+", default=[],
                        help="server scenario: find the highest rate whose p99 stays under each bound (ms)")
     bench.add_argument("--precision", type=float, default=0.1,
@@ -45,6 +47,13 @@ def add_arguments(bench) -> None:
     bench.add_argument("--url", help="run the scenarios against this running server (base URL or .../score) alone")
 
 
+def add_arrivals(parser) -> None:
+    parser.add_argument("--arrivals", choices=loadgen.ARRIVALS, default="poisson",
+                        help="server scenario: poisson (MLPerf's: independent arrivals, bursts and all; the "
+                             "default) or uniform (one request every 1/rate, as wrk2; with a fixed run() time no "
+                             "queue forms below capacity, so the rate found at a p99 bound is near capacity)")
+
+
 @dataclasses.dataclass
 class Load:
     """How this client loads a server: bodies, key, client processes, and its own ceiling (req/s; 0 = unknown)."""
@@ -52,12 +61,14 @@ class Load:
     key: str = ""
     processes: int = 1
     ceiling: float = 0.0
+    arrivals: str = "poisson"  # open loop: loadgen.ARRIVALS
 
     def closed(self, url: str, clients: int, seconds: float) -> loadgen.LoadResult:
         return loadgen.closed_loop(url, clients, seconds, self.bodies, self.key, self.processes)
 
     def open(self, url: str, rate: float, seconds: float, **kwargs) -> loadgen.LoadResult:
-        return loadgen.open_loop(url, rate, seconds, self.bodies, self.key, self.processes, **kwargs)
+        return loadgen.open_loop(url, rate, seconds, self.bodies, self.key, self.processes, arrivals=self.arrivals,
+                                 **kwargs)
 
     def bound_by_client(self, rate: float) -> bool:
         return bool(self.ceiling) and rate >= CLIENT_BOUND_SHARE * self.ceiling
@@ -153,7 +164,7 @@ def single_stream(url: str, load: Load, seconds: float, server: str = "", script
 
 def _step(url: str, load: Load, rate: float, seconds: float, bound_ms: float, seed: int) -> Step:
     """One rate, long enough for its p99 to rest on MIN_REQUESTS_FOR_P99 requests."""
-    length = max(seconds, 1.25 * MIN_REQUESTS_FOR_P99 / rate)  # 1.25: a Poisson count falls short of its mean
+    length = max(seconds, 1.25 * MIN_REQUESTS_FOR_P99 / rate)  # 1.25: a Poisson count can fall short of its mean
     r = load.open(url, rate, length, drain_s=bound_ms / 1000 + 1, bound_ms=bound_ms, seed=seed)
     p99 = _ms(r.percentile(99))
     met = not r.stopped_early and p99 is not None and p99 <= bound_ms and r.server_errors() <= 0.01 * r.sent
@@ -163,9 +174,9 @@ def _step(url: str, load: Load, rate: float, seconds: float, bound_ms: float, se
 def search(url: str, load: Load, bound_ms: float, seconds: float, precision: float = 0.1,
            deadline: float = math.inf, server: str = "", script: str = "",
            on_step: Callable[[Step], None] = lambda s: None) -> Outcome:
-    """The highest Poisson rate whose p99 stays under `bound_ms`: bisection between 0 and a little above the offline
-    throughput (doubled while it still meets the bound), until the rates that met and missed are within
-    `precision` of each other, or `deadline` (time.monotonic()) passes. offered_qps is the highest rate that met
+    """The highest rate (the load's arrivals) whose p99 stays under `bound_ms`: bisection between 0 and a little
+    above the offline throughput (doubled while it still meets the bound), until the rates that met and missed are
+    within `precision` of each other, or `deadline` (time.monotonic()) passes. offered_qps is the highest rate that met
     the bound (0: none did); its p99 is that step's."""
     alone = single_stream(url, load, min(seconds, 2.0))
     if alone.p50_ms is None or alone.p50_ms > bound_ms:  # half the requests miss it with no load at all
@@ -263,6 +274,7 @@ def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float) 
             for o in outcomes]
     parts = [f"# scorehost bench: scenarios\n\n- command: `{command}`\n- commit: {_commit()}\n"
              f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- machine: {machine}\n- client ceiling: {ceiling}\n"
+             f"- arrivals (server scenario): {load.arrivals}\n"
              f"- {seconds:g} s a run (p99 search: each rate at least that long and {MIN_REQUESTS_FOR_P99} requests)\n",
              "## Results\n\nFor the p99 searches (`server p99<=B`), offered and answered are the highest rate found "
              "and its p99 is that run's; latencies are from each request's scheduled send time.\n\n"
@@ -291,7 +303,8 @@ def _commit() -> str:
         return "-"
 
 
-def p99_plot(series: dict[str, list[Step]], bounds: list[float], path: str, title: str) -> str:
+def p99_plot(series: dict[str, list[Step]], bounds: list[float], path: str, title: str,
+             arrivals: str = "poisson") -> str:
     """p99 against the offered rate, one line per series; a rate that ended early (bound already missed) or lacks
     an answer for its p99 is drawn as an x at the top, not as a measured p99."""
     import matplotlib
@@ -313,7 +326,7 @@ def p99_plot(series: dict[str, list[Step]], bounds: list[float], path: str, titl
         ax.annotate(f"p99 bound {b:g} ms", (0, b), xycoords=("axes fraction", "data"), fontsize=7,
                     va="bottom", color="grey")
     ax.set(title=title + "\n(x at the top: more than 1% of requests had already missed the bound)",
-           xlabel="offered rate (requests/s, Poisson)", ylabel="p99 latency, ms", ylim=(0, top * 1.05))
+           xlabel=f"offered rate (requests/s, {arrivals})", ylabel="p99 latency, ms", ylim=(0, top * 1.05))
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
@@ -334,7 +347,7 @@ def write(outcomes: list[Outcome], out_dir: str, command: str, load: Load, secon
     if searched:
         p99_plot({f"{o.server} {o.script} (<= {o.bound_ms:g} ms)": o.steps for o in searched},
                  sorted({o.bound_ms for o in searched}), os.path.join(out_dir, "p99_vs_rate.png"),
-                 "p99 search: each rate tried")
+                 "p99 search: each rate tried", load.arrivals)
     return os.path.join(out_dir, "report.md")
 
 
@@ -365,7 +378,7 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
     if args.client_processes < 1 or args.in_flight < 1 or (args.qps is not None and args.qps <= 0):
         raise SystemExit("scorehost bench: --client-processes, --in-flight and --qps must be above 0")
     bodies = loadgen.Bodies.images(args.images, args.batch)
-    load = Load(bodies, args.key or "", args.client_processes)
+    load = Load(bodies, args.key or "", args.client_processes, arrivals=args.arrivals)
     print("scorehost bench: the client's own ceiling (2 s against a server that answers at once)...", flush=True)
     load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)
     print(f"client ceiling: {load.ceiling:,.0f} req/s with {args.client_processes} client process(es)", flush=True)

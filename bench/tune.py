@@ -37,6 +37,7 @@ def register(sub) -> None:
     tune.add_argument("--precision", type=float, default=0.1, help="p99 search precision (see scorehost bench)")
     tune.add_argument("--thread-safe", action="store_true",
                       help="run() may be called on several threads at once: also try --threads > 1 without batching")
+    scenarios.add_arrivals(tune)
     tune.add_argument("--client-processes", type=int, default=1, help="client processes sharing the load")
     tune.add_argument("--images", help="directory of JPEG/PNG files to send (default: the generated corpus)")
     tune.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
@@ -124,7 +125,8 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
         f.write(line + "\n")
     scenarios.p99_plot({" ".join(serve_args(t.config)) or "defaults": [scenarios.Step(**s) for s in t.steps]
                         for t in trials if t.steps}, [args.p99_ms], os.path.join(out, "frontier.png"),
-                       f"scorehost tune: p99 against rate, each configuration ({os.path.basename(args.entry_script)})")
+                       f"scorehost tune: p99 against rate, each configuration ({os.path.basename(args.entry_script)})",
+                       args.arrivals)
     return line
 
 
@@ -157,7 +159,7 @@ def cmd(args) -> int:
         print(f"scorehost tune: resuming {out}: {len(trials)} configuration(s) already measured", flush=True)
     deadline = time.monotonic() + args.budget * 60
     bodies = loadgen.Bodies.images(args.images, args.batch)
-    load = scenarios.Load(bodies, processes=args.client_processes, ceiling=load_ceiling(out))
+    load = scenarios.Load(bodies, processes=args.client_processes, ceiling=load_ceiling(out), arrivals=args.arrivals)
     if not load.ceiling and args.budget:
         load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)
         with open(os.path.join(out, "ceiling.json"), "w") as f:
