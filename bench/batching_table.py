@@ -10,7 +10,8 @@ own batching, `--peer-delay-ms` as its delay bound and one model copy). Peers ru
 PEERS_DIR/NAME/bin/python (bench/peers/install.sh makes them); one that is not installed is skipped, said so. All
 servers run side by side; in each round and concurrency they take turns (the order alternates), and the table
 gives the median of the rounds: answers a second, mean batch per run_batch() call, p99, and the fraction of the
-ideal min(clients, batch max) / cost. Before the load, each server must answer 64 concurrent distinct images each
+ideal min(clients, batch max) / cost. `scorehost-greedy` is scorehost with `--batch-delay-ms 0`: the policy
+never waits, it sends whatever is queued when the model frees (the policy before issue 22). Before the load, each server must answer 64 concurrent distinct images each
 with its own image's colour."""
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ PEER_NAMES = ("torchserve", "litserve", "mlserver", "bentoml", "rayserve")
 JSON_BODY = {  # peers that read JSON only: the JPEG in base64
     "litserve": lambda b64: {"image": b64},
     "bentoml": lambda b64: {"images": [b64]},  # a batchable API takes a list (and answers one)
+}
+SCOREHOSTS = {  # scorehost's own policy, and the greedy one it replaced (dispatch whatever is queued, never wait)
+    "scorehost": (),
+    "scorehost-greedy": ("--batch-delay-ms", "0"),
 }
 BASE_PATH = {"torchserve": "/predictions"}  # TorchServe's model is named "score": POST /predictions/score
 DEFAULT_PEERS_DIR = os.environ.get("SCOREHOST_PEERS_DIR", os.path.expanduser("~/.cache/scorehost-peers"))
@@ -90,9 +95,10 @@ class Cell:
 
 def start(name: str, args: argparse.Namespace, scratch: str) -> Optional[Server]:
     env = {"PIPELINE_COST_S": str(args.cost_ms / 1000)}
-    if name == "scorehost":
+    if name in SCOREHOSTS:
         process = processes.start("scorehost", PIPELINE, env={**env, "CUDA_VISIBLE_DEVICES": "0"}, workers=None,
-                                  extra_args=("--batch-max", str(args.batch_max), *args.scorehost_arg))
+                                  extra_args=("--batch-max", str(args.batch_max), *SCOREHOSTS[name],
+                                              *args.scorehost_arg))
         return Server(name, process, process.url)
     if name == "aihs":
         process = processes.start("aihs", PIPELINE, env=env, workers=1)
@@ -174,7 +180,7 @@ def table(results: dict[tuple[str, int], Cell], names: list[str], clients: list[
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--servers", nargs="+", default=["scorehost", *PEER_NAMES],
-                        choices=["scorehost", "aihs", *PEER_NAMES])
+                        choices=[*SCOREHOSTS, "aihs", *PEER_NAMES])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 64, 128])
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
     parser.add_argument("--rounds", type=int, default=3)

@@ -101,6 +101,7 @@ class Outcome:
     steps: list = dataclasses.field(default_factory=list)
     p99_by_second_ms: list = dataclasses.field(default_factory=list)  # server scenario at a fixed rate
     client_bound: bool = False
+    beaten: float = 0.0  # a search told to beat this rate that could not (offered_qps 0: not measured further)
 
     @property
     def name(self) -> str:
@@ -173,16 +174,24 @@ def _step(url: str, load: Load, rate: float, seconds: float, bound_ms: float, se
 
 def search(url: str, load: Load, bound_ms: float, seconds: float, precision: float = 0.1,
            deadline: float = math.inf, server: str = "", script: str = "",
-           on_step: Callable[[Step], None] = lambda s: None) -> Outcome:
+           on_step: Callable[[Step], None] = lambda s: None, beat: float = 0.0, ceiling: float = 0.0) -> Outcome:
     """The highest rate (the load's arrivals) whose p99 stays under `bound_ms`: bisection between 0 and a little
     above the offline throughput (doubled while it still meets the bound), until the rates that met and missed are
     within `precision` of each other, or `deadline` (time.monotonic()) passes. offered_qps is the highest rate that met
-    the bound (0: none did); its p99 is that step's."""
+    the bound (0: none did); its p99 is that step's.
+
+    `beat` (a tuner's best so far): only whether this server does better matters. If its offline throughput is
+    under `beat`, or it misses the bound at `beat` x (1 + precision), the search ends there (offered_qps 0, `beaten`
+    set): a loser costs one short step instead of a search down to its own rate. `ceiling`: the offline throughput,
+    when the caller measured it already."""
     alone = single_stream(url, load, min(seconds, 2.0))
     if alone.p50_ms is None or alone.p50_ms > bound_ms:  # half the requests miss it with no load at all
         return Outcome(server, script, "server", 0, 0.0, bound_ms=bound_ms, p50_ms=alone.p50_ms)
-    ceiling = offline(url, load, 64, min(seconds, 3.0)).answered_qps
+    ceiling = ceiling or offline(url, load, 64, min(seconds, 3.0)).answered_qps
     lo, hi, best, steps = 0.0, max(1.0, 1.2 * ceiling), None, []
+    beaten = Outcome(server, script, "server", 0, 0.0, bound_ms=bound_ms, steps=steps, beaten=beat)
+    if beat and ceiling < beat:
+        return beaten
     slowest = MIN_REQUESTS_FOR_P99 * 1.25 / 120  # no rate whose step would need more than 2 minutes
 
     def attempt(rate: float) -> bool:
@@ -194,6 +203,11 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
             best = step
         return step.met
 
+    if beat:
+        lo = beat * (1 + precision)
+        if not attempt(lo):
+            return beaten
+        hi = max(hi, 2 * lo)
     while attempt(hi) and len(steps) < 4 and time.monotonic() < deadline:
         lo, hi = hi, 2 * hi
     if best is None or best.rate < hi:

@@ -2,10 +2,13 @@
 entry script on this machine (CPU or GPU), found within a time budget.
 
 Each configuration tried is a real `scorehost serve` on 127.0.0.1, measured with the server scenario's p99 search
-(bench/scenarios.py: open-loop Poisson load, the highest rate whose p99 stays under --p99-ms). The search is
-coordinate ascent from scorehost's defaults: one flag at a time (--batch-max, --workers, --batch-delay-ms,
---threads, --batch-sizes) over a few values each, keeping the best, until a full pass improves nothing or the budget
-is spent. --threads > 1 without batching lets run() calls overlap, so it is tried only with --thread-safe.
+(bench/scenarios.py: open-loop Poisson load, or --arrivals uniform; the highest rate whose p99 stays under
+--p99-ms). The search is coordinate ascent from scorehost's defaults: one flag at a time (--batch-max, --workers,
+--batch-delay-ms, --threads, --batch-sizes) over a few values each, keeping the best, until a full pass improves
+nothing or the budget is spent. A configuration is searched only as far as it beats the best so far: one whose
+offline throughput is under the best's rate, or that misses the bound just above it, is stopped there (a loser
+costs seconds, not a search down to its own rate). --threads > 1 without batching lets run() calls overlap, so it
+is tried only with --thread-safe.
 Everything goes to one folder: trials.jsonl (one line per configuration, read back on the next run, so a run
 stopped half-way resumes where it was), frontier.md (the table), frontier.png (rate against p99 for every
 configuration) and best.txt (the winning serve line).
@@ -13,13 +16,14 @@ configuration) and best.txt (the winning serve line).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
 import os
 import sys
 import time
-from typing import Optional
+from typing import Iterator, Optional
 
 from bench import loadgen, scenarios
 from bench.report import table
@@ -90,31 +94,52 @@ class Trial:
     steps: list = dataclasses.field(default_factory=list)
     complete: bool = True  # False: the budget ran out during its search (rate is a lower bound)
     error: str = ""
+    beaten: float = 0.0  # measured only far enough to see it does not beat this rate (the best then)
+    ceiling: float = 0.0  # offline throughput, req/s (the probe)
 
 
-def measure(config: dict, args, load: scenarios.Load, deadline: float) -> Trial:
+@contextlib.contextmanager
+def serving(config: dict, args) -> Iterator[str]:
+    """A `scorehost serve` of this configuration, healthy; its URL. RuntimeError: it would not start."""
     from scorehost import processes
 
     server = processes.start("scorehost", args.entry_script, args.model_dir, workers=None,
                              extra_args=tuple(serve_args(config)))
     try:
         server.wait_healthy(300)
-        out = scenarios.search(server.url, load, args.p99_ms, args.seconds, args.precision, deadline)
-    except RuntimeError as ex:  # the server would not start with these flags
-        return Trial(config, error=str(ex).splitlines()[0])
+        yield server.url
     finally:
         server.stop()
+
+
+def probe(config: dict, args, load: scenarios.Load) -> float:
+    """The configuration's offline throughput (64 in flight, 3 s): no rate under any bound exceeds it, so it orders
+    the searches (the most promising first) and stops a loser before its search (0: it would not start)."""
+    try:
+        with serving(config, args) as url:
+            return scenarios.offline(url, load, 64, min(args.seconds, 3.0)).answered_qps
+    except RuntimeError:
+        return 0.0
+
+
+def measure(config: dict, args, load: scenarios.Load, deadline: float, beat: float = 0.0,
+            ceiling: float = 0.0) -> Trial:
+    try:
+        with serving(config, args) as url:
+            out = scenarios.search(url, load, args.p99_ms, args.seconds, args.precision, deadline, beat=beat,
+                                   ceiling=ceiling)
+    except RuntimeError as ex:  # the server would not start with these flags
+        return Trial(config, error=str(ex).splitlines()[0])
     return Trial(config, out.offered_qps or 0.0, out.p99_ms, [dataclasses.asdict(s) for s in out.steps],
-                 time.monotonic() < deadline)
+                 time.monotonic() < deadline, beaten=out.beaten, ceiling=ceiling)
 
 
 def report(trials: list[Trial], args, best: Trial, out: str) -> str:
     """frontier.md, frontier.png and best.txt; returns the winning serve line."""
     line = " ".join(["scorehost serve", "--entry-script", args.entry_script]
                     + (["--model-dir", args.model_dir] if args.model_dir else []) + serve_args(best.config))
-    rows = [[" ".join(serve_args(t.config)) or "(defaults)", f"{t.rate:,.1f}" + ("" if t.complete else " (at least)"),
-             scenarios._fmt_ms(t.p99_ms) if t.rate else "-", str(len(t.steps)), t.error or ("best" if t is best else "")]
-            for t in trials]
+    rows = [[" ".join(serve_args(t.config)) or "(defaults)", _rate(t), scenarios._fmt_ms(t.p99_ms) if t.rate else "-",
+             str(len(t.steps)), t.error or ("best" if t is best else "")] for t in trials]
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write(f"# scorehost tune: {args.entry_script}, p99 <= {args.p99_ms:g} ms\n\n- commit: {scenarios._commit()}"
                 f"\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- cores: {os.cpu_count()}\n- client ceiling: "
@@ -128,6 +153,12 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
                        f"scorehost tune: p99 against rate, each configuration ({os.path.basename(args.entry_script)})",
                        args.arrivals)
     return line
+
+
+def _rate(t: Trial) -> str:
+    if t.beaten and not t.rate:
+        return f"not above {t.beaten:,.1f} (stopped there)"
+    return f"{t.rate:,.1f}" + ("" if t.complete else " (at least)")
 
 
 def load_ceiling(out: str) -> float:
@@ -166,34 +197,50 @@ def cmd(args) -> int:
             json.dump({"req_s": load.ceiling, "client_processes": args.client_processes}, f)
     has_batch, cores = defines(args.entry_script, "run_batch"), os.cpu_count() or 1
 
-    def tried(config: dict) -> Trial:
+    def tried(config: dict, beat: float, ceiling: float) -> Trial:
         key = _key(config)
         if key not in trials and time.monotonic() < deadline:
-            print(f"trying {' '.join(serve_args(config)) or '(defaults)'} ...", flush=True)
-            t = measure(config, args, load, deadline)
-            print(f"  {t.rate:,.1f} req/s with p99 {scenarios._fmt_ms(t.p99_ms)}" if not t.error else f"  {t.error}",
+            print(f"searching {' '.join(serve_args(config)) or '(defaults)'} (offline {ceiling:,.1f} req/s) ...",
+                  flush=True)
+            t = measure(config, args, load, deadline, beat, ceiling)
+            print(f"  {t.error}" if t.error else f"  {_rate(t)} req/s with p99 {scenarios._fmt_ms(t.p99_ms)}",
                   flush=True)
             with open(path, "a") as f:
                 f.write(json.dumps(dataclasses.asdict(t)) + "\n")
             trials[key] = t
         return trials.get(key, Trial(config, complete=False))
 
-    best = tried({})
+    def ranked(configs: list[dict]) -> list[tuple[dict, float]]:
+        """The configurations not measured yet, each with its offline throughput, the most promising first."""
+        fresh = {_key(c): c for c in configs if _key(c) not in trials}
+        probed = []
+        for config in fresh.values():
+            if time.monotonic() < deadline:
+                probed.append((config, probe(config, args, load)))
+                print(f"probed {' '.join(serve_args(config)) or '(defaults)'}: offline {probed[-1][1]:,.1f} req/s",
+                      flush=True)
+        return sorted(probed, key=lambda pc: -pc[1])
+
+    best = max(trials.values(), key=lambda t: t.rate, default=Trial({}, complete=False))
+    pending = [{}]  # the defaults are judged beside the first flag's values
     improved = True
     while improved and time.monotonic() < deadline:
         improved = False
         for flag in PASS_ORDER:
-            for value in candidates(flag, best.config, cores, has_batch, args.thread_safe):
-                t = tried({**best.config, flag: value})
+            configs = pending + [{**best.config, flag: v}
+                                 for v in candidates(flag, best.config, cores, has_batch, args.thread_safe)]
+            pending = []
+            for config, ceiling in ranked(configs):
+                t = tried(config, best.rate, ceiling)
                 if t.rate > best.rate * 1.03:  # past the noise of one measurement
                     best, improved = t, True
     if not trials:
         raise SystemExit(f"scorehost tune: nothing measured (budget {args.budget:g} min)")
-    best = max(trials.values(), key=lambda t: t.rate)  # on a tie, the first tried: the defaults
+    best = max(trials.values(), key=lambda t: (t.rate, t.config == {}))  # on a tie, the defaults
     ordered = sorted(trials.values(), key=lambda t: -t.rate)
     line = report(ordered, args, best, out)
     print(f"\nfrontier: {os.path.join(out, 'frontier.md')}\n"
-          + table(["serve flags", "req/s", "p99"], [[" ".join(serve_args(t.config)) or "(defaults)",
-                                                    f"{t.rate:,.1f}", scenarios._fmt_ms(t.p99_ms)] for t in ordered]))
+          + table(["serve flags", "req/s", "p99"], [[" ".join(serve_args(t.config)) or "(defaults)", _rate(t),
+                                                    scenarios._fmt_ms(t.p99_ms)] for t in ordered]))
     print(f"\nbest under p99 <= {args.p99_ms:g} ms ({best.rate:,.1f} req/s):\n{line}", flush=True)
     return 0 if best.rate else 1

@@ -1,7 +1,8 @@
 """`scorehost tune` on the CPU pipeline script (tests/scripts/pipeline.py: Pillow decode in preprocess(), run_batch()
 a fixed 20 ms per call whatever its size) with a small budget: batching is off by default on a machine without a
 GPU, so one run() at a time carries about 40 requests a second, and any --batch-max > 1 carries several times
-that. The tuner must find it, print its serve line, write the frontier, and resume from its folder."""
+that. The tuner must find it (searching the most promising configuration first and stopping the others once they
+cannot beat it), print its serve line, write the frontier, and resume from its folder."""
 
 from __future__ import annotations
 
@@ -26,9 +27,12 @@ def test_tune_finds_batching_beats_the_defaults_and_resumes(tmp_path):
     done = tune(tmp_path, "1")
     assert done.returncode == 0, done.stdout + done.stderr
     trials = [json.loads(row) for row in (tmp_path / "trials.jsonl").read_text().splitlines()]
-    defaults, best = trials[0], max(trials, key=lambda t: t["rate"])
-    assert defaults["config"] == {} and defaults["rate"] > 0
+    defaults, best = next(t for t in trials if t["config"] == {}), max(trials, key=lambda t: t["rate"])
+    assert trials[0]["config"] != {} and trials[0]["ceiling"] > defaults["ceiling"]  # the most promising first
     assert best["config"]["batch_max"] > 1 and best["rate"] >= 2 * defaults["rate"], trials
+    stopped = [t for t in trials if t["beaten"]]  # each stopped once it could not beat the best: by its offline
+    assert stopped and all(t["rate"] == 0 and len(t["steps"]) <= 1 for t in stopped)  # rate, or one step above
+    assert defaults["rate"] > 0 or defaults["ceiling"] < best["rate"]  # the defaults' own most is under the best
     serve_line = done.stdout.strip().splitlines()[-1]
     assert serve_line.startswith("scorehost serve --entry-script") and "--batch-max" in serve_line
     assert (tmp_path / "best.txt").read_text().strip() == serve_line
@@ -41,6 +45,7 @@ def test_tune_finds_batching_beats_the_defaults_and_resumes(tmp_path):
     again = tune(tmp_path, "0")  # no budget: what the folder holds, nothing measured again
     assert again.returncode == 0, again.stdout + again.stderr
     complete = sum(t["complete"] for t in trials)  # one cut short by the budget would be measured again
-    assert f"{complete} configuration(s) already measured" in again.stdout and "trying" not in again.stdout
+    assert f"{complete} configuration(s) already measured" in again.stdout
+    assert "probed" not in again.stdout and "searching" not in again.stdout
     assert again.stdout.strip().splitlines()[-1] == serve_line
     assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == len(trials)
