@@ -5,9 +5,9 @@ Each configuration tried is a real `scorehost serve` on 127.0.0.1, measured with
 (bench/scenarios.py: open-loop Poisson load, or --arrivals uniform; the highest rate whose p99 stays under
 --p99-ms). The search is coordinate ascent from scorehost's defaults: one flag at a time (--batch-max, --workers,
 --batch-delay-ms, --threads, --batch-sizes) over a few values each, keeping the best, until a full pass improves
-nothing or the budget is spent. A configuration is searched only as far as it beats the best so far: one whose
-offline throughput is under the best's rate, or that misses the bound just above it, is stopped there (a loser
-costs seconds, not a search down to its own rate). --threads > 1 without batching lets run() calls overlap, so it
+nothing or the budget is spent. Each candidate's offline throughput is measured first and the most promising is
+searched first; the others only as far as they beat the best so far: one that misses the bound just above the
+best's rate is stopped there (a loser costs one step, not a search down to its own rate). --threads > 1 without batching lets run() calls overlap, so it
 is tried only with --thread-safe.
 Everything goes to one folder: trials.jsonl (one line per configuration, read back on the next run, so a run
 stopped half-way resumes where it was), frontier.md (the table), frontier.png (rate against p99 for every
@@ -113,8 +113,8 @@ def serving(config: dict, args) -> Iterator[str]:
 
 
 def probe(config: dict, args, load: scenarios.Load) -> float:
-    """The configuration's offline throughput (64 in flight, 3 s): no rate under any bound exceeds it, so it orders
-    the searches (the most promising first) and stops a loser before its search (0: it would not start)."""
+    """The configuration's offline throughput (64 in flight, 3 s; 0: it would not start): orders the searches, the
+    most promising first, so the others are measured against a high bar and stopped early."""
     try:
         with serving(config, args) as url:
             return scenarios.offline(url, load, 64, min(args.seconds, 3.0)).answered_qps
