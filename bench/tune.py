@@ -73,17 +73,33 @@ def serve_args(config: dict) -> list[str]:
     argv = []
     for flag in PASS_ORDER:
         value = config.get(flag)
-        if value is None:
-            continue
-        if flag == "batch_sizes":
-            value = "any" if value == "any" else ",".join(str(2 ** i) for i in range(int(config["batch_max"]).bit_length())
-                                                          if 2 ** i < config["batch_max"]) + f",{config['batch_max']}"
-        argv += [f"--{flag.replace('_', '-')}", str(value)]
+        if value is not None:
+            argv += [f"--{flag.replace('_', '-')}", _sizes_arg(config) if flag == "batch_sizes" else str(value)]
     return argv
 
 
-def _key(config: dict) -> str:
-    return json.dumps({k: v for k, v in sorted(config.items()) if v is not None})
+def _sizes_arg(config: dict) -> str:
+    """--batch-sizes for tune's "any" or "powers" (of two, up to --batch-max)."""
+    if config["batch_sizes"] == "any":
+        return "any"
+    top = int(config["batch_max"])
+    return ",".join(str(2 ** i) for i in range(top.bit_length()) if 2 ** i < top) + f",{top}"
+
+
+def effective(config: dict, has_batch: bool, gpus: tuple[str, ...] = ()) -> dict:
+    """The configuration as `scorehost serve` would run it on this machine (each flag left out filled with its
+    computed default, server/settings.py), so two spellings of one configuration (--workers 2 where 2 is the
+    default) are one trial, and the default's own value is not tried again as if it were a change."""
+    from server import settings
+
+    given = {s.name: s.default for s in settings.SETTINGS}
+    given.update({k: v for k, v in config.items() if v is not None})
+    if config.get("batch_sizes") is not None:
+        given["batch_sizes"] = settings.BY_NAME["batch_sizes"].type(_sizes_arg(config))
+    filled = settings.fill_defaults(settings.Settings(given), settings.Machine(gpus, has_batch))
+    batched = has_batch and filled.batch_max > 1
+    return {"workers": filled.workers, "threads": filled.threads, "batch_max": filled.batch_max if batched else 0,
+            **({"batch_delay_ms": filled.batch_delay_ms, "batch_sizes": filled.batch_sizes} if batched else {})}
 
 
 @dataclasses.dataclass
@@ -171,6 +187,7 @@ def load_ceiling(out: str) -> float:
 
 def cmd(args) -> int:
     from server.entry_script import defines
+    from server.gpus import visible_gpus
 
     if not os.path.isfile(args.entry_script):
         raise SystemExit(f"scorehost tune: --entry-script {args.entry_script}: no such file")
@@ -180,6 +197,11 @@ def cmd(args) -> int:
     out = args.out or os.path.join("reports", "tune-" + os.path.splitext(os.path.basename(args.entry_script))[0])
     os.makedirs(out, exist_ok=True)
     path = os.path.join(out, "trials.jsonl")
+    has_batch, cores, gpus = defines(args.entry_script, "run_batch"), os.cpu_count() or 1, tuple(visible_gpus())
+
+    def _key(config: dict) -> str:
+        return json.dumps(effective(config, has_batch, gpus), sort_keys=True)
+
     trials: dict[str, Trial] = {}
     if os.path.exists(path):
         with open(path) as f:
@@ -195,7 +217,6 @@ def cmd(args) -> int:
         load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)
         with open(os.path.join(out, "ceiling.json"), "w") as f:
             json.dump({"req_s": load.ceiling, "client_processes": args.client_processes}, f)
-    has_batch, cores = defines(args.entry_script, "run_batch"), os.cpu_count() or 1
 
     def tried(config: dict, beat: float, ceiling: float) -> Trial:
         key = _key(config)
@@ -212,7 +233,10 @@ def cmd(args) -> int:
 
     def ranked(configs: list[dict]) -> list[tuple[dict, float]]:
         """The configurations not measured yet, each with its offline throughput, the most promising first."""
-        fresh = {_key(c): c for c in configs if _key(c) not in trials}
+        fresh: dict[str, dict] = {}
+        for config in configs:  # one per effective configuration, in its first spelling (the defaults: {})
+            if _key(config) not in trials:
+                fresh.setdefault(_key(config), config)
         probed = []
         for config in fresh.values():
             if time.monotonic() < deadline:

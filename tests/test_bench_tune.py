@@ -49,3 +49,17 @@ def test_tune_finds_batching_beats_the_defaults_and_resumes(tmp_path):
     assert "probed" not in again.stdout and "searching" not in again.stdout
     assert again.stdout.strip().splitlines()[-1] == serve_line
     assert len((tmp_path / "trials.jsonl").read_text().splitlines()) == len(trials)
+
+
+def test_two_spellings_of_one_configuration_are_one_trial():
+    """A flag at its computed default is no change: tune neither measures it twice nor calls it a winner."""
+    from bench.tune import effective
+
+    assert effective({}, True) == effective({"batch_max": 0}, True)  # no GPU: batching is off by default
+    cores = os.cpu_count() or 1
+    assert effective({"batch_max": 64}, True) == effective({"batch_max": 64, "workers": cores}, True)
+    assert effective({"batch_max": 64}, True) == effective({"batch_max": 64, "batch_sizes": "any"}, True)
+    assert effective({"batch_max": 64}, True, ("0",)) == effective({"batch_max": 64, "batch_sizes": "powers"}, True,
+                                                                  ("0",))  # a GPU: powers of two by default
+    assert effective({"batch_max": 64}, True) != effective({"batch_max": 64, "batch_delay_ms": 0}, True)
+    assert effective({"batch_max": 64}, False) == effective({}, False)  # no run_batch(): --batch-max does nothing
