@@ -9,8 +9,13 @@ The policy learns two things while serving, and answers "dispatch n items now, o
 - **Who is about to arrive**: clients that got an answer send their next request a moment later (closed loop). The
   policy counts the requests the model process holds at the end of each batch (that batch's plus those that queued
   meanwhile: the clients it serves, `population`) and learns how soon after a batch's answers the next requests
-  arrive (`return_s`, a high percentile of arrival - latest answer). With q queued and the model idle, up to
-  population - q more are expected by the last answer + return_s.
+  arrive (`return_s`: for each batch, its latest arrival - the latest answer before it; the second largest over
+  the last RETURN_SAMPLES batches. The batch waits for the last of the expected clients, not most of them: a
+  percentile of all returns (the 90th) left one of 8 clients behind in over half the batches, which then waited a
+  whole run; the second largest is not thrown by one slow return, which the largest is, and it stays put with
+  stragglers in a few batches of 16, which the median does not). With q queued and the model idle, up to population - q more are expected by the last
+  answer + return_s. A wait that ends with fewer than it hoped for (the load dropped) resets the population to
+  what came, so a lone client after a busy spell pays one wait, not HISTORY.
 
 Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
 0. Before any batch has been answered nothing is known of who is coming: the first batch waits for a full batch,
@@ -55,9 +60,8 @@ import time
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 HISTORY = 8  # batches: the population estimate is the largest count held over the last HISTORY batches
-RETURN_SAMPLES = 256  # arrivals kept to estimate how soon after an answer the next request comes
-RETURN_PERCENTILE = 0.9
-RETURN_SLACK_S = 0.0005  # added to the percentile: the last of a burst comes a little after most of it
+RETURN_SAMPLES = 16  # batches whose latest return is kept: their median is how soon the last client comes back
+RETURN_SLACK_S = 0.0005  # added to the latest return seen: the next burst's last may come a little later
 COST_DECAY = 0.8  # weight of the previous mean time for a padded size (0.2 to the new sample)
 
 
@@ -125,16 +129,17 @@ class BatchPolicy:
         self.answered_at: collections.deque[float] = collections.deque(maxlen=HISTORY)
         self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_SAMPLES)
         self.return_s = 0.0
+        self.hoped = 0  # the batch size the last wait was for (0: not waiting)
 
     # --- what the model process tells it ---------------------------------------------------------------------
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
         """A batch left the queue (`queued_before` items were queued just before): learn how soon after the
         latest answers its items arrived."""
         self.held.append(queued_before)
-        for item in items:
-            i = bisect.bisect_right(self.answered_at, item.arrived)
-            if i:
-                self.returns.append(item.arrived - self.answered_at[i - 1])
+        returns = [item.arrived - self.answered_at[i - 1] for item in items
+                   if (i := bisect.bisect_right(self.answered_at, item.arrived))]
+        if returns:
+            self.returns.append(max(returns))
 
     def finished(self, padded: int, seconds: float, held: int) -> None:
         """run_batch() of `padded` items took `seconds`; its answers are out now, and `held` requests were in the
@@ -144,8 +149,8 @@ class BatchPolicy:
         self.held.append(held)
         self.answered_at.append(self.clock())
         if self.returns:
-            ordered = sorted(self.returns)
-            self.return_s = ordered[int(RETURN_PERCENTILE * (len(ordered) - 1))] + RETURN_SLACK_S
+            latest = sorted(self.returns)
+            self.return_s = latest[-2 if len(latest) > 2 else -1] + RETURN_SLACK_S
 
     # --- what it answers -------------------------------------------------------------------------------------
     @property
@@ -170,6 +175,17 @@ class BatchPolicy:
         return self.best_take(self.batch_max)
 
     def decide(self, queue: Sequence[Queued], idle: bool = True) -> Decision:
+        decision = self._decide(queue, idle)
+        if decision.take:
+            if self.hoped > len(queue):  # waited for more than came: fewer clients now than the history says
+                self.held.clear()
+                self.held.append(len(queue))
+            self.hoped = 0
+        elif decision.wait_for:
+            self.hoped = decision.wait_for
+        return decision
+
+    def _decide(self, queue: Sequence[Queued], idle: bool) -> Decision:
         now = self.clock()
         q = len(queue)
         if not q or not idle:  # nothing to send, or the model is busy: the caller asks again when it frees

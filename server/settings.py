@@ -152,7 +152,7 @@ SETTINGS: tuple[Setting, ...] = (
             "GPU (one on a machine without GPU) that batches for every HTTP worker. Default: 64 on a machine with "
             "a GPU when the script has run_batch(), else 0 (off: each worker calls run(), as Azure ML).",
             check=at_least(0), computed=lambda get, m: 64 if m.gpus and m.has_run_batch else 0),
-    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 50.0, float,
+    Setting("batch_delay_ms", "--batch-delay-ms", "SCOREHOST_BATCH_DELAY_MS", 100.0, float,
             "Batching: the longest a batch is held, from its first request's arrival, while the batching policy "
             "waits for a fuller one. It waits only when run_batch()'s learned cost and the clients' return pattern "
             "say a fuller batch pays (never for a single client, never past a request's deadline); the very first "

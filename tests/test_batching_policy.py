@@ -220,3 +220,45 @@ def test_the_cost_curve_is_learned_from_measured_calls():
     for n, seconds in [(1, 0.012), (8, 0.026), (16, 0.042)] * 3:
         cost.observe(n, seconds)
     assert cost.fixed == pytest.approx(0.010, abs=1e-3) and cost.per_item == pytest.approx(0.002, abs=1e-4)
+
+
+def straggling(rng):
+    """Most clients back in 1-5 ms, one in ten in 5-15 ms (a busy HTTP worker, a slower client)."""
+    return rng.uniform(0.001, 0.005) if rng.random() > 0.1 else rng.uniform(0.005, 0.015)
+
+
+@pytest.mark.parametrize("clients", [8, 16])
+def test_the_batch_waits_for_the_last_expected_client_not_most(clients):
+    """Waiting until most clients (a percentile of returns) are back leaves one behind in most batches, and it then
+    waits a whole run: the policy waits for the latest return of a batch (the second largest of the last 16)."""
+    run = simulate(per_batch(0.040), clients, think=straggling, seconds=10, delay_s=0.1)
+    assert run.mean_batch() >= 0.97 * clients, run.batches[-20:]
+    slow_now_and_then = lambda rng: 0.060 if rng.random() < 0.01 else straggling(rng)  # noqa: E731 - a run and more
+    run = simulate(per_batch(0.040), clients, think=slow_now_and_then, seconds=10, delay_s=0.1)
+    assert run.mean_batch() >= 0.95 * clients, run.batches[-20:]  # one slow return does not make it give up
+
+
+def test_returns_spread_over_half_a_run_still_fill_the_batch():
+    """64 clients back over 1-25 ms (two HTTP workers on two cores answer them one after another): the first
+    straggler of one batch must not cut the next batch's wait short (the delay bound is counted from it)."""
+    run = simulate(per_batch(0.040), 64, think=lambda rng: rng.uniform(0.001, 0.025), seconds=10, delay_s=0.1)
+    greedy = simulate(per_batch(0.040), 64, think=lambda rng: rng.uniform(0.001, 0.025), seconds=10, delay_s=0)
+    assert run.mean_batch() >= 60 and run.rate >= 1.15 * greedy.rate, (run.batches[-20:], run.rate, greedy.rate)
+
+
+def test_a_wait_in_vain_resets_who_is_expected():
+    """After 128 clients, one is left: the policy waits for the others once, then believes what came."""
+    clock = Clock()
+    policy = BatchPolicy(64, (), 0.1, clock=clock)
+    for _ in range(3):
+        policy.finished(64, 0.040, 128)
+    policy.returns.extend([0.010] * 10)
+    policy.finished(64, 0.040, 128)
+    lone = [Item(clock.now, clock.now + 60)]
+    first = policy.decide(lone)
+    assert first.take == 0 and first.wait_for == 64
+    clock.now = first.until  # nobody came
+    assert policy.decide(lone).take == 1
+    policy.finished(1, 0.040, 1)
+    clock.now += 0.001
+    assert policy.decide([Item(clock.now, clock.now + 60)]).take == 1  # the next one goes at once
