@@ -97,8 +97,8 @@ def start(name: str, args: argparse.Namespace, scratch: str) -> Optional[Server]
     env = {"PIPELINE_COST_S": str(args.cost_ms / 1000)}
     if name in SCOREHOSTS:
         process = processes.start("scorehost", PIPELINE, env={**env, "CUDA_VISIBLE_DEVICES": "0"}, workers=None,
-                                  extra_args=("--batch-max", str(args.batch_max), *SCOREHOSTS[name],
-                                              *args.scorehost_arg))
+                                  extra_args=("--batch-max", str(args.batch_max), *args.scorehost_arg,
+                                              *SCOREHOSTS[name]))  # the variant's own flags win
         return Server(name, process, process.url)
     if name == "aihs":
         process = processes.start("aihs", PIPELINE, env=env, workers=1)

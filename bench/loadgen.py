@@ -326,8 +326,10 @@ def open_loop(url: str, rate: float, seconds: float, bodies: Optional[Bodies] = 
     """Arrivals at `rate` a second in all, Poisson (each of `processes` sends an independent Poisson share: their
     sum is Poisson at `rate`) or uniform (the shares interleave: one request every 1/rate in all); latencies from
     the scheduled send times. See _open_loop for `drain_s` and `bound_ms`."""
+    if rate <= 0:
+        raise ValueError(f"the open loop needs a rate above 0, got {rate}")
     shares = [{"rate": rate / processes, "seed": seed * 1000 + i, "drain_s": drain_s, "bound_ms": bound_ms,
-               "arrivals": arrivals, "phase": i / rate} for i in range(processes)]
+               "arrivals": arrivals, "phase": i / rate if arrivals == "uniform" else 0.0} for i in range(processes)]
     return _spread(_open_loop, url, key, bodies or Bodies.images(), seconds, shares)
 
 

@@ -203,12 +203,13 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
             best = step
         return step.met
 
-    if beat:
+    if beat and time.monotonic() < deadline:
         lo = beat * (1 + precision)
         if not attempt(lo):
             return beaten
         hi = max(hi, 2 * lo)
-    while attempt(hi) and len(steps) < 4 and time.monotonic() < deadline:
+    doublings = len(steps) + 4
+    while attempt(hi) and len(steps) < doublings and time.monotonic() < deadline:
         lo, hi = hi, 2 * hi
     if best is None or best.rate < hi:
         while hi - lo > precision * hi and hi > max(slowest, ceiling / 64) and time.monotonic() < deadline:

@@ -7,8 +7,9 @@ Each configuration tried is a real `scorehost serve` on 127.0.0.1, measured with
 --batch-delay-ms, --threads, --batch-sizes) over a few values each, keeping the best, until a full pass improves
 nothing or the budget is spent. Each candidate's offline throughput is measured first and the most promising is
 searched first; the others only as far as they beat the best so far: one that misses the bound just above the
-best's rate is stopped there (a loser costs one step, not a search down to its own rate). --threads > 1 without batching lets run() calls overlap, so it
-is tried only with --thread-safe.
+best's rate is stopped there (a loser costs one step, not a search down to its own rate). --threads > 1 without
+batching lets run() calls overlap, so it is tried only with --thread-safe. Configurations are compared by what
+serve would run (effective(): --workers 2 where 2 is the default is the defaults).
 Everything goes to one folder: trials.jsonl (one line per configuration, read back on the next run, so a run
 stopped half-way resumes where it was), frontier.md (the table), frontier.png (rate against p99 for every
 configuration) and best.txt (the winning serve line).
@@ -61,8 +62,8 @@ def candidates(flag: str, config: dict, cores: int, has_batch: bool, thread_safe
         if batched:
             return [config["batch_max"], 2 * config["batch_max"], 4 * config["batch_max"]]
         return [1, 2, 4, 8] if thread_safe else []
-    if flag == "batch_delay_ms":
-        return [0, 2, 5, 10] if batched else []
+    if flag == "batch_delay_ms":  # around the default (100): 0 never waits, and a wait must outlast a run to pay
+        return [0, 25, 50, 200] if batched else []
     if flag == "batch_sizes":
         return ["any", "powers"] if batched else []
     raise ValueError(flag)
@@ -112,6 +113,7 @@ class Trial:
     error: str = ""
     beaten: float = 0.0  # measured only far enough to see it does not beat this rate (the best then)
     ceiling: float = 0.0  # offline throughput, req/s (the probe)
+    effective: Optional[dict] = None  # what serve ran (effective()): a resumed row counts only if it still is
 
 
 @contextlib.contextmanager
@@ -207,7 +209,8 @@ def cmd(args) -> int:
         with open(path) as f:
             for row in f:
                 t = Trial(**json.loads(row))
-                if t.complete:  # one cut short by the budget is measured again
+                # one cut short by the budget is measured again, and so is one measured under other defaults
+                if t.complete and t.effective and _key(t.config) == json.dumps(t.effective, sort_keys=True):
                     trials[_key(t.config)] = t
         print(f"scorehost tune: resuming {out}: {len(trials)} configuration(s) already measured", flush=True)
     deadline = time.monotonic() + args.budget * 60
@@ -224,8 +227,9 @@ def cmd(args) -> int:
             print(f"searching {' '.join(serve_args(config)) or '(defaults)'} (offline {ceiling:,.1f} req/s) ...",
                   flush=True)
             t = measure(config, args, load, deadline, beat, ceiling)
-            print(f"  {t.error}" if t.error else f"  {_rate(t)} req/s with p99 {scenarios._fmt_ms(t.p99_ms)}",
-                  flush=True)
+            t.effective = effective(config, has_batch, gpus)
+            print(f"  {t.error or _rate(t)}" + ("" if t.error or t.beaten else
+                                                  f" req/s with p99 {scenarios._fmt_ms(t.p99_ms)}"), flush=True)
             with open(path, "a") as f:
                 f.write(json.dumps(dataclasses.asdict(t)) + "\n")
             trials[key] = t
@@ -251,8 +255,10 @@ def cmd(args) -> int:
     while improved and time.monotonic() < deadline:
         improved = False
         for flag in PASS_ORDER:
-            configs = pending + [{**best.config, flag: v}
-                                 for v in candidates(flag, best.config, cores, has_batch, args.thread_safe)]
+            # batch_max spelled out: the defaults may batch (a GPU), and the batching flags are tried on them too
+            basis = {**best.config, "batch_max": effective(best.config, has_batch, gpus)["batch_max"]}
+            configs = pending + [{**basis, flag: v}
+                                 for v in candidates(flag, basis, cores, has_batch, args.thread_safe)]
             pending = []
             for config, ceiling in ranked(configs):
                 t = tried(config, best.rate, ceiling)

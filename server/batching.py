@@ -9,13 +9,14 @@ The policy learns two things while serving, and answers "dispatch n items now, o
 - **Who is about to arrive**: clients that got an answer send their next request a moment later (closed loop). The
   policy counts the requests the model process holds at the end of each batch (that batch's plus those that queued
   meanwhile: the clients it serves, `population`) and learns how soon after a batch's answers the next requests
-  arrive (`return_s`: for each batch, its latest arrival - the latest answer before it; the second largest over
-  the last RETURN_SAMPLES batches. The batch waits for the last of the expected clients, not most of them: a
-  percentile of all returns (the 90th) left one of 8 clients behind in over half the batches, which then waited a
-  whole run; the second largest is not thrown by one slow return, which the largest is, and it stays put with
-  stragglers in a few batches of 16, which the median does not). With q queued and the model idle, up to population - q more are expected by the last
-  answer + return_s. A wait that ends with fewer than it hoped for (the load dropped) resets the population to
-  what came, so a lone client after a busy spell pays one wait, not HISTORY.
+  arrive (`return_s`: for each batch, its longest return, an item's arrival - the latest answer before it; the
+  second largest over the last RETURN_SAMPLES batches. The batch waits for the last of the expected clients, not
+  most of them: a percentile of all returns (the 90th) left one of 8 clients behind in over half the batches,
+  which then waited a whole run; the second largest is not thrown by one slow return, which the largest is, and it
+  stays put with stragglers in a few batches of 16, which the median does not). With q queued and the model idle,
+  up to population - q more are expected by the last
+  answer + return_s. A wait that ends, once all were due, with fewer than it hoped for (the load dropped) resets
+  the population to what came, so a lone client after a busy spell pays one wait, not HISTORY.
 
 Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
 0. Before any batch has been answered nothing is known of who is coming: the first batch waits for a full batch,
@@ -60,8 +61,8 @@ import time
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 HISTORY = 8  # batches: the population estimate is the largest count held over the last HISTORY batches
-RETURN_SAMPLES = 16  # batches whose latest return is kept: their median is how soon the last client comes back
-RETURN_SLACK_S = 0.0005  # added to the latest return seen: the next burst's last may come a little later
+RETURN_SAMPLES = 16  # batches whose longest return is kept; the second largest is return_s (see the docstring)
+RETURN_SLACK_S = 0.0005  # added to return_s: the next burst's last may come a little later
 COST_DECAY = 0.8  # weight of the previous mean time for a padded size (0.2 to the new sample)
 
 
@@ -130,11 +131,12 @@ class BatchPolicy:
         self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_SAMPLES)
         self.return_s = 0.0
         self.hoped = 0  # the batch size the last wait was for (0: not waiting)
+        self.hoped_by = 0.0  # and when it expected them all
 
     # --- what the model process tells it ---------------------------------------------------------------------
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
-        """A batch left the queue (`queued_before` items were queued just before): learn how soon after the
-        latest answers its items arrived."""
+        """A batch left the queue (`queued_before` items were queued just before): learn its longest return (each
+        item's arrival - the latest answer before that item)."""
         self.held.append(queued_before)
         returns = [item.arrived - self.answered_at[i - 1] for item in items
                    if (i := bisect.bisect_right(self.answered_at, item.arrived))]
@@ -148,7 +150,7 @@ class BatchPolicy:
             self.cost.observe(padded, seconds)
         self.held.append(held)
         self.answered_at.append(self.clock())
-        if self.returns:
+        if self.returns:  # the second largest; with two batches or fewer seen, the largest (nothing better yet)
             latest = sorted(self.returns)
             self.return_s = latest[-2 if len(latest) > 2 else -1] + RETURN_SLACK_S
 
@@ -177,12 +179,13 @@ class BatchPolicy:
     def decide(self, queue: Sequence[Queued], idle: bool = True) -> Decision:
         decision = self._decide(queue, idle)
         if decision.take:
-            if self.hoped > len(queue):  # waited for more than came: fewer clients now than the history says
-                self.held.clear()
-                self.held.append(len(queue))
+            if self.hoped > len(queue) and self.clock() >= self.hoped_by:  # they should all be here by now, and
+                self.held.clear()  # fewer came: fewer clients now than the history says (a deadline or the delay
+                self.held.append(len(queue))  # bound cutting a wait short says nothing about who is coming)
             self.hoped = 0
         elif decision.wait_for:
-            self.hoped = decision.wait_for
+            self.hoped, self.hoped_by = decision.wait_for, self.answered_at[-1] + self.return_s if self.answered_at \
+                else decision.until
         return decision
 
     def _decide(self, queue: Sequence[Queued], idle: bool) -> Decision:

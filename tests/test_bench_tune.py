@@ -27,12 +27,14 @@ def test_tune_finds_batching_beats_the_defaults_and_resumes(tmp_path):
     done = tune(tmp_path, "1")
     assert done.returncode == 0, done.stdout + done.stderr
     trials = [json.loads(row) for row in (tmp_path / "trials.jsonl").read_text().splitlines()]
-    defaults, best = next(t for t in trials if t["config"] == {}), max(trials, key=lambda t: t["rate"])
+    defaults = next((t for t in trials if t["config"] == {}), None)
+    best = max(trials, key=lambda t: t["rate"])
+    assert defaults is not None, trials
     assert trials[0]["config"] != {} and trials[0]["ceiling"] > defaults["ceiling"]  # the most promising first
     assert best["config"]["batch_max"] > 1 and best["rate"] >= 2 * defaults["rate"], trials
     stopped = [t for t in trials if t["beaten"]]  # each stopped by one step just above the best's rate, missed
     assert stopped and all(t["rate"] == 0 and len(t["steps"]) == 1 and not t["steps"][0]["met"] for t in stopped)
-    assert defaults["rate"] > 0 or defaults["beaten"]
+    assert all(t["effective"] for t in trials)  # each row says what serve ran, so a resume can trust it
     serve_line = done.stdout.strip().splitlines()[-1]
     assert serve_line.startswith("scorehost serve --entry-script") and "--batch-max" in serve_line
     assert (tmp_path / "best.txt").read_text().strip() == serve_line
@@ -63,3 +65,4 @@ def test_two_spellings_of_one_configuration_are_one_trial():
                                                                   ("0",))  # a GPU: powers of two by default
     assert effective({"batch_max": 64}, True) != effective({"batch_max": 64, "batch_delay_ms": 0}, True)
     assert effective({"batch_max": 64}, False) == effective({}, False)  # no run_batch(): --batch-max does nothing
+    assert effective({}, True, ("0",)) == effective({"batch_max": 64}, True, ("0",))  # a GPU batches by default
