@@ -200,6 +200,7 @@ def test_a_wait_ends_when_the_first_deadline_would_be_missed():
     assert decision.until == pytest.approx(clock.now + 0.005)  # 45 ms deadline - 40 ms run, not the 10 ms return
     clock.now = decision.until
     assert policy.decide(queue).take == 8
+    assert policy.population == 16  # cut short by a deadline before the others were due: still expected
 
 
 def test_a_padded_size_counts_as_its_padded_cost():
@@ -263,18 +264,3 @@ def test_a_wait_in_vain_resets_who_is_expected():
     clock.now += 0.001
     assert policy.decide([Item(clock.now, clock.now + 60)]).take == 1  # the next one goes at once
 
-
-def test_a_wait_cut_short_by_a_deadline_keeps_who_is_expected():
-    """A wait ended by a deadline (or the delay bound) before the others were due says nothing about who is coming:
-    the population estimate stays, and the next batch still waits for them."""
-    clock = Clock()
-    policy = BatchPolicy(64, (), 1.0, clock=clock)
-    for _ in range(3):
-        policy.finished(16, 0.040, 16)
-    policy.returns.extend([0.010] * 10)
-    policy.finished(16, 0.040, 16)
-    tight = [Item(clock.now, clock.now + 0.045) for _ in range(8)]  # 45 ms to answer, a 40 ms run: 5 ms to wait
-    first = policy.decide(tight)
-    assert first.take == 0 and first.until == pytest.approx(clock.now + 0.005)
-    clock.now = first.until  # the deadline ends the wait; the others were due at 10 ms
-    assert policy.decide(tight).take == 8 and policy.population == 16
