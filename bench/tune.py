@@ -79,6 +79,11 @@ def serve_args(config: dict) -> list[str]:
     return argv
 
 
+def _flags(config: dict) -> str:
+    """A configuration as its serve flags, for the reports."""
+    return " ".join(serve_args(config)) or "(defaults)"
+
+
 def _sizes_arg(config: dict) -> str:
     """--batch-sizes for tune's "any" or "powers" (of two, up to --batch-max)."""
     if config["batch_sizes"] == "any":
@@ -156,7 +161,7 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
     """frontier.md, frontier.png and best.txt; returns the winning serve line."""
     line = " ".join(["scorehost serve", "--entry-script", args.entry_script]
                     + (["--model-dir", args.model_dir] if args.model_dir else []) + serve_args(best.config))
-    rows = [[" ".join(serve_args(t.config)) or "(defaults)", _rate(t), scenarios._fmt_ms(t.p99_ms) if t.rate else "-",
+    rows = [[_flags(t.config), _rate(t), scenarios._fmt_ms(t.p99_ms) if t.rate else "-",
              str(len(t.steps)), t.error or ("best" if t is best else "")] for t in trials]
     with open(os.path.join(out, "frontier.md"), "w") as f:
         f.write(f"# scorehost tune: {args.entry_script}, p99 <= {args.p99_ms:g} ms\n\n- commit: {scenarios._commit()}"
@@ -166,7 +171,7 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
                 + f"\n\nWinner:\n\n    {line}\n\n![frontier](frontier.png)\n")
     with open(os.path.join(out, "best.txt"), "w") as f:
         f.write(line + "\n")
-    scenarios.p99_plot({" ".join(serve_args(t.config)) or "defaults": [scenarios.Step(**s) for s in t.steps]
+    scenarios.p99_plot({_flags(t.config): [scenarios.Step(**s) for s in t.steps]
                         for t in trials if t.steps}, [args.p99_ms], os.path.join(out, "frontier.png"),
                        f"scorehost tune: p99 against rate, each configuration ({os.path.basename(args.entry_script)})",
                        args.arrivals)
@@ -210,8 +215,8 @@ def cmd(args) -> int:
             for row in f:
                 t = Trial(**json.loads(row))
                 # one cut short by the budget is measured again, and so is one measured under other defaults
-                if t.complete and t.effective and _key(t.config) == json.dumps(t.effective, sort_keys=True):
-                    trials[_key(t.config)] = t
+                if t.complete and t.effective and (key := _key(t.config)) == json.dumps(t.effective, sort_keys=True):
+                    trials[key] = t
         print(f"scorehost tune: resuming {out}: {len(trials)} configuration(s) already measured", flush=True)
     deadline = time.monotonic() + args.budget * 60
     bodies = loadgen.Bodies.images(args.images, args.batch)
@@ -224,10 +229,10 @@ def cmd(args) -> int:
     def tried(config: dict, beat: float, ceiling: float) -> Trial:
         key = _key(config)
         if key not in trials and time.monotonic() < deadline:
-            print(f"searching {' '.join(serve_args(config)) or '(defaults)'} (offline {ceiling:,.1f} req/s) ...",
+            print(f"searching {_flags(config)} (offline {ceiling:,.1f} req/s) ...",
                   flush=True)
             t = measure(config, args, load, deadline, beat, ceiling)
-            t.effective = effective(config, has_batch, gpus)
+            t.effective = json.loads(key)
             print(f"  {t.error or _rate(t)}" + ("" if t.error or t.beaten else
                                                   f" req/s with p99 {scenarios._fmt_ms(t.p99_ms)}"), flush=True)
             with open(path, "a") as f:
@@ -239,13 +244,13 @@ def cmd(args) -> int:
         """The configurations not measured yet, each with its offline throughput, the most promising first."""
         fresh: dict[str, dict] = {}
         for config in configs:  # one per effective configuration, in its first spelling (the defaults: {})
-            if _key(config) not in trials:
-                fresh.setdefault(_key(config), config)
+            if (key := _key(config)) not in trials:
+                fresh.setdefault(key, config)
         probed = []
         for config in fresh.values():
             if time.monotonic() < deadline:
                 probed.append((config, probe(config, args, load)))
-                print(f"probed {' '.join(serve_args(config)) or '(defaults)'}: offline {probed[-1][1]:,.1f} req/s",
+                print(f"probed {_flags(config)}: offline {probed[-1][1]:,.1f} req/s",
                       flush=True)
         return sorted(probed, key=lambda pc: -pc[1])
 
@@ -270,7 +275,7 @@ def cmd(args) -> int:
     ordered = sorted(trials.values(), key=lambda t: -t.rate)
     line = report(ordered, args, best, out)
     print(f"\nfrontier: {os.path.join(out, 'frontier.md')}\n"
-          + table(["serve flags", "req/s", "p99"], [[" ".join(serve_args(t.config)) or "(defaults)", _rate(t),
+          + table(["serve flags", "req/s", "p99"], [[_flags(t.config), _rate(t),
                                                     scenarios._fmt_ms(t.p99_ms)] for t in ordered]))
     print(f"\nbest under p99 <= {args.p99_ms:g} ms ({best.rate:,.1f} req/s):\n{line}", flush=True)
     return 0 if best.rate else 1

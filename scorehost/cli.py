@@ -133,10 +133,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
         os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
     settings, model_slots, mode = plan(settings, visible_gpus())
     settings, mode = debugging(settings, mode)
-    needs = (("debugpy",) if settings.debug_port else ()) + telemetry.needs(settings)
-    if missing(needs):
-        print(install_line("serve", missing(needs), "debug" if "debugpy" in missing(needs) else "telemetry"),
-              file=sys.stderr)
+    absent = missing((("debugpy",) if settings.debug_port else ()) + telemetry.needs(settings))
+    if absent:
+        print(install_line("serve", absent, "debug" if "debugpy" in absent else "telemetry"), file=sys.stderr)
         return 2
     _banner(settings, mode)
     announce_ready(settings.host, settings.port)

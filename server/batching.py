@@ -14,9 +14,9 @@ The policy learns two things while serving, and answers "dispatch n items now, o
   most of them: a percentile of all returns (the 90th) left one of 8 clients behind in over half the batches,
   which then waited a whole run; the second largest is not thrown by one slow return, which the largest is, and it
   stays put with stragglers in a few batches of 16, which the median does not). With q queued and the model idle,
-  up to population - q more are expected by the last
-  answer + return_s. A wait that ends, once all were due, with fewer than it hoped for (the load dropped) resets
-  the population to what came, so a lone client after a busy spell pays one wait, not HISTORY.
+  up to population - q more are expected by the last answer + return_s. A wait that ends, once all were due, with
+  fewer than it hoped for (the load dropped) resets the population to what came, so a lone client after a busy
+  spell pays one wait, not HISTORY.
 
 Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
 0. Before any batch has been answered nothing is known of who is coming: the first batch waits for a full batch,
@@ -73,12 +73,14 @@ class Queued(Protocol):
 
 class Decision(NamedTuple):
     """`take` > 0: dispatch that many of the queue's first items now. `take` == 0: wait until `until` (or an
-    arrival, whichever comes first) and ask again. `wait_for` is the count the policy hopes for, `why` one word."""
+    arrival, whichever comes first) and ask again. `wait_for` is the count the policy hopes for, `due` when it
+    expects them all, `why` one word."""
 
     take: int
     until: float
     why: str
     wait_for: int = 0
+    due: float = 0.0
 
 
 class CostModel:
@@ -184,8 +186,7 @@ class BatchPolicy:
                 self.held.append(len(queue))  # bound cutting a wait short says nothing about who is coming)
             self.hoped = 0
         elif decision.wait_for:
-            self.hoped, self.hoped_by = decision.wait_for, self.answered_at[-1] + self.return_s if self.answered_at \
-                else decision.until
+            self.hoped, self.hoped_by = decision.wait_for, decision.due
         return decision
 
     def _decide(self, queue: Sequence[Queued], idle: bool) -> Decision:
@@ -199,7 +200,7 @@ class BatchPolicy:
         if not self.answered_at:
             until = min(queue[0].arrived + self.delay_s,  # a third of any request's time: the run's cost is unknown
                         min(item.arrived + (item.deadline - item.arrived) / 3 for item in queue))
-            return Decision(0, until, "cold", self.batch_max) if until > now else Decision(take, now, "cold")
+            return Decision(0, until, "cold", self.batch_max, until) if until > now else Decision(take, now, "cold")
         coming = min(self.population - q, self.batch_max - q)
         if coming < 1 or not self.cost.known:
             return Decision(take, now, "alone")
@@ -215,4 +216,4 @@ class BatchPolicy:
                     min(item.deadline for item in queue) - self.cost(self.padded(goal)))
         if until <= now:
             return Decision(take, now, "bound")
-        return Decision(0, until, "waiting", goal)
+        return Decision(0, until, "waiting", goal, expected_at)
