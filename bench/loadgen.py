@@ -401,6 +401,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=1)
     parser.add_argument("--key", default="")
     args = parser.parse_args()
+    if args.qps is not None and args.qps <= 0:
+        parser.error(f"--qps must be above 0, got {args.qps:g}")
     bodies = Bodies.images(args.images, args.batch)
     if args.qps:
         result = open_loop(args.url, args.qps, args.seconds, bodies, args.key, args.processes,
