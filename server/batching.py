@@ -9,7 +9,7 @@ The policy learns two things while serving, and answers "dispatch n items now, o
 - **Who is about to arrive**: clients that got an answer send their next request a moment later (closed loop). The
   policy counts the requests the model process holds at the end of each batch (that batch's plus those that queued
   meanwhile: the clients it serves, `population`) and learns how soon after a batch's answers the next requests
-  arrive (`return_s`: for each batch, its longest return, an item's arrival - the latest answer before it; the
+  arrive (`return_s`: for each batch, its longest return, an item's arrival - the model's last answers; the
   second largest over the last RETURN_SAMPLES batches. The batch waits for the last of the expected clients, not
   most of them: a percentile of all returns (the 90th) left one of 8 clients behind in over half the batches,
   which then waited a whole run; the second largest is not thrown by one slow return, which the largest is, and it
@@ -23,17 +23,27 @@ Decision, with the model idle and q queued (first arrival t0, earliest deadline 
    up to `--batch-delay-ms` after its first arrival (Triton's rule: clients starting together fill it, and a
    lone client pays the delay once, on its first request) and a third of any of its requests' time to deadline
    (the run's cost is not known yet).
-1. q >= the best size (`--batch-max`, or fewer when the learned curve makes a smaller padded size pay more per
-   second), or nothing else is expected (population <= q, e.g. a single client): dispatch now.
+1. q >= `--batch-max`, or fewer are worth sending now than are queued (see "How many to take"), or nothing else is
+   expected (population <= q, e.g. a single client): dispatch now.
 2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
    the model free: a fast model is never held) and the wait costs the model less time than a second batch would:
    wait + cost(q + m) < cost(q) + cost(m), i.e. the wait is under the fixed part; with a per-item cost it never is.
    (Comparing items per second of the batch now with the batch after the wait looks right but is not: it sends 14
    of 16 and leaves 2 to start a small batch of their own, and the clients stay split.)
-3. Wait until the earliest of: when they are expected, t0 + `--batch-delay-ms`, d - cost(q + m). Each arrival wakes
-   the model process, which asks again: the batch goes the moment the expected clients are in.
-How many to take: of the q queued (at most batch_max), the count whose padded batch gives the most items per second
-(9 queued with sizes 8,16 and a per-item cost: 8 now, 1 in the next batch).
+3. Wait until the earliest of: when they are expected, and past it by PATIENCE x return_s (a burst a little longer
+   than the last ones: its last client, left out, would wait a whole run and split the batches after it); the
+   model's last answer + that saving (it never idles longer than a second batch would cost); t0 +
+   `--batch-delay-ms`; d - cost(q + m). Each arrival wakes the model process, which asks again: the batch goes the
+   moment the expected clients are in.
+How many to take: of the q queued (at most batch_max), the count that serves them in the least model time, the rest
+going in a batch of their own: with a per-item cost and sizes 8,16, 9 queued go as 8 now and 1 next; with a
+per-batch cost, 33 go padded to 64 (taking 32 by "most items per second" left one client a run behind whenever the
+learned curve showed a slight slope, and 64 clients split into two groups of 32).
+Returns are measured only for items that came while the model was idle after its answers, within the delay bound:
+one that came during a run had missed the batch before it (a straggler, or the other group's client while batches
+are split) and says nothing of how long a wait catches the next burst; one that came after a pause (the load
+stopped, then started again) is no burst at all. Counting them had put return_s at 250 ms after a pause and stopped
+every wait ("in time") for the next 16 batches.
 
 What the others do, and what this takes from them (their docs, read 2026-12):
 - Triton's dynamic batcher: `preferred_batch_size` (dispatch at once when one can be formed, the largest) and
@@ -55,7 +65,6 @@ drive it with a fake clock.
 
 from __future__ import annotations
 
-import bisect
 import collections
 import time
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
@@ -63,6 +72,7 @@ from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 HISTORY = 8  # batches: the population estimate is the largest count held over the last HISTORY batches
 RETURN_SAMPLES = 16  # batches whose longest return is kept; the second largest is return_s (see the docstring)
 RETURN_SLACK_S = 0.0005  # added to return_s: the next burst's last may come a little later
+PATIENCE = 0.5  # a wait may run this fraction of return_s past the expected time (a straggler left out waits a run)
 COST_DECAY = 0.8  # weight of the previous mean time for a padded size (0.2 to the new sample)
 
 
@@ -137,11 +147,14 @@ class BatchPolicy:
 
     # --- what the model process tells it ---------------------------------------------------------------------
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
-        """A batch left the queue (`queued_before` items were queued just before): learn its longest return (each
-        item's arrival - the latest answer before that item)."""
+        """A batch left the queue (`queued_before` items were queued just before): learn its longest return."""
         self.held.append(queued_before)
-        returns = [item.arrived - self.answered_at[i - 1] for item in items
-                   if (i := bisect.bisect_right(self.answered_at, item.arrived))]
+        # Only items that came while the model was idle after its last answers: one that came during a run had
+        # missed the batch before it (a straggler; a client of the other group when batches are split) and says
+        # nothing of how long a wait catches the next burst. Nor does one that came later than any wait may last.
+        last = self.answered_at[-1] if self.answered_at else None
+        returns = [item.arrived - last for item in items
+                   if last is not None and 0 <= item.arrived - last <= self.delay_s]
         if returns:
             self.returns.append(max(returns))
 
@@ -165,18 +178,17 @@ class BatchPolicy:
     def padded(self, n: int) -> int:
         return next((s for s in self.sizes if s >= n), n)
 
-    def rate(self, n: int, wait_s: float = 0.0) -> float:
-        """Items per second of model time when n items go after `wait_s` more seconds."""
-        return n / (wait_s + self.cost(self.padded(n)) or 1e-9)
-
     def best_take(self, queued: int) -> int:
-        """Of `queued` items, how many to dispatch: the most items per second of model time (ties: more)."""
+        """Of `queued` items, how many to dispatch now: the count that serves the first batch_max of them in the
+        least model time, the rest going in a batch of their own (ties: more). A per-batch cost takes all of them
+        (33 padded to 64 rather than 32 now and 1 left for a run of its own); a per-item cost with padded sizes
+        takes a full size (9 queued, sizes 8 and 16: 8 now and 1 next, not 9 padded to 16)."""
         top = min(queued, self.batch_max)
-        candidates = {s for s in self.sizes if s < top} | {top}  # a full allowed size, or all that is queued
-        return max(candidates, key=lambda n: (round(self.rate(n), 6), n))
 
-    def best_size(self) -> int:
-        return self.best_take(self.batch_max)
+        def model_time(k: int) -> float:
+            return self.cost(self.padded(k)) + (self.cost(self.padded(top - k)) if k < top else 0.0)
+        candidates = {s for s in self.sizes if s < top} | {top}  # a full allowed size, or all that is queued
+        return min(candidates, key=lambda k: (round(model_time(k), 6), -k))
 
     def decide(self, queue: Sequence[Queued], idle: bool = True) -> Decision:
         decision = self._decide(queue, idle)
@@ -195,7 +207,7 @@ class BatchPolicy:
         if not q or not idle:  # nothing to send, or the model is busy: the caller asks again when it frees
             return Decision(0, float("inf"), "busy" if q else "empty")
         take = self.best_take(q)
-        if q >= self.batch_max or take < min(q, self.batch_max) or q >= self.best_size():
+        if q >= self.batch_max or take < min(q, self.batch_max):
             return Decision(take, now, "full")
         if not self.answered_at:
             until = min(queue[0].arrived + self.delay_s,  # a third of any request's time: the run's cost is unknown
@@ -204,15 +216,18 @@ class BatchPolicy:
         coming = min(self.population - q, self.batch_max - q)
         if coming < 1 or not self.cost.known:
             return Decision(take, now, "alone")
-        expected_at = self.answered_at[-1] + self.return_s
-        goal = q + coming
-        if expected_at - now >= self.cost(self.padded(q)):  # they would find the model free again: no gain
+        free = self.answered_at[-1]  # the model has been idle since its last answers
+        goal, now_cost = q + coming, self.cost(self.padded(q))
+        expected_at = free + self.return_s
+        if expected_at - now >= now_cost:  # they would find the model free again after a batch of the q: no gain
             return Decision(take, now, "in time")
-        # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later.
-        if max(0.0, expected_at - now) + self.cost(self.padded(goal)) >= \
-                self.cost(self.padded(q)) + self.cost(self.padded(coming)):
+        # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later. The
+        # model may idle for less than that saving (with a per-batch cost: the fixed part).
+        saving = now_cost + self.cost(self.padded(coming)) - self.cost(self.padded(goal))
+        if expected_at - now >= saving:
             return Decision(take, now, "not worth it")
-        until = min(expected_at, queue[0].arrived + self.delay_s,
+        # Wait for the last of them, and past it by PATIENCE x return_s for a straggler: left out, it waits a run.
+        until = min(expected_at + PATIENCE * self.return_s, free + saving, queue[0].arrived + self.delay_s,
                     min(item.deadline for item in queue) - self.cost(self.padded(goal)))
         if until <= now:
             return Decision(take, now, "bound")
