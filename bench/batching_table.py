@@ -1,18 +1,20 @@
 """Issue 22's table: scorehost's batching beside the peers' own, on a proxy of a GPU script, closed-loop clients.
 
     python -m bench.batching_table [--servers scorehost litserve ...] [--clients 1 8 16 64 128] [--seconds 10]
-        [--rounds 3] [--cost-ms 40] [--batch-max 64] [--peer-delay-ms 10] [--peers-dir DIR] [--images DIR]
+        [--warmup 2] [--rounds 3] [--cost-ms 40] [--batch-max 64] [--peer-delay-ms 10] [--peers-dir DIR]
+        [--images DIR]
 
 The model is the same everywhere: a Pillow decode and resize of the request's JPEG on the request path, then a
 batch call costing --cost-ms whatever its size (scorehost: tests/scripts/pipeline.py with CUDA_VISIBLE_DEVICES=0,
 i.e. one model process and the GPU defaults; peers: bench/peers/*_peer.py on bench/peers/proxy.py, each with its
 own batching, `--peer-delay-ms` as its delay bound and one model copy). Peers run from their own virtualenvs,
 PEERS_DIR/NAME/bin/python (bench/peers/install.sh makes them); one that is not installed is skipped, said so. All
-servers run side by side; in each round and concurrency they take turns (the order alternates), and the table
+servers run side by side; in each round and concurrency they take turns (the order alternates; each cell follows
+`--warmup` seconds of the same load, not counted, so that no server is measured while it adapts), and the table
 gives the median of the rounds: answers a second, mean batch per run_batch() call, p99, and the fraction of the
 ideal min(clients, batch max) / cost. `scorehost-greedy` is scorehost with `--batch-delay-ms 0`: the policy
-never waits, it sends whatever is queued when the model frees (the policy before issue 22). Before the load, each server must answer 64 concurrent distinct images each
-with its own image's colour."""
+never waits, it sends whatever is queued when the model frees (the policy before issue 22). Before the load, each
+server must answer 64 concurrent distinct images each with its own image's colour."""
 
 from __future__ import annotations
 
@@ -151,9 +153,12 @@ def own_answers(server: Server, n: int = 64) -> bool:
                for (rgb, _), (status, body) in zip(images, answers))
 
 
-def measure(server: Server, clients: int, seconds: float, corpus: list[bytes], cell: Cell, processes: int) -> None:
-    items0, calls0 = server.batch_counts()
+def measure(server: Server, clients: int, seconds: float, corpus: list[bytes], cell: Cell, processes: int,
+            warmup: float = 0.0) -> None:
     bodies = loadgen.Bodies(tuple(("image", *server.body(jpeg)) for jpeg in corpus))
+    if warmup > 0:  # the same load first, not counted: each server settles at this concurrency
+        loadgen.closed_loop(server.base, clients, warmup, bodies, processes=processes)
+    items0, calls0 = server.batch_counts()
     r = loadgen.closed_loop(server.base, clients, seconds, bodies, processes=processes)
     items1, calls1 = server.batch_counts()
     ok = sum(n for label, n in r.statuses.items() if label.endswith(" 200"))
@@ -171,8 +176,9 @@ def table(results: dict[tuple[str, int], Cell], names: list[str], clients: list[
         for name in names:
             cell = results[(name, c)]
             rate = statistics.median(cell.rates)
+            errors = f", {cell.errors} errors" if cell.errors else ""
             cells.append(f"{rate:,.0f}/s ({rate / ideal(c):.2f} of ideal; batch {statistics.median(cell.batches):.1f}"
-                         f", p99 {statistics.median(cell.p99s):.0f} ms{f', {cell.errors} errors' if cell.errors else ''})")
+                         f", p99 {statistics.median(cell.p99s):.0f} ms{errors})")
         rows.append(f"| {c} | {ideal(c):,.0f}/s | " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
@@ -183,6 +189,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         choices=[*SCOREHOSTS, "aihs", *PEER_NAMES])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 64, 128])
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
+    parser.add_argument("--warmup", type=float, default=2.0,
+                        help="seconds of the same load before each cell, not counted (every server alike)")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--cost-ms", type=float, default=40.0, help="run_batch()'s cost, whatever the batch size")
     parser.add_argument("--batch-max", type=int, default=64)
@@ -208,7 +216,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                     order = servers if (round_ + i) % 2 == 0 else servers[::-1]
                     for server in order:
                         measure(server, c, args.seconds, corpus, results.setdefault((server.name, c), Cell()),
-                                args.client_processes)
+                                args.client_processes, args.warmup)
                         cell = results[(server.name, c)]
                         print(f"round {round_ + 1} {server.name} {c} clients: {cell.rates[-1]:.0f}/s batch "
                               f"{cell.batches[-1]:.1f} p99 {cell.p99s[-1]:.0f} ms", file=sys.stderr, flush=True)
