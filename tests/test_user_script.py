@@ -9,6 +9,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
+from typing import Any
 
 import pytest
 
@@ -44,10 +45,11 @@ def run_batch(items):
 '''
 
 
-def _scorehost(*args: str, env: dict | None = None) -> subprocess.Popen:
+def _scorehost(*args: str, env: dict | None = None, **popen: Any) -> subprocess.Popen:
     clean = {k: v for k, v in os.environ.items() if not k.startswith(("AZUREML_", "AML_"))}
     return subprocess.Popen([processes._bin("scorehost"), *args], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                            text=True, start_new_session=True, env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})})
+                            text=True, start_new_session=True, env={**clean, "PYTHONUNBUFFERED": "1", **(env or {})},
+                            **popen)
 
 
 def test_a_script_reading_the_model_dir_without_one_is_told_how_to_give_it(tmp_path):
@@ -96,11 +98,19 @@ def test_the_ready_line_waits_for_the_model_process(tmp_path):
 
 
 def test_ctrl_c_during_the_first_model_build_is_one_line_and_leaves_no_model(tmp_path):
-    server = _scorehost("serve", "--port", str(processes.free_port()), env={"SCOREHOST_HOME": str(tmp_path)})
-    assert "building the demo model" in server.stdout.readline()
-    time.sleep(5)  # TensorFlow imported, the network being built
-    os.killpg(server.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
-    output, _ = server.communicate(timeout=60)
+    # As from a terminal: a run started in the background by a shell without job control ignores SIGINT, and its
+    # children inherit that (Python then installs no KeyboardInterrupt handler): the interrupt would never arrive.
+    server = _scorehost("serve", "--port", str(processes.free_port()), env={"SCOREHOST_HOME": str(tmp_path)},
+                        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        assert "building the demo model" in server.stdout.readline()
+        time.sleep(5)  # TensorFlow imported, the network being built
+        os.killpg(server.pid, signal.SIGINT)  # what a terminal's Ctrl-C does: the whole foreground group
+        output, _ = server.communicate(timeout=60)
+    finally:
+        if server.poll() is None:  # it missed the interrupt: no server left behind for the tests after this one
+            os.killpg(server.pid, signal.SIGKILL)
+            server.communicate()
     assert server.returncode == 130
     assert output.strip() == "scorehost: interrupted" and "Traceback" not in output
     assert os.listdir(tmp_path / "models") == []  # neither resnet50/1 nor the temporary directory
