@@ -153,9 +153,7 @@ class BatchPolicy:
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
         """A batch left the queue (`queued_before` items were queued just before): learn its longest return."""
         self.held.append(queued_before)
-        # Only items that came while the model was idle after its last answers: one that came during a run had
-        # missed the batch before it (a straggler; a client of the other group when batches are split) and says
-        # nothing of how long a wait catches the next burst. Nor does one that came later than any wait may last.
+        # only items that came while the model was idle after its last answers, within the delay (module docstring)
         last = self.answered_at[-1] if self.answered_at else None
         returns = [item.arrived - last for item in items
                    if last is not None and 0 <= item.arrived - last <= self.delay_s]
