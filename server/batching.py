@@ -143,7 +143,7 @@ class BatchPolicy:
         self.clock = clock
         self.cost = CostModel()
         self.held: collections.deque[int] = collections.deque(maxlen=HISTORY)
-        self.answered_at: collections.deque[float] = collections.deque(maxlen=HISTORY)
+        self.last_answer: Optional[float] = None  # when the last batch's answers went out
         self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_SAMPLES)
         self.return_s = 0.0
         self.hoped = 0  # the batch size the last wait was for (0: not waiting)
@@ -154,7 +154,7 @@ class BatchPolicy:
         """A batch left the queue (`queued_before` items were queued just before): learn its longest return."""
         self.held.append(queued_before)
         # only items that came while the model was idle after its last answers, within the delay (module docstring)
-        last = self.answered_at[-1] if self.answered_at else None
+        last = self.last_answer
         returns = [item.arrived - last for item in items
                    if last is not None and 0 <= item.arrived - last <= self.delay_s]
         if returns:
@@ -166,7 +166,7 @@ class BatchPolicy:
         if seconds > 0:
             self.cost.observe(padded, seconds)
         self.held.append(held)
-        self.answered_at.append(self.clock())
+        self.last_answer = self.clock()
         if self.returns:  # the second largest; with two batches or fewer seen, the largest (nothing better yet)
             latest = sorted(self.returns)
             self.return_s = latest[-2 if len(latest) > 2 else -1] + RETURN_SLACK_S
@@ -211,14 +211,14 @@ class BatchPolicy:
         take = self.best_take(q)
         if q >= self.batch_max or take < min(q, self.batch_max):
             return Decision(take, now, "full")
-        if not self.answered_at:
+        if self.last_answer is None:
             until = min(queue[0].arrived + self.delay_s,  # a third of any request's time: the run's cost is unknown
                         min(item.arrived + (item.deadline - item.arrived) / 3 for item in queue))
             return Decision(0, until, "cold", self.batch_max, until) if until > now else Decision(take, now, "cold")
         coming = min(self.population - q, self.batch_max - q)
         if coming < 1 or not self.cost.known:
             return Decision(take, now, "alone")
-        free = self.answered_at[-1]  # the model has been idle since its last answers
+        free = self.last_answer  # the model has been idle since its last answers
         goal, now_cost = q + coming, self.cost(self.padded(q))
         expected_at = free + self.return_s
         if expected_at - now >= now_cost:  # they would find the model free again after a batch of the q: no gain
