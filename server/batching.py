@@ -155,8 +155,8 @@ class BatchPolicy:
         self.held.append(queued_before)
         # only items that came while the model was idle after its last answers, within the delay (module docstring)
         last = self.last_answer
-        returns = [item.arrived - last for item in items
-                   if last is not None and 0 <= item.arrived - last <= self.delay_s]
+        returns = [] if last is None else [item.arrived - last for item in items
+                                           if 0 <= item.arrived - last <= self.delay_s]
         if returns:
             self.returns.append(max(returns))
 
@@ -220,17 +220,17 @@ class BatchPolicy:
             return Decision(take, now, "alone")
         free = self.last_answer  # the model has been idle since its last answers
         goal, now_cost = q + coming, self.cost(self.padded(q))
-        expected_at = free + self.return_s
+        goal_cost, expected_at = self.cost(self.padded(goal)), free + self.return_s
         if expected_at - now >= now_cost:  # they would find the model free again after a batch of the q: no gain
             return Decision(take, now, "in time")
         # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later. The
         # model may idle for less than that saving (with a per-batch cost: the fixed part).
-        saving = now_cost + self.cost(self.padded(coming)) - self.cost(self.padded(goal))
+        saving = now_cost + self.cost(self.padded(coming)) - goal_cost
         if expected_at - now >= MARGIN * saving:  # at the break-even a wait gains nothing and costs p99
             return Decision(take, now, "not worth it")
         # Wait for the last of them, and past it by PATIENCE x return_s for a straggler: left out, it waits a run.
         until = min(expected_at + PATIENCE * self.return_s, free + saving, queue[0].arrived + self.delay_s,
-                    min(item.deadline for item in queue) - self.cost(self.padded(goal)))
+                    min(item.deadline for item in queue) - goal_cost)
         if until <= now:
             return Decision(take, now, "bound")
         return Decision(0, until, "waiting", goal, expected_at)
