@@ -28,10 +28,11 @@ if [ -n "$missing" ]; then
 fi
 export PYTHONUNBUFFERED=1
 OUT_DIR=${OUT:-reports/gpu}
+mkdir -p "$OUT_DIR"
 if [ "${SKIP_MEASURE:-0}" != 1 ]; then python3 bench/gpu/measure.py "$@"; fi
 # MLPerf-style scenarios on bench/gpu/score_torch.py (bench/scenarios.py): server at p99 <= 15 ms and <= 100 ms,
-# offline, single-stream; scorehost's defaults beside AIHS (when installed), then the configuration `scorehost tune`
-# finds, each with its own report. SCENARIO_SECONDS (least length of each run), TUNE_MINUTES, CLIENT_PROCESSES.
+# offline, single-stream; scorehost's defaults beside AIHS (when installed), the batching policy against greedy,
+# then the configuration `scorehost tune` finds, each with its own report. SCENARIO_SECONDS (least length of each run), TUNE_MINUTES, CLIENT_PROCESSES.
 S=${SCENARIO_SECONDS:-20}
 P=${CLIENT_PROCESSES:-4}
 SCRIPT=bench/gpu/score_torch.py
@@ -40,6 +41,11 @@ if command -v azmlinfsrv >/dev/null || [ -x "$(dirname "$(command -v python3)")/
 scenarios=(--scenario server offline single-stream --p99-ms 15 100 --seconds "$S" --client-processes "$P"
            --in-flight 256 --workers "$(nproc)")
 python3 -m scorehost.cli bench "${scenarios[@]}" --scripts "torch=$SCRIPT" --servers $servers --out "$OUT_DIR/scenarios-defaults"
+# Issue 22 on the real model: the batching policy against greedy (--batch-delay-ms 0), one model process, closed-loop
+# clients; batch sizes and the GPU's busy share per cell (BATCHING_SECONDS per cell, 2 rounds).
+python3 -m bench.batching_table --servers scorehost scorehost-greedy --entry-script "$SCRIPT" \
+  --clients 1 8 16 64 128 256 --seconds "${BATCHING_SECONDS:-10}" --rounds 2 --client-processes "$P" \
+  > "$OUT_DIR/batching.md" || true
 python3 -m scorehost.cli tune --entry-script "$SCRIPT" --p99-ms 100 --budget "${TUNE_MINUTES:-15}" \
   --client-processes "$P" --out "$OUT_DIR/tune" || true
 if [ -s "$OUT_DIR/tune/best.txt" ]; then
@@ -49,4 +55,4 @@ if [ -s "$OUT_DIR/tune/best.txt" ]; then
   python3 -m scorehost.cli bench "${scenarios[@]}" --workers "$tuned_workers" $tuned --scripts "torch=$SCRIPT" \
     --servers scorehost --out "$OUT_DIR/scenarios-tuned"
 fi
-echo "reports: $OUT_DIR/scenarios-defaults/report.md, $OUT_DIR/tune/frontier.md, $OUT_DIR/scenarios-tuned/report.md"
+echo "reports: $OUT_DIR/scenarios-defaults/report.md, $OUT_DIR/batching.md, $OUT_DIR/tune/frontier.md, $OUT_DIR/scenarios-tuned/report.md"
