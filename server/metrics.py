@@ -13,12 +13,21 @@ import os
 import re
 import shutil
 import tempfile
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional
 
 ENV = "PROMETHEUS_MULTIPROC_DIR"
 LATENCY_BUCKETS = (.001, .0025, .005, .01, .025, .05, .075, .1, .15, .25, .5, .75, 1, 2.5, 5, 10, 30)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 STAGES = ("preprocess", "queue", "write")
+LEARNED = {  # scorehost_batch_<name>: the batching policy's estimates
+    "cost_fixed_seconds": "run_batch()'s learned cost per call whatever its size (the fixed part): what waiting for a "
+                          "fuller batch can save",
+    "cost_per_item_seconds": "run_batch()'s learned cost per (padded) item; a cost all per item: batching gains "
+                             "nothing and the policy never waits",
+    "return_seconds": "How long after a batch's answers its clients' next requests are all back (learned): how long "
+                      "a wait for them lasts",
+    "clients": "Requests the model process serves at once, as the policy sees them: the batch it waits for",
+}
 # Label values fed from a request are bounded: any other method is counted as "other", so a client cannot grow
 # the label set (and every worker's memory and every scrape) by inventing methods.
 METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
@@ -135,6 +144,7 @@ class Metrics:
         self.policy_wait = Histogram("scorehost_batch_policy_wait_seconds",
                                      "Time the batching policy held a batch, with the model idle, for more requests "
                                      "to join it", buckets=LATENCY_BUCKETS, registry=r)
+        self.learned: Optional[dict] = None  # the batching policy's estimates: made by the first batch (see below)
         # The stages that had no histogram of their own; the model's time and the batch queue's keep theirs
         # (run_time, queue_wait above), so no sample is written twice.
         stage = Histogram("scorehost_stage_duration_seconds", "Time of each stage of a request: preprocess(), "
@@ -154,12 +164,28 @@ class Metrics:
         children[0].inc()
         children[1].observe(seconds)
 
-    def observe_batch(self, size: int, seconds: float, queue_waits: list[float], policy_wait: float = 0.0) -> None:
+    def observe_batch(self, size: int, seconds: float, queue_waits: list[float], policy_wait: float = 0.0,
+                      policy: Any = None) -> None:
+        """One run_batch() call; `policy` (batching.BatchPolicy), what it has learned so far."""
         self.batch_size.observe(size)
         self.policy_wait.observe(policy_wait)
         self.run_time.observe(seconds)
         for wait in queue_waits:
             self.queue_wait.observe(wait)
+        if policy is not None:
+            if self.learned is None:
+                # What the batching policy has learned (server/batching.py), per model process: why its batches are
+                # the size they are. Made here, in model processes only (a gauge has a sample from its creation on);
+                # "liveall": one sample per live model process (label pid), gone when it exits.
+                from prometheus_client import Gauge
+
+                self.learned = {name: Gauge(f"scorehost_batch_{name}", text, registry=self.registry,
+                                            multiprocess_mode="liveall") for name, text in LEARNED.items()}
+            learned = self.learned
+            learned["cost_fixed_seconds"].set(policy.cost.fixed)
+            learned["cost_per_item_seconds"].set(policy.cost.per_item)
+            learned["return_seconds"].set(policy.return_s)
+            learned["clients"].set(policy.population)
 
     def exposition(self) -> tuple[bytes, str]:
         from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, generate_latest, multiprocess

@@ -174,7 +174,7 @@ class ModelServer:
     def __init__(self, run_batch: Callable[[list], list], *, batch_max: int, delay_ms: float,
                  sizes: tuple[int, ...], queue_max: int, timeout_ms: int, grace_s: float,
                  queue_bytes: int = 1 << 62, send_timeout_s: float = 30.0, graceful_s: float = 30.0,
-                 observe: Optional[Callable[[int, float, list[float]], None]] = None,
+                 observe: Optional[Callable[[int, float, list[float], float, BatchPolicy], None]] = None,
                  on_hung: Callable[[], None] = lambda: None):
         self.run_batch = run_batch
         self.batch_max = max(1, batch_max)
@@ -186,7 +186,7 @@ class ModelServer:
         self.grace_s = grace_s
         self.send_timeout_s = send_timeout_s
         self.graceful_s = graceful_s
-        self.observe = observe  # (batch size, run_batch seconds, queue waits, policy's wait) -> None, for metrics
+        self.observe = observe  # (batch size, run_batch seconds, queue waits, policy's wait, policy) -> None
         self.on_hung = on_hung
         self.queue: collections.deque[_Item] = collections.deque()
         self.queued_bytes = 0
@@ -295,8 +295,6 @@ class ModelServer:
                 span.end()
         elapsed = time.monotonic() - started
         self.batch_s = elapsed if not self.batch_s else 0.8 * self.batch_s + 0.2 * elapsed
-        if self.observe:
-            self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s)
         results = []
         for item, output in zip(batch, outputs):
             if isinstance(output, BaseException):
@@ -310,6 +308,9 @@ class ModelServer:
                 results.append((item, True, output))
         self._answer(results, elapsed * 1000, len(values))
         self.policy.finished(len(values), elapsed, n + len(self.queue))
+        if self.observe:  # after the answers: they do not wait for the metrics
+            self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s,
+                         self.policy)
 
     def _answer(self, results: list[tuple[_Item, bool, Any]], run_ms: float, size: int) -> None:
         """Send each item's answer once (by its result, or by its deadline: a late result is never sent), the

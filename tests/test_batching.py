@@ -107,6 +107,11 @@ def test_metrics_count_what_was_served_across_workers(start_server):
     assert _sample(text, "scorehost_batch_size_sum") == 21
     assert _sample(text, "scorehost_request_duration_seconds_count", route="/score") == 21
     assert "scorehost_batch_queue_wait_seconds_bucket" in text and "scorehost_run_duration_seconds_bucket" in text
+    # what the policy learned, from the model process: batch_tagger costs 50 ms a call whatever its size
+    assert 0.045 <= _sample(text, "scorehost_batch_cost_fixed_seconds") <= 0.09, text
+    assert _sample(text, "scorehost_batch_cost_per_item_seconds") <= 0.005
+    assert 1 <= _sample(text, "scorehost_batch_clients") <= 21
+    assert len(re.findall(r"^scorehost_batch_clients\{pid=", text, re.M)) == 1  # one model process
 
 
 def test_metrics_behind_the_key_when_one_is_set(start_server):
