@@ -158,11 +158,13 @@ def _encode(answer: Answer) -> list[Any]:
 
 
 class _Item:
-    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered", "traceparent")
+    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered", "traceparent", "returned")
 
-    def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int):
+    def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int,
+                 returned: Optional[float] = None):
         self.peer, self.rid, self.value, self.arrived, self.deadline = peer, rid, value, arrived, deadline
         self.nbytes = nbytes
+        self.returned = returned  # how long after the last answers it came (batching.BatchPolicy.arrived)
         self.answered = False
         self.traceparent: Optional[str] = None  # the request span's, when its HTTP worker traces (telemetry)
 
@@ -235,7 +237,7 @@ class ModelServer:
             if now + batches_until_done * self.batch_s > deadline:
                 return errors.Overloaded("The server is busy: this request would wait past its scoring timeout. "
                                          "Retry after a short pause.")
-            self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes))
+            self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes, self.policy.arrived(now)))
             item.traceparent = traceparent
             self.queued_bytes += nbytes
             self.ready.notify()
@@ -306,8 +308,8 @@ class ModelServer:
                 results.append((item, True, ResponseData.of(output)))
             else:
                 results.append((item, True, output))
+        self.policy.finished(len(values), elapsed, n + len(self.queue))  # before the answers: returns start now
         self._answer(results, elapsed * 1000, len(values))
-        self.policy.finished(len(values), elapsed, n + len(self.queue))
         if self.observe:  # after the answers: they do not wait for the metrics
             self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s,
                          self.policy)
