@@ -138,6 +138,16 @@ class ModelOutOfMemory(ServerError):
 OUT_OF_MEMORY_NAMES = {"ResourceExhaustedError", "OutOfMemoryError", "MemoryError"}
 
 
+def portable(error: ServerError) -> ServerError:
+    """The error as it crosses to another process (model_process.py): as is when it is one of this module's types,
+    else as the nearest of them, with its message and headers (a subclass the script defined may not be rebuilt on
+    the other side; this way it keeps its status)."""
+    cls = next(c for c in type(error).__mro__ if c.__module__ == __name__)
+    if cls is type(error):
+        return error
+    return _rebuild(cls, str(error.message), {str(k): str(v) for k, v in error.extra_headers.items()})
+
+
 def script_error(error: BaseException) -> ServerError:
     """What an exception raised by the entry script becomes: 503 for out-of-memory, else Azure ML's 500."""
     if any(cls.__name__ in OUT_OF_MEMORY_NAMES for cls in type(error).__mro__):

@@ -154,7 +154,8 @@ def _encode(answer: Answer) -> list[Any]:
             log.error("run_batch()'s result for one request cannot be sent to its HTTP worker: %s", ex)
             error = errors.ResultUnusable(f"run_batch()'s result for this request cannot be sent back ({ex}).")
             return wire.encode(wire.Type.ERROR, answer.rid, error, answer.run_ms, answer.size)
-    return wire.encode(wire.Type.ERROR, answer.rid, answer.payload, answer.run_ms, answer.size)
+    # as one of server.errors' own types: a subclass the script defined may not pickle here or unpickle there
+    return wire.encode(wire.Type.ERROR, answer.rid, errors.portable(answer.payload), answer.run_ms, answer.size)
 
 
 class _Item:
@@ -180,6 +181,10 @@ class ModelServer:
                  on_hung: Callable[[], None] = lambda: None):
         self.run_batch = run_batch
         self.batch_max = max(1, batch_max)
+        if sizes and max(sizes) < self.batch_max:  # a batch between them could not be padded to an allowed size
+            log.warning("--batch-max %d is above the largest of --batch-sizes (%d): batches are capped at %d, so "
+                        "that each is padded to an allowed (warmed) size", self.batch_max, max(sizes), max(sizes))
+            self.batch_max = max(sizes)
         self.delay_s = delay_ms / 1000
         self.sizes = tuple(sorted(s for s in sizes if s <= self.batch_max))
         self.queue_max = queue_max
@@ -305,7 +310,12 @@ class ModelServer:
                 error = output if isinstance(output, errors.ServerError) else errors.script_error(output)
                 results.append((item, False, error))
             elif isinstance(output, flask.Response):
-                results.append((item, True, ResponseData.of(output)))
+                try:  # its body is read here: a stream that fails, or a file in passthrough mode, fails alone
+                    results.append((item, True, ResponseData.of(output)))
+                except Exception as ex:  # noqa: BLE001 - whatever reading the script's Response raises
+                    log.error("run_batch()'s Response for one request cannot be read: %r", ex)
+                    results.append((item, False, errors.ResultUnusable(
+                        f"run_batch()'s Response for this request cannot be read ({type(ex).__name__}: {ex}).")))
             else:
                 results.append((item, True, output))
         self.policy.finished(len(values), elapsed, n + len(self.queue))  # before the answers: returns start now
@@ -324,7 +334,11 @@ class ModelServer:
                     item.answered = True
                     by_peer.setdefault(item.peer, []).append(Answer(item.rid, ok, payload, run_ms, size))
         for peer, answers in by_peer.items():
-            peer.send(answers)
+            try:
+                peer.send(answers)
+            except Exception:  # noqa: BLE001 - never out of the batching loop: the link goes, its worker answers 503
+                log.exception("could not send answers to an HTTP worker: closing its link")
+                peer.close()
 
     def stop_queue(self, error: errors.ServerError) -> None:
         """Answer everything still queued with `error` (a process that must exit answers what it holds)."""

@@ -8,6 +8,7 @@ import socket
 import threading
 import time
 
+import flask
 import numpy as np
 import pytest
 
@@ -187,3 +188,63 @@ def test_thousands_of_small_arrays_cross_in_the_pickle():
     frame = _roundtrip(arrays)
     assert len(frame.payload) == 1100 and float(frame.payload[-1][0]) == 1099.0
     assert len(wire.encode(wire.Type.RESULT, 1, arrays)) == 2  # header and pickle: nothing out of band
+
+
+def test_a_response_whose_body_cannot_be_read_fails_only_its_own_request():
+    """run_batch() may return what run() would: a Response, whose body is read in the model process. One that
+    fails when read (a stream that breaks, a file in passthrough mode as send_file() makes) fails its own request
+    (500); the others of the batch are answered and the loop goes on. (It used to end the model process.)"""
+    def broken():
+        yield b"partial"
+        raise RuntimeError("stream broke")
+
+    outputs = {"a": "ok", "b": lambda: flask.Response(broken()),
+               "c": lambda: flask.Response(io.BytesIO(b"x"), direct_passthrough=True)}
+    model = server(lambda items: [outputs[x]() if callable(outputs[x]) else outputs[x] for x in items])
+    peer = FakePeer()
+    for rid, x in enumerate("abc"):
+        model.submit(peer, rid, x, far())
+    assert model.step(wait_s=0) == 3
+    answers = {a.rid: a for a in peer.answers}
+    assert answers[0].ok and answers[0].payload == "ok"
+    for rid in (1, 2):
+        assert not answers[rid].ok and isinstance(answers[rid].payload, errors.ResultUnusable)
+        assert "cannot be read" in answers[rid].payload.message
+    model.submit(peer, 3, "a", far())
+    assert model.step(wait_s=0) == 1 and peer.answers[-1].payload == "ok"  # and it goes on
+
+
+def test_an_error_of_the_scripts_own_type_crosses_as_ours_and_every_answer_goes_out():
+    """A ServerError subclass defined in the script (here in a function: it cannot be pickled) crosses as the
+    nearest of server.errors' types, with its message and so its status; the other HTTP worker's answers of the
+    same batch go out too (it used to raise out of the batching loop, after they were marked answered)."""
+    class ScriptOwn(errors.BadInput):
+        extra_headers = {"X-Why": "own"}
+
+    a, b = socket.socketpair()
+    c, d = socket.socketpair()
+    with a, b, c, d:
+        model = server(lambda items: [ScriptOwn("not this one") if x == "bad" else x for x in items])
+        model.submit(Peer(a), 1, "bad", far())
+        model.submit(Peer(c), 2, "good", far())
+        assert model.step(wait_s=0) == 2
+        b.settimeout(5)
+        d.settimeout(5)
+        bad, good = wire.receive(b.makefile("rb"), 1 << 20), wire.receive(d.makefile("rb"), 1 << 20)
+    assert good.rid == 2 and good.type == wire.Type.RESULT and good.payload == "good"
+    assert bad.rid == 1 and bad.type == wire.Type.ERROR and type(bad.payload) is errors.BadInput
+    assert bad.payload.message == "not this one" and bad.payload.extra_headers == {"X-Why": "own"}
+
+
+def test_batch_max_above_the_largest_allowed_size_is_capped_to_it():
+    """--batch-sizes 1,2,4,8 with --batch-max 16: a batch of 12 would reach run_batch() unpadded, a size never
+    warmed that a fixed-profile engine refuses; batches are capped at 8 instead, and each is an allowed size."""
+    seen = []
+    model = server(lambda items: seen.append(len(items)) or items, batch_max=16, sizes=(1, 2, 4, 8), queue_max=32)
+    peer = FakePeer()
+    for i in range(12):
+        model.submit(peer, i, i, far())
+    while model.queue:
+        model.step(wait_s=0)
+    assert seen == [8, 4] and model.batch_max == 8
+    assert sorted(a.rid for a in peer.answers) == list(range(12))
