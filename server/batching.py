@@ -48,16 +48,14 @@ How many to take: of the q queued (at most batch_max), the count that serves the
 going in a batch of their own: with a per-item cost and sizes 8,16, 9 queued go as 8 now and 1 next; with a
 per-batch cost, 33 go padded to 64 (taking 32 by "most items per second" left one client a run behind whenever the
 learned curve showed a slight slope, and 64 clients split into two groups of 32).
-Each batch gives one return sample, its longest return. Counted, as before, are the items that came while the model
-idled after its last answers (within the delay bound: one that came after a pause, the load stopped and started
-again, is no return; counted, it had put return_s at 250 ms and stopped every wait for 16 batches), and not a
-straggler that came during the next run. But a batch whose items all came during the last run is a group taking
-turns with another (split): then each item's own return counts, stamped when it arrived, from the last answers
-before it (`arrived`: its own group's, since the other group's run had not ended; not one slower than a run, for
-which no wait is made). Sampled only while the model idled, a split state measured nothing any more, and a return
-estimate near a run kept the clients split for good ("not worth it" on both sides: 195/s against 270-295 at 16
-clients, one run in 13; with one HTTP worker 186/s against 262-280, one run in 5). Counting every item's own
-return instead, stragglers included, raised the estimate and p99 (16 clients 75-93 ms against 63-78).
+A return is timed when its request arrives, from the last answers before it (`arrived`), whether the model is idle
+or running then: in a split state (two groups taking turns, each arriving during the other's run) the last answers
+before a client's arrival are its own batch's, so its return is still measured, and an estimate grown too long (the
+burst of a cold start, a slow spell) comes down. Timed only at dispatch, against the model's latest answers, only
+the items that came while it was idle counted: once split, nothing was measured any more, and a return estimate
+near a run kept the clients split for good ("not worth it": 195/s against 270-295 at 16 clients, one run in 13).
+One that came after a pause (more than the delay bound after the last answers: the load stopped, then started
+again) is no return at all: counted, it had put return_s at 250 ms and stopped every wait for the next 16 batches.
 
 What the others do, and what this takes from them (their docs, read 2026-12):
 - Triton's dynamic batcher: `preferred_batch_size` (dispatch at once when one can be formed, the largest) and
@@ -177,8 +175,8 @@ class BatchPolicy:
         """A request arrives at `at`: how long after the last answers (its client's return), or None when it is no
         return: nothing answered yet, a pause (more than the delay bound since), or a client slower than a run (no
         wait would be made for it: it would find the model free again; counted, 1% of such returns stopped the
-        waits for the others). Stamped on the item now, while the last answers are still those before it; read
-        for a batch whose items all came during a run (module docstring)."""
+        waits for the others). Stamped on the item now, while the last answers are still those before it (module
+        docstring)."""
         last = self.last_answer
         if last is None or not 0 <= at - last <= min(self.delay_s, self.last_run_s):
             return None
@@ -187,11 +185,7 @@ class BatchPolicy:
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
         """A batch left the queue (`queued_before` items were queued just before): learn its longest return."""
         self.held.append(queued_before)
-        last = self.last_answer  # those that came while the model idled after its last answers, if any came so
-        returns = [] if last is None else [item.arrived - last for item in items if item.arrived >= last]
-        if not returns:  # all came during the last run: a group taking turns with another (module docstring)
-            returns = [item.returned for item in items if item.returned is not None]
-        returns = [r for r in returns if r <= self.delay_s]
+        returns = [item.returned for item in items if item.returned is not None]
         if returns:
             self.returns.append(max(returns))
 
