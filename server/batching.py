@@ -48,14 +48,11 @@ How many to take: of the q queued (at most batch_max), the count that serves the
 going in a batch of their own: with a per-item cost and sizes 8,16, 9 queued go as 8 now and 1 next; with a
 per-batch cost, 33 go padded to 64 (taking 32 by "most items per second" left one client a run behind whenever the
 learned curve showed a slight slope, and 64 clients split into two groups of 32).
-A return is timed when its request arrives, from the last answers before it (`arrived`), whether the model is idle
-or running then: in a split state (two groups taking turns, each arriving during the other's run) the last answers
-before a client's arrival are its own batch's, so its return is still measured, and an estimate grown too long (the
-burst of a cold start, a slow spell) comes down. Timed only at dispatch, against the model's latest answers, only
-the items that came while it was idle counted: once split, nothing was measured any more, and a return estimate
-near a run kept the clients split for good ("not worth it": 195/s against 270-295 at 16 clients, one run in 13).
-One that came after a pause (more than the delay bound after the last answers: the load stopped, then started
-again) is no return at all: counted, it had put return_s at 250 ms and stopped every wait for the next 16 batches.
+Returns are measured only for items that came while the model was idle after its answers, within the delay bound:
+one that came during a run had missed the batch before it (a straggler, or the other group's client while batches
+are split) and says nothing of how long a wait catches the next burst; one that came after a pause (the load
+stopped, then started again) is no burst at all. Counting them had put return_s at 250 ms after a pause and stopped
+every wait ("in time") for the next 16 batches.
 
 What the others do, and what this takes from them (their docs, read 2026-12):
 - Triton's dynamic batcher: `preferred_batch_size` (dispatch at once when one can be formed, the largest) and
@@ -94,7 +91,6 @@ FORGET = 0.05  # a size whose weight fades below this is dropped from the fit: o
 class Queued(Protocol):
     arrived: float
     deadline: float
-    returned: Optional[float]  # `BatchPolicy.arrived(arrived)`, stamped when it arrived
 
 
 class Decision(NamedTuple):
@@ -164,38 +160,27 @@ class BatchPolicy:
         self.cost = CostModel()
         self.held: collections.deque[int] = collections.deque(maxlen=HISTORY)
         self.last_answer: Optional[float] = None  # when the last batch's answers went out
-        self.last_run_s = 0.0  # and how long its run_batch() took
         self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_SAMPLES)
         self.return_s = 0.0
         self.hoped = 0  # the batch size the last wait was for (0: not waiting)
         self.hoped_by = 0.0  # and when it expected them all
 
     # --- what the model process tells it ---------------------------------------------------------------------
-    def arrived(self, at: float) -> Optional[float]:
-        """A request arrives at `at`: how long after the last answers (its client's return), or None when it is no
-        return: nothing answered yet, a pause (more than the delay bound since), or a client slower than a run (no
-        wait would be made for it: it would find the model free again; counted, 1% of such returns stopped the
-        waits for the others). Stamped on the item now, while the last answers are still those before it (module
-        docstring)."""
-        last = self.last_answer
-        if last is None or not 0 <= at - last <= min(self.delay_s, self.last_run_s):
-            return None
-        return at - last
-
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
         """A batch left the queue (`queued_before` items were queued just before): learn its longest return."""
         self.held.append(queued_before)
-        returns = [item.returned for item in items if item.returned is not None]
+        # only items that came while the model was idle after its last answers, within the delay (module docstring)
+        last = self.last_answer
+        returns = [] if last is None else [item.arrived - last for item in items
+                                           if 0 <= item.arrived - last <= self.delay_s]
         if returns:
             self.returns.append(max(returns))
 
     def finished(self, padded: int, seconds: float, held: int) -> None:
-        """run_batch() of `padded` items took `seconds`; its answers go out now (called just before they are sent: no
-        return can arrive before), and `held` requests were in the model process at its end (the batch's and those
-        that queued meanwhile)."""
+        """run_batch() of `padded` items took `seconds`; its answers are out now, and `held` requests were in the
+        model process at its end (the batch's and those that queued meanwhile)."""
         if seconds > 0:
             self.cost.observe(padded, seconds)
-        self.last_run_s = seconds
         self.held.append(held)
         self.last_answer = self.clock()
         if self.returns:  # the second largest; with two batches or fewer seen, the largest (nothing better yet)

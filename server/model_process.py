@@ -159,13 +159,11 @@ def _encode(answer: Answer) -> list[Any]:
 
 
 class _Item:
-    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered", "traceparent", "returned")
+    __slots__ = ("peer", "rid", "value", "arrived", "deadline", "nbytes", "answered", "traceparent")
 
-    def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int,
-                 returned: Optional[float] = None):
+    def __init__(self, peer: Peer, rid: int, value: Any, arrived: float, deadline: float, nbytes: int):
         self.peer, self.rid, self.value, self.arrived, self.deadline = peer, rid, value, arrived, deadline
         self.nbytes = nbytes
-        self.returned = returned  # how long after the last answers it came (batching.BatchPolicy.arrived)
         self.answered = False
         self.traceparent: Optional[str] = None  # the request span's, when its HTTP worker traces (telemetry)
 
@@ -242,7 +240,7 @@ class ModelServer:
             if now + batches_until_done * self.batch_s > deadline:
                 return errors.Overloaded("The server is busy: this request would wait past its scoring timeout. "
                                          "Retry after a short pause.")
-            self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes, self.policy.arrived(now)))
+            self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes))
             item.traceparent = traceparent
             self.queued_bytes += nbytes
             self.ready.notify()
@@ -318,8 +316,8 @@ class ModelServer:
                         f"run_batch()'s Response for this request cannot be read ({type(ex).__name__}: {ex}).")))
             else:
                 results.append((item, True, output))
-        self.policy.finished(len(values), elapsed, n + len(self.queue))  # before the answers: returns start now
         self._answer(results, elapsed * 1000, len(values))
+        self.policy.finished(len(values), elapsed, n + len(self.queue))
         if self.observe:  # after the answers: they do not wait for the metrics
             self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s,
                          self.policy)
