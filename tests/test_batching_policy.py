@@ -46,11 +46,14 @@ class Run:
 
 
 def simulate(cost, clients: int, *, seconds: float = 3.0, batch_max: int = 64, sizes=(), delay_s: float = 0.05,
-             timeout_s: float = 60.0, think=lambda rng: rng.uniform(0.001, 0.005), seed: int = 1) -> Run:
+             timeout_s: float = 60.0, think=lambda rng: rng.uniform(0.001, 0.005), seed: int = 1,
+             prime=lambda policy: None) -> Run:
     """Closed-loop clients against a model process that asks the policy whenever the model is idle: `cost(padded
-    size)` seconds a run_batch(), each client back `think` seconds after its answer."""
+    size)` seconds a run_batch(), each client back `think` seconds after its answer. `prime(policy)` first: what
+    it has learned before the run starts."""
     rng, clock = random.Random(seed), Clock()
     policy = BatchPolicy(batch_max, sizes, delay_s, clock=clock)
+    prime(policy)
     start, run = clock.now, Run()
     arrivals = [(start + think(rng), c) for c in range(clients)]
     heapq.heapify(arrivals)
