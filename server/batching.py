@@ -52,7 +52,11 @@ Returns are measured only for items that came while the model was idle after its
 one that came during a run had missed the batch before it (a straggler, or the other group's client while batches
 are split) and says nothing of how long a wait catches the next burst; one that came after a pause (the load
 stopped, then started again) is no burst at all. Counting them had put return_s at 250 ms after a pause and stopped
-every wait ("in time") for the next 16 batches.
+every wait ("in time") for the next 16 batches. Known limit: once the clients are split into two groups, nothing is
+measured, and an estimate near a run keeps them split ("not worth it" on both sides; 1 run in 13 at 16 clients on
+2 cores). Counting the split groups' own returns heals it but merges the groups at 64 clients too, where that gains
+nothing and costs p99 (bench/RESULTS.md 14, fourth pass); a return estimate per number of clients coming is the
+way out.
 
 What the others do, and what this takes from them (their docs, read 2026-12):
 - Triton's dynamic batcher: `preferred_batch_size` (dispatch at once when one can be formed, the largest) and
