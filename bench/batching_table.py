@@ -15,8 +15,9 @@ servers run side by side; in each round and concurrency they take turns (the ord
 `--warmup` seconds of the same load, not counted, so that no server is measured while it adapts), and the table
 gives the median of the rounds: answers a second, mean batch per run_batch() call, p99, and the fraction of the
 ideal min(clients, batch max) / cost; for scorehost also how busy the model was (the share of the cell's time
-inside run_batch(), from /metrics: the calls that ended in the cell, so up to one call over). `scorehost-greedy` is scorehost with `--batch-delay-ms 0`: the policy
-never waits, it sends whatever is queued when the model frees (the policy before issue 22). Before the load, each
+inside run_batch(), from /metrics: the calls that ended in the cell, so up to one call over). `scorehost-greedy`
+is scorehost with `--batch-delay-ms 0`: the policy never waits, it sends whatever is queued when the model frees
+(the policy before issue 22). Before the load, each
 server must answer 64 concurrent distinct images each with its own image's colour.
 With `--entry-script` another script takes the proxy's place (scorehost's variants only: the peers serve the proxy):
 on a GPU, `bash bench/gpu/run.sh` runs the policy against greedy on bench/gpu/score_torch.py. Its cost is not

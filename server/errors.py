@@ -30,8 +30,12 @@ class ServerError(Exception):
 
     def __reduce__(self) -> tuple:
         """Errors cross from a model process to its HTTP workers (server/wire.py) with their type, message and
-        headers, whatever their constructor takes."""
-        return _rebuild, (type(self), self.message, self.extra_headers)
+        headers, whatever their constructor takes. A subclass the script defined may not be rebuilt on the other
+        side (a class inside a function does not even pickle): it crosses as the nearest of this module's types,
+        so it keeps its status."""
+        cls = next(c for c in type(self).__mro__ if c.__module__ == __name__)
+        headers = self.extra_headers if cls is type(self) else {str(k): str(v) for k, v in self.extra_headers.items()}
+        return _rebuild, (cls, self.message, headers)
 
 
 def _rebuild(cls: type, message: str, extra_headers: dict[str, str]) -> "ServerError":
@@ -136,16 +140,6 @@ class ModelOutOfMemory(ServerError):
 
 # Out-of-memory errors by class name, so that no framework needs importing: TensorFlow, PyTorch (CUDA), Python.
 OUT_OF_MEMORY_NAMES = {"ResourceExhaustedError", "OutOfMemoryError", "MemoryError"}
-
-
-def portable(error: ServerError) -> ServerError:
-    """The error as it crosses to another process (model_process.py): as is when it is one of this module's types,
-    else as the nearest of them, with its message and headers (a subclass the script defined may not be rebuilt on
-    the other side; this way it keeps its status)."""
-    cls = next(c for c in type(error).__mro__ if c.__module__ == __name__)
-    if cls is type(error):
-        return error
-    return _rebuild(cls, str(error.message), {str(k): str(v) for k, v in error.extra_headers.items()})
 
 
 def script_error(error: BaseException) -> ServerError:

@@ -154,8 +154,7 @@ def _encode(answer: Answer) -> list[Any]:
             log.error("run_batch()'s result for one request cannot be sent to its HTTP worker: %s", ex)
             error = errors.ResultUnusable(f"run_batch()'s result for this request cannot be sent back ({ex}).")
             return wire.encode(wire.Type.ERROR, answer.rid, error, answer.run_ms, answer.size)
-    # as one of server.errors' own types: a subclass the script defined may not pickle here or unpickle there
-    return wire.encode(wire.Type.ERROR, answer.rid, errors.portable(answer.payload), answer.run_ms, answer.size)
+    return wire.encode(wire.Type.ERROR, answer.rid, answer.payload, answer.run_ms, answer.size)
 
 
 class _Item:

@@ -32,7 +32,8 @@ mkdir -p "$OUT_DIR"
 if [ "${SKIP_MEASURE:-0}" != 1 ]; then python3 bench/gpu/measure.py "$@"; fi
 # MLPerf-style scenarios on bench/gpu/score_torch.py (bench/scenarios.py): server at p99 <= 15 ms and <= 100 ms,
 # offline, single-stream; scorehost's defaults beside AIHS (when installed), the batching policy against greedy,
-# then the configuration `scorehost tune` finds, each with its own report. SCENARIO_SECONDS (least length of each run), TUNE_MINUTES, CLIENT_PROCESSES.
+# then the configuration `scorehost tune` finds, each with its own report. SCENARIO_SECONDS (least length of each
+# run), TUNE_MINUTES, CLIENT_PROCESSES, BATCHING_SECONDS.
 S=${SCENARIO_SECONDS:-20}
 P=${CLIENT_PROCESSES:-4}
 SCRIPT=bench/gpu/score_torch.py
