@@ -10,19 +10,27 @@ The policy learns two things while serving, and answers "dispatch n items now, o
   size's first call counts only until its second replaces it. A slow first call (lazy initialisation, no warm-up)
   no longer bends the line for good: it had held a 1 ms model's every batch ~13 ms (0.7 of greedy's rate) and a
   per-item model's ~14 ms.
-- **Who is about to arrive**: clients that got an answer send their next request a moment later (closed loop). The
-  policy counts the requests the model process holds at the end of each batch (that batch's plus those that queued
-  meanwhile: the clients it serves, `population`) and learns how soon after a batch's answers the next requests
-  arrive (`return_s`: for each batch, its longest return, an item's arrival - the model's last answers; the
-  second largest over the last RETURN_SAMPLES batches. The batch waits for the last of the expected clients, not
-  most of them: a percentile of all returns (the 90th) left one of 8 clients behind in over half the batches,
-  which then waited a whole run; the second largest is not thrown by one slow return, which the largest is, and it
-  stays put with stragglers in a few batches of 16, which the median does not). With q queued and the model idle,
-  up to population - q more are expected by the last answer + return_s. A wait that ends, once all were due, with
-  fewer than it hoped for (the load dropped) resets the population to what came, so a lone client after a busy
-  spell pays one wait, not one per batch of the history (4). A wait the policy cuts itself before they were all
-  due (at the model time it saves) resets nothing: with bursts as long as a run (64 clients on 2 cores) that is
-  most waits, and the clients are all still coming.
+- **Who is about to arrive, and when**: clients that got an answer send their next request a moment later (closed
+  loop). The policy counts the requests the model process holds at the end of each batch (that batch's plus those
+  that queued meanwhile: the clients it serves, `population`), and learns how long after a batch's answers the
+  k-th of its clients is back, for each k (`Returns`): the HTTP workers answer them and read their next requests
+  one after another, so a burst of 14 is back sooner than a burst of 64 on the same cores. An arrival counts, by
+  its rank since the last answers, until a batch with some of that burst leaves: with the clients split in two
+  groups, the group answered last comes back during the other group's run, a burst of its own. A straggler that
+  missed its burst's batch does not count (a client slow once in a hundred returns would then be in most
+  estimates, and every wait would be judged too long), nor does an arrival after a pause (later than
+  `--batch-delay-ms` after the answers: a client back after 300 ms once stopped every wait for 16 batches). The estimate
+  for n clients is the second largest of the last RETURN_SAMPLES n-th returns: the batch waits for the last of
+  the expected clients, not most of them (a percentile of all returns, the 90th, left one of 8 clients behind in
+  over half the batches, which then waited a whole run; the largest is thrown by one slow return). A single return
+  estimate for all counts, learned only while the model idled, kept clients split for good once the load dropped:
+  after 64 clients (bursts back in 36 ms), 16 clients alternated batches of 2 and 14 at 192/s, every wait for the
+  14 judged "not worth it" and no return measured again (bench/RESULTS.md 14, fifth pass). With q queued and the
+  model idle, up to population - q more are expected by the last answer + the return of their burst. A wait that
+  ends, once all were due, with fewer than it hoped for (the load dropped) resets the population to what came, so
+  a lone client after a busy spell pays one wait, not one per batch of the history (4). A wait the policy cuts
+  itself before they were all due (at the model time it saves) resets nothing: with bursts as long as a run (64
+  clients on 2 cores) that is most waits, and the clients are all still coming.
 
 Decision, with the model idle and q queued (first arrival t0, earliest deadline d):
 0. Before any batch has been answered nothing is known of who is coming: the first batch waits for a full batch,
@@ -30,7 +38,11 @@ Decision, with the model idle and q queued (first arrival t0, earliest deadline 
    lone client pays the delay once, on its first request) and a third of any of its requests' time to deadline
    (the run's cost is not known yet).
 1. q >= `--batch-max`, or fewer are worth sending now than are queued (see "How many to take"), or nothing else is
-   expected (population <= q, e.g. a single client): dispatch now.
+   expected (population <= q, e.g. a single client), or the clients not queued fill the next batch on their own
+   (population - q >= `--batch-max`: 128 clients, batches of 64), or the whole population's burst back is too long
+   to wait for (rule 2 for all of them, the model idle from its answers: the clients then go in two groups, two
+   runs a cycle, and a wait to merge some of them only idles the model; at 64 clients on 2 cores, where a burst of
+   64 takes about a run, such waits made the model idle 17% of the time for a rate 4% under greedy's): dispatch now.
 2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
    the model free: a fast model is never held) and the wait costs the model less time than a second batch would:
    wait + cost(q + m) < cost(q) + cost(m), i.e. the wait is under the fixed part; with a per-item cost it never is.
@@ -39,7 +51,7 @@ Decision, with the model idle and q queued (first arrival t0, earliest deadline 
    25-40 ms over greedy's).
    (Comparing items per second of the batch now with the batch after the wait looks right but is not: it sends 14
    of 16 and leaves 2 to start a small batch of their own, and the clients stay split.)
-3. Wait until the earliest of: when they are expected, and past it by PATIENCE x return_s (a burst a little longer
+3. Wait until the earliest of: when they are expected, and past it by PATIENCE x their return (a burst a little longer
    than the last ones: its last client, left out, would wait a whole run and split the batches after it); the
    model's last answer + that saving (it never idles longer than a second batch would cost); t0 +
    `--batch-delay-ms`; d - cost(q + m). Each arrival wakes the model process, which asks again: the batch goes the
@@ -48,15 +60,8 @@ How many to take: of the q queued (at most batch_max), the count that serves the
 going in a batch of their own: with a per-item cost and sizes 8,16, 9 queued go as 8 now and 1 next; with a
 per-batch cost, 33 go padded to 64 (taking 32 by "most items per second" left one client a run behind whenever the
 learned curve showed a slight slope, and 64 clients split into two groups of 32).
-Returns are measured only for items that came while the model was idle after its answers, within the delay bound:
-one that came during a run had missed the batch before it (a straggler, or the other group's client while batches
-are split) and says nothing of how long a wait catches the next burst; one that came after a pause (the load
-stopped, then started again) is no burst at all. Counting them had put return_s at 250 ms after a pause and stopped
-every wait ("in time") for the next 16 batches. Known limit: once the clients are split into two groups, nothing is
-measured, and an estimate near a run keeps them split ("not worth it" on both sides; 1 run in 13 at 16 clients on
-2 cores). Counting the split groups' own returns heals it but merges the groups at 64 clients too, where that gains
-nothing and costs p99 (bench/RESULTS.md 14, fourth pass); a return estimate per number of clients coming is the
-way out.
+The burst waited for: the queued items that came after the last answers plus those expected (with the clients
+split in two groups, the queued group came during the run and only the group just answered is coming).
 
 What the others do, and what this takes from them (their docs, read 2026-12):
 - Triton's dynamic batcher: `preferred_batch_size` (dispatch at once when one can be formed, the largest) and
@@ -83,9 +88,9 @@ import time
 from typing import Callable, NamedTuple, Optional, Protocol, Sequence
 
 HISTORY = 8  # counts held, two a batch (when it leaves the queue, when it ends): the population is their largest
-RETURN_SAMPLES = 16  # batches whose longest return is kept; the second largest is return_s (see the docstring)
-RETURN_SLACK_S = 0.0005  # added to return_s: the next burst's last may come a little later
-PATIENCE = 0.5  # a wait may run this fraction of return_s past the expected time (a straggler left out waits a run)
+RETURN_SAMPLES = 16  # bursts whose k-th return is kept, for each k; the second largest is the estimate (docstring)
+RETURN_SLACK_S = 0.0005  # added to a return estimate: the next burst's last may come a little later
+PATIENCE = 0.5  # a wait may run this fraction of the return past the expected time (a straggler left out waits a run)
 MARGIN = 0.8  # a wait must save at least a fifth of a second batch's model time (see rule 2)
 COST_DECAY = 0.8  # weight of the previous mean time for a padded size (0.2 to the new sample)
 WEIGHT_AGE = 0.98  # a padded size's weight in the fit, per call of any size (see CostModel)
@@ -151,6 +156,34 @@ class CostModel:
         return self.fixed + self.per_item * size
 
 
+class Returns:
+    """How long after a batch's answers the k-th of the clients coming back arrives, for each k: the n-th return is
+    when a burst of n is all back. Learned from each burst's arrivals in order (`learn`)."""
+
+    def __init__(self, most: int):
+        self.by_rank = [collections.deque(maxlen=RETURN_SAMPLES) for _ in range(most)]
+
+    def learn(self, offsets: Sequence[float]) -> None:
+        """One burst: each arrival's seconds after the answers before it."""
+        for rank, offset in enumerate(sorted(offsets)[:len(self.by_rank)]):
+            self.by_rank[rank].append(offset)
+
+    def _known(self, rank: int) -> float:  # the second largest; with two bursts or fewer seen, the largest
+        latest = sorted(self.by_rank[rank])
+        return latest[-2 if len(latest) > 2 else -1]
+
+    def __call__(self, n: int) -> float:
+        """Seconds after the answers until n clients are back (0: nothing learned yet). A count larger than any
+        burst seen goes on at the pace of the largest one seen (one client's return, if that is all there is)."""
+        n = min(n, len(self.by_rank))
+        seen = next((rank for rank in range(n - 1, -1, -1) if self.by_rank[rank]), None)
+        if seen is None:
+            return 0.0
+        known = self._known(seen)
+        pace = (known - self._known(0)) / seen if seen else known
+        return known + pace * (n - 1 - seen) + RETURN_SLACK_S
+
+
 class BatchPolicy:
     """See the module docstring. `sizes` are the allowed padded sizes (empty: any), `delay_s` the longest the first
     queued request may be held for others (--batch-delay-ms)."""
@@ -164,32 +197,41 @@ class BatchPolicy:
         self.cost = CostModel()
         self.held: collections.deque[int] = collections.deque(maxlen=HISTORY)
         self.last_answer: Optional[float] = None  # when the last batch's answers went out
-        self.returns: collections.deque[float] = collections.deque(maxlen=RETURN_SAMPLES)
-        self.return_s = 0.0
+        self.returns = Returns(self.batch_max)
+        self.burst: list[float] = []  # this burst's arrivals so far, seconds after the last answers
+        self.burst_served = False  # its batch has left: later arrivals are stragglers, not returns
+        self.return_s = 0.0  # the return of the population's burst, for /metrics
         self.hoped = 0  # the batch size the last wait was for (0: not waiting)
         self.hoped_by = 0.0  # and when it expected them all
 
     # --- what the model process tells it ---------------------------------------------------------------------
+    def arrived(self, at: float) -> None:
+        """A request came at `at`: a return of the burst since the last answers, unless that burst's batch has left
+        (a straggler that missed it) or it came after a pause (later than the delay bound)."""
+        if self.last_answer is not None and not self.burst_served and 0 <= at - self.last_answer <= self.delay_s:
+            self.burst.append(at - self.last_answer)
+
     def dispatched(self, items: Sequence[Queued], queued_before: int) -> None:
-        """A batch left the queue (`queued_before` items were queued just before): learn its longest return."""
+        """A batch left the queue (`queued_before` items were queued just before)."""
         self.held.append(queued_before)
-        # only items that came while the model was idle after its last answers, within the delay (module docstring)
         last = self.last_answer
-        returns = [] if last is None else [item.arrived - last for item in items
-                                           if 0 <= item.arrived - last <= self.delay_s]
-        if returns:
-            self.returns.append(max(returns))
+        # With some of the burst in it, this batch was the burst's; without (the clients are split in two groups,
+        # and this is the group that came during the last run), the burst is still coming back, and counts.
+        self.burst_served = last is not None and any(item.arrived >= last for item in items)
 
     def finished(self, padded: int, seconds: float, held: int) -> None:
         """run_batch() of `padded` items took `seconds`; its answers are out now, and `held` requests were in the
-        model process at its end (the batch's and those that queued meanwhile)."""
+        model process at its end (the batch's and those that queued meanwhile). The burst since the last answers
+        ends here."""
         if seconds > 0:
             self.cost.observe(padded, seconds)
         self.held.append(held)
         self.last_answer = self.clock()
-        if self.returns:  # the second largest; with two batches or fewer seen, the largest (nothing better yet)
-            latest = sorted(self.returns)
-            self.return_s = latest[-2 if len(latest) > 2 else -1] + RETURN_SLACK_S
+        if self.burst:
+            self.returns.learn(self.burst)
+            self.burst = []
+        self.burst_served = False
+        self.return_s = self.returns(self.population)
 
     # --- what it answers -------------------------------------------------------------------------------------
     @property
@@ -223,6 +265,17 @@ class BatchPolicy:
             self.hoped, self.hoped_by = decision.wait_for, decision.due
         return decision
 
+    def _splits_anyway(self) -> bool:
+        """Whether the whole population's burst back is too long to wait for: the model would idle from its
+        answers to the last return against rule 2's margin. Then the clients go in two groups (two runs a cycle,
+        the model never idle), and a wait to merge some of them only idles the model: the merged batch splits again
+        at its next burst."""
+        whole = min(self.population, self.batch_max)
+        if whole < 2:
+            return False
+        saving = self.cost(self.padded(1)) + self.cost(self.padded(whole - 1)) - self.cost(self.padded(whole))
+        return self.returns(whole) >= MARGIN * saving
+
     def _decide(self, queue: Sequence[Queued], idle: bool) -> Decision:
         now = self.clock()
         q = len(queue)
@@ -238,9 +291,14 @@ class BatchPolicy:
         coming = min(self.population - q, self.batch_max - q)
         if coming < 1 or not self.cost.known:
             return Decision(take, now, "alone")
+        if self.population - q >= self.batch_max:  # the next batch fills without them: a wait only idles the model
+            return Decision(take, now, "enough coming")
+        if self._splits_anyway():
+            return Decision(take, now, "split pays")
         free = self.last_answer  # the model has been idle since its last answers
         goal, now_cost = q + coming, self.cost(self.padded(q))
-        goal_cost, expected_at = self.cost(self.padded(goal)), free + self.return_s
+        back_s = self.returns(sum(1 for item in queue if item.arrived >= free) + coming)  # the burst's last
+        goal_cost, expected_at = self.cost(self.padded(goal)), free + back_s
         if expected_at - now >= now_cost:  # they would find the model free again after a batch of the q: no gain
             return Decision(take, now, "in time")
         # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later. The
@@ -248,8 +306,8 @@ class BatchPolicy:
         saving = now_cost + self.cost(self.padded(coming)) - goal_cost
         if expected_at - now >= MARGIN * saving:  # at the break-even a wait gains nothing and costs p99
             return Decision(take, now, "not worth it")
-        # Wait for the last of them, and past it by PATIENCE x return_s for a straggler: left out, it waits a run.
-        until = min(expected_at + PATIENCE * self.return_s, free + saving, queue[0].arrived + self.delay_s,
+        # Wait for the last of them, and past it by PATIENCE x their return for a straggler: left out, it waits a run.
+        until = min(expected_at + PATIENCE * back_s, free + saving, queue[0].arrived + self.delay_s,
                     min(item.deadline for item in queue) - goal_cost)
         if until <= now:
             return Decision(take, now, "bound")

@@ -24,8 +24,8 @@ LEARNED = {  # scorehost_batch_<name>: the batching policy's estimates
                           "fuller batch can save",
     "cost_per_item_seconds": "run_batch()'s learned cost per (padded) item; a cost all per item: batching gains "
                              "nothing and the policy never waits",
-    "return_seconds": "How long after a batch's answers its clients' next requests are all back (learned): how long "
-                      "a wait for them lasts",
+    "return_seconds": "How long after a batch's answers the next requests of all its clients are back (learned, "
+                      "for the clients it serves now): how long a wait for them lasts",
     "clients": "Requests the model process serves at once, as the policy sees them: the batch it waits for",
 }
 # Label values fed from a request are bounded: any other method is counted as "other", so a client cannot grow

@@ -240,6 +240,7 @@ class ModelServer:
                 return errors.Overloaded("The server is busy: this request would wait past its scoring timeout. "
                                          "Retry after a short pause.")
             self.queue.append(item := _Item(peer, rid, value, now, deadline, nbytes))
+            self.policy.arrived(now)
             item.traceparent = traceparent
             self.queued_bytes += nbytes
             self.ready.notify()
@@ -316,7 +317,8 @@ class ModelServer:
             else:
                 results.append((item, True, output))
         self._answer(results, elapsed * 1000, len(values))
-        self.policy.finished(len(values), elapsed, n + len(self.queue))
+        with self.ready:  # the policy is also told of arrivals, by the reader threads
+            self.policy.finished(len(values), elapsed, n + len(self.queue))
         if self.observe:  # after the answers: they do not wait for the metrics
             self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s,
                          self.policy)
