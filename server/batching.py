@@ -19,10 +19,11 @@ The policy learns two things while serving, and answers "dispatch n items now, o
   groups, the group answered last comes back during the other group's run, a burst of its own. A straggler that
   missed its burst's batch does not count (a client slow once in a hundred returns would then be in most
   estimates, and every wait would be judged too long), nor does an arrival after a pause (later than
-  `--batch-delay-ms` after the answers: a client back after 300 ms once stopped every wait for 16 batches). The estimate
-  for n clients is the second largest of the last RETURN_SAMPLES n-th returns: the batch waits for the last of
-  the expected clients, not most of them (a percentile of all returns, the 90th, left one of 8 clients behind in
-  over half the batches, which then waited a whole run; the largest is thrown by one slow return). A single return
+  `--batch-delay-ms` after the answers: a client back after 300 ms once stopped every wait for 16 batches). The
+  estimate for n clients is the second largest of the n-th returns of the last RETURN_SAMPLES bursts that had n,
+  and never under the estimate for fewer: the batch waits for the last of the expected clients, not most of them
+  (a percentile of all returns, the 90th, left one of 8 clients behind in over half the batches, which then waited
+  a whole run; the largest is thrown by one slow return). A single return
   estimate for all counts, learned only while the model idled, kept clients split for good once the load dropped:
   after 64 clients (bursts back in 36 ms), 16 clients alternated batches of 2 and 14 at 192/s, every wait for the
   14 judged "not worth it" and no return measured again (bench/RESULTS.md 14, fifth pass). With q queued and the
@@ -38,8 +39,9 @@ Decision, with the model idle and q queued (first arrival t0, earliest deadline 
    lone client pays the delay once, on its first request) and a third of any of its requests' time to deadline
    (the run's cost is not known yet).
 1. q >= `--batch-max`, or fewer are worth sending now than are queued (see "How many to take"), or nothing else is
-   expected (population <= q, e.g. a single client), or the clients not queued fill the next batch on their own
-   (population - q >= `--batch-max`: 128 clients, batches of 64), or the whole population's burst back is too long
+   expected (population <= q, e.g. a single client), or there are clients for two full batches (population >= 2 x
+   `--batch-max`: 128 clients, batches of 64; the next batch fills while this one runs), or the whole population's
+   burst back is too long
    to wait for (rule 2 for all of them, the model idle from its answers: the clients then go in two groups, two
    runs a cycle, and a wait to merge some of them only idles the model; at 64 clients on 2 cores, where a burst of
    64 takes about a run, such waits made the model idle 17% of the time for a rate 4% under greedy's): dispatch now.
@@ -158,30 +160,40 @@ class CostModel:
 
 class Returns:
     """How long after a batch's answers the k-th of the clients coming back arrives, for each k: the n-th return is
-    when a burst of n is all back. Learned from each burst's arrivals in order (`learn`)."""
+    when a burst of n is all back. Learned from each burst's arrivals in order (`learn`); the estimate for each
+    count is made then, so that a decision (one per arrival) only looks it up."""
 
     def __init__(self, most: int):
         self.by_rank = [collections.deque(maxlen=RETURN_SAMPLES) for _ in range(most)]
+        self.estimates: list[float] = []  # for 1, 2, ... clients: as many as the largest burst seen
 
     def learn(self, offsets: Sequence[float]) -> None:
         """One burst: each arrival's seconds after the answers before it."""
         for rank, offset in enumerate(sorted(offsets)[:len(self.by_rank)]):
             self.by_rank[rank].append(offset)
-
-    def _known(self, rank: int) -> float:  # the second largest; with two bursts or fewer seen, the largest
-        latest = sorted(self.by_rank[rank])
-        return latest[-2 if len(latest) > 2 else -1]
+        # Each rank's second largest (with two bursts or fewer seen, the largest), and never under a lower rank's: a
+        # rank that a cut wait no longer reaches keeps older, shorter samples, and the n-th return is never sooner
+        # than the (n-1)-th.
+        self.estimates = []
+        for samples in self.by_rank:
+            if not samples:
+                break
+            latest = sorted(samples)
+            known = latest[-2 if len(latest) > 2 else -1]
+            self.estimates.append(max(known, self.estimates[-1]) if self.estimates else known)
 
     def __call__(self, n: int) -> float:
         """Seconds after the answers until n clients are back (0: nothing learned yet). A count larger than any
         burst seen goes on at the pace of the largest one seen (one client's return, if that is all there is)."""
-        n = min(n, len(self.by_rank))
-        seen = next((rank for rank in range(n - 1, -1, -1) if self.by_rank[rank]), None)
-        if seen is None:
+        seen = len(self.estimates)
+        if n < 1 or not seen:
             return 0.0
-        known = self._known(seen)
-        pace = (known - self._known(0)) / seen if seen else known
-        return known + pace * (n - 1 - seen) + RETURN_SLACK_S
+        n = min(n, len(self.by_rank))
+        if n <= seen:
+            return self.estimates[n - 1] + RETURN_SLACK_S
+        last = self.estimates[-1]
+        pace = (last - self.estimates[0]) / (seen - 1) if seen > 1 else last
+        return last + pace * (n - seen) + RETURN_SLACK_S
 
 
 class BatchPolicy:
@@ -220,9 +232,9 @@ class BatchPolicy:
         self.burst_served = last is not None and any(item.arrived >= last for item in items)
 
     def finished(self, padded: int, seconds: float, held: int) -> None:
-        """run_batch() of `padded` items took `seconds`; its answers are out now, and `held` requests were in the
+        """run_batch() of `padded` items took `seconds`; its answers go out now, and `held` requests were in the
         model process at its end (the batch's and those that queued meanwhile). The burst since the last answers
-        ends here."""
+        ends here, and this batch's begins."""
         if seconds > 0:
             self.cost.observe(padded, seconds)
         self.held.append(held)
@@ -291,7 +303,7 @@ class BatchPolicy:
         coming = min(self.population - q, self.batch_max - q)
         if coming < 1 or not self.cost.known:
             return Decision(take, now, "alone")
-        if self.population - q >= self.batch_max:  # the next batch fills without them: a wait only idles the model
+        if self.population >= 2 * self.batch_max:  # two full batches of clients: a wait only idles the model
             return Decision(take, now, "enough coming")
         if self._splits_anyway():
             return Decision(take, now, "split pays")

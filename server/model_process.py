@@ -316,9 +316,9 @@ class ModelServer:
                         f"run_batch()'s Response for this request cannot be read ({type(ex).__name__}: {ex}).")))
             else:
                 results.append((item, True, output))
-        self._answer(results, elapsed * 1000, len(values))
-        with self.ready:  # the policy is also told of arrivals, by the reader threads
+        with self.ready:  # before the answers: a client back at once is the first return of this batch's burst
             self.policy.finished(len(values), elapsed, n + len(self.queue))
+        self._answer(results, elapsed * 1000, len(values))
         if self.observe:  # after the answers: they do not wait for the metrics
             self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s,
                          self.policy)
