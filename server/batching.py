@@ -20,8 +20,10 @@ The policy learns two things while serving, and answers "dispatch n items now, o
   missed its burst's batch does not count (a client slow once in a hundred returns would then be in most
   estimates, and every wait would be judged too long), nor does an arrival after a pause (later than
   `--batch-delay-ms` after the answers: a client back after 300 ms once stopped every wait for 16 batches). The
-  estimate for n clients is the second largest of the n-th returns of the last RETURN_SAMPLES bursts that had n,
-  and never under the estimate for fewer: the batch waits for the last of the expected clients, not most of them
+  estimate for n clients is the second largest of the n-th returns in the last RETURN_SAMPLES bursts, and never
+  under the estimate for fewer; a count no burst had lately is taken as unknown (then the pace of the largest
+  known goes on), so that what a busy spell taught fades. The batch waits for the last of the expected clients,
+  not most of them
   (a percentile of all returns, the 90th, left one of 8 clients behind in over half the batches, which then waited
   a whole run; the largest is thrown by one slow return). A single return
   estimate for all counts, learned only while the model idled, kept clients split for good once the load dropped:
@@ -164,27 +166,33 @@ class Returns:
     count is made then, so that a decision (one per arrival) only looks it up."""
 
     def __init__(self, most: int):
+        # for each rank, its last samples, each with the burst it came from
         self.by_rank = [collections.deque(maxlen=RETURN_SAMPLES) for _ in range(most)]
-        self.estimates: list[float] = []  # for 1, 2, ... clients: as many as the largest burst seen
+        self.bursts = 0
+        self.estimates: list[float] = []  # for 1, 2, ... clients: as many as the largest burst seen lately
 
     def learn(self, offsets: Sequence[float]) -> None:
         """One burst: each arrival's seconds after the answers before it."""
+        self.bursts += 1
         for rank, offset in enumerate(sorted(offsets)[:len(self.by_rank)]):
-            self.by_rank[rank].append(offset)
-        # Each rank's second largest (with two bursts or fewer seen, the largest), and never under a lower rank's: a
-        # rank that a cut wait no longer reaches keeps older, shorter samples, and the n-th return is never sooner
-        # than the (n-1)-th.
+            self.by_rank[rank].append((self.bursts, offset))
+        # Each rank's second largest (with two samples or fewer, the largest) over the last RETURN_SAMPLES bursts,
+        # and never under a lower rank's: the n-th return is never sooner than the (n-1)-th, even when a cut wait no
+        # longer reaches rank n. A rank no burst reached lately is not known (nor any above it): the 16th return
+        # learned in a busy spell (35 ms: even the first of 64 came back late, on cores shared with 128 clients)
+        # said "split pays" to 16 clients for good, as groups of 1 and 15 never came back 16 together to correct
+        # it.
         self.estimates = []
         for samples in self.by_rank:
-            if not samples:
+            latest = sorted(offset for burst, offset in samples if burst > self.bursts - RETURN_SAMPLES)
+            if not latest:
                 break
-            latest = sorted(samples)
             known = latest[-2 if len(latest) > 2 else -1]
             self.estimates.append(max(known, self.estimates[-1]) if self.estimates else known)
 
     def __call__(self, n: int) -> float:
         """Seconds after the answers until n clients are back (0: nothing learned yet). A count larger than any
-        burst seen goes on at the pace of the largest one seen (one client's return, if that is all there is)."""
+        burst seen lately goes on at the pace of the largest one (one client's return, if that is all there is)."""
         seen = len(self.estimates)
         if n < 1 or not seen:
             return 0.0
