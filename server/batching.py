@@ -220,6 +220,7 @@ class BatchPolicy:
         self.returns = Returns(self.batch_max)
         self.burst: list[float] = []  # this burst's arrivals so far, seconds after the last answers
         self.burst_served = False  # its batch has left: later arrivals are stragglers, not returns
+        self.unlearned: list[list[float]] = []  # bursts ended, not learned yet (see `learn`)
         self.return_s = 0.0  # the return of the population's burst, for /metrics
         self.hoped = 0  # the batch size the last wait was for (0: not waiting)
         self.hoped_by = 0.0  # and when it expected them all
@@ -248,9 +249,16 @@ class BatchPolicy:
         self.held.append(held)
         self.last_answer = self.clock()
         if self.burst:
-            self.returns.learn(self.burst)
+            self.unlearned.append(self.burst)
             self.burst = []
         self.burst_served = False
+
+    def learn(self) -> None:
+        """Learn from the bursts that ended (about 0.2 ms for one of 64): the model process calls it once the
+        answers are out, so that they do not wait for it; a decision first calls it if it was not."""
+        for burst in self.unlearned:
+            self.returns.learn(burst)
+        self.unlearned = []
         self.return_s = self.returns(self.population)
 
     # --- what it answers -------------------------------------------------------------------------------------
@@ -297,6 +305,8 @@ class BatchPolicy:
         return self.returns(whole) >= MARGIN * saving
 
     def _decide(self, queue: Sequence[Queued], idle: bool) -> Decision:
+        if self.unlearned:
+            self.learn()
         now = self.clock()
         q = len(queue)
         if not q or not idle:  # nothing to send, or the model is busy: the caller asks again when it frees

@@ -319,6 +319,8 @@ class ModelServer:
         with self.ready:  # before the answers: a client back at once is the first return of this batch's burst
             self.policy.finished(len(values), elapsed, n + len(self.queue))
         self._answer(results, elapsed * 1000, len(values))
+        with self.ready:
+            self.policy.learn()
         if self.observe:  # after the answers: they do not wait for the metrics
             self.observe(len(values), elapsed, [started - item.arrived for item in batch], self.policy_wait_s,
                          self.policy)

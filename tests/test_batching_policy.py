@@ -325,6 +325,7 @@ def test_returns_are_learned_by_rank_and_a_pause_or_a_straggler_is_none():
         policy.dispatched([Item(clock.now - 0.001, 60)] * 8, 8)
         clock.now += 0.040
     policy.finished(8, 0.040, 8)
+    policy.learn()  # as the model process does, once the answers are out
     assert policy.returns(8) == pytest.approx(0.0055 + RETURN_SLACK_S)
     assert policy.returns(4) == pytest.approx(0.0035 + RETURN_SLACK_S)
     assert policy.return_s == policy.returns(8)
@@ -335,6 +336,7 @@ def test_returns_are_learned_by_rank_and_a_pause_or_a_straggler_is_none():
     policy.arrived(clock.now + 0.020)  # a straggler: during the run of its burst's batch
     clock.now += 0.040
     policy.finished(1, 0.040, 2)
+    policy.learn()
     assert policy.returns(1) == pytest.approx(0.002 + RETURN_SLACK_S)
     assert policy.returns(8) == pytest.approx(0.0055 + RETURN_SLACK_S)
     queued = [Item(clock.now - 0.010, 60)] * 2  # split: 2 came during the last run, and go now
@@ -343,6 +345,7 @@ def test_returns_are_learned_by_rank_and_a_pause_or_a_straggler_is_none():
         policy.arrived(clock.now + 0.001 + 0.002 * i)
     clock.now += 0.040
     policy.finished(2, 0.040, 16)
+    policy.learn()
     assert policy.returns(14) == pytest.approx(0.027 + RETURN_SLACK_S)
 
 
