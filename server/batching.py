@@ -23,12 +23,11 @@ The policy learns two things while serving, and answers "dispatch n items now, o
   estimate for n clients is the second largest of the n-th returns in the last RETURN_SAMPLES bursts, and never
   under the estimate for fewer; a count no burst had lately is taken as unknown (then the pace of the largest
   known goes on), so that what a busy spell taught fades. The batch waits for the last of the expected clients,
-  not most of them
-  (a percentile of all returns, the 90th, left one of 8 clients behind in over half the batches, which then waited
-  a whole run; the largest is thrown by one slow return). A single return
-  estimate for all counts, learned only while the model idled, kept clients split for good once the load dropped:
-  after 64 clients (bursts back in 36 ms), 16 clients alternated batches of 2 and 14 at 192/s, every wait for the
-  14 judged "not worth it" and no return measured again (bench/RESULTS.md 14, fifth pass). With q queued and the
+  not most of them (a percentile of all returns, the 90th, left one of 8 clients behind in over half the batches,
+  which then waited a whole run; the largest is thrown by one slow return). A single return estimate for all
+  counts, learned only while the model idled, kept clients split for good once the load dropped: after 64 clients
+  (bursts back in 36 ms), 16 clients alternated batches of 2 and 14 at 192/s, every wait for the 14 judged "not
+  worth it" and no return measured again (bench/RESULTS.md 14, fifth pass). With q queued and the
   model idle, up to population - q more are expected by the last answer + the return of their burst. A wait that
   ends, once all were due, with fewer than it hoped for (the load dropped) resets the population to what came, so
   a lone client after a busy spell pays one wait, not one per batch of the history (4). A wait the policy cuts
@@ -43,10 +42,10 @@ Decision, with the model idle and q queued (first arrival t0, earliest deadline 
 1. q >= `--batch-max`, or fewer are worth sending now than are queued (see "How many to take"), or nothing else is
    expected (population <= q, e.g. a single client), or there are clients for two full batches (population >= 2 x
    `--batch-max`: 128 clients, batches of 64; the next batch fills while this one runs), or the whole population's
-   burst back is too long
-   to wait for (rule 2 for all of them, the model idle from its answers: the clients then go in two groups, two
-   runs a cycle, and a wait to merge some of them only idles the model; at 64 clients on 2 cores, where a burst of
-   64 takes about a run, such waits made the model idle 17% of the time for a rate 4% under greedy's): dispatch now.
+   burst back is too long to wait for (rule 2 for all of them, the model idle from its answers: the clients then go
+   in two groups, two runs a cycle, and a wait to merge some of them only idles the model; at 64 clients on 2
+   cores, where a burst of 64 takes about a run, such waits made the model idle 17% of the time for a rate 4% under
+   greedy's): dispatch now.
 2. Waiting for the m expected items pays only if they would arrive while a batch of the q still ran (else they find
    the model free: a fast model is never held) and the wait costs the model less time than a second batch would:
    wait + cost(q + m) < cost(q) + cost(m), i.e. the wait is under the fixed part; with a per-item cost it never is.
@@ -221,7 +220,6 @@ class BatchPolicy:
         self.burst: list[float] = []  # this burst's arrivals so far, seconds after the last answers
         self.burst_served = False  # its batch has left: later arrivals are stragglers, not returns
         self.unlearned: list[list[float]] = []  # bursts ended, not learned yet (see `learn`)
-        self.return_s = 0.0  # the return of the population's burst, for /metrics
         self.hoped = 0  # the batch size the last wait was for (0: not waiting)
         self.hoped_by = 0.0  # and when it expected them all
 
@@ -259,7 +257,6 @@ class BatchPolicy:
         for burst in self.unlearned:
             self.returns.learn(burst)
         self.unlearned = []
-        self.return_s = self.returns(self.population)
 
     # --- what it answers -------------------------------------------------------------------------------------
     @property
@@ -267,8 +264,17 @@ class BatchPolicy:
         """The requests the model process serves at once, as seen over the last batches."""
         return max(self.held, default=0)
 
+    @property
+    def return_s(self) -> float:
+        """How long after a batch's answers the clients it serves are all back (for /metrics)."""
+        return self.returns(self.population)
+
     def padded(self, n: int) -> int:
         return next((s for s in self.sizes if s >= n), n)
+
+    def saving(self, q: int, m: int) -> float:
+        """The model time one batch of q + m saves over q now and m in a batch of their own (rule 2)."""
+        return self.cost(self.padded(q)) + self.cost(self.padded(m)) - self.cost(self.padded(q + m))
 
     def best_take(self, queued: int) -> int:
         """Of `queued` items, how many to dispatch now: the count that serves the first batch_max of them in the
@@ -301,8 +307,7 @@ class BatchPolicy:
         whole = min(self.population, self.batch_max)
         if whole < 2:
             return False
-        saving = self.cost(self.padded(1)) + self.cost(self.padded(whole - 1)) - self.cost(self.padded(whole))
-        return self.returns(whole) >= MARGIN * saving
+        return self.returns(whole) >= MARGIN * self.saving(1, whole - 1)
 
     def _decide(self, queue: Sequence[Queued], idle: bool) -> Decision:
         if self.unlearned:
@@ -333,7 +338,7 @@ class BatchPolicy:
             return Decision(take, now, "in time")
         # The model's time to serve the q and the m expected: one batch after the wait, or q now and m later. The
         # model may idle for less than that saving (with a per-batch cost: the fixed part).
-        saving = now_cost + self.cost(self.padded(coming)) - goal_cost
+        saving = self.saving(q, coming)
         if expected_at - now >= MARGIN * saving:  # at the break-even a wait gains nothing and costs p99
             return Decision(take, now, "not worth it")
         # Wait for the last of them, and past it by PATIENCE x their return for a straggler: left out, it waits a run.

@@ -242,6 +242,11 @@ def test_the_cost_curve_is_learned_from_measured_calls():
     assert cost.fixed == pytest.approx(0.010, abs=1e-3) and cost.per_item == pytest.approx(0.002, abs=1e-4)
 
 
+def quick(rng):
+    """Clients back 1-2 ms after their answers (before the pace of their burst, `simulate`'s pace_s)."""
+    return rng.uniform(0.001, 0.002)
+
+
 def straggling(rng):
     """Most clients back in 1-5 ms, one in ten in 5-15 ms (a busy HTTP worker, a slower client)."""
     return rng.uniform(0.001, 0.005) if rng.random() > 0.1 else rng.uniform(0.005, 0.015)
@@ -268,7 +273,7 @@ def test_returns_spread_over_half_a_run_still_fill_the_batch():
 
 def test_a_wait_in_vain_resets_who_is_expected():
     """After 64 clients, one is left: the policy waits for the others once, then believes what came. After 128 (with
-    batches of 64) it does not wait at all: the clients not queued would fill the next batch on their own."""
+    batches of 64) it does not wait at all: there are clients for two full batches."""
     clock = Clock()
     policy = BatchPolicy(64, (), 0.1, clock=clock)
     for _ in range(3):
@@ -355,10 +360,9 @@ def test_a_load_that_drops_does_not_keep_the_clients_split():
     it" and measured nothing again: 16 clients stayed split at half the rate. The return of 14 is not the return of
     64: the policy waits for them and the batches are whole again."""
     policy = BatchPolicy(64, (), 0.1, clock=Clock())
-    think = lambda rng: rng.uniform(0.001, 0.002)  # noqa: E731
-    busy = simulate(per_batch(0.040), 64, think=think, pace_s=0.00055, seconds=5, policy=policy)
+    busy = simulate(per_batch(0.040), 64, think=quick, pace_s=0.00055, seconds=5, policy=policy)
     assert policy.returns(64) >= 0.030, busy.batches[-10:]
-    after = simulate(per_batch(0.040), 16, think=think, pace_s=0.00055, seconds=5, policy=policy)
+    after = simulate(per_batch(0.040), 16, think=quick, pace_s=0.00055, seconds=5, policy=policy)
     assert after.mean_batch(skip=20) >= 0.97 * 16, after.batches[-20:]
     assert after.rate >= 0.97 * 16 / (0.040 + 0.002 + 15 * 0.00055), after.rate
 
@@ -371,7 +375,7 @@ def p99(run: Run) -> float:
 @pytest.mark.parametrize("pace_s", [0.0004, 0.0006])
 def test_clients_whose_burst_back_is_too_long_to_wait_for_are_not_merged_in_vain(pace_s):
     """64 clients back one after another, 0.4-0.6 ms apart (2 cores): their burst back takes 35-48 ms, about a run.
-    When a wait for all of them would not pay even from the first return, the clients go in two groups whatever is
+    When a wait for all of them, from their answers, would not pay, the clients go in two groups whatever is
     done; waiting to merge the small group into the large one only idled the model, and the merged batch split
     again at its next burst (batches of 64 and 1 in turn: 654/s against greedy's 798, p99 90 against 72 ms)."""
     think = lambda rng: rng.uniform(0.008, 0.012)  # noqa: E731
@@ -386,14 +390,13 @@ def test_a_population_a_little_over_batch_max_still_fills_its_batches(clients):
     """Batches of at most 8, 40 ms each, 9 or 12 clients: dispatching whatever is queued because the clients not
     queued would fill the next batch sent 1 (or 4) alone every other run (113/s at 9 clients, greedy's rate).
     Only clients for two full batches make a wait pointless."""
-    fast = lambda rng: rng.uniform(0.001, 0.002)  # noqa: E731
-    run = simulate(per_batch(0.040), clients, seconds=5, think=fast, batch_max=8)
+    run = simulate(per_batch(0.040), clients, seconds=5, think=quick, batch_max=8)
     assert run.rate >= 0.9 * 8 / 0.040, (run.rate, run.batches[-8:])
 
 
 @pytest.mark.parametrize("first, then", [
-    ((16, lambda rng: rng.uniform(0.001, 0.002), 0.0), (16, lambda rng: rng.uniform(0.001, 0.025), 0.0)),
-    ((64, lambda rng: rng.uniform(0.001, 0.002), 0.0), (32, lambda rng: rng.uniform(0.001, 0.002), 0.0008)),
+    ((16, quick, 0.0), (16, lambda rng: rng.uniform(0.001, 0.025), 0.0)),
+    ((64, quick, 0.0), (32, quick, 0.0008)),
 ])
 def test_returns_that_get_longer_are_learned(first, then):
     """Clients that start coming back more slowly: a rank that the shorter waits no longer reach kept its old,
@@ -414,8 +417,8 @@ def test_what_a_busy_spell_taught_fades():
     def busy_spell(policy):
         for _ in range(RETURN_SAMPLES):
             policy.returns.learn([0.035] * 64)
-    think = lambda rng: rng.uniform(0.001, 0.002)  # noqa: E731
-    run = simulate(per_batch(0.040), 16, think=think, pace_s=0.00055, seconds=10, prime=busy_spell)
+
+    run = simulate(per_batch(0.040), 16, think=quick, pace_s=0.00055, seconds=10, prime=busy_spell)
     assert run.mean_batch(skip=40) >= 0.97 * 16, run.batches[-20:]
 
 
