@@ -27,7 +27,6 @@ the check before the load is that 64 concurrent distinct images are all answered
 from __future__ import annotations
 
 import argparse
-import base64
 import concurrent.futures
 import io
 import json
@@ -36,29 +35,18 @@ import re
 import statistics
 import sys
 import tempfile
-import time
-import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Callable, Optional
 
-from bench import loadgen
+from bench import loadgen, peers
 from scorehost import processes
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-PEERS = os.path.join(HERE, "peers")
-PIPELINE = os.path.join(os.path.dirname(HERE), "tests", "scripts", "pipeline.py")
-PEER_NAMES = ("torchserve", "litserve", "mlserver", "bentoml", "rayserve")
-JSON_BODY = {  # peers that read JSON only: the JPEG in base64
-    "litserve": lambda b64: {"image": b64},
-    "bentoml": lambda b64: {"images": [b64]},  # a batchable API takes a list (and answers one)
-}
+PIPELINE = peers.PROXY_SCRIPT
 SCOREHOSTS = {  # scorehost's own policy, and the greedy one it replaced (dispatch whatever is queued, never wait)
     "scorehost": (),
     "scorehost-greedy": ("--batch-delay-ms", "0"),
 }
-BASE_PATH = {"torchserve": "/predictions"}  # TorchServe's model is named "score": POST /predictions/score
-DEFAULT_PEERS_DIR = os.environ.get("SCOREHOST_PEERS_DIR", os.path.expanduser("~/.cache/scorehost-peers"))
 
 
 @dataclass
@@ -70,19 +58,14 @@ class Server:
     proxy: bool = True  # serves the proxy script (its answers carry their image's mean colour)
 
     def body(self, jpeg: bytes) -> tuple[str, bytes]:
-        if self.name in JSON_BODY:
-            return "application/json", json.dumps(JSON_BODY[self.name](base64.b64encode(jpeg).decode())).encode()
-        return "image/jpeg", jpeg
+        return peers.body(self.name, jpeg)
 
     def post(self, jpeg: bytes, timeout: float = 30) -> tuple[int, dict]:
-        content_type, body = self.body(jpeg)
-        request = urllib.request.Request(self.base + "/score", body, {"Content-Type": content_type})
-        try:
-            with urllib.request.urlopen(request, timeout=timeout) as r:
-                answer = json.loads(r.read())
-                return r.status, answer[0] if isinstance(answer, list) else answer
-        except urllib.error.HTTPError as ex:
-            return ex.code, {}
+        status, data = peers.post(self.name, self.base, jpeg, timeout)
+        if status != 200:
+            return status, {}
+        answer = json.loads(data)
+        return status, answer[0] if isinstance(answer, list) else answer
 
     def batch_counts(self) -> tuple[float, float, Optional[float]]:
         """(items, calls, seconds inside run_batch()) so far: scorehost's /metrics, or the proxy's log in a peer
@@ -117,34 +100,9 @@ def start(name: str, args: argparse.Namespace, scratch: str) -> Optional[Server]
     if name == "aihs":
         process = processes.start("aihs", PIPELINE, env=env, workers=1)
         return Server(name, process, process.url)
-    python = os.path.join(args.peers_dir, name, "bin", "python")
-    if not os.path.exists(python):
-        print(f"{name}: not installed ({python} missing; bench/peers/install.sh makes it): skipped", file=sys.stderr)
-        return None
-    port = processes.free_port()
-    stats = os.path.join(scratch, f"{name}.calls")
-    open(stats, "w").close()
-    argv = [python, os.path.join(PEERS, f"{name}_peer.py"), "--port", str(port), "--max-batch", str(args.batch_max),
-            "--delay-ms", str(args.peer_delay_ms), "--workers", "1"]
-    process = processes.ServerProcess(name, argv, {**os.environ, **env, "PROXY_STATS": stats,
-                                                   "PYTHONUNBUFFERED": "1"}, port, scratch)
-    return Server(name, process, process.url + BASE_PATH.get(name, ""), stats)
-
-
-def wait_ready(server: Server, jpeg: bytes, timeout: float) -> None:
-    """Up when it answers a real request 200 (peers have no common readiness route)."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if server.process.proc.poll() is not None:
-            raise RuntimeError(f"{server.name} exited ({server.process.proc.returncode}):\n"
-                               f"{server.process.output()[-3000:]}")
-        try:
-            if server.post(jpeg, timeout=5)[0] == 200:
-                return
-        except OSError:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{server.name} not answering after {timeout} s:\n{server.process.output()[-3000:]}")
+    peer = peers.start(name, args.peers_dir, scratch, cost_s=args.cost_ms / 1000, max_batch=args.batch_max,
+                       delay_ms=args.peer_delay_ms)
+    return Server(name, peer.process, peer.url, peer.stats) if peer else None
 
 
 def colour_jpeg(i: int) -> tuple[tuple[int, int, int], bytes]:
@@ -207,8 +165,8 @@ def table(results: dict[tuple[str, int], Cell], names: list[str], clients: list[
 
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--servers", nargs="+", default=["scorehost", *PEER_NAMES],
-                        choices=[*SCOREHOSTS, "aihs", *PEER_NAMES])
+    parser.add_argument("--servers", nargs="+", default=["scorehost", *peers.NAMES],
+                        choices=[*SCOREHOSTS, "aihs", *peers.NAMES])
     parser.add_argument("--clients", type=int, nargs="+", default=[1, 8, 16, 64, 128])
     parser.add_argument("--seconds", type=float, default=10.0, help="per cell")
     parser.add_argument("--warmup", type=float, default=2.0,
@@ -222,7 +180,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--batch-max", type=int, default=64)
     parser.add_argument("--peer-delay-ms", type=float, default=10.0, help="the peers' batching delay bound")
     parser.add_argument("--scorehost-arg", action="append", default=[], help="extra scorehost serve flag (repeat)")
-    parser.add_argument("--peers-dir", default=DEFAULT_PEERS_DIR)
+    parser.add_argument("--peers-dir", default=peers.DEFAULT_DIR)
     parser.add_argument("--images", help="JPEG directory (default: the bench corpus)")
     parser.add_argument("--client-processes", type=int, default=1, help="load generator processes (bench/loadgen.py)")
     args = parser.parse_args(argv)
@@ -240,7 +198,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         servers = [s for s in (start(name, args, scratch) for name in args.servers) if s]
         try:
             for server in servers:
-                wait_ready(server, corpus[0], 300)
+                peers.wait_answering(server.name, server.process, server.base, 300, corpus[0])
                 if not own_answers(server):
                     raise RuntimeError(f"{server.name}: some answers were not their own image's")
             for round_ in range(args.rounds):

@@ -1,4 +1,5 @@
-"""The `scorehost bench` report: results.json, report.md (table and scorehost/AIHS ratios) and three PNG plots.
+"""The `scorehost bench` report: results.json, report.md (table, scorehost's ratios against each other server) and
+three PNG plots.
 
 How to read the plots: throughput.png (higher is better) and latency.png (p50/p95/p99, lower is better) against
 the number of concurrent clients, one panel per entry script; time_split.png splits the mean latency of each cell
@@ -9,6 +10,7 @@ network and client overhead).
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import platform
@@ -29,7 +31,11 @@ def _row(r: Result) -> list[str]:
     cpu = "-" if r.cpu_ms_per_request is None else f"{r.cpu_ms_per_request:.3f}"
     return [r.cell.server, r.cell.script, str(r.cell.concurrency), str(r.requests), str(r.failures),
             f"{r.req_s:.1f}", f"{r.img_s:.1f}", f"{r.p50_ms:.0f}", f"{r.p95_ms:.0f}", f"{r.p99_ms:.0f}",
-            f"{r.run_mean_ms:.2f}", f"{r.overhead_mean_ms:.2f}", cpu, rss]
+            _ms2(r.run_mean_ms), _ms2(r.overhead_mean_ms), cpu, rss]
+
+
+def _ms2(x: Optional[float]) -> str:
+    return "-" if x is None else f"{x:.2f}"
 
 
 def table(header: list[str], rows: list[list[str]]) -> str:
@@ -38,15 +44,15 @@ def table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def ratios(results: list[Result]) -> list[dict]:
-    """Each server / AIHS per (script, clients): throughput, p99 and memory."""
+    """scorehost / each other server (AIHS, a peer) per (script, clients): throughput, p99, CPU and memory."""
     by = {(r.cell.server, r.cell.script, r.cell.concurrency): r for r in results}
     out = []
-    for (server, script, c), ours in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2])):
-        theirs = by.get(("aihs", script, c))
-        if server == "aihs" or theirs is None:
+    for (server, script, c), theirs in sorted(by.items(), key=lambda kv: (kv[0][1], kv[0][2], kv[0][0])):
+        ours = by.get(("scorehost", script, c))
+        if server == "scorehost" or ours is None:
             continue
         div = lambda a, b: (a / b) if b else None  # noqa: E731
-        out.append({"server": server, "script": script, "clients": c, "img_s": div(ours.img_s, theirs.img_s),
+        out.append({"against": server, "script": script, "clients": c, "img_s": div(ours.img_s, theirs.img_s),
                     "req_s": div(ours.req_s, theirs.req_s), "p99": div(ours.p99_ms, theirs.p99_ms),
                     "rss": div(ours.rss_mb or 0, theirs.rss_mb or 0),
                     "cpu": div(ours.cpu_ms_per_request or 0, theirs.cpu_ms_per_request or 0)})
@@ -70,11 +76,11 @@ def markdown(results: list[Result], command: str, seconds: float) -> str:
                      "few slowest requests, not a percentile. Give those cells more time (`--seconds`).")
     rs = ratios(results)
     if rs:
-        rows = [[r["server"], r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]), _fmt(r["cpu"]),
-                 _fmt(r["rss"])] for r in rs]
-        parts.append("## Each server / AIHS\n\nAbove 1 is better for req/s and img/s; below 1 is better for p99, server "
-                     "CPU per request and memory.\n\n"
-                     + table(["server", "script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
+        rows = [[r["against"], r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]),
+                 _fmt(r["cpu"]), _fmt(r["rss"])] for r in rs]
+        parts.append("## scorehost / each other server\n\nAbove 1 is better for req/s and img/s; below 1 is better "
+                     "for p99, server CPU per request and memory.\n\n"
+                     + table(["against", "script", "clients", "req/s", "img/s", "p99", "server CPU/req", "RSS"], rows))
     parts.append("## Plots\n\n![throughput](throughput.png)\n![latency](latency.png)\n![time split](time_split.png)"
                  "\n\n" + __doc__.split("\n\n", 1)[1].strip())
     return "\n\n".join(parts) + "\n"
@@ -107,7 +113,7 @@ def plots(results: list[Result], out_dir: str) -> list[str]:
 
     fig, axes = plt.subplots(1, len(scripts), figsize=(7.5 * len(scripts), 4), squeeze=False)
     for ax, script in zip(axes[0], scripts):
-        for server, color in zip(servers, ("tab:blue", "tab:orange", "tab:green")):
+        for server, color in zip(servers, itertools.cycle(f"C{i}" for i in range(10))):
             s = series(server, script)
             x = [r.cell.concurrency for r in s]
             for attr, style in (("p50_ms", ":"), ("p95_ms", "--")):
@@ -132,6 +138,8 @@ def plots(results: list[Result], out_dir: str) -> list[str]:
         labels, model, rest = [], [], []
         for server in servers:
             for r in series(server, script):
+                if r.run_mean_ms is None:
+                    continue  # a peer does not say how long its model took
                 labels.append(f"{server}\n{r.cell.concurrency}")
                 model.append(r.run_mean_ms)
                 rest.append(r.overhead_mean_ms)

@@ -1,9 +1,11 @@
 """`scorehost bench`: the server x script x concurrency matrix, each cell a headless Locust run of a fixed budget.
 
-Both servers run side by side with the same script; within each concurrency the order of the servers alternates
-(scorehost first, then AIHS first at the next level) so that drift on a noisy machine hits both alike. Each cell
-is a separate `locust --headless` process on bench/locustfile.py (the same file that loads a remote endpoint);
-the server's memory (master plus workers) is sampled while the cell runs and its peak kept.
+The servers run side by side with the same script; within each concurrency their order alternates (scorehost
+first, then AIHS first at the next level) so that drift on a noisy machine hits all alike. Each cell is a separate
+`locust --headless` process on bench/locustfile.py (the same file that loads a remote endpoint), or a
+bench/loadgen.py run; the server's memory (master plus workers) is sampled while the cell runs and its peak kept.
+With the script `proxy` (issue 22's proxy of a GPU script), the peers (TorchServe, LitServe, MLServer, BentoML,
+Ray Serve: bench/peers/) can be among the servers, each with its own batching, where they are installed.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import threading
 import urllib.request
 from typing import Any, Callable, Iterator, Optional
 
+from bench import peers
 from scorehost import processes
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -26,6 +29,24 @@ LOCUSTFILE = os.path.join(HERE, "locustfile.py")
 TRIVIAL = os.path.join(HERE, "scripts", "trivial.py")
 RUN_TIME_NAME = "run() [server]"  # the locustfile's name for x-ms-run-fn-exec-ms (never import the locustfile here:
 #                                   it monkey-patches the process with gevent)
+
+
+@dataclasses.dataclass(frozen=True)
+class Proxy:
+    """How `--scripts proxy` is served: scorehost batches (tests/scripts/pipeline.py, one model process, its default
+    HTTP workers, `--batch-max batch_max`), each peer with its own batching (at most batch_max a call,
+    `peer_delay_ms` its delay bound, `--workers` model copies); run_batch() costs cost_ms whatever its size."""
+    cost_ms: float = 40.0
+    batch_max: int = 64
+    peer_delay_ms: float = 10.0
+    peers_dir: str = peers.DEFAULT_DIR
+
+
+@dataclasses.dataclass(frozen=True)
+class Target:
+    """A started server as the clients reach it: POST url + "/score"; pid, the root of its process tree."""
+    url: str
+    pid: int
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,13 +67,13 @@ class Result:
     p95_ms: float = 0.0
     p99_ms: float = 0.0
     mean_ms: float = 0.0
-    run_mean_ms: float = 0.0  # inside run(), from x-ms-run-fn-exec-ms
+    run_mean_ms: Optional[float] = 0.0  # inside run(), from x-ms-run-fn-exec-ms (None: a server that does not say)
     rss_mb: Optional[float] = None
     cpu_ms_per_request: Optional[float] = None  # server CPU (all processes), independent of the client's speed
 
     @property
-    def overhead_mean_ms(self) -> float:
-        return max(0.0, self.mean_ms - self.run_mean_ms)
+    def overhead_mean_ms(self) -> Optional[float]:
+        return None if self.run_mean_ms is None else max(0.0, self.mean_ms - self.run_mean_ms)
 
 
 def process_tree(pid: int) -> list[int]:
@@ -159,11 +180,12 @@ def loadgen_cell(cell: Cell, url: str, seconds: float, *, key: str = "", images:
     """One cell with bench/loadgen.py (asyncio, one process)."""
     from bench import loadgen
 
-    r = loadgen.run(url, cell.concurrency, seconds, loadgen.image_requests(images or None, batch), key)
+    bodies = peers.bodies(cell.server, loadgen.Bodies.images(images or None, batch))
+    r = loadgen.run(url, cell.concurrency, seconds, bodies.requests(), key)
     errors = sum(n for label, n in r.statuses.items() if not label.endswith(" 200")) + r.dropped
     total = r.answered + r.dropped
     mean = sum(r.latencies_ms) / len(r.latencies_ms) if r.latencies_ms else 0.0
-    run_mean = sum(r.run_ms) / len(r.run_ms) if r.run_ms else 0.0
+    run_mean = sum(r.run_ms) / len(r.run_ms) if r.run_ms else (None if cell.server in peers.NAMES else 0.0)
     ok = total - errors
     return Result(cell, total, errors, total / seconds, ok / seconds * batch, r.percentile(50), r.percentile(95),
                   r.percentile(99), mean, run_mean)
@@ -196,27 +218,50 @@ def _warm(url: str, key: str) -> None:
 
 @contextlib.contextmanager
 def started(servers: list[str], entry_script: str, model_dir: Optional[str], scorehost_args: tuple[str, ...] = (),
-            key: str = "", workers: Optional[int] = 1) -> Iterator[dict[str, processes.ServerProcess]]:
-    """Each server in `servers` on the script, healthy and warmed (scorehost with `scorehost_args` and the key),
-    by name; all stopped on the way out."""
-    running = {}
-    try:
-        for server in servers:
-            extra = scorehost_args + (("--auth-key", key) if key else ()) if server == "scorehost" else ()
-            running[server] = processes.start(server, entry_script, model_dir, extra_args=extra, workers=workers)
-        for server in running.values():
-            server.wait_healthy(300)
-            _warm(server.url, key)
-        yield running
-    finally:
-        for server in running.values():
-            server.stop()
+            key: str = "", workers: Optional[int] = 1, proxy: Optional[Proxy] = None) -> Iterator[dict[str, Target]]:
+    """Each server in `servers` on the script, answering and warmed (scorehost with `scorehost_args` and the key),
+    by name; all stopped on the way out. With `proxy`, the script is the proxy and peers may be among the servers
+    (one not installed is skipped, said so)."""
+    running: dict[str, processes.ServerProcess] = {}
+    targets: dict[str, Target] = {}
+    with tempfile.TemporaryDirectory(prefix="bench-servers-") as scratch:
+        try:
+            for server in servers:
+                if server in peers.NAMES:
+                    assert proxy is not None, "the peers serve the proxy script only"
+                    peer = peers.start(server, proxy.peers_dir, scratch, cost_s=proxy.cost_ms / 1000,
+                                       max_batch=proxy.batch_max, delay_ms=proxy.peer_delay_ms, workers=workers or 1)
+                    if peer is not None:
+                        running[server], targets[server] = peer.process, Target(peer.url, peer.process.pid)
+                    continue
+                env, extra, count = {}, (), workers
+                if proxy is not None:
+                    env = {"PIPELINE_COST_S": str(proxy.cost_ms / 1000)}
+                    if server == "scorehost":  # batching, one model process, its own HTTP worker count
+                        env["CUDA_VISIBLE_DEVICES"], count = "0", None
+                        extra = ("--batch-max", str(proxy.batch_max))
+                if server == "scorehost":
+                    extra += scorehost_args + (("--auth-key", key) if key else ())  # the user's flags win
+                process = running[server] = processes.start(server, entry_script, model_dir, extra_args=extra,
+                                                            workers=count, env=env)
+                targets[server] = Target(process.url, process.pid)
+            for server, process in running.items():
+                if server in peers.NAMES:
+                    peers.wait_answering(server, process, targets[server].url, 300)
+                else:
+                    process.wait_healthy(300)
+                    _warm(process.url, key)
+            yield targets
+        finally:
+            for process in running.values():
+                process.stop()
 
 
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
                seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
                progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
-               scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1) -> list[Result]:
+               scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1,
+               proxy: Optional[Proxy] = None) -> list[Result]:
     """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint."""
     results: list[Result] = []
     load = {"key": key, "images": images, "batch": batch}
@@ -227,13 +272,16 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
             progress(len(results), total, results[-1])
         return results
     for name, (entry_script, model_dir) in scripts.items():
-        with started(servers, entry_script, model_dir, scorehost_args, key, workers) as running:
+        with started(servers, entry_script, model_dir, scorehost_args, key, workers,
+                     proxy if entry_script == peers.PROXY_SCRIPT else None) as running:
+            present = [server for server in servers if server in running]
+            total -= len(concurrencies) * (len(servers) - len(present))  # peers not installed
             for i, c in enumerate(concurrencies):
-                order = servers if i % 2 == 0 else servers[::-1]
+                order = present if i % 2 == 0 else present[::-1]
                 for server in order:
-                    proc = running[server]
-                    with ServerUsage(proc.pid) as usage:
-                        result = measure(Cell(server, name, c), proc.url, seconds, client, **load)
+                    target = running[server]
+                    with ServerUsage(target.pid) as usage:
+                        result = measure(Cell(server, name, c), target.url, seconds, client, **load)
                     results.append(_with_usage(result, usage))
                     progress(len(results), total, results[-1])
     return results

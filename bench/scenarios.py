@@ -6,7 +6,8 @@
   p99 <= 15 ms);
 - offline: everything at once (`--in-flight` requests outstanding), throughput;
 - single-stream: one request at a time, p90 latency.
-Locally each runs on scorehost and AIHS with the same script (servers alternating), with scorehost/AIHS ratios;
+Locally each runs on scorehost and AIHS (and, on the proxy script, the peers: bench/peers/) with the same script
+(servers alternating), with scorehost's ratios against each;
 with `--url`, on that server alone. Every report states the most this client sent on this machine against a server
 that answers at once, and marks a result that comes near it as limited by the client.
 """
@@ -22,7 +23,7 @@ import subprocess
 import time
 from typing import Callable, Optional
 
-from bench import loadgen
+from bench import loadgen, peers
 from bench.report import MIN_REQUESTS_FOR_P99, table
 
 SCENARIOS = ("server", "offline", "single-stream")
@@ -254,12 +255,12 @@ def line(o: Outcome) -> str:
 
 
 def ratios(outcomes: list[Outcome]) -> list[list[str]]:
-    """scorehost / AIHS per (script, scenario), on the figure that scenario is about."""
+    """scorehost / each other server (AIHS, a peer) per (script, scenario), on the figure that scenario is about."""
     by = {(o.server, o.script, o.name): o for o in outcomes}
     rows = []
-    for (server, script, name), ours in by.items():
-        theirs = by.get(("aihs", script, name))
-        if server == "aihs" or theirs is None:
+    for (server, script, name), theirs in by.items():
+        ours = by.get(("scorehost", script, name))
+        if server == "scorehost" or ours is None:
             continue
         if ours.scenario == "single-stream":
             what, a, b = "p90 latency (lower is better)", ours.p90_ms, theirs.p90_ms
@@ -298,7 +299,8 @@ def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float) 
              "## Console summary\n\n```\n" + "\n".join(line(o) for o in outcomes) + "\n```"]
     rs = ratios(outcomes)
     if rs:
-        parts.append("## scorehost / AIHS\n\n" + table(["server", "script", "scenario", "figure", "ratio"], rs))
+        parts.append("## scorehost / each other server\n\n" + table(["against", "script", "scenario", "figure",
+                                                                      "scorehost / it"], rs))
     steps = [o for o in outcomes if o.steps]
     if steps:
         parts.append("## p99 search steps\n\n" + table(
@@ -403,10 +405,12 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
     else:
         for i, (name, (entry_script, model_dir)) in enumerate(scripts.items()):
             with run.started(args.servers, entry_script, model_dir, tuple(args.scorehost_arg), args.key or "",
-                             args.workers) as running:
-                order = args.servers if i % 2 == 0 else args.servers[::-1]  # drift hits both alike
+                             args.workers, args.proxy if entry_script == peers.PROXY_SCRIPT else None) as running:
+                present = [server for server in args.servers if server in running]  # a peer may be missing
+                order = present if i % 2 == 0 else present[::-1]  # drift hits all alike
                 for server in order:  # one after the other: they never share the cores
-                    outcomes += run_all(running[server].url, server, name, args, load)
+                    theirs = dataclasses.replace(load, bodies=peers.bodies(server, load.bodies))
+                    outcomes += run_all(running[server].url, server, name, args, theirs)
     path = write(outcomes, out, "scorehost bench " + " ".join(args.argv), load, args.seconds)
     print(f"report: {path}")
     return 0

@@ -174,19 +174,47 @@ def _missing_for_bench(args: argparse.Namespace) -> list[str]:
     return absent
 
 
+def _bench_peers(args: argparse.Namespace) -> None:
+    """The peers (bench/peers/) serve the proxy script only, one JPEG a request, loaded by bench/loadgen.py: the
+    defaults follow from --servers, and a flag that contradicts them is refused in one line."""
+    from bench import peers
+
+    named = [server for server in args.servers if server in peers.NAMES]
+    if args.scripts is None:
+        args.scripts = ["proxy"] if named else ["trivial", "resnet50"]
+    if args.client is None:
+        args.client = "loadgen" if named else "locust"
+    if not named or args.remote or args.url:
+        return
+    who = ", ".join(named)
+    others = [name for name in args.scripts if name != "proxy"]
+    if others:
+        raise SystemExit(f"scorehost bench: {who} serve the proxy script only (bench/peers/): use --scripts proxy, "
+                         f"without {', '.join(others)}")
+    if args.batch > 1:
+        raise SystemExit(f"scorehost bench: {who} take one JPEG a request: drop --batch {args.batch}")
+    if args.client != "loadgen":
+        raise SystemExit(f"scorehost bench: {who} are loaded by bench/loadgen.py (their bodies differ from "
+                         "scorehost's): drop --client locust")
+
+
 def cmd_bench(args: argparse.Namespace) -> int:
+    _bench_peers(args)
     missing = _missing_for_bench(args)
     if missing:
         from .extras import install_line
 
         print(install_line("bench", missing, "bench"), file=sys.stderr)
         return 2
-    from bench import report, run
+    from bench import peers, report, run
 
+    args.proxy = run.Proxy(args.proxy_cost_ms, args.proxy_batch_max, args.peer_delay_ms, args.peers_dir)
     scripts: dict[str, tuple[str, Optional[str]]] = {}
     for name in [] if args.remote or args.url else args.scripts:  # a remote server brings its own script
         if name == "trivial":
             scripts[name] = (run.TRIVIAL, None)
+        elif name == "proxy":
+            scripts[name] = (peers.PROXY_SCRIPT, None)
         elif name == "resnet50":
             from .models import demo_model_dir
 
@@ -212,7 +240,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
     results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
                              images=args.images or "", batch=args.batch, remote=args.remote or "",
                              progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client,
-                             workers=args.workers)
+                             workers=args.workers, proxy=args.proxy)
     path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds)
     print(f"report: {path}")
     return 0
@@ -247,23 +275,40 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     bench = sub.add_parser("bench", help="benchmark scorehost against Azure ML's server (or a remote endpoint)",
                            formatter_class=ShowDefaults)
-    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"], choices=["scorehost", "aihs"],
-                       help="local servers to compare")
-    bench.add_argument("--scripts", nargs="+", default=["trivial", "resnet50"],
-                       help="trivial, resnet50 (the reference score.py on the demo model), or NAME=PATH")
+    from bench import peers
+
+    bench.add_argument("--servers", nargs="+", default=["scorehost", "aihs"],
+                       choices=["scorehost", "aihs", *peers.NAMES],
+                       help="local servers to compare; the peers (each with its own batching, from its own "
+                            "virtualenv under --peers-dir: bash bench/peers/install.sh) serve the proxy script only")
+    bench.add_argument("--scripts", nargs="+",
+                       help="trivial, resnet50 (the reference score.py on the demo model), proxy (issue 22's proxy "
+                            "of a GPU script: a Pillow decode per request, run_batch() costing --proxy-cost-ms "
+                            "whatever its size; scorehost batches it with one model process), or NAME=PATH "
+                            "(default: trivial resnet50; proxy when a peer is among --servers)")
     bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH scripts")
     bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
                        help="closed-loop clients of each cell")
     bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
-    bench.add_argument("--workers", type=int, default=1, help="worker processes of every local server (AIHS too)")
+    bench.add_argument("--workers", type=int, default=1,
+                       help="worker processes of every local server (AIHS too); on the proxy script, each peer's "
+                            "model copies (scorehost keeps its own HTTP workers and one model process)")
     bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
     bench.add_argument("--images", help="directory of JPEG/PNG files to send (default: generated JPEGs)")
     bench.add_argument("--remote", help="load this endpoint instead of local servers, e.g. https://.../score's base")
     bench.add_argument("--key", help="bearer key (remote endpoint, or set on the local scorehost)")
     bench.add_argument("--scorehost-arg", action="append", default=[],
                        help="extra `scorehost serve` argument for the local scorehost (repeat), e.g. --batch-max=8")
-    bench.add_argument("--client", choices=["locust", "loadgen"], default="locust",
-                       help="load generator: Locust (bench/locustfile.py), or bench/loadgen.py (lighter, asyncio)")
+    bench.add_argument("--client", choices=["locust", "loadgen"],
+                       help="load generator: Locust (bench/locustfile.py), or bench/loadgen.py (lighter, asyncio; "
+                            "the default when a peer is among --servers, else Locust)")
+    bench.add_argument("--peers-dir", default=peers.DEFAULT_DIR,
+                       help="the peers' virtualenvs, DIR/NAME/bin/python (a peer not there is skipped, said so)")
+    bench.add_argument("--proxy-cost-ms", type=float, default=40.0,
+                       help="the proxy script's run_batch() time, whatever the batch size")
+    bench.add_argument("--proxy-batch-max", type=int, default=64,
+                       help="the proxy script: the most a batch takes, in scorehost and every peer alike")
+    bench.add_argument("--peer-delay-ms", type=float, default=10.0, help="the peers' own batching delay bound")
     bench.add_argument("--out", help="report folder (default: reports/bench-<time>)")
     bench.set_defaults(func=cmd_bench)
     from bench.scenarios import add_arguments as add_scenario_arguments

@@ -30,7 +30,8 @@ def test_every_cell_is_in_the_table(report):
         for name in ("trivial", "broken"):
             for clients in (1, 2):
                 assert f"| {server} | {name} | {clients} |" in text
-    assert "## Each server / AIHS" in text and "| scorehost | trivial | 2 |" in text
+    ratios = text.split("## scorehost / each other server", 1)[1].split("## Plots")[0]
+    assert "| aihs | trivial | 2 |" in ratios and "| scorehost |" not in ratios
     assert "8/8" in stdout  # the progress bar reached the end
 
 
@@ -92,3 +93,63 @@ def test_batching_table_runs_a_users_script_policy_against_greedy(tmp_path):
 
     peers = subprocess.run(argv[:5] + ["torchserve"] + argv[5:], capture_output=True, text=True, timeout=60)
     assert peers.returncode == 2 and "drop torchserve" in peers.stderr  # the peers serve the proxy script only
+
+
+@pytest.fixture(scope="module")
+def peers_dir(tmp_path_factory):
+    """A real peer, installed as a user installs one (bench/peers/install.sh): LitServe, the lightest (~15 s)."""
+    import os
+
+    where = tmp_path_factory.mktemp("peers")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run(["bash", os.path.join(root, "bench", "peers", "install.sh"), str(where), "litserve"],
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    return where
+
+
+def test_bench_runs_a_peer_beside_scorehost_on_the_proxy(peers_dir, tmp_path):
+    """`scorehost bench --servers scorehost litserve torchserve`: the proxy script by default, LitServe with its
+    own batching (sent JSON, as it reads it), TorchServe not installed here: skipped and said so. Every cell in the
+    table, no errors, scorehost's ratio against LitServe, and no model time claimed for a peer that does not say."""
+    done = subprocess.run([processes._bin("scorehost"), "bench", "--servers", "scorehost", "litserve", "torchserve",
+                           "--peers-dir", str(peers_dir), "--concurrency", "4", "--seconds", "2",
+                           "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "torchserve: not installed" in done.stderr and "2/2" in done.stdout
+    text = (tmp_path / "report.md").read_text()
+    results = {r["cell"]["server"]: r for r in json.loads((tmp_path / "results.json").read_text())}
+    assert set(results) == {"scorehost", "litserve"}
+    for server, r in results.items():
+        assert r["cell"]["script"] == "proxy" and r["requests"] > 20 and r["failures"] == 0, r
+        assert f"| {server} | proxy | 4 |" in text
+    assert results["litserve"]["run_mean_ms"] is None and results["scorehost"]["run_mean_ms"] >= 40  # the proxy's
+    ratios = text.split("## scorehost / each other server", 1)[1]
+    assert "| litserve | proxy | 4 |" in ratios
+
+
+def test_bench_scenarios_run_a_peer(peers_dir, tmp_path):
+    """The MLPerf-style scenarios load a peer as they load scorehost, with scorehost's ratio against it."""
+    done = subprocess.run([processes._bin("scorehost"), "bench", "--scenario", "single-stream", "offline",
+                           "--in-flight", "8", "--servers", "scorehost", "litserve", "--peers-dir", str(peers_dir),
+                           "--seconds", "2", "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    text = (tmp_path / "report.md").read_text()
+    for server in ("scorehost", "litserve"):
+        for scenario in ("single-stream", "offline"):
+            row = next(line for line in text.splitlines() if line.startswith(f"| {server} | proxy | {scenario} |"))
+            assert row.split("|")[-3].strip() == "none", row  # the errors column
+    ratios = text.split("## scorehost / each other server", 1)[1]
+    assert "| litserve | proxy | offline | req/s" in ratios
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--scripts", "trivial"], "serve the proxy script only"),
+    (["--batch", "2"], "take one JPEG a request"),
+    (["--client", "locust"], "drop --client locust"),
+])
+def test_bench_refuses_what_a_peer_cannot_serve(flags, says, capsys):
+    from scorehost.cli import main
+
+    assert main(["bench", "--servers", "scorehost", "litserve", *flags]) == 1
+    assert says in capsys.readouterr().err

@@ -1,0 +1,120 @@
+"""The peer servers (TorchServe, LitServe, MLServer, BentoML, Ray Serve), as the benchmarks drive them.
+
+Each peer serves issue 22's proxy of a GPU script (proxy.py: a Pillow decode per request, then a batch call costing
+PIPELINE_COST_S whatever its size) with its own batching, from its own virtualenv PEERS_DIR/NAME/bin/python
+(`bash bench/peers/install.sh` makes them; they are not scorehost's dependencies). scorehost's side of the same
+proxy is tests/scripts/pipeline.py. The *_peer.py scripts beside this file run in those virtualenvs; this module
+runs in scorehost's: it starts them and says how each is sent a JPEG. Used by bench/batching_table.py and
+`scorehost bench --servers ... PEER` (bench/run.py, bench/scenarios.py).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import io
+import json
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+from typing import TYPE_CHECKING, Callable, Optional
+
+from scorehost import processes
+
+if TYPE_CHECKING:
+    from bench import loadgen
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+NAMES = ("torchserve", "litserve", "mlserver", "bentoml", "rayserve")
+PROXY_SCRIPT = os.path.join(os.path.dirname(os.path.dirname(HERE)), "tests", "scripts", "pipeline.py")
+DEFAULT_DIR = os.environ.get("SCOREHOST_PEERS_DIR", os.path.expanduser("~/.cache/scorehost-peers"))
+_JSON_BODY = {  # peers that read JSON only: the JPEG in base64
+    "litserve": lambda b64: {"image": b64},
+    "bentoml": lambda b64: {"images": [b64]},  # a batchable API takes a list (and answers one)
+}
+_BASE_PATH = {"torchserve": "/predictions"}  # TorchServe's model is named "score": POST /predictions/score
+
+
+@dataclasses.dataclass
+class Peer:
+    name: str
+    process: processes.ServerProcess
+    url: str  # the base URL: POST url + "/score" scores one JPEG
+    stats: str  # the proxy's log of each batch call's size (one line a call)
+
+
+def body(name: str, jpeg: bytes) -> tuple[str, bytes]:
+    """(content type, body) that sends `jpeg` to server `name` (a peer, or scorehost/AIHS: the JPEG as it is)."""
+    if name in _JSON_BODY:
+        return "application/json", json.dumps(_JSON_BODY[name](base64.b64encode(jpeg).decode())).encode()
+    return "image/jpeg", jpeg
+
+
+def bodies(name: str, items: "loadgen.Bodies") -> "loadgen.Bodies":
+    """The same load as server `name` reads it: each single JPEG ("image") re-shaped by `body`."""
+    return dataclasses.replace(items, items=tuple((label, *body(name, data)) if label == "image" else
+                                                  (label, content_type, data)
+                                                  for label, content_type, data in items.items))
+
+
+def post(name: str, url: str, jpeg: bytes, timeout: float = 30) -> tuple[int, bytes]:
+    """POST one JPEG to server `name` at base `url`: (status, body)."""
+    content_type, data = body(name, jpeg)
+    request = urllib.request.Request(url + "/score", data, {"Content-Type": content_type})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as r:
+            return r.status, r.read()
+    except urllib.error.HTTPError as ex:
+        return ex.code, b""
+
+
+def wait_answering(name: str, process: processes.ServerProcess, url: str, timeout: float,
+                   jpeg: Optional[bytes] = None) -> None:
+    """Up when it answers a real request 200 (the peers have no common readiness route)."""
+    if jpeg is None:
+        from PIL import Image
+
+        out = io.BytesIO()
+        Image.new("RGB", (64, 48), (90, 120, 30)).save(out, "JPEG")
+        jpeg = out.getvalue()
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.proc.poll() is not None:
+            raise RuntimeError(f"{name} exited ({process.proc.returncode}):\n{process.output()[-3000:]}")
+        try:
+            if post(name, url, jpeg, timeout=5)[0] == 200:
+                return
+        except OSError:
+            pass
+        time.sleep(0.5)
+    raise RuntimeError(f"{name} not answering after {timeout} s:\n{process.output()[-3000:]}")
+
+
+def python(name: str, peers_dir: str) -> str:
+    return os.path.join(peers_dir, name, "bin", "python")
+
+
+def installed(name: str, peers_dir: str) -> bool:
+    return os.path.exists(python(name, peers_dir))
+
+
+def start(name: str, peers_dir: str, scratch: str, *, cost_s: float, max_batch: int, delay_ms: float,
+          workers: int = 1, say: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> Optional[Peer]:
+    """Start peer `name` on a free port with its own batching (at most `max_batch` a call, `delay_ms` its delay
+    bound, `workers` model copies); None, said, when it is not installed. Not ready yet: it has no readiness
+    route, so the caller sends it a real request (bench/batching_table.wait_ready)."""
+    executable = python(name, peers_dir)
+    if not os.path.exists(executable):
+        say(f"{name}: not installed ({executable} missing; bash bench/peers/install.sh {peers_dir} {name} "
+            "makes it): skipped")
+        return None
+    port = processes.free_port()
+    stats = os.path.join(scratch, f"{name}.calls")
+    open(stats, "w").close()
+    argv = [executable, os.path.join(HERE, f"{name}_peer.py"), "--port", str(port), "--max-batch", str(max_batch),
+            "--delay-ms", str(delay_ms), "--workers", str(workers)]
+    env = {**os.environ, "PIPELINE_COST_S": str(cost_s), "PROXY_STATS": stats, "PYTHONUNBUFFERED": "1"}
+    process = processes.ServerProcess(name, argv, env, port, scratch)
+    return Peer(name, process, process.url + _BASE_PATH.get(name, ""), stats)
