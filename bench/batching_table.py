@@ -10,9 +10,11 @@ The model is the same everywhere: a Pillow decode and resize of the request's JP
 batch call costing --cost-ms whatever its size (scorehost: tests/scripts/pipeline.py with CUDA_VISIBLE_DEVICES=0,
 i.e. one model process and the GPU defaults; peers: bench/peers/*_peer.py on bench/peers/proxy.py, each with its
 own batching, `--peer-delay-ms` as its delay bound and one model copy). Peers run from their own virtualenvs,
-PEERS_DIR/NAME/bin/python (bench/peers/install.sh makes them); one that is not installed is skipped, said so. All
-servers run side by side; in each round and concurrency they take turns (the order alternates; each cell follows
-`--warmup` seconds of the same load, not counted, so that no server is measured while it adapts), and the table
+PEERS_DIR/NAME/bin/python (bench/peers/install.sh makes them); one that is not installed is skipped, said so.
+scorehost's variants (and AIHS) stay up side by side and, in each round and concurrency, take turns (the order
+alternates); then each peer runs its round alone, started for it and stopped after (idle, LitServe takes ~0.2 core
+and Ray Serve ~0.15, which would be taken from whichever server is measured). Each cell follows `--warmup` seconds
+of the same load, not counted, so that no server is measured while it adapts, and the table
 gives the median of the rounds: answers a second, mean batch per run_batch() call, p99, and the fraction of the
 ideal min(clients, batch max) / cost; for scorehost also how busy the model was (the share of the cell's time
 inside run_batch(), from /metrics: the calls that ended in the cell, so up to one call over). `scorehost-greedy`
@@ -100,9 +102,20 @@ def start(name: str, args: argparse.Namespace, scratch: str) -> Optional[Server]
     if name == "aihs":
         process = processes.start("aihs", PIPELINE, env=env, workers=1)
         return Server(name, process, process.url)
-    peer = peers.start(name, args.peers_dir, scratch, cost_s=args.cost_ms / 1000, max_batch=args.batch_max,
-                       delay_ms=args.peer_delay_ms)
-    return Server(name, peer.process, peer.url, peer.stats) if peer else None
+    try:
+        peer = peers.start(name, args.peers_dir, scratch, cost_s=args.cost_ms / 1000, max_batch=args.batch_max,
+                           delay_ms=args.peer_delay_ms)
+    except peers.Unavailable as ex:
+        print(f"{name}: {ex}: skipped", file=sys.stderr)
+        return None
+    return Server(name, peer.process, peer.url, peer.stats)
+
+
+def ready(server: Server, jpeg: bytes) -> None:
+    """Answering, and each of 64 concurrent distinct images gets its own answer."""
+    peers.wait_answering(server.name, server.process, server.base, 300, jpeg)
+    if not own_answers(server):
+        raise RuntimeError(f"{server.name}: some answers were not their own image's")
 
 
 def colour_jpeg(i: int) -> tuple[tuple[int, int, int], bytes]:
@@ -194,26 +207,41 @@ def main(argv: Optional[list[str]] = None) -> int:
 
     corpus = bench_corpus.load(args.images)
     results: dict[tuple[str, int], Cell] = {}
+    residents = [name for name in args.servers if name not in peers.NAMES]
+    others = [name for name in args.servers if name in peers.NAMES]
+
+    def cells(server: Server, round_: int, clients: list[int]) -> None:
+        for c in clients:
+            measure(server, c, args.seconds, corpus, results.setdefault((server.name, c), Cell()),
+                    args.client_processes, args.warmup)
+            cell = results[(server.name, c)]
+            print(f"round {round_ + 1} {server.name} {c} clients: {cell.rates[-1]:.0f}/s batch "
+                  f"{cell.batches[-1]:.1f} p99 {cell.p99s[-1]:.0f} ms", file=sys.stderr, flush=True)
+
+    # scorehost's variants stay up (idle, ~0.01 core each) and take turns at each concurrency; each peer runs alone
+    # (bench/run.py, groups), started for its round and stopped after.
     with tempfile.TemporaryDirectory(prefix="batching-table-") as scratch:
-        servers = [s for s in (start(name, args, scratch) for name in args.servers) if s]
+        servers = [s for s in (start(name, args, scratch) for name in residents) if s]
         try:
             for server in servers:
-                peers.wait_answering(server.name, server.process, server.base, 300, corpus[0])
-                if not own_answers(server):
-                    raise RuntimeError(f"{server.name}: some answers were not their own image's")
+                ready(server, corpus[0])
             for round_ in range(args.rounds):
                 for i, c in enumerate(args.clients):
-                    order = servers if (round_ + i) % 2 == 0 else servers[::-1]
-                    for server in order:
-                        measure(server, c, args.seconds, corpus, results.setdefault((server.name, c), Cell()),
-                                args.client_processes, args.warmup)
-                        cell = results[(server.name, c)]
-                        print(f"round {round_ + 1} {server.name} {c} clients: {cell.rates[-1]:.0f}/s batch "
-                              f"{cell.batches[-1]:.1f} p99 {cell.p99s[-1]:.0f} ms", file=sys.stderr, flush=True)
+                    for server in servers if (round_ + i) % 2 == 0 else servers[::-1]:
+                        cells(server, round_, [c])
+                for name in others if round_ % 2 == 0 else others[::-1]:
+                    peer = start(name, args, scratch)
+                    if peer is None:
+                        continue
+                    try:
+                        ready(peer, corpus[0])
+                        cells(peer, round_, args.clients)
+                    finally:
+                        peer.process.stop()
         finally:
             for server in servers:
                 server.process.stop()
-        names = [s.name for s in servers]
+    names = [name for name in args.servers if any(key[0] == name for key in results)]
     command = "python -m bench.batching_table " + " ".join(argv if argv is not None else sys.argv[1:])
     ideal = (lambda c: min(c, args.batch_max) / (args.cost_ms / 1000)) if proxy else None
     print(table(results, names, args.clients, ideal, command))

@@ -63,11 +63,13 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
-def markdown(results: list[Result], command: str, seconds: float) -> str:
+def markdown(results: list[Result], command: str, seconds: float, servers: str = "") -> str:
+    """The report; `servers`: what each server was (run.Roster.markdown), after the head."""
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
               f"Python {platform.python_version()}"
     parts = [f"# scorehost bench\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
              f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop clients\n",
+             *([servers] if servers else []),
              "## Results\n\n" + table(list(COLUMNS), [_row(r) for r in results])]
     thin = [r for r in results if r.requests < MIN_REQUESTS_FOR_P99]
     if thin:
@@ -168,11 +170,11 @@ def _save(fig, out_dir: str, name: str) -> str:
     return path
 
 
-def write(results: list[Result], out_dir: str, command: str, seconds: float) -> str:
+def write(results: list[Result], out_dir: str, command: str, seconds: float, servers: str = "") -> str:
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump([{**dataclasses.asdict(r), "overhead_mean_ms": r.overhead_mean_ms} for r in results], f, indent=1)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(markdown(results, command, seconds))
+        f.write(markdown(results, command, seconds, servers))
     plots(results, out_dir)
     return os.path.join(out_dir, "report.md")

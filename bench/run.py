@@ -23,6 +23,7 @@ from typing import Any, Callable, Iterator, Optional
 
 from bench import peers
 from scorehost import processes
+from scorehost.processes import process_tree
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUSTFILE = os.path.join(HERE, "locustfile.py")
@@ -35,7 +36,8 @@ RUN_TIME_NAME = "run() [server]"  # the locustfile's name for x-ms-run-fn-exec-m
 class Proxy:
     """How `--scripts proxy` is served: scorehost batches (tests/scripts/pipeline.py, one model process, its default
     HTTP workers, `--batch-max batch_max`), each peer with its own batching (at most batch_max a call,
-    `peer_delay_ms` its delay bound, `--workers` model copies); run_batch() costs cost_ms whatever its size."""
+    `peer_delay_ms` its delay bound, one model copy); run_batch() costs cost_ms whatever its size. Works from a
+    checkout (the proxy script and the peers' scripts are not installed with the package)."""
     cost_ms: float = 40.0
     batch_max: int = 64
     peer_delay_ms: float = 10.0
@@ -74,25 +76,6 @@ class Result:
     @property
     def overhead_mean_ms(self) -> Optional[float]:
         return None if self.run_mean_ms is None else max(0.0, self.mean_ms - self.run_mean_ms)
-
-
-def process_tree(pid: int) -> list[int]:
-    """A process and all its descendants (gunicorn master + workers), from /proc."""
-    children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                with open(f"/proc/{entry}/stat") as f:
-                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
-                children.setdefault(ppid, []).append(int(entry))
-            except (OSError, ValueError, IndexError):
-                continue
-    tree, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        tree.append(p)
-        todo.extend(children.get(p, []))
-    return tree
 
 
 def tree_rss_mb(pid: int) -> float:
@@ -216,23 +199,69 @@ def _warm(url: str, key: str) -> None:
             pass  # errors are the matrix's business, not the warm-up's
 
 
+class Roster:
+    """What a run measured, for its report: a line per server (version, how it served, what it was sent), and
+    the servers that could not be measured here, with why."""
+
+    def __init__(self) -> None:
+        self.about: dict[str, str] = {}
+        self.skipped: dict[str, str] = {}
+
+    def markdown(self) -> str:
+        lines = [f"- {text}" for text in self.about.values()]
+        lines += [f"- {name}: skipped: {why}" for name, why in self.skipped.items()]
+        return "## Servers\n\n" + "\n".join(lines) if lines else ""
+
+
+def groups(servers: list[str]) -> list[list[str]]:
+    """How the servers share the machine: scorehost and AIHS side by side (idle, each takes ~0.01 core; their
+    cells alternate), then each peer alone, started for its cells and stopped after: idle, LitServe takes ~0.2
+    core and Ray Serve ~0.15, which would be taken from whichever server is measured."""
+    residents = [server for server in servers if server not in peers.NAMES]
+    return ([residents] if residents else []) + [[server] for server in servers if server in peers.NAMES]
+
+
+def _about(server: str, workers: Optional[int], proxy: Optional[Proxy], scorehost_args: tuple[str, ...]) -> str:
+    from importlib import metadata
+
+    from scorehost import __version__
+
+    if server == "aihs":
+        return f"aihs (azmlinfsrv {metadata.version('azureml-inference-server-http')}): {workers} worker(s)"
+    how = (f"batching the proxy (tests/scripts/pipeline.py, run_batch() {proxy.cost_ms:g} ms a call), one model "
+           f"process, --batch-max {proxy.batch_max}, its default HTTP workers") if proxy else f"{workers} worker(s)"
+    return f"scorehost {__version__}: {how}" + (f"; {' '.join(scorehost_args)}" if scorehost_args else "")
+
+
 @contextlib.contextmanager
 def started(servers: list[str], entry_script: str, model_dir: Optional[str], scorehost_args: tuple[str, ...] = (),
-            key: str = "", workers: Optional[int] = 1, proxy: Optional[Proxy] = None) -> Iterator[dict[str, Target]]:
+            key: str = "", workers: Optional[int] = 1, proxy: Optional[Proxy] = None,
+            roster: Optional[Roster] = None) -> Iterator[dict[str, Target]]:
     """Each server in `servers` on the script, answering and warmed (scorehost with `scorehost_args` and the key),
-    by name; all stopped on the way out. With `proxy`, the script is the proxy and peers may be among the servers
-    (one not installed is skipped, said so)."""
+    by name; all stopped on the way out. With `proxy`, the script is the proxy and peers may be among the servers:
+    a peer not installed, or that does not start, is skipped (said, and kept in `roster` with why)."""
+    roster = roster if roster is not None else Roster()
     running: dict[str, processes.ServerProcess] = {}
     targets: dict[str, Target] = {}
+
+    def skip(server: str, why: str) -> None:
+        print(f"{server}: {why}: skipped", file=sys.stderr, flush=True)
+        roster.skipped[server] = why
+
     with tempfile.TemporaryDirectory(prefix="bench-servers-") as scratch:
         try:
             for server in servers:
                 if server in peers.NAMES:
-                    assert proxy is not None, "the peers serve the proxy script only"
-                    peer = peers.start(server, proxy.peers_dir, scratch, cost_s=proxy.cost_ms / 1000,
-                                       max_batch=proxy.batch_max, delay_ms=proxy.peer_delay_ms, workers=workers or 1)
-                    if peer is not None:
-                        running[server], targets[server] = peer.process, Target(peer.url, peer.process.pid)
+                    if proxy is None:
+                        raise SystemExit(f"scorehost bench: {server} serves the proxy script only")
+                    try:
+                        peer = peers.start(server, proxy.peers_dir, scratch, cost_s=proxy.cost_ms / 1000,
+                                           max_batch=proxy.batch_max, delay_ms=proxy.peer_delay_ms)
+                    except peers.Unavailable as ex:
+                        skip(server, str(ex))
+                        continue
+                    running[server], targets[server] = peer.process, Target(peer.url, peer.process.pid)
+                    roster.about[server] = peers.about(server, proxy.peers_dir, proxy.batch_max, proxy.peer_delay_ms)
                     continue
                 env, extra, count = {}, (), workers
                 if proxy is not None:
@@ -241,13 +270,22 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], sco
                         env["CUDA_VISIBLE_DEVICES"], count = "0", None
                         extra = ("--batch-max", str(proxy.batch_max))
                 if server == "scorehost":
-                    extra += scorehost_args + (("--auth-key", key) if key else ())  # the user's flags win
+                    extra += scorehost_args + (("--auth-key", key) if key else ())
                 process = running[server] = processes.start(server, entry_script, model_dir, extra_args=extra,
                                                             workers=count, env=env)
                 targets[server] = Target(process.url, process.pid)
-            for server, process in running.items():
+                roster.about[server] = _about(server, count, proxy if server == "scorehost" else None,
+                                              scorehost_args if server == "scorehost" else ())
+            for server, process in list(running.items()):
                 if server in peers.NAMES:
-                    peers.wait_answering(server, process, targets[server].url, 300)
+                    try:
+                        peers.wait_answering(server, process, targets[server].url, 300)
+                    except RuntimeError:
+                        process.stop()
+                        del running[server], targets[server], roster.about[server]
+                        last = [line for line in process.output().splitlines() if line.strip()][-1:]
+                        skip(server, "did not start" + (f" ({last[0].strip()[:200]})" if last else "")
+                             + f"; its log: {process.log.name}")
                 else:
                     process.wait_healthy(300)
                     _warm(process.url, key)
@@ -261,8 +299,10 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
                seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
                progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
                scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1,
-               proxy: Optional[Proxy] = None) -> list[Result]:
-    """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint."""
+               proxy: Optional[Proxy] = None, roster: Optional[Roster] = None) -> list[Result]:
+    """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint.
+    `roster` gets what each server was (and those skipped)."""
+    roster = roster if roster is not None else Roster()
     results: list[Result] = []
     load = {"key": key, "images": images, "batch": batch}
     total = len(concurrencies) * (1 if remote else len(scripts) * len(servers))
@@ -272,16 +312,20 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
             progress(len(results), total, results[-1])
         return results
     for name, (entry_script, model_dir) in scripts.items():
-        with started(servers, entry_script, model_dir, scorehost_args, key, workers,
-                     proxy if entry_script == peers.PROXY_SCRIPT else None) as running:
-            present = [server for server in servers if server in running]
-            total -= len(concurrencies) * (len(servers) - len(present))  # peers not installed
-            for i, c in enumerate(concurrencies):
-                order = present if i % 2 == 0 else present[::-1]
-                for server in order:
-                    target = running[server]
-                    with ServerUsage(target.pid) as usage:
-                        result = measure(Cell(server, name, c), target.url, seconds, client, **load)
-                    results.append(_with_usage(result, usage))
-                    progress(len(results), total, results[-1])
+        for group in groups(servers):
+            with started(group, entry_script, model_dir, scorehost_args, key, workers,
+                         proxy if entry_script == peers.PROXY_SCRIPT else None, roster) as running:
+                present = [server for server in group if server in running]
+                total -= len(concurrencies) * (len(group) - len(present))  # skipped
+                for i, c in enumerate(concurrencies):
+                    order = present if i % 2 == 0 else present[::-1]
+                    for server in order:
+                        target = running[server]
+                        with ServerUsage(target.pid) as usage:
+                            result = measure(Cell(server, name, c), target.url, seconds, client, **load)
+                        results.append(_with_usage(result, usage))
+                        progress(len(results), total, results[-1])
+    if not results:
+        raise SystemExit("scorehost bench: no server could be measured: "
+                         + "; ".join(f"{name}: {why}" for name, why in roster.skipped.items()))
     return results

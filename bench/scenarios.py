@@ -272,7 +272,7 @@ def ratios(outcomes: list[Outcome]) -> list[list[str]]:
     return rows
 
 
-def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float) -> str:
+def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float, servers: str = "") -> str:
     machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
               f"Python {platform.python_version()}"
     ceiling = (f"{load.ceiling:,.0f} req/s with {load.processes} client process(es) against a server that answers "
@@ -297,6 +297,8 @@ def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float) 
              + table(["server", "script", "scenario", "offered req/s", "answered req/s", "requests", "p50", "p90",
                       "p99", "p99.9", "errors", "notes"], rows),
              "## Console summary\n\n```\n" + "\n".join(line(o) for o in outcomes) + "\n```"]
+    if servers:
+        parts.insert(1, servers)
     rs = ratios(outcomes)
     if rs:
         parts.append("## scorehost / each other server\n\n" + table(["against", "script", "scenario", "figure",
@@ -353,13 +355,14 @@ def p99_plot(series: dict[str, list[Step]], bounds: list[float], path: str, titl
     return path
 
 
-def write(outcomes: list[Outcome], out_dir: str, command: str, load: Load, seconds: float) -> str:
+def write(outcomes: list[Outcome], out_dir: str, command: str, load: Load, seconds: float, servers: str = "") -> str:
+    """report.md (with `servers`, the run's roster: run.Roster.markdown), results.json and the p99 plot."""
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "results.json"), "w") as f:
         json.dump({"client_ceiling_req_s": load.ceiling, "client_processes": load.processes,
                    "outcomes": [dataclasses.asdict(o) for o in outcomes]}, f, indent=1)
     with open(os.path.join(out_dir, "report.md"), "w") as f:
-        f.write(markdown(outcomes, command, load, seconds))
+        f.write(markdown(outcomes, command, load, seconds, servers))
     searched = [o for o in outcomes if o.steps]
     if searched:
         p99_plot({f"{o.server} {o.script} (<= {o.bound_ms:g} ms)": o.steps for o in searched},
@@ -400,17 +403,23 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
     load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)
     print(f"client ceiling: {load.ceiling:,.0f} req/s with {args.client_processes} client process(es)", flush=True)
     outcomes: list[Outcome] = []
+    roster = run.Roster()
     if args.url:
         outcomes = run_all(args.url, "remote", "remote", args, load)
     else:
         for i, (name, (entry_script, model_dir)) in enumerate(scripts.items()):
-            with run.started(args.servers, entry_script, model_dir, tuple(args.scorehost_arg), args.key or "",
-                             args.workers, args.proxy if entry_script == peers.PROXY_SCRIPT else None) as running:
-                present = [server for server in args.servers if server in running]  # a peer may be missing
-                order = present if i % 2 == 0 else present[::-1]  # drift hits all alike
-                for server in order:  # one after the other: they never share the cores
-                    theirs = dataclasses.replace(load, bodies=peers.bodies(server, load.bodies))
-                    outcomes += run_all(running[server].url, server, name, args, theirs)
-    path = write(outcomes, out, "scorehost bench " + " ".join(args.argv), load, args.seconds)
+            for group in run.groups(args.servers):
+                with run.started(group, entry_script, model_dir, tuple(args.scorehost_arg), args.key or "",
+                                 args.workers, args.proxy if entry_script == peers.PROXY_SCRIPT else None,
+                                 roster) as running:
+                    present = [server for server in group if server in running]  # a peer may be skipped
+                    order = present if i % 2 == 0 else present[::-1]  # drift hits all alike
+                    for server in order:  # one after the other: they never share the cores
+                        theirs = dataclasses.replace(load, bodies=peers.bodies(server, load.bodies))
+                        outcomes += run_all(running[server].url, server, name, args, theirs)
+        if not outcomes:
+            raise SystemExit("scorehost bench: no server could be measured: "
+                             + "; ".join(f"{name}: {why}" for name, why in roster.skipped.items()))
+    path = write(outcomes, out, "scorehost bench " + " ".join(args.argv), load, args.seconds, roster.markdown())
     print(f"report: {path}")
     return 0

@@ -23,7 +23,8 @@ import time
 from typing import Optional
 
 from bench import loadgen
-from bench.run import process_tree, tree_rss_mb
+from bench.run import tree_rss_mb
+from scorehost.processes import process_tree
 from scorehost import REFERENCE_SCRIPT, corpus, processes
 from scorehost.models import demo_model_dir
 

@@ -174,32 +174,38 @@ def _missing_for_bench(args: argparse.Namespace) -> list[str]:
     return absent
 
 
-def _bench_peers(args: argparse.Namespace) -> None:
-    """The peers (bench/peers/) serve the proxy script only, one JPEG a request, loaded by bench/loadgen.py: the
-    defaults follow from --servers, and a flag that contradicts them is refused in one line."""
+def _bench_checks(args: argparse.Namespace) -> None:
+    """Defaults that follow from --servers, and flags that contradict them, refused in one line: the proxy script
+    takes one JPEG a request, and its batch bound is every server's alike; the peers (bench/peers/) serve the
+    proxy only, each with bodies of its own, which bench/loadgen.py sends (Locust does not)."""
     from bench import peers
 
-    named = [server for server in args.servers if server in peers.NAMES]
+    local = not (args.remote or args.url)
+    named = [server for server in args.servers if server in peers.NAMES] if local else []
     if args.scripts is None:
         args.scripts = ["proxy"] if named else ["trivial", "resnet50"]
     if args.client is None:
         args.client = "loadgen" if named else "locust"
-    if not named or args.remote or args.url:
-        return
+    if args.images:
+        args.images = os.path.abspath(args.images)  # Locust runs in a directory of its own
     who = ", ".join(named)
     others = [name for name in args.scripts if name != "proxy"]
-    if others:
+    if named and others:
         raise SystemExit(f"scorehost bench: {who} serve the proxy script only (bench/peers/): use --scripts proxy, "
                          f"without {', '.join(others)}")
-    if args.batch > 1:
-        raise SystemExit(f"scorehost bench: {who} take one JPEG a request: drop --batch {args.batch}")
-    if args.client != "loadgen":
+    if "proxy" in args.scripts and local:
+        if args.batch > 1:
+            raise SystemExit(f"scorehost bench: the proxy script takes one JPEG a request: drop --batch {args.batch}")
+        if any(arg.split("=")[0] == "--batch-max" for arg in args.scorehost_arg):
+            raise SystemExit("scorehost bench: on the proxy script the batch bound is every server's alike: use "
+                             "--proxy-batch-max N, not --scorehost-arg=--batch-max")
+    if named and args.client != "loadgen" and not args.scenario:
         raise SystemExit(f"scorehost bench: {who} are loaded by bench/loadgen.py (their bodies differ from "
                          "scorehost's): drop --client locust")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
-    _bench_peers(args)
+    _bench_checks(args)
     missing = _missing_for_bench(args)
     if missing:
         from .extras import install_line
@@ -222,7 +228,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
         else:
             label, _, path = name.partition("=")
             if not path:
-                raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50 or NAME=PATH")
+                raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50, proxy or "
+                                 "NAME=PATH")
             scripts[label] = (path, args.model_dir)
     out = args.out or os.path.join("reports", time.strftime("bench-%Y%m%d-%H%M%S"))
     if args.scenario:
@@ -236,12 +243,13 @@ def cmd_bench(args: argparse.Namespace) -> int:
         print(f"[{bar}] {i}/{n} {r.cell.server:9} {r.cell.script:10} clients={r.cell.concurrency:<3} "
               f"{r.req_s:8.1f} req/s  p99 {r.p99_ms:6.0f} ms  errors {r.failures}", flush=True)
 
-    print(f"scorehost bench: {cells} cells of {args.seconds:g} s -> {out}", flush=True)
+    print(f"scorehost bench: up to {cells} cells of {args.seconds:g} s -> {out}", flush=True)
+    roster = run.Roster()
     results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
                              images=args.images or "", batch=args.batch, remote=args.remote or "",
                              progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client,
-                             workers=args.workers, proxy=args.proxy)
-    path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds)
+                             workers=args.workers, proxy=args.proxy, roster=roster)
+    path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds, roster.markdown())
     print(f"report: {path}")
     return 0
 
@@ -291,8 +299,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                        help="closed-loop clients of each cell")
     bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
     bench.add_argument("--workers", type=int, default=1,
-                       help="worker processes of every local server (AIHS too); on the proxy script, each peer's "
-                            "model copies (scorehost keeps its own HTTP workers and one model process)")
+                       help="worker processes of every local server (AIHS too); not on the proxy script, where "
+                            "every server has one model copy (scorehost: one model process, its own HTTP workers)")
     bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
     bench.add_argument("--images", help="directory of JPEG/PNG files to send (default: generated JPEGs)")
     bench.add_argument("--remote", help="load this endpoint instead of local servers, e.g. https://.../score's base")
@@ -302,13 +310,17 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--client", choices=["locust", "loadgen"],
                        help="load generator: Locust (bench/locustfile.py), or bench/loadgen.py (lighter, asyncio; "
                             "the default when a peer is among --servers, else Locust)")
-    bench.add_argument("--peers-dir", default=peers.DEFAULT_DIR,
+    from bench.run import Proxy
+
+    proxy = Proxy()
+    bench.add_argument("--peers-dir", default=proxy.peers_dir,
                        help="the peers' virtualenvs, DIR/NAME/bin/python (a peer not there is skipped, said so)")
-    bench.add_argument("--proxy-cost-ms", type=float, default=40.0,
+    bench.add_argument("--proxy-cost-ms", type=float, default=proxy.cost_ms,
                        help="the proxy script's run_batch() time, whatever the batch size")
-    bench.add_argument("--proxy-batch-max", type=int, default=64,
+    bench.add_argument("--proxy-batch-max", type=int, default=proxy.batch_max,
                        help="the proxy script: the most a batch takes, in scorehost and every peer alike")
-    bench.add_argument("--peer-delay-ms", type=float, default=10.0, help="the peers' own batching delay bound")
+    bench.add_argument("--peer-delay-ms", type=float, default=proxy.peer_delay_ms,
+                       help="the peers' own batching delay bound")
     bench.add_argument("--out", help="report folder (default: reports/bench-<time>)")
     bench.set_defaults(func=cmd_bench)
     from bench.scenarios import add_arguments as add_scenario_arguments

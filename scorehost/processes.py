@@ -59,7 +59,10 @@ class ServerProcess:
         raise RuntimeError(f"{self.kind} not healthy after {timeout} s:\n{self.output()[-5000:]}")
 
     def stop(self, timeout: float = 15) -> int:
+        """SIGTERM to its process group, SIGKILL after `timeout`; then the same for any descendant that lives on
+        in a group of its own (Ray Serve's actors do), so the next server measured has the machine to itself."""
         if self.proc.poll() is None:
+            descendants = process_tree(self.proc.pid)[1:]
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
             try:
@@ -67,7 +70,51 @@ class ServerProcess:
             except subprocess.TimeoutExpired:
                 os.killpg(self.proc.pid, signal.SIGKILL)
                 self.proc.wait()
+            _end(descendants, timeout)
         return self.proc.returncode
+
+
+def process_tree(pid: int) -> list[int]:
+    """A process and all its descendants (a gunicorn master and its workers, a peer server's actors), from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    ppid = int(f.read().rsplit(")", 1)[1].split()[1])
+                children.setdefault(ppid, []).append(int(entry))
+            except (OSError, ValueError, IndexError):
+                continue
+    tree, todo = [], [pid]
+    while todo:
+        p = todo.pop()
+        tree.append(p)
+        todo.extend(children.get(p, []))
+    return tree
+
+
+def _end(pids: list[int], timeout: float) -> None:
+    """SIGTERM each process still alive, SIGKILL what is left after `timeout`."""
+    def alive() -> list[int]:
+        left = []
+        for pid in pids:
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
+                        left.append(pid)
+            except OSError:
+                continue
+        return left
+
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while alive() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    for pid in alive():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
 
 
 def _bin(name: str) -> str:

@@ -97,9 +97,13 @@ def test_batching_table_runs_a_users_script_policy_against_greedy(tmp_path):
 
 @pytest.fixture(scope="module")
 def peers_dir(tmp_path_factory):
-    """A real peer, installed as a user installs one (bench/peers/install.sh): LitServe, the lightest (~15 s)."""
+    """A real peer, installed as a user installs one (bench/peers/install.sh): LitServe, the lightest (~15 s). One
+    already installed under $SCOREHOST_PEERS_DIR is used as it is."""
     import os
 
+    given = os.environ.get("SCOREHOST_PEERS_DIR")
+    if given and os.path.exists(os.path.join(given, "litserve", "bin", "python")):
+        return given
     where = tmp_path_factory.mktemp("peers")
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     done = subprocess.run(["bash", os.path.join(root, "bench", "peers", "install.sh"), str(where), "litserve"],
@@ -108,15 +112,32 @@ def peers_dir(tmp_path_factory):
     return where
 
 
-def test_bench_runs_a_peer_beside_scorehost_on_the_proxy(peers_dir, tmp_path):
-    """`scorehost bench --servers scorehost litserve torchserve`: the proxy script by default, LitServe with its
-    own batching (sent JSON, as it reads it), TorchServe not installed here: skipped and said so. Every cell in the
-    table, no errors, scorehost's ratio against LitServe, and no model time claimed for a peer that does not say."""
-    done = subprocess.run([processes._bin("scorehost"), "bench", "--servers", "scorehost", "litserve", "torchserve",
-                           "--peers-dir", str(peers_dir), "--concurrency", "4", "--seconds", "2",
+@pytest.fixture(scope="module")
+def broken_peers_dir(peers_dir, tmp_path_factory):
+    """LitServe as installed, and an "mlserver" whose Python fails at once (a peer that does not start)."""
+    import os
+
+    where = tmp_path_factory.mktemp("broken-peers")
+    os.symlink(os.path.join(peers_dir, "litserve"), where / "litserve")
+    (where / "mlserver" / "bin").mkdir(parents=True)
+    fake = where / "mlserver" / "bin" / "python"
+    fake.write_text("#!/bin/sh\necho 'ModuleNotFoundError: No module named mlserver' >&2\nexit 1\n")
+    fake.chmod(0o755)
+    return where
+
+
+def test_bench_runs_a_peer_beside_scorehost_on_the_proxy(broken_peers_dir, tmp_path):
+    """`scorehost bench --servers scorehost litserve mlserver torchserve`: the proxy script by default; LitServe with
+    its own batching (sent JSON, as it reads it); an MLServer that does not start and a TorchServe not installed are
+    skipped, said so, and named in the report with why. Every cell measured is in the table with no errors, the
+    report says what each server was, scorehost's ratio against LitServe is there, and no model time is claimed
+    for a peer that does not say."""
+    done = subprocess.run([processes._bin("scorehost"), "bench", "--servers", "scorehost", "litserve", "mlserver",
+                           "torchserve", "--peers-dir", str(broken_peers_dir), "--concurrency", "4", "--seconds", "2",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "torchserve: not installed" in done.stderr and "2/2" in done.stdout
+    assert "torchserve: not installed" in done.stderr and "mlserver: did not start" in done.stderr
+    assert sum(line.startswith("[") for line in done.stdout.splitlines()) == 2 and "Traceback" not in done.stderr
     text = (tmp_path / "report.md").read_text()
     results = {r["cell"]["server"]: r for r in json.loads((tmp_path / "results.json").read_text())}
     assert set(results) == {"scorehost", "litserve"}
@@ -124,6 +145,9 @@ def test_bench_runs_a_peer_beside_scorehost_on_the_proxy(peers_dir, tmp_path):
         assert r["cell"]["script"] == "proxy" and r["requests"] > 20 and r["failures"] == 0, r
         assert f"| {server} | proxy | 4 |" in text
     assert results["litserve"]["run_mean_ms"] is None and results["scorehost"]["run_mean_ms"] >= 40  # the proxy's
+    servers = text.split("## Servers", 1)[1].split("## Results")[0]
+    assert "--batch-max 64" in servers and "at most 64 a call, 10 ms delay bound" in servers, servers
+    assert "- torchserve: skipped: not installed" in servers and "- mlserver: skipped: did not start" in servers
     ratios = text.split("## scorehost / each other server", 1)[1]
     assert "| litserve | proxy | 4 |" in ratios
 
@@ -139,17 +163,28 @@ def test_bench_scenarios_run_a_peer(peers_dir, tmp_path):
         for scenario in ("single-stream", "offline"):
             row = next(line for line in text.splitlines() if line.startswith(f"| {server} | proxy | {scenario} |"))
             assert row.split("|")[-3].strip() == "none", row  # the errors column
+    assert "litserve " in text.split("## Servers", 1)[1].split("## Results")[0]
     ratios = text.split("## scorehost / each other server", 1)[1]
     assert "| litserve | proxy | offline | req/s" in ratios
 
 
-@pytest.mark.parametrize("flags, says", [
-    (["--scripts", "trivial"], "serve the proxy script only"),
-    (["--batch", "2"], "take one JPEG a request"),
-    (["--client", "locust"], "drop --client locust"),
-])
-def test_bench_refuses_what_a_peer_cannot_serve(flags, says, capsys):
+@pytest.mark.parametrize("scenario", [[], ["--scenario", "single-stream"]])
+def test_bench_with_no_server_to_measure_says_why(scenario, tmp_path, capsys):
     from scorehost.cli import main
 
-    assert main(["bench", "--servers", "scorehost", "litserve", *flags]) == 1
+    assert main(["bench", *scenario, "--servers", "torchserve", "--peers-dir", str(tmp_path / "none"),
+                 "--concurrency", "1", "--seconds", "1", "--out", str(tmp_path / "out")]) == 1
+    assert "no server could be measured: torchserve: not installed" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, says", [
+    (["--servers", "scorehost", "litserve", "--scripts", "trivial"], "serve the proxy script only"),
+    (["--servers", "scorehost", "--scripts", "proxy", "--batch", "2"], "takes one JPEG a request"),
+    (["--scripts", "proxy", "--scorehost-arg=--batch-max=8"], "use --proxy-batch-max"),
+    (["--servers", "scorehost", "litserve", "--client", "locust"], "drop --client locust"),
+])
+def test_bench_refuses_what_the_proxy_or_a_peer_cannot_serve(flags, says, capsys):
+    from scorehost.cli import main
+
+    assert main(["bench", *flags]) == 1
     assert says in capsys.readouterr().err

@@ -52,6 +52,7 @@ python3 -m bench.batching_table --servers scorehost scorehost-greedy --entry-scr
 # beside the ideal min(clients, 64) / 40 ms. On 2 cores the burst back through the HTTP workers bounds it (bench/
 # RESULTS.md section 14); here the workers have a core each.
 small=$(mktemp -d)
+trap 'rm -rf "$small"' EXIT
 python3 -c 'import sys; from PIL import Image
 for i in range(16): Image.new("RGB", (64, 48), (16 * i, 255 - 16 * i, 7 * i)).save(f"{sys.argv[1]}/{i:02d}.jpg", quality=90)' "$small"
 python3 -m bench.batching_table --servers scorehost scorehost-greedy --images "$small" \

@@ -15,11 +15,10 @@ import dataclasses
 import io
 import json
 import os
-import sys
 import time
 import urllib.error
 import urllib.request
-from typing import TYPE_CHECKING, Callable, Optional
+from typing import TYPE_CHECKING, Optional
 
 from scorehost import processes
 
@@ -92,24 +91,43 @@ def wait_answering(name: str, process: processes.ServerProcess, url: str, timeou
     raise RuntimeError(f"{name} not answering after {timeout} s:\n{process.output()[-3000:]}")
 
 
+class Unavailable(Exception):
+    """A peer that cannot be measured here (not installed, or it did not start): skipped, with this reason."""
+
+
+_PACKAGE = {"torchserve": "torchserve", "litserve": "litserve", "mlserver": "mlserver", "bentoml": "bentoml",
+            "rayserve": "ray"}
+
+
 def python(name: str, peers_dir: str) -> str:
     return os.path.join(peers_dir, name, "bin", "python")
 
 
-def installed(name: str, peers_dir: str) -> bool:
-    return os.path.exists(python(name, peers_dir))
+def version(name: str, peers_dir: str) -> str:
+    """The peer's package version in its virtualenv (install.sh takes the latest: the report says which ran)."""
+    import subprocess
+
+    done = subprocess.run([python(name, peers_dir), "-c", "import importlib.metadata as m, sys; "
+                           "print(m.version(sys.argv[1]))", _PACKAGE[name]], capture_output=True, text=True)
+    return done.stdout.strip() or "version unknown"
+
+
+def about(name: str, peers_dir: str, max_batch: int, delay_ms: float) -> str:
+    """One line for the report: what ran, how it batched, what it was sent."""
+    sent = "base64 JSON" if name in _JSON_BODY else "the JPEG"
+    return (f"{name} {version(name, peers_dir)}: its own batching, at most {max_batch} a call, {delay_ms:g} ms "
+            f"delay bound; one model copy; sent {sent}")
 
 
 def start(name: str, peers_dir: str, scratch: str, *, cost_s: float, max_batch: int, delay_ms: float,
-          workers: int = 1, say: Callable[[str], None] = lambda text: print(text, file=sys.stderr)) -> Optional[Peer]:
+          workers: int = 1) -> Peer:
     """Start peer `name` on a free port with its own batching (at most `max_batch` a call, `delay_ms` its delay
-    bound, `workers` model copies); None, said, when it is not installed. Not ready yet: it has no readiness
-    route, so the caller sends it a real request (bench/batching_table.wait_ready)."""
+    bound, `workers` model copies). Not ready yet: it has no readiness route, so the caller waits for a real
+    answer (`wait_answering`). Unavailable when it is not installed."""
     executable = python(name, peers_dir)
     if not os.path.exists(executable):
-        say(f"{name}: not installed ({executable} missing; bash bench/peers/install.sh {peers_dir} {name} "
-            "makes it): skipped")
-        return None
+        raise Unavailable(f"not installed ({executable} missing; bash bench/peers/install.sh {peers_dir} {name} "
+                          "makes it)")
     port = processes.free_port()
     stats = os.path.join(scratch, f"{name}.calls")
     open(stats, "w").close()

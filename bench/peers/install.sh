@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The peer servers of bench/batching_table.py, each in its own virtualenv under DIR (default
-# $SCOREHOST_PEERS_DIR or ~/.cache/scorehost-peers): DIR/NAME/bin/python. Not scorehost's dependencies.
+# The peer servers of `scorehost bench --servers ...` and bench/batching_table.py, each in its own virtualenv
+# under DIR (default $SCOREHOST_PEERS_DIR or ~/.cache/scorehost-peers): DIR/NAME/bin/python. Not scorehost's
+# dependencies.
 #   bash bench/peers/install.sh [DIR] [NAME ...]     NAME: torchserve litserve mlserver bentoml rayserve
 # TorchServe also needs Java 17 (apt-get install openjdk-17-jre-headless) and a CPU build of torch (its Python
 # worker imports torch even for a handler that does not use it).

@@ -25,7 +25,7 @@ def decode(body: bytes) -> np.ndarray:
 
 
 def from_json(payload: dict) -> bytes:
-    """The JPEG of the JSON body {"image": base64} that peers taking JSON only are sent (bench/batching_table.py)."""
+    """The JPEG of the JSON body {"image": base64} that peers taking JSON only are sent (bench/peers/__init__.py)."""
     return base64.b64decode(payload["image"])
 
 
