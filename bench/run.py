@@ -18,12 +18,14 @@ import subprocess
 import sys
 import tempfile
 import threading
-import urllib.request
-from typing import Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
 
 from bench import peers
 from scorehost import processes
 from scorehost.processes import process_tree
+
+if TYPE_CHECKING:
+    from bench import loadgen
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 LOCUSTFILE = os.path.join(HERE, "locustfile.py")
@@ -187,16 +189,15 @@ def _with_usage(result: Result, usage: "ServerUsage") -> Result:
     return result
 
 
-def _warm(url: str, key: str) -> None:
-    from scorehost import corpus
+WARM_UP_S = 2.0  # each server's load before it is measured: a JIT compiler, caches, a batching policy's learning
 
-    body = corpus.images(((224, 224),))[0]
-    headers = {"Content-Type": "image/jpeg", **({"Authorization": f"Bearer {key}"} if key else {})}
-    for _ in range(3):
-        try:
-            urllib.request.urlopen(urllib.request.Request(url + "/score", body, headers), timeout=60).read()
-        except OSError:
-            pass  # errors are the matrix's business, not the warm-up's
+
+def warm_up(server: str, url: str, bodies: "loadgen.Bodies", key: str, clients: int) -> None:
+    """The same load as the cells (as `server` reads it), WARM_UP_S, not counted: every server alike, so that
+    none is measured while it warms up (TorchServe's Java front end did, in its first cell, without it)."""
+    from bench import loadgen
+
+    loadgen.closed_loop(url, clients, WARM_UP_S, peers.bodies(server, bodies), key)
 
 
 class Roster:
@@ -234,12 +235,13 @@ def _about(server: str, workers: Optional[int], proxy: Optional[Proxy], scorehos
 
 
 @contextlib.contextmanager
-def started(servers: list[str], entry_script: str, model_dir: Optional[str], scorehost_args: tuple[str, ...] = (),
-            key: str = "", workers: Optional[int] = 1, proxy: Optional[Proxy] = None,
-            roster: Optional[Roster] = None) -> Iterator[dict[str, Target]]:
-    """Each server in `servers` on the script, answering and warmed (scorehost with `scorehost_args` and the key),
-    by name; all stopped on the way out. With `proxy`, the script is the proxy and peers may be among the servers:
-    a peer not installed, or that does not start, is skipped (said, and kept in `roster` with why)."""
+def started(servers: list[str], entry_script: str, model_dir: Optional[str], bodies: "loadgen.Bodies",
+            warm_clients: int, scorehost_args: tuple[str, ...] = (), key: str = "", workers: Optional[int] = 1,
+            proxy: Optional[Proxy] = None, roster: Optional[Roster] = None) -> Iterator[dict[str, Target]]:
+    """Each server in `servers` on the script, answering and warmed up (`warm_up`: `bodies` from `warm_clients`
+    clients; scorehost with `scorehost_args` and the key), by name; all stopped on the way out. With `proxy`, the
+    script is the proxy and peers may be among the servers: a peer not installed, or that does not start, is
+    skipped (said, and kept in `roster` with why)."""
     roster = roster if roster is not None else Roster()
     running: dict[str, processes.ServerProcess] = {}
     targets: dict[str, Target] = {}
@@ -288,7 +290,8 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], sco
                              + f"; its log: {process.log.name}")
                 else:
                     process.wait_healthy(300)
-                    _warm(process.url, key)
+            for server, target in targets.items():
+                warm_up(server, target.url, bodies, key, warm_clients)
             yield targets
         finally:
             for process in running.values():
@@ -311,9 +314,12 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
             results.append(measure(Cell("remote", "remote", c), remote, seconds, client, **load))
             progress(len(results), total, results[-1])
         return results
+    from bench import loadgen
+
+    bodies = loadgen.Bodies.images(images or None, batch)
     for name, (entry_script, model_dir) in scripts.items():
         for group in groups(servers):
-            with started(group, entry_script, model_dir, scorehost_args, key, workers,
+            with started(group, entry_script, model_dir, bodies, max(concurrencies), scorehost_args, key, workers,
                          proxy if entry_script == peers.PROXY_SCRIPT else None, roster) as running:
                 present = [server for server in group if server in running]
                 total -= len(concurrencies) * (len(group) - len(present))  # skipped

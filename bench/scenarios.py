@@ -409,9 +409,9 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
     else:
         for i, (name, (entry_script, model_dir)) in enumerate(scripts.items()):
             for group in run.groups(args.servers):
-                with run.started(group, entry_script, model_dir, tuple(args.scorehost_arg), args.key or "",
-                                 args.workers, args.proxy if entry_script == peers.PROXY_SCRIPT else None,
-                                 roster) as running:
+                with run.started(group, entry_script, model_dir, load.bodies, min(args.in_flight, 64),
+                                 tuple(args.scorehost_arg), args.key or "", args.workers,
+                                 args.proxy if entry_script == peers.PROXY_SCRIPT else None, roster) as running:
                     present = [server for server in group if server in running]  # a peer may be skipped
                     order = present if i % 2 == 0 else present[::-1]  # drift hits all alike
                     for server in order:  # one after the other: they never share the cores
