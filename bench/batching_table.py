@@ -95,9 +95,9 @@ class Cell:
 def start(name: str, args: argparse.Namespace, scratch: str) -> Optional[Server]:
     env = {"PIPELINE_COST_S": str(args.cost_ms / 1000)}
     if name in SCOREHOSTS:
-        process = processes.start("scorehost", args.entry_script, env={**env, "CUDA_VISIBLE_DEVICES": "0"},
-                                  workers=None, extra_args=("--batch-max", str(args.batch_max), *args.scorehost_arg,
-                                                            *SCOREHOSTS[name]))  # the variant's own flags win
+        setup_env, flags = peers.scorehost_setup(args.cost_ms / 1000, args.batch_max)
+        process = processes.start("scorehost", args.entry_script, env=setup_env, workers=None,
+                                  extra_args=(*flags, *args.scorehost_arg, *SCOREHOSTS[name]))  # the variant's win
         return Server(name, process, process.url, proxy=args.entry_script == PIPELINE)
     if name == "aihs":
         process = processes.start("aihs", PIPELINE, env=env, workers=1)
@@ -221,26 +221,35 @@ def main(argv: Optional[list[str]] = None) -> int:
     # scorehost's variants stay up (idle, ~0.01 core each) and take turns at each concurrency; each peer runs alone
     # (bench/run.py, groups), started for its round and stopped after.
     with tempfile.TemporaryDirectory(prefix="batching-table-") as scratch:
-        servers = [s for s in (start(name, args, scratch) for name in residents) if s]
+        servers: list[Server] = []
         try:
-            for server in servers:
-                ready(server, corpus[0])
+            for name in residents:
+                server = start(name, args, scratch)
+                if server is not None:
+                    servers.append(server)
+                    ready(server, corpus[0])
             for round_ in range(args.rounds):
                 for i, c in enumerate(args.clients):
                     for server in servers if (round_ + i) % 2 == 0 else servers[::-1]:
                         cells(server, round_, [c])
-                for name in others if round_ % 2 == 0 else others[::-1]:
+                for name in list(others if round_ % 2 == 0 else others[::-1]):
                     peer = start(name, args, scratch)
                     if peer is None:
+                        others.remove(name)
                         continue
                     try:
-                        ready(peer, corpus[0])
+                        try:
+                            ready(peer, corpus[0])
+                        except RuntimeError as ex:  # it did not start, or answered wrong: skipped, the table goes on
+                            print(f"{name}: {str(ex).splitlines()[0]}: skipped; its log: {peer.process.log.name}",
+                                  file=sys.stderr, flush=True)
+                            others.remove(name)
+                            continue
                         cells(peer, round_, args.clients)
                     finally:
                         peer.process.stop()
         finally:
-            for server in servers:
-                server.process.stop()
+            processes.stop_all(server.process for server in servers)
     names = [name for name in args.servers if any(key[0] == name for key in results)]
     command = "python -m bench.batching_table " + " ".join(argv if argv is not None else sys.argv[1:])
     ideal = (lambda c: min(c, args.batch_max) / (args.cost_ms / 1000)) if proxy else None

@@ -158,11 +158,18 @@ async def _client(target: _Target, next_request: Callable[[], Request], deadline
         conn[1].close()
 
 
+CLOSED_GRACE_S = 60.0  # closed loop: how long past its end the last answers may take before the run gives up
+
+
 async def _closed_loop(target: _Target, next_request: Callable[[], Request], start_at: float, seconds: float,
                        clients: int) -> LoadResult:
     await asyncio.sleep(max(0.0, start_at - time.monotonic()))
     result, started = LoadResult(seconds), time.monotonic()
-    await asyncio.gather(*(_client(target, next_request, started + seconds, result) for _ in range(clients)))
+    try:
+        await asyncio.wait_for(asyncio.gather(*(_client(target, next_request, started + seconds, result)
+                                                for _ in range(clients))), seconds + CLOSED_GRACE_S)
+    except asyncio.TimeoutError:  # a server that stopped answering: what came back counts, and the run ends
+        pass
     result.seconds = time.monotonic() - started  # until the last answer: the requests sent before the end count
     return result
 

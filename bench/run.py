@@ -1,7 +1,8 @@
 """`scorehost bench`: the server x script x concurrency matrix, each cell a headless Locust run of a fixed budget.
 
-The servers run side by side with the same script; within each concurrency their order alternates (scorehost
-first, then AIHS first at the next level) so that drift on a noisy machine hits all alike. Each cell is a separate
+scorehost and AIHS run side by side with the same script; within each concurrency their order alternates
+(scorehost first, then AIHS first at the next level) so that drift on a noisy machine hits both alike; a peer runs
+alone after them (`groups`), so drift between its block and theirs is not evened out. Each cell is a separate
 `locust --headless` process on bench/locustfile.py (the same file that loads a remote endpoint), or a
 bench/loadgen.py run; the server's memory (master plus workers) is sampled while the cell runs and its peak kept.
 With the script `proxy` (issue 22's proxy of a GPU script), the peers (TorchServe, LitServe, MLServer, BentoML,
@@ -208,6 +209,12 @@ class Roster:
         self.about: dict[str, str] = {}
         self.skipped: dict[str, str] = {}
 
+    def require(self, measured: list) -> None:
+        """Nothing measured: one line that says why, not an empty report."""
+        if not measured:
+            raise SystemExit("scorehost bench: no server could be measured: "
+                             + "; ".join(f"{name}: {why}" for name, why in self.skipped.items()))
+
     def markdown(self) -> str:
         lines = [f"- {text}" for text in self.about.values()]
         lines += [f"- {name}: skipped: {why}" for name, why in self.skipped.items()]
@@ -228,7 +235,11 @@ def _about(server: str, workers: Optional[int], proxy: Optional[Proxy], scorehos
     from scorehost import __version__
 
     if server == "aihs":
-        return f"aihs (azmlinfsrv {metadata.version('azureml-inference-server-http')}): {workers} worker(s)"
+        try:
+            version = metadata.version("azureml-inference-server-http")
+        except metadata.PackageNotFoundError:  # azmlinfsrv from another environment
+            version = "version unknown"
+        return f"aihs (azmlinfsrv {version}): {workers} worker(s)"
     how = (f"batching the proxy (tests/scripts/pipeline.py, run_batch() {proxy.cost_ms:g} ms a call), one model "
            f"process, --batch-max {proxy.batch_max}, its default HTTP workers") if proxy else f"{workers} worker(s)"
     return f"scorehost {__version__}: {how}" + (f"; {' '.join(scorehost_args)}" if scorehost_args else "")
@@ -266,11 +277,11 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
                     roster.about[server] = peers.about(server, proxy.peers_dir, proxy.batch_max, proxy.peer_delay_ms)
                     continue
                 env, extra, count = {}, (), workers
-                if proxy is not None:
-                    env = {"PIPELINE_COST_S": str(proxy.cost_ms / 1000)}
-                    if server == "scorehost":  # batching, one model process, its own HTTP worker count
-                        env["CUDA_VISIBLE_DEVICES"], count = "0", None
-                        extra = ("--batch-max", str(proxy.batch_max))
+                if proxy is not None:  # one model copy each: AIHS one worker, scorehost one model process
+                    env, count = {"PIPELINE_COST_S": str(proxy.cost_ms / 1000)}, 1
+                    if server == "scorehost":
+                        env, extra = peers.scorehost_setup(proxy.cost_ms / 1000, proxy.batch_max)
+                        count = None
                 if server == "scorehost":
                     extra += scorehost_args + (("--auth-key", key) if key else ())
                 process = running[server] = processes.start(server, entry_script, model_dir, extra_args=extra,
@@ -294,8 +305,7 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
                 warm_up(server, target.url, bodies, key, warm_clients)
             yield targets
         finally:
-            for process in running.values():
-                process.stop()
+            processes.stop_all(running.values())
 
 
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
@@ -331,7 +341,5 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
                             result = measure(Cell(server, name, c), target.url, seconds, client, **load)
                         results.append(_with_usage(result, usage))
                         progress(len(results), total, results[-1])
-    if not results:
-        raise SystemExit("scorehost bench: no server could be measured: "
-                         + "; ".join(f"{name}: {why}" for name, why in roster.skipped.items()))
+    roster.require(results)
     return results

@@ -6,8 +6,8 @@
   p99 <= 15 ms);
 - offline: everything at once (`--in-flight` requests outstanding), throughput;
 - single-stream: one request at a time, p90 latency.
-Locally each runs on scorehost and AIHS (and, on the proxy script, the peers: bench/peers/) with the same script
-(servers alternating), with scorehost's ratios against each;
+Locally each runs on scorehost and AIHS (servers alternating) and, on the proxy script, each peer alone after them
+(bench/peers/), with the same script and scorehost's ratios against each;
 with `--url`, on that server alone. Every report states the most this client sent on this machine against a server
 that answers at once, and marks a result that comes near it as limited by the client.
 """
@@ -417,9 +417,7 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
                     for server in order:  # one after the other: they never share the cores
                         theirs = dataclasses.replace(load, bodies=peers.bodies(server, load.bodies))
                         outcomes += run_all(running[server].url, server, name, args, theirs)
-        if not outcomes:
-            raise SystemExit("scorehost bench: no server could be measured: "
-                             + "; ".join(f"{name}: {why}" for name, why in roster.skipped.items()))
+        roster.require(outcomes)
     path = write(outcomes, out, "scorehost bench " + " ".join(args.argv), load, args.seconds, roster.markdown())
     print(f"report: {path}")
     return 0

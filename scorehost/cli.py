@@ -180,6 +180,11 @@ def _bench_checks(args: argparse.Namespace) -> None:
     proxy only, each with bodies of its own, which bench/loadgen.py sends (Locust does not)."""
     from bench import peers
 
+    if args.url and not args.scenario:
+        raise SystemExit("scorehost bench: --url is for the scenarios (--scenario ...); the concurrency matrix "
+                         "loads a remote endpoint with --remote")
+    if args.remote and args.scenario:
+        raise SystemExit("scorehost bench: the scenarios load a running server with --url, not --remote")
     local = not (args.remote or args.url)
     named = [server for server in args.servers if server in peers.NAMES] if local else []
     if args.scripts is None:
@@ -194,6 +199,9 @@ def _bench_checks(args: argparse.Namespace) -> None:
         raise SystemExit(f"scorehost bench: {who} serve the proxy script only (bench/peers/): use --scripts proxy, "
                          f"without {', '.join(others)}")
     if "proxy" in args.scripts and local:
+        if not os.path.exists(peers.PROXY_SCRIPT):
+            raise SystemExit(f"scorehost bench: the proxy script ({peers.PROXY_SCRIPT}) comes with a checkout of "
+                             "scorehost, not with the installed package: run from a clone")
         if args.batch > 1:
             raise SystemExit(f"scorehost bench: the proxy script takes one JPEG a request: drop --batch {args.batch}")
         if any(arg.split("=")[0] == "--batch-max" for arg in args.scorehost_arg):

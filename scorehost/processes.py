@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Iterator, Optional
+from typing import Iterable, Iterator, Optional
 
 
 def free_port() -> int:
@@ -34,6 +34,7 @@ class ServerProcess:
         self.log = tempfile.NamedTemporaryFile(prefix=f"{kind}-", suffix=".log", delete=False)
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
+        self._strays: set[tuple[int, str]] = set()
 
     @property
     def pid(self) -> int:
@@ -52,32 +53,52 @@ class ServerProcess:
             try:  # scorehost: ready (every model process warm); AIHS has liveness only
                 with urllib.request.urlopen(self.url + ("/ready" if self.kind == "scorehost" else "/"), timeout=1) as r:
                     if r.status == 200:
+                        self.note_strays()
                         return self
             except OSError:
                 time.sleep(0.1)
         self.stop()
         raise RuntimeError(f"{self.kind} not healthy after {timeout} s:\n{self.output()[-5000:]}")
 
+    def note_strays(self) -> None:
+        """Remember the descendants that live in process groups of their own (Ray Serve's actors do): stop() ends
+        them too, even once the server's own process is gone and they were handed to init. Called when the server
+        answers, and on stop()."""
+        for pid in process_tree(self.proc.pid)[1:]:
+            identity = _identity(pid)
+            if identity is not None and identity[0] != self.proc.pid and pid != os.getpid():
+                self._strays.add((pid, identity[1]))
+
     def stop(self, timeout: float = 15) -> int:
-        """SIGTERM to its process group, SIGKILL after `timeout`; then the same for any descendant that lives on
-        in a group of its own (Ray Serve's actors do), so the next server measured has the machine to itself."""
+        """SIGTERM to its process group and to its strays (`note_strays`), SIGKILL to what is left after
+        `timeout`, so that the next server measured has the machine to itself."""
         if self.proc.poll() is None:
-            descendants = process_tree(self.proc.pid)[1:]
+            self.note_strays()
             with contextlib.suppress(ProcessLookupError):
                 os.killpg(self.proc.pid, signal.SIGTERM)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-            _end(descendants, timeout)
+        _signal(self._strays, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        while _signal(self._strays, 0) and time.monotonic() < deadline:
+            time.sleep(0.2)
+        _signal(self._strays, signal.SIGKILL)
+        self._strays.clear()
         return self.proc.returncode
 
 
 def process_tree(pid: int) -> list[int]:
-    """A process and all its descendants (a gunicorn master and its workers, a peer server's actors), from /proc."""
+    """A process and all its descendants (a gunicorn master and its workers, a peer server's actors), from /proc
+    (where there is none: the process alone)."""
     children: dict[int, list[int]] = {}
-    for entry in os.listdir("/proc"):
+    try:
+        entries = os.listdir("/proc")
+    except OSError:
+        return [pid]
+    for entry in entries:
         if entry.isdigit():
             try:
                 with open(f"/proc/{entry}/stat") as f:
@@ -93,28 +114,42 @@ def process_tree(pid: int) -> list[int]:
     return tree
 
 
-def _end(pids: list[int], timeout: float) -> None:
-    """SIGTERM each process still alive, SIGKILL what is left after `timeout`."""
-    def alive() -> list[int]:
-        left = []
-        for pid in pids:
-            try:
-                with open(f"/proc/{pid}/stat") as f:
-                    if f.read().rsplit(")", 1)[1].split()[0] != "Z":
-                        left.append(pid)
-            except OSError:
-                continue
-        return left
+def _identity(pid: int) -> Optional[tuple[int, str]]:
+    """(process group, start time) of a live process, None for one gone (or a zombie): the start time tells a
+    process from a later one that reused its pid."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return None if fields[0] in ("Z", "X") else (int(fields[2]), fields[19])
 
-    for pid in alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + timeout
-    while alive() and time.monotonic() < deadline:
-        time.sleep(0.2)
-    for pid in alive():
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+
+def _signal(strays: set[tuple[int, str]], sig: int) -> list[int]:
+    """Send `sig` to each of `strays` (pid, start time) still alive as itself; the pids it was sent to (`sig` 0:
+    none sent, only which are alive)."""
+    alive = []
+    for pid, started in strays:
+        identity = _identity(pid)
+        if identity is not None and identity[1] == started:
+            alive.append(pid)
+            if sig:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, sig)
+    return alive
+
+
+def stop_all(servers: "Iterable[ServerProcess]") -> None:
+    """Stop every one, even when stopping one fails or is interrupted (a second Ctrl-C): they run in sessions of
+    their own and would outlive the caller. The first exception is raised after."""
+    error: Optional[BaseException] = None
+    for server in servers:
+        try:
+            server.stop()
+        except BaseException as ex:  # noqa: B036 - the others are stopped first
+            error = error or ex
+    if error is not None:
+        raise error
 
 
 def _bin(name: str) -> str:

@@ -182,9 +182,47 @@ def test_bench_with_no_server_to_measure_says_why(scenario, tmp_path, capsys):
     (["--servers", "scorehost", "--scripts", "proxy", "--batch", "2"], "takes one JPEG a request"),
     (["--scripts", "proxy", "--scorehost-arg=--batch-max=8"], "use --proxy-batch-max"),
     (["--servers", "scorehost", "litserve", "--client", "locust"], "drop --client locust"),
+    (["--url", "http://127.0.0.1:9"], "--url is for the scenarios"),
+    (["--remote", "http://127.0.0.1:9", "--scenario", "offline"], "with --url, not --remote"),
 ])
 def test_bench_refuses_what_the_proxy_or_a_peer_cannot_serve(flags, says, capsys):
     from scorehost.cli import main
 
     assert main(["bench", *flags]) == 1
     assert says in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("server_lives", [True, False])
+def test_stop_ends_what_the_server_left_in_sessions_of_its_own(server_lives, tmp_path):
+    """Ray Serve's actors leave the server's process group: stop() ends them too, also once the server's own
+    process has exited and they were handed to init, and within its timeout."""
+    import os
+    import time
+
+    argv = ["bash", "-c", f"setsid sleep 600 & echo $! > {tmp_path}/stray; sleep {600 if server_lives else 1}"]
+    server = processes.ServerProcess("fake", argv, dict(os.environ), processes.free_port(), str(tmp_path))
+    while not (tmp_path / "stray").exists() or not (tmp_path / "stray").read_text().strip():
+        time.sleep(0.05)
+    stray = int((tmp_path / "stray").read_text())
+    time.sleep(0.2)
+    server.note_strays()  # as when it first answers
+    if not server_lives:
+        server.proc.wait(10)
+    began = time.monotonic()
+    server.stop(timeout=5)
+    assert time.monotonic() - began < 6
+    assert processes._identity(stray) is None  # gone (or a zombie until init reaps it)
+
+
+def test_batching_table_skips_a_peer_that_does_not_start_and_goes_on(broken_peers_dir, tmp_path):
+    import sys
+
+    for i in range(4):
+        Image.new("RGB", (64, 48), (60 * i, 90, 30)).save(tmp_path / f"{i}.jpg", "JPEG")
+    done = subprocess.run([sys.executable, "-m", "bench.batching_table", "--servers", "scorehost", "mlserver",
+                           "litserve", "--clients", "4", "--seconds", "2", "--warmup", "1", "--rounds", "1",
+                           "--images", str(tmp_path), "--peers-dir", str(broken_peers_dir)],
+                          capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "mlserver: mlserver exited" in done.stderr and "skipped" in done.stderr
+    assert "| clients | ideal | scorehost | litserve |" in done.stdout, done.stdout

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import http.client
 import io
 import json
 import os
@@ -84,19 +85,25 @@ def wait_answering(name: str, process: processes.ServerProcess, url: str, timeou
             raise RuntimeError(f"{name} exited ({process.proc.returncode}):\n{process.output()[-3000:]}")
         try:
             if post(name, url, jpeg, timeout=5)[0] == 200:
+                process.note_strays()
                 return
-        except OSError:
+        except (OSError, http.client.HTTPException):  # not listening yet, or a half-started server
             pass
         time.sleep(0.5)
     raise RuntimeError(f"{name} not answering after {timeout} s:\n{process.output()[-3000:]}")
+
+
+def scorehost_setup(cost_s: float, batch_max: int) -> tuple[dict[str, str], tuple[str, ...]]:
+    """(environment, flags) with which scorehost serves the proxy: batching, one model process (one visible GPU,
+    as on a one-GPU machine), at most `batch_max` a batch; its HTTP workers its own default (workers=None)."""
+    return {"PIPELINE_COST_S": str(cost_s), "CUDA_VISIBLE_DEVICES": "0"}, ("--batch-max", str(batch_max))
 
 
 class Unavailable(Exception):
     """A peer that cannot be measured here (not installed, or it did not start): skipped, with this reason."""
 
 
-_PACKAGE = {"torchserve": "torchserve", "litserve": "litserve", "mlserver": "mlserver", "bentoml": "bentoml",
-            "rayserve": "ray"}
+_PACKAGE = {"rayserve": "ray"}  # a peer's package, where it is not the peer's name
 
 
 def python(name: str, peers_dir: str) -> str:
@@ -107,8 +114,12 @@ def version(name: str, peers_dir: str) -> str:
     """The peer's package version in its virtualenv (install.sh takes the latest: the report says which ran)."""
     import subprocess
 
-    done = subprocess.run([python(name, peers_dir), "-c", "import importlib.metadata as m, sys; "
-                           "print(m.version(sys.argv[1]))", _PACKAGE[name]], capture_output=True, text=True)
+    try:
+        done = subprocess.run([python(name, peers_dir), "-c", "import importlib.metadata as m, sys; "
+                               "print(m.version(sys.argv[1]))", _PACKAGE.get(name, name)], capture_output=True,
+                              text=True, timeout=60)
+    except (OSError, subprocess.TimeoutExpired):
+        return "version unknown"
     return done.stdout.strip() or "version unknown"
 
 
@@ -134,5 +145,8 @@ def start(name: str, peers_dir: str, scratch: str, *, cost_s: float, max_batch: 
     argv = [executable, os.path.join(HERE, f"{name}_peer.py"), "--port", str(port), "--max-batch", str(max_batch),
             "--delay-ms", str(delay_ms), "--workers", str(workers)]
     env = {**os.environ, "PIPELINE_COST_S": str(cost_s), "PROXY_STATS": stats, "PYTHONUNBUFFERED": "1"}
-    process = processes.ServerProcess(name, argv, env, port, scratch)
+    try:
+        process = processes.ServerProcess(name, argv, env, port, scratch)
+    except OSError as ex:  # a python that is not executable, a broken virtualenv
+        raise Unavailable(f"cannot be started ({ex})") from None
     return Peer(name, process, process.url + _BASE_PATH.get(name, ""), stats)
