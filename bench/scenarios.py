@@ -413,7 +413,7 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
                                  tuple(args.scorehost_arg), args.key or "", args.workers,
                                  args.proxy if entry_script == peers.PROXY_SCRIPT else None, roster) as running:
                     present = [server for server in group if server in running]  # a peer may be skipped
-                    order = present if i % 2 == 0 else present[::-1]  # drift hits all alike
+                    order = present if i % 2 == 0 else present[::-1]  # drift hits scorehost and AIHS alike
                     for server in order:  # one after the other: they never share the cores
                         theirs = dataclasses.replace(load, bodies=peers.bodies(server, load.bodies))
                         outcomes += run_all(running[server].url, server, name, args, theirs)
