@@ -241,8 +241,8 @@ def main(argv: Optional[list[str]] = None) -> int:
                         try:
                             ready(peer, corpus[0])
                         except RuntimeError as ex:  # it did not start, or answered wrong: skipped, the table goes on
-                            print(f"{name}: {str(ex).splitlines()[0]}: skipped; its log: {peer.process.log.name}",
-                                  file=sys.stderr, flush=True)
+                            print(f"{name}: {peers.skip_reason(peer.process, ex)}: skipped", file=sys.stderr,
+                                  flush=True)
                             others.remove(name)
                             continue
                         cells(peer, round_, args.clients)

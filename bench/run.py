@@ -293,12 +293,11 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
                 if server in peers.NAMES:
                     try:
                         peers.wait_answering(server, process, targets[server].url, 300)
-                    except RuntimeError:
+                    except RuntimeError as ex:
+                        why = peers.skip_reason(process, ex)
                         process.stop()
                         del running[server], targets[server], roster.about[server]
-                        last = [line for line in process.output().splitlines() if line.strip()][-1:]
-                        skip(server, "did not start" + (f" ({last[0].strip()[:200]})" if last else "")
-                             + f"; its log: {process.log.name}")
+                        skip(server, why)
                 else:
                     process.wait_healthy(300)
             for server, target in targets.items():

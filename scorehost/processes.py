@@ -26,7 +26,8 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    """A running server: `url`, `pid`, its log file, and stop()."""
+    """A running server: `url`, `pid`, its log file, and stop(). The log is removed when the server stops, unless
+    someone was told where it is (`log_path`); its text stays readable (`output`) either way."""
 
     def __init__(self, kind: str, argv: list[str], env: dict[str, str], port: int, cwd: Optional[str]):
         self.kind, self.port = kind, port
@@ -35,12 +36,22 @@ class ServerProcess:
         self.proc = subprocess.Popen(argv, env=env, cwd=cwd, stdout=self.log, stderr=subprocess.STDOUT,
                                      start_new_session=True)
         self._strays: set[tuple[int, str]] = set()
+        self._keep_log = False
+        self._output: Optional[str] = None  # the log's text, once stop() has removed the file
 
     @property
     def pid(self) -> int:
         return self.proc.pid
 
+    @property
+    def log_path(self) -> str:
+        """The log file's path, for a message: a log someone was told of is kept when the server stops."""
+        self._keep_log = True
+        return self.log.name
+
     def output(self) -> str:
+        if self._output is not None:
+            return self._output
         with open(self.log.name, encoding="utf-8", errors="replace") as f:
             return f.read()
 
@@ -87,6 +98,11 @@ class ServerProcess:
             time.sleep(0.2)
         _signal(self._strays, signal.SIGKILL)
         self._strays.clear()
+        self.log.close()
+        if not self._keep_log and self._output is None:  # a bench run or a test suite left hundreds in /tmp
+            self._output = self.output()
+            with contextlib.suppress(OSError):
+                os.unlink(self.log.name)
         return self.proc.returncode
 
 

@@ -136,7 +136,8 @@ def test_bench_runs_a_peer_beside_scorehost_on_the_proxy(broken_peers_dir, tmp_p
                            "torchserve", "--peers-dir", str(broken_peers_dir), "--concurrency", "4", "--seconds", "2",
                            "--out", str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    assert "torchserve: not installed" in done.stderr and "mlserver: did not start" in done.stderr
+    assert "torchserve: not installed" in done.stderr
+    assert "mlserver: mlserver exited (1) (ModuleNotFoundError" in done.stderr
     assert sum(line.startswith("[") for line in done.stdout.splitlines()) == 2 and "Traceback" not in done.stderr
     text = (tmp_path / "report.md").read_text()
     results = {r["cell"]["server"]: r for r in json.loads((tmp_path / "results.json").read_text())}
@@ -147,7 +148,9 @@ def test_bench_runs_a_peer_beside_scorehost_on_the_proxy(broken_peers_dir, tmp_p
     assert results["litserve"]["run_mean_ms"] is None and results["scorehost"]["run_mean_ms"] >= 40  # the proxy's
     servers = text.split("## Servers", 1)[1].split("## Results")[0]
     assert "--batch-max 64" in servers and "at most 64 a call, 10 ms delay bound" in servers, servers
-    assert "- torchserve: skipped: not installed" in servers and "- mlserver: skipped: did not start" in servers
+    assert "- torchserve: skipped: not installed" in servers and "- mlserver: skipped: mlserver exited" in servers
+    log = done.stderr.split("mlserver: ", 1)[1].split("its log: ", 1)[1].split(": skipped", 1)[0]
+    assert "No module named mlserver" in open(log).read()  # the log it names is kept
     ratios = text.split("## scorehost / each other server", 1)[1]
     assert "| litserve | proxy | 4 |" in ratios
 
@@ -212,6 +215,24 @@ def test_stop_ends_what_the_server_left_in_sessions_of_its_own(server_lives, tmp
     server.stop(timeout=5)
     assert time.monotonic() - began < 6
     assert processes._identity(stray) is None  # gone (or a zombie until init reaps it)
+
+
+def test_stop_removes_the_log_unless_someone_was_told_where_it_is(tmp_path):
+    """Every server a bench run or the test suite starts writes a log in /tmp: stop() removes it (its text stays
+    readable), except a log whose path was given out (a peer skipped: "its log: ...")."""
+    import os
+    import time
+
+    quiet, told = (processes.ServerProcess("fake", ["sh", "-c", "echo said; sleep 600"], dict(os.environ),
+                                           processes.free_port(), str(tmp_path)) for _ in range(2))
+    path = told.log_path
+    while "said" not in quiet.output() + told.output() or quiet.output() != told.output():
+        time.sleep(0.05)
+    quiet.stop(timeout=5)
+    told.stop(timeout=5)
+    assert not os.path.exists(quiet.log.name) and quiet.output() == "said\n"
+    assert os.path.exists(path) and told.output() == "said\n"
+    os.unlink(path)
 
 
 def test_batching_table_skips_a_peer_that_does_not_start_and_goes_on(broken_peers_dir, tmp_path):

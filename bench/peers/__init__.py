@@ -93,6 +93,14 @@ def wait_answering(name: str, process: processes.ServerProcess, url: str, timeou
     raise RuntimeError(f"{name} not answering after {timeout} s:\n{process.output()[-3000:]}")
 
 
+def skip_reason(process: processes.ServerProcess, error: Exception) -> str:
+    """Why a peer that was started is skipped, in one line (`scorehost bench` and the batching table say it alike):
+    what went wrong, the last line of its log, and where the log is (kept for the reader)."""
+    last = [line.strip() for line in process.output().splitlines() if line.strip()][-1:]
+    return (str(error).splitlines()[0].rstrip(":") + (f" ({last[0][:200]})" if last else "")
+            + f"; its log: {process.log_path}")
+
+
 def scorehost_setup(cost_s: float, batch_max: int) -> tuple[dict[str, str], tuple[str, ...]]:
     """(environment, flags) with which scorehost serves the proxy: batching, one model process (one visible GPU,
     as on a one-GPU machine), at most `batch_max` a batch; its HTTP workers its own default (workers=None)."""
