@@ -225,7 +225,7 @@ class FrontWorker(Worker):
         drain_until: Optional[float] = None
         while True:
             now = time.monotonic()
-            if now >= next_tick:
+            if now >= next_tick or (not self.alive and drain_until is None):  # a stop acts at once, not next tick
                 next_tick = now + TICK_S
                 self.notify()
                 for conn in list(self.conns.values()):
@@ -316,6 +316,9 @@ class FrontWorker(Worker):
             else:
                 log.warning("accept failed: %s", ex)
             return
+        self._adopt(sock, peer)
+
+    def _adopt(self, sock: socket.socket, peer: Any) -> Connection:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -324,6 +327,20 @@ class FrontWorker(Worker):
         conn = Connection(SocketTransport(self, sock), self, self.limits, peer=peer)
         self.conns[sock.fileno()] = conn
         self.shares.publish(self.share_slot, len(self.conns))
+        return conn
+
+    def _take_backlog(self) -> None:
+        """Stopping: connections the kernel completed before the listeners close are this worker's to answer (closed
+        with the listener, they were reset unanswered: a client that connected in the moment after SIGTERM got a
+        reset, not an answer nor a refusal). They are accepted, and what they sent already is read now, so that a
+        request among it is held and answered before the worker goes."""
+        for listener in self.listeners.values():
+            while True:
+                try:
+                    sock, peer = listener.accept()
+                except OSError:  # BlockingIOError: the backlog is empty; anything else: take no more
+                    break
+                self._read(self._adopt(sock, peer), select.EPOLLIN)
 
     def forget(self, fd: int) -> None:
         """A connection closed (its transport calls this)."""
@@ -413,6 +430,7 @@ class FrontWorker(Worker):
 
     def _stop_accepting(self) -> None:
         self._accepting(False)
+        self._take_backlog()
         for listener in self.listeners.values():
             listener.close()
         self.listeners = {}

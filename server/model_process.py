@@ -437,6 +437,12 @@ class ModelWorker(Worker):
         self.alive = False
 
     def load_wsgi(self) -> None:
+        # The fork gave this process the HTTP listeners, which it never accepts on: held open, connections made
+        # while the HTTP workers had stopped (a graceful stop) sat in the backlog until this process exited, and
+        # were then reset unanswered. Closed at once, they are refused when no HTTP worker listens.
+        for listener in self.sockets:
+            listener.close()
+        self.sockets = []
         self.wsgi = None
         self.script = self.app.boot(self.app.load_model_script, mark_ready=False)  # ready once warm, in serve()
 
@@ -455,7 +461,8 @@ class ModelWorker(Worker):
         if server.sizes and callable(warmup):
             server.warm(warmup())
         elif server.sizes:
-            log.warning("--batch-sizes is set but %s has no warmup_item(): sizes are tuned on first use",
+            log.warning("batches are padded to the sizes %s (--batch-sizes, or its GPU default), but %s has no "
+                        "warmup_item(): each size is tuned on its first use", ",".join(map(str, server.sizes)),
                         self.script.path)
         server.serve(self.slot.socket_path, self.notify, lambda: self.alive and self.ppid == os.getppid(),
                      on_listening=self.app.boots.mark_ready)
