@@ -126,6 +126,7 @@ class Connection:
         self.state = IDLE
         self.deadline = clock() + limits.read_timeout  # a new connection has that long to send its first request
         self.request: Optional[Request] = None  # the one being parsed
+        self.upgrade_head: Optional[Request] = None  # a head asking to switch protocols (`_not_upgraded`)
         self.current: Optional[Request] = None  # the one being answered (BUSY, WRITING)
         self.pending: collections.deque[Request] = collections.deque()  # complete, waiting their turn
         self.in_head = True  # between requests too: bytes before a request line count towards its head
@@ -153,8 +154,8 @@ class Connection:
                 return
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
-        except httptools.HttpParserUpgrade:
-            self.stop_reading = True  # no upgrades here: answer what came, then close
+        except httptools.HttpParserUpgrade as ex:
+            self._not_upgraded(data[ex.args[0]:])
         except httptools.HttpParserCallbackError as ex:
             cause = ex.__context__
             if isinstance(cause, _Discard):
@@ -312,6 +313,9 @@ class Connection:
         parser = self.parser
         request.method = parser.get_method().decode("latin-1")
         request.version = parser.get_http_version()
+        if parser.should_upgrade():  # the parser stops after this head and leaves the body unparsed: _not_upgraded
+            self.upgrade_head = request
+            return
         if request.version not in ("1.0", "1.1"):
             raise _Protocol(errors.MalformedRequest(f"HTTP/{request.version} is not supported: send HTTP/1.1"))
         request.keep_alive = parser.should_keep_alive()
@@ -364,7 +368,22 @@ class Connection:
         request = self.request
         assert request is not None
         self.request = None
-        self._complete(request)
+        if request is not self.upgrade_head:
+            self._complete(request)
+
+    def _not_upgraded(self, rest: bytes) -> None:
+        """A request asked to switch protocols (`Connection: Upgrade` with `Upgrade: h2c`, as `curl --http2` sends,
+        or `websocket`). No upgrade is made here, so it is served as the HTTP/1.1 request it also is, as gunicorn
+        and Azure ML's server do: its head again without `Upgrade`, to a new parser, then its body and what follows.
+        (Taken as an upgrade, its body was lost, a 400, and the next request on the connection never answered.)"""
+        request, self.upgrade_head = self.upgrade_head, None
+        if request is None:
+            self.stop_reading = True
+            return
+        head = b"%s %s HTTP/%s\r\n" % (request.method.encode("latin-1"), request.url, request.version.encode())
+        head += b"".join(b"%s: %s\r\n" % field for field in request.headers if field[0].lower() != b"upgrade")
+        self.parser = httptools.HttpRequestParser(self)
+        self.received(head + b"\r\n" + rest)
 
     # --- inside ------------------------------------------------------------------------------------------------
     def _reserve(self, request: Request, size: int) -> bool:

@@ -289,3 +289,22 @@ def test_a_chunked_body_alone_is_not_refused_by_a_budget_below_its_size():
     conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n")
     (_, request), = hooks.dispatched
     assert b"".join(request.body) == b"abcdef"
+
+
+@pytest.mark.parametrize("upgrade", [b"h2c", b"websocket"])
+def test_an_upgrade_is_ignored_its_body_read_and_the_next_request_served(upgrade):
+    """Attacked from outside: `Connection: Upgrade` (curl --http2 sends it) lost the request's body (400: "ended
+    after 0 of the 7 bytes") and the next request on the connection was never answered. Served as plain HTTP/1.1,
+    as gunicorn and Azure ML's server do."""
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: " + upgrade
+                  + b"\r\nHTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 7\r\n\r\nabcdefg"
+                  + b"GET /score?n=2 HTTP/1.1\r\nHost: x\r\n\r\n")
+    served = []
+    while hooks.dispatched:
+        _, request = hooks.dispatched.pop(0)
+        served.append((request.method, request.query, b"".join(request.body), request.body_error,
+                       [name for name, _ in request.headers]))
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False)
+    assert [s[:4] for s in served] == [("POST", "", b"abcdefg", None), ("GET", "n=2", b"", None)]
+    assert b"Upgrade" not in served[0][4] and transport.sent.count(b"200 OK") == 2 and conn.state == IDLE
