@@ -288,9 +288,13 @@ class ModelServer:
         span = self.tracing.batch([item.traceparent for item in batch], [item.arrived for item in batch], n,
                                   len(values)) if self.tracing is not None else None
         try:
-            outputs = list(self.run_batch(values))[:n]
-            if len(outputs) != n:
+            returned = self.run_batch(values)
+            if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__iter__"):
+                raise TypeError(f"run_batch() returned a {type(returned).__name__}, not a list of results")
+            outputs = list(returned)
+            if len(outputs) != len(values):  # too many is as wrong as too few: the results may not be the inputs'
                 raise ValueError(f"run_batch() returned {len(outputs)} results for {len(values)} inputs")
+            outputs = outputs[:n]  # the padding's results are dropped
         except BaseException as ex:  # noqa: B036 - a failing script must not end the model process
             log.exception("run_batch() raised; failing the %d requests of this batch", n)
             outputs = [ex] * n

@@ -101,6 +101,24 @@ def test_a_raising_batch_and_a_failing_item_fail_only_their_own_requests():
     assert isinstance(peer.answers[-1].payload, errors.ScriptFailed)
 
 
+@pytest.mark.parametrize("returned, said", [
+    (lambda items: items + ["extra"], "returned 4 results for 3 inputs"),  # padded to 3: one too many
+    (lambda items: {str(i): x for i, x in enumerate(items)}, "returned a dict, not a list"),
+    (lambda items: "abc", "returned a str, not a list"),
+    (lambda items: None, "returned a NoneType, not a list"),
+])
+def test_a_run_batch_that_returns_other_than_one_result_an_input_fails_its_batch(returned, said, caplog):
+    """Attacked from outside: n + 3 results were cut to n and answered 200, and a dict or a string was served as
+    if it were the list (a dict gave each request a key). Too many results, or no list, fails the batch (500)."""
+    model = server(returned, sizes=(1, 3))
+    peer = FakePeer()
+    for rid, value in enumerate(["a", "b", "c"]):
+        model.submit(peer, rid, value, far())
+    model.step(wait_s=0)
+    assert [(a.ok, type(a.payload).__name__) for a in peer.answers] == [(False, "ScriptFailed")] * 3
+    assert said in caplog.text
+
+
 def test_stop_queue_answers_everything_still_waiting():
     model = server(lambda items: items)
     peer = FakePeer()
