@@ -28,6 +28,7 @@ import io
 import logging
 import os
 import queue
+import re
 import resource
 import select
 import socket
@@ -56,10 +57,11 @@ EVACUATE_S = 5.0  # an exiting worker's last answers get this long to be written
 HUNG_DRAIN_S = 5.0  # a worker with a stuck call lets its other requests finish this long before it exits
 ACCEPT_PAUSE_S = 0.5  # out of descriptors: accept() rests this long, instead of spinning on the failure
 SHARE_RECHECK_S = 0.005  # a worker leaving new connections to a less loaded one looks again this often
-# Answered by the loop thread itself: nothing they do can block.
-LOOP_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready")}
+# Answered by the loop thread itself: nothing they do can block. HEAD too: a probe may send it (it waited behind a
+# hung run() for the scoring timeout, while GET answered at once).
+LOOP_ROUTES = {("GET", "/"), ("HEAD", "/"), ("GET", "/ready"), ("HEAD", "/ready")}
 # Answered by the side thread: never queued behind a long run(), never on the loop.
-SIDE_ROUTES = {("GET", "/metrics")}
+SIDE_ROUTES = {("GET", "/metrics"), ("HEAD", "/metrics")}
 
 
 class SocketTransport:
@@ -206,7 +208,8 @@ class FrontWorker(Worker):
         return self.alive
 
     def dispatch(self, conn: Connection, request: Request) -> None:
-        route = (request.method, request.path)
+        # The router merges repeated slashes (`//ready` is `/ready`): so do the probes' routes.
+        route = (request.method, request.path if "//" not in request.path else re.sub("/{2,}", "/", request.path))
         if route in LOOP_ROUTES:
             data, close = self._respond(conn, request)
             conn.answer(request, data, close)

@@ -450,6 +450,24 @@ def _idle_cpu_s(pid: int, seconds: float = 2.0) -> float:
     return _cpu_s(pid) - before
 
 
+def test_probes_in_any_spelling_answer_at_once_while_run_is_busy(start_server):
+    """Attacked from outside: GET /, /ready and /metrics answered at once behind a long run(), but HEAD /ready,
+    HEAD /metrics and GET //ready queued behind it (up to the scoring timeout, an hour by default, for a hung
+    run()): the fast routes matched the exact method and path."""
+    server = start_server("scorehost", script("sleeper.py"), extra_args=("--threads", "1"))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        busy = pool.submit(post, server, b"3")
+        time.sleep(0.5)
+        for method, path in (("HEAD", "/ready"), ("HEAD", "/metrics"), ("GET", "//ready"), ("HEAD", "/"),
+                             ("GET", "//")):
+            began = time.monotonic()
+            answer = send(server.url, Case("probe", method, path, b""), timeout=10)
+            assert answer.status == 200 and time.monotonic() - began < 1.0, (method, path, answer.status)
+            assert answer.body == b"" or method == "GET"
+        assert not busy.done()  # every probe above was answered while run() still ran
+        assert busy.result().status == 200
+
+
 def test_pipelined_probes_with_keepalive_0_do_not_kill_the_worker(start_server):
     """Three pipelined GET / in one packet, the first answered with a close: the third crashed the loop."""
     server = start_server("scorehost", FRAMING, workers=1, extra_args=("--keepalive", "0"))
