@@ -174,8 +174,9 @@ SETTINGS: tuple[Setting, ...] = (
             check=positive),
     Setting("max_body_bytes_in_flight", "--max-body-bytes-in-flight", "SCOREHOST_MAX_BODY_BYTES_IN_FLIGHT",
             64 * MIB, int,
-            "Request body bytes one HTTP worker may hold at once (arriving, waiting, being answered); a request "
-            "past it is answered 503 with Retry-After before its body is read. One request is always taken.",
+            "Request body bytes one HTTP worker may hold at once (arrived, waiting, being answered); a request "
+            "whose announced size does not fit is answered 503 with Retry-After before its body is read, and one "
+            "whose bytes pass it as they arrive, then. One request is always taken.",
             check=positive),
     Setting("hung_grace", "--hung-grace", "SCOREHOST_HUNG_GRACE", 10.0, float,
             "Seconds a run() or run_batch() may go on past the scoring timeout (its requests already answered 500) "

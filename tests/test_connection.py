@@ -187,6 +187,13 @@ def test_the_body_budget_answers_503_on_the_head_and_releases_on_answer():
     second.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 400\r\n\r\n" + b"b" * 10)
     assert t2.sent.startswith(b"HTTP/1.1 503 ") and b"Retry-After: 1" in t2.sent and len(hooks.dispatched) == 1
     assert hooks.held == 400
+    third, t3, _, _ = make(hooks=hooks)
+    third.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 90\r\n\r\n" + b"c" * 60)
+    assert hooks.held == 460 and not t3.sent  # it fits: its bytes are held as they come
+    first.hooks.held += 30  # another request's bytes arrived meanwhile
+    third.received(b"c" * 30)
+    assert t3.sent.startswith(b"HTTP/1.1 503 ") and hooks.held == 430  # its bytes passed the budget: refused
+    hooks.held -= 30
     answer_all(first, hooks)
     assert hooks.held == 0
     chunked, t3, _, _ = make(hooks=Hooks(budget=5))
@@ -194,6 +201,19 @@ def test_the_body_budget_answers_503_on_the_head_and_releases_on_answer():
     chunked.hooks.held = 3 + 5  # another request took the rest of the budget meanwhile
     chunked.received(b"3\r\ndef\r\n")
     assert t3.sent.startswith(b"HTTP/1.1 503 ")
+
+
+def test_announced_sizes_alone_hold_no_budget():
+    """Attacked from outside: 4 connections announcing 16 MiB each, then sending a byte a second, had every other
+    body answered 503 for as long as they went on. Only bytes that arrived are held."""
+    hooks = Hooks(budget=64 << 20)
+    slow = [make(hooks=hooks)[0] for _ in range(4)]
+    for conn in slow:
+        conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: %d\r\n\r\nx" % (16 << 20))
+    assert hooks.held == 4
+    normal, transport, _, _ = make(hooks=hooks)
+    normal.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 7\r\n\r\nabcdefg")
+    assert len(hooks.dispatched) == 1 and not transport.sent
 
 
 def test_a_closed_connection_frees_its_buffers_without_a_garbage_collection():
@@ -279,7 +299,7 @@ def test_a_100_continue_the_socket_takes_only_in_part_precedes_the_answer_whole(
 def test_evacuation_answers_a_request_whose_body_is_still_arriving_and_releases_the_budget():
     conn, transport, hooks, clock = make()
     conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n" + b"a" * 10)
-    assert hooks.held == 100 and not hooks.dispatched
+    assert hooks.held == 10 and not hooks.dispatched  # the bytes that arrived
     conn.evacuate(lambda request: b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
     assert transport.sent.startswith(b"HTTP/1.1 503 ") and hooks.held == 0
 
