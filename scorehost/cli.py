@@ -124,7 +124,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if args.auth_key_file and args.auth_key_file.startswith(KEY_FD_PREFIX):
             os.close(int(args.auth_key_file[len(KEY_FD_PREFIX):]))  # the key is in memory now, nowhere else
     if settings.entry_script is None:
-        settings = settings.replace(entry_script=REFERENCE_SCRIPT)
+        settings = settings.replace(entry_script=default_entry_script(settings.app_root))
     if settings.model_dir is None and os.path.realpath(settings.entry_script) == os.path.realpath(REFERENCE_SCRIPT):
         from .models import demo_model_dir
 
@@ -143,7 +143,19 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if code == 3 and settings.model_dir is None and reads_model_dir(settings.entry_script):
         print(f"scorehost: no model directory was given, and {os.path.basename(settings.entry_script)} reads "
               "AZUREML_MODEL_DIR: pass --model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
+    elif code == 3:  # gunicorn's "Worker failed to boot" would be the last line: say what failed, and where
+        print(f"scorehost: {settings.entry_script} did not load: its error is above", file=sys.stderr)
     return code
+
+
+def default_entry_script(app_root: str) -> str:
+    """Without --entry-script: the score.py in the app root when there is one (a user in their project's folder
+    means theirs; serving the demo instead misled them), else the reference score.py."""
+    own = os.path.abspath(os.path.join(app_root, "score.py"))
+    if os.path.isfile(own) and os.path.realpath(own) != os.path.realpath(REFERENCE_SCRIPT):
+        print(f"scorehost: no --entry-script given: serving {own}, the score.py in the app root", file=sys.stderr)
+        return own
+    return REFERENCE_SCRIPT
 
 
 def cmd_model(args: argparse.Namespace) -> int:

@@ -88,7 +88,8 @@ class Setting:
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("entry_script", "--entry-script", "AZUREML_ENTRY_SCRIPT", None, str,
-            "The entry script with init() and run(). Default: the reference score.py with the demo model.",
+            "The entry script with init() and run(). Default: score.py in the app root when there is one, else the "
+            "reference score.py with the demo model.",
             aihs_flag="--entry_script"),
     Setting("model_dir", "--model-dir", "AZUREML_MODEL_DIR", None, str,
             "Directory the entry script loads its model from (exported as AZUREML_MODEL_DIR). "

@@ -62,6 +62,38 @@ def test_a_script_reading_the_model_dir_without_one_is_told_how_to_give_it(tmp_p
         "set AZUREML_MODEL_DIR=DIR)")
 
 
+def test_serve_without_an_entry_script_serves_the_score_py_of_the_folder_it_runs_in(tmp_path):
+    """A user in their project's folder typing `scorehost serve` means their score.py: the demo was served
+    instead, and nothing said so (a first-hour review)."""
+    (tmp_path / "score.py").write_text("def init():\n    pass\n\n\ndef run(data):\n    return {'mine': data}\n")
+    port = processes.free_port()
+    server = _scorehost("serve", "--port", str(port), cwd=str(tmp_path))
+    said = []
+    try:
+        for line in server.stdout:
+            said.append(line)
+            if "scorehost: ready on" in line:
+                break
+        else:
+            pytest.fail("no ready line")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"hi", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.read() == b'{"mine": "hi"}'
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.communicate(timeout=60)
+    assert f"serving {tmp_path / 'score.py'}, the score.py in the app root" in "".join(said)
+
+
+def test_a_script_that_does_not_load_ends_with_scorehosts_line_not_gunicorns(tmp_path):
+    (tmp_path / "score.py").write_text("def init():\n    raise RuntimeError('no feature store')\n\n\n"
+                                       "def run(data):\n    return data\n")
+    server = _scorehost("serve", "--entry-script", str(tmp_path / "score.py"), "--port", str(processes.free_port()))
+    output, _ = server.communicate(timeout=60)
+    assert server.returncode == 3 and "RuntimeError: no feature store" in output
+    assert output.strip().splitlines()[-1].startswith(f"scorehost: {tmp_path / 'score.py'} did not load")
+
+
 def _ready(url: str) -> int:
     try:
         with urllib.request.urlopen(url + "/ready", timeout=2) as r:
