@@ -20,7 +20,7 @@ import tempfile
 import time
 from typing import Any, Callable, Optional
 
-from deploy import cluster
+from deploy import cluster, source
 from deploy.plan import sha256
 from deploy.settings import DeployError, DeploySettings
 
@@ -83,12 +83,10 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
                                       ManagedOnlineDeployment, ManagedOnlineEndpoint, Model, OnlineRequestSettings,
                                       ProbeSettings)
 
-    # The code folder holds only the entry script, byte for byte: what runs in the cloud is what ran locally.
+    # The code folder (deploy/source.py): the entry script, byte for byte, with the rest of its folder.
     code_dir = code_dir or tempfile.mkdtemp(prefix="scorehost-code-")
-    os.makedirs(code_dir, exist_ok=True)
     script = os.path.basename(s.entry_script)
-    shutil.copy2(s.entry_script, os.path.join(code_dir, script))
-    digest = sha256(os.path.join(code_dir, script))
+    digest = sha256(source.copy(s, code_dir))
     tags = {"scorehost": "1", "score_sha256": digest}
     model = Model(name=s.model_name, path=s.model_dir, type=AssetTypes.CUSTOM_MODEL,
                   description="TensorFlow SavedModel served by score.py",
@@ -133,6 +131,7 @@ def export(s: DeploySettings, out_dir: str) -> list[str]:
 
     # azure-ai-ml logs "This is an experimental class" for a schema class it uses inside _to_dict(): noise here.
     logging.getLogger("azure.ai.ml._utils._experimental").setLevel(logging.ERROR)
+    source.mark_output(out_dir)
     entities = build_entities(s, managed=s.target == "managed", code_dir=os.path.join(out_dir, "code"))
     paths = []
     for name, entity in (("endpoint.yml", entities.endpoint), ("deployment.yml", entities.deployment)):
@@ -237,7 +236,8 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
     deployment alone before it takes traffic. Returns {"scoring_uri", "key", "traffic", "created"}."""
     ml = clients.ml
     entities = build_entities(s, managed)
-    say(f"{os.path.basename(s.entry_script)} sha256 {entities.script_sha256} (the identical file goes to the cloud)")
+    say(f"{os.path.basename(s.entry_script)} sha256 {entities.script_sha256} (the identical file goes to the cloud, in "
+        f"code from {source.root(s.entry_script)})")
     created: list[str] = []
     step = "start"
 

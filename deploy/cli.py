@@ -14,7 +14,7 @@ import re
 from typing import Any, Optional
 
 from deploy.settings import (AKS, K8S, MANAGED, PLAN, TEARDOWN, TRAFFIC, DeployError, DeploySettings,
-                             WorkspaceNotFound, fields_for)
+                             WorkspaceNotFound, fields_for, is_reference)
 from scorehost.extras import install_line, missing
 
 AZURE_V2 = ("azure.ai.ml", "azure.identity", "azure.mgmt.containerservice", "azure.mgmt.kubernetesconfiguration",
@@ -52,9 +52,14 @@ def settings_from(args: argparse.Namespace, **fixed: Any) -> DeploySettings:
     return DeploySettings.load(args.config, **{k: v for k, v in vars(args).items() if k in names}, **fixed)
 
 
-def _demo_model(s: DeploySettings) -> DeploySettings:
+def _demo_model(s: DeploySettings, command: str) -> DeploySettings:
+    """The demo model goes with the reference score.py alone, as in `scorehost serve`: another script would be
+    checked and shipped with a model it was never written for."""
     if s.model_dir:
         return s
+    if not is_reference(s.entry_script):
+        raise DeployError(f"scorehost deploy {command}: no model directory for {s.entry_script} (the demo model is the "
+                          "reference score.py's): pass --model-dir DIR")
     from scorehost.models import demo_model_dir
 
     return dataclasses.replace(s, model_dir=demo_model_dir())
@@ -73,7 +78,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
     require("deploy plan", ("yaml", "azure.ai.ml") if args.out else ("yaml",))
     from deploy import plan
 
-    s = _demo_model(settings_from(args))
+    s = _demo_model(settings_from(args), PLAN)
     try:
         s = s.with_workspace()
     except WorkspaceNotFound:
@@ -83,7 +88,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     if found:
         print("\nProblems:\n" + "\n".join(f"  - {p}" for p in found))
         return 1
-    print("\nAll local checks passed (the script loads with the model, myenv.yml parses, names are legal).")
+    print("\nAll local checks passed (the script loads with the model from its code folder, the conda file parses, "
+          "names are legal).")
     if args.out:
         from deploy import azure_v2
 
@@ -104,7 +110,7 @@ def _deploy(args: argparse.Namespace, target: str, clients: Any = None) -> int:
     check = None if args.skip_parity else parity.gate(f"deploy {target}", s.entry_script, s.model_dir, parity.MANAGED
                                                       if target == MANAGED else parity.KUBERNETES,
                                                       args.parity_requests, tuple(args.parity_ignore or ()))
-    s = _demo_model(s)
+    s = _demo_model(s, target)
     found = plan.problems(s)
     if found:
         raise DeployError(f"scorehost deploy {target}: fix these first (see `scorehost deploy plan`):\n" +
@@ -183,15 +189,16 @@ def cmd_teardown(args: argparse.Namespace, clients: Any = None) -> int:
 
 def cmd_k8s(args: argparse.Namespace) -> int:
     require("deploy k8s", ("yaml",))
-    from deploy import k8s
+    from deploy import k8s, source
     from deploy.plan import sha256
 
-    s = _demo_model(settings_from(args)).named()
-    found = k8s.problems(s)
+    s = _demo_model(settings_from(args), K8S).named()
+    found = k8s.problems(s, args.out)
     if found:
         raise DeployError("scorehost deploy k8s: " + "; ".join(found))
     paths = k8s.write(s, args.out, args.image)
     print(f"entry script: {os.path.abspath(s.entry_script)} (sha256 {sha256(s.entry_script)[:16]}...)\n"
+          f"code folder: {source.root(s.entry_script)}\n"
           f"model directory: {os.path.abspath(s.model_dir)}\n"
           f"both baked into {args.out}/code and {args.out}/model, the image's build context\n" + "\n".join(paths))
     if not k8s.looks_pullable(args.image):

@@ -4,8 +4,9 @@ requests and limits and probes, a Service, and a HorizontalPodAutoscaler that as
 has (--cluster-gpus).
 
 The entry script and the model travel inside the image, so any cluster can run them with no volume to provision or
-fill: DIR is the build context of DIR/Dockerfile, which adds DIR/code/ (the script, byte for byte) and DIR/model/ to
-the Dockerfile.gpu image where Azure ML puts them; the result is pushed to a registry the cluster pulls from.
+fill: DIR is the build context of DIR/Dockerfile, which adds DIR/code/ (the code folder of deploy/source.py: the
+script, byte for byte, with the rest of its folder) and DIR/model/ (a copy of the model directory) to the
+Dockerfile.gpu image where Azure ML puts them; the result is pushed to a registry the cluster pulls from.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import shutil
 import secrets
 from typing import Any
 
+from deploy import source
 from deploy.files import write_yaml
 from deploy.settings import DeploySettings
 
@@ -89,8 +91,22 @@ def max_replicas(s: DeploySettings) -> int:
     return max(s.instance_count, (s.cluster_gpus or s.instance_count * s.gpus) // s.gpus)
 
 
-def problems(s: DeploySettings) -> list[str]:
+def _within(path: str, folder: str) -> bool:
+    path, folder = os.path.realpath(path), os.path.realpath(folder)
+    return path == folder or path.startswith(folder + os.sep)
+
+
+def problems(s: DeploySettings, out_dir: str) -> list[str]:
     found = [] if os.path.isfile(s.entry_script) else [f"entry script {s.entry_script} is not a file"]
+    too_big = source.problem(s)
+    if too_big:
+        found.append(too_big)
+    # out/code and out/model are replaced, and out is the image's build context: it must hold neither the originals
+    # nor be the script's folder (whose code/ copy would take the Secret into the image).
+    if os.path.realpath(out_dir) == os.path.realpath(source.root(s.entry_script)) or any(
+            _within(original, os.path.join(out_dir, folder)) for original in (s.entry_script, s.model_dir)
+            for folder in ("code", "model")):
+        found.append(f"--out {out_dir} holds the entry script or the model: write into a folder of its own")
     if not os.path.isdir(s.model_dir):
         found.append(f"model directory {s.model_dir} is not a directory")
     if s.gpus < 1 or s.instance_count < 1:
@@ -101,26 +117,17 @@ def problems(s: DeploySettings) -> list[str]:
 
 
 def bake(s: DeploySettings, out_dir: str) -> None:
-    """The build context: code/ with the entry script, byte for byte, and model/ with the model directory (hard
-    links where the file system allows, so a large model is not copied twice)."""
-    for folder in ("code", "model"):
-        shutil.rmtree(os.path.join(out_dir, folder), ignore_errors=True)
-    os.makedirs(os.path.join(out_dir, "code"))
-    shutil.copy2(s.entry_script, os.path.join(out_dir, "code", os.path.basename(s.entry_script)))
-
-    def link_or_copy(source: str, target: str) -> None:
-        try:
-            os.link(source, target)
-        except OSError:
-            shutil.copy2(source, target)
-
-    shutil.copytree(s.model_dir, os.path.join(out_dir, "model"), copy_function=link_or_copy)
+    """The build context: code/ with the code folder, and model/ with a copy of the model directory: a snapshot of
+    what was checked, which no later edit of the originals changes (nor an edit of the context the originals)."""
+    source.copy(s, os.path.join(out_dir, "code"))
+    shutil.rmtree(os.path.join(out_dir, "model"), ignore_errors=True)
+    shutil.copytree(s.model_dir, os.path.join(out_dir, "model"))
 
 
 def write(s: DeploySettings, out_dir: str, image: str, key: str = "") -> list[str]:
     """Write the manifests, the build context and its Dockerfile; a new random key unless one is given (only the
     Secret holds it)."""
-    os.makedirs(out_dir, exist_ok=True)
+    source.mark_output(out_dir)
     paths = []
     for filename, manifest in manifests(s, image, key or secrets.token_urlsafe(32)).items():
         paths.append(write_yaml(os.path.join(out_dir, filename), manifest,

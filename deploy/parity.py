@@ -28,7 +28,7 @@ import urllib.error
 import urllib.request
 from typing import Any, Callable, Iterable, Optional
 
-from deploy.settings import DeployError
+from deploy.settings import DeployError, is_reference
 from scorehost.corpus import Probe, labelled
 from server.record import Exchange, load
 
@@ -44,6 +44,10 @@ MANAGED_LIMITS = (1_500_000, 1536 * 1024)
 NOT_REPLAYED = frozenset(("host", "content-length", "connection", "keep-alive", "transfer-encoding", "expect",
                           "authorization", "accept-encoding"))
 SHOWN_BYTES = 60  # of each body on a line that differs
+# Said wherever the corpus meets a server that answers it otherwise: most often a user's own script, which the
+# corpus was never made for.
+CORPUS_IS_THE_REFERENCES = ("these requests are for the reference score.py; for your own script, record its requests "
+                            "with `scorehost serve --record DIR` and pass --replay DIR")
 
 
 def _http(url: str, method: str, headers: Iterable[tuple[str, str]], body: bytes,
@@ -205,7 +209,8 @@ def corpus_exchanges(local: str, key: str = "", timeout: float = 120) -> list[Ex
                                              probe.body if probe.method == "POST" else b"", timeout)
         if status != probe.status:
             raise DeployError(f"scorehost parity: the local server answered '{probe.name}' with {status}, not the "
-                              f"{probe.status} the reference score.py gives: is it serving the reference script?")
+                              f"{probe.status} the reference score.py gives: is it serving the reference script? "
+                              f"{CORPUS_IS_THE_REFERENCES}")
         exchanges.append(Exchange(probe.name, probe.method, "/score", "", headers, probe.body, status,
                                   answer_headers, body))
     return exchanges
@@ -231,19 +236,17 @@ def run(url: str, key: str = "", local: Optional[str] = None, model_dir: Optiona
     if status in (401, 403):
         raise refused(score_url(url), status, key)
     if local:
-        return 0 if replay(url, corpus_exchanges(local), **options) else 1
-    from scorehost import REFERENCE_SCRIPT, processes
-    from scorehost.models import demo_model_dir
+        exchanges = corpus_exchanges(local)
+    else:
+        from scorehost import REFERENCE_SCRIPT, processes
+        from scorehost.models import demo_model_dir
 
-    with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir(), timeout=300) as server:
-        exchanges = corpus_exchanges(server.url)
-    return 0 if replay(url, exchanges, **options) else 1
-
-
-def is_reference(entry_script: str) -> bool:
-    from scorehost import REFERENCE_SCRIPT
-
-    return os.path.realpath(entry_script) == os.path.realpath(REFERENCE_SCRIPT)
+        with processes.running("scorehost", REFERENCE_SCRIPT, model_dir or demo_model_dir(), timeout=300) as server:
+            exchanges = corpus_exchanges(server.url)
+    if replay(url, exchanges, **options):
+        return 0
+    print(f"scorehost parity: {CORPUS_IS_THE_REFERENCES}")
+    return 1
 
 
 def gate(command: str, entry_script: str, model_dir: str, target: str, requests_dir: Optional[str] = None,

@@ -8,8 +8,10 @@ import os
 import re
 import subprocess
 import sys
+import tempfile
 from typing import Optional
 
+from deploy import source
 from deploy.settings import DeploySettings
 
 SYSTEM_POOL_SIZE = "Standard_D4s_v5"  # the system pool of a cluster scorehost creates
@@ -61,7 +63,8 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
     if RETIRED.match(s.vm_size):
         found.append(f"vm_size {s.vm_size} is retired (NC, NCv2, NCv3 and ND are): use Standard_NC4as_T4_v3")
     elif not GPU_SIZE.match(s.vm_size):
-        found.append(f"vm_size {s.vm_size} is not a GPU size for AKS (e.g. Standard_NC4as_T4_v3)")
+        where = "a managed online endpoint" if s.target == "managed" else "an AKS GPU node pool"
+        found.append(f"vm_size {s.vm_size} is not a GPU size for {where} (e.g. Standard_NC4as_T4_v3)")
     if s.instance_count < 1 or s.gpus < 1 or s.max_concurrent_requests < 1:
         found.append("instance_count, gpus and max_concurrent_requests must be at least 1")
     if s.target == "aks" and s.create_cluster and s.node_count < s.instance_count * s.gpus:
@@ -70,9 +73,16 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
         found += https_problems(s)
     if not os.path.isfile(s.entry_script):
         found.append(f"entry script {s.entry_script} does not exist")
-    found += conda_problems(s.conda_file)
+    if s.conda_file:
+        found += conda_problems(s.conda_file)
+    else:
+        found.append(f"no conda file: {s.entry_script} has no myenv.yml beside it; pass --conda-file FILE (the "
+                     "environment your script needs, with azureml-inference-server-http)")
+    too_big = source.problem(s)
+    if too_big:
+        found.append(too_big)
     # What the model directory must hold is the entry script's business: the load check below runs its init() on it.
-    loadable = os.path.isfile(s.entry_script)
+    loadable = os.path.isfile(s.entry_script) and not too_big
     if not s.model_dir or not os.path.isdir(s.model_dir):
         found.append(f"model_dir {s.model_dir!r} is not a directory (build one: scorehost model resnet50 --out DIR)")
         loadable = False
@@ -133,12 +143,16 @@ def conda_problems(path: str) -> list[str]:
 
 
 def script_load_error(s: DeploySettings, timeout_s: int = 300) -> Optional[str]:
-    """Load the script and run init() on the model, in a child process, exactly as a scorehost worker does."""
+    """Load the script and run init() on the model, in a child process, exactly as a scorehost worker does, from a
+    copy of the code folder that ships (in an app root of its own, as in the container): a module or file the
+    script needs that would not travel fails here, not in the cloud."""
     code = ("import os, sys; from server.entry_script import EntryScript; "
             "script = EntryScript.load(sys.argv[1]); script.init(); print('loaded', script.input_mode.name)")
     env = {**os.environ, "AZUREML_MODEL_DIR": os.path.abspath(s.model_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    done = subprocess.run([sys.executable, "-c", code, s.entry_script], capture_output=True, text=True, env=env,
-                          timeout=timeout_s)
+    with tempfile.TemporaryDirectory(prefix="scorehost-plan-") as app_root:
+        script = source.copy(s, os.path.join(app_root, "code"))
+        done = subprocess.run([sys.executable, "-c", code, os.path.relpath(script, app_root)], capture_output=True,
+                              text=True, env=env, timeout=timeout_s, cwd=app_root)
     if done.returncode != 0:
         return f"the entry script does not load with the model:\n{done.stderr[-3000:]}"
     return None
@@ -165,11 +179,13 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
     kind = "managed online" if s.target == "managed" else "Kubernetes online"
     out += [("model (a new version, unless one holds these files)", s.model_name,
              {"path": s.model_dir, "type": "custom_model"}),
-            ("environment", "scorehost-" + s.model_name, {"image": s.base_image, "conda_file": s.conda_file}),
+            ("environment", "scorehost-" + s.model_name,
+             {"image": s.base_image, "conda_file": s.conda_file or "(none)"}),
             (f"{kind} endpoint (if absent)", s.endpoint,
              {"auth_mode": "key", **({"compute": s.compute} if s.target == "aks" else {})}),
             (f"{kind} deployment", f"{s.endpoint}/{s.deployment}",
-             {"scoring_script": f"{os.path.basename(s.entry_script)} sha256={sha256(s.entry_script)[:16]}...",
+             {"code": source.root(s.entry_script),
+              "scoring_script": f"{os.path.basename(s.entry_script)} sha256={sha256(s.entry_script)[:16]}...",
               "instance_type": s.vm_size if s.target == "managed" else s.instance_type,
               "instance_count": s.instance_count, "scale_settings": "default",
               "request_timeout_ms": s.request_timeout_ms, "max_queue_wait_ms": s.max_queue_wait_ms,

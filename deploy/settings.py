@@ -16,7 +16,7 @@ import os
 import re
 from typing import Any, Optional
 
-from scorehost import REFERENCE_SCRIPT, REPO_ROOT
+from scorehost import REFERENCE_SCRIPT
 
 # Azure ML's GPU base image for conda environments, pinned to the newest tag in Azure/AzureML-Containers'
 # images/openmpi5.0-cuda12.5-ubuntu22.04/release-notes.md. CUDA 12.5 because TensorFlow 2.21's [and-cuda] wheels bring
@@ -45,9 +45,12 @@ class DeploySettings:
     config_file: str = setting("config.json", "the workspace's config.json (Azure ML studio: 'Download config file')",
                                *CLOUD)
     # What is deployed
-    entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte", *DEPLOYS, K8S)
-    conda_file: str = setting(os.path.join(REPO_ROOT, "myenv.yml"), "conda environment of the deployment", *DEPLOYS)
-    model_dir: str = setting("", "model directory (default: the demo model, built on first use)", *DEPLOYS, K8S)
+    entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte with the rest of its folder",
+                                *DEPLOYS, K8S)
+    conda_file: str = setting("", "conda environment of the deployment (default: the myenv.yml beside the entry "
+                              "script)", *DEPLOYS)
+    model_dir: str = setting("", "model directory (default, for the reference score.py only: the demo model, built on "
+                             "first use)", *DEPLOYS, K8S)
     model_name: str = setting("", "name the model is registered under (default: from the model directory, "
                               "<dir>/<name>/<version>/ as Azure ML lays it out, else the directory's own name)",
                               *DEPLOYS, TEARDOWN)
@@ -93,6 +96,13 @@ class DeploySettings:
     readiness_initial_delay_s: int = setting(10, "seconds before the first readiness probe", *DEPLOYS, K8S)
     sdk: str = setting("v2", "Azure ML SDK: v2 (azure-ai-ml) or v1 (azureml-core, deprecated)", PLAN, AKS, TEARDOWN)
     target: str = setting("aks", "what `plan` describes: aks or managed", PLAN)
+
+    def __post_init__(self) -> None:
+        # The environment a script was written for sits beside it (the reference score.py's myenv.yml is the repo's,
+        # TensorFlow's): never another script's. None there and none given stays "", which `deploy plan` reports.
+        if not self.conda_file:
+            beside = os.path.join(os.path.dirname(self.entry_script), "myenv.yml")
+            self.conda_file = beside if os.path.isfile(beside) else ""
 
     @classmethod
     def load(cls, path: Optional[str] = None, **overrides: Any) -> "DeploySettings":
@@ -148,6 +158,11 @@ class DeploySettings:
         return (f"/subscriptions/{self.subscription_id or '<subscription-id>'}"
                 f"/resourceGroups/{self.resource_group or '<resource-group>'}"
                 f"/providers/Microsoft.ContainerService/managedClusters/{self.aks_cluster}")
+
+
+def is_reference(entry_script: str) -> bool:
+    """The repo's score.py, which alone goes with the demo model and the shipped parity corpus."""
+    return os.path.realpath(entry_script) == os.path.realpath(REFERENCE_SCRIPT)
 
 
 DEMO_MODEL_NAME = "resnet50"  # what a model is called when no directory is given: the demo's

@@ -143,6 +143,7 @@ def test_plan_refuses_bad_settings(colors_model, flags, problem):
 def test_plan_catches_a_script_that_does_not_load(colors_model, tmp_path):
     broken = tmp_path / "score.py"
     broken.write_text("def init():\n    raise RuntimeError('CANNOT-LOAD')\n\ndef run(x):\n    return x\n")
+    (tmp_path / "myenv.yml").write_text(USER_ENV)
     found = plan.problems(DeploySettings(entry_script=str(broken), model_dir=colors_model))
     assert len(found) == 1 and "CANNOT-LOAD" in found[0]
     # Reported together with any other problem, in one run (a name Azure refuses: it starts with a digit).
@@ -176,13 +177,25 @@ def run(data):
 """
 
 
+# A user's own environment: no TensorFlow, nothing of the reference score.py's.
+USER_ENV = """\
+name: my-env
+dependencies:
+  - python=3.11
+  - pip
+  - pip:
+      - azureml-inference-server-http==1.5.1
+"""
+
+
 @pytest.fixture
 def users_own(tmp_path):
-    """A user's own JSON script and model, as in `--entry-script my/score.py --model-dir my/models`."""
+    """A user's own JSON script, model and environment, as in `--entry-script my/score.py --model-dir my/models`."""
     my = tmp_path / "my"
     (my / "models" / "greeter" / "3").mkdir(parents=True)
     (my / "models" / "greeter" / "3" / "greeting.txt").write_text("bonjour\n")
     (my / "score.py").write_text(USER_SCRIPT)
+    (my / "myenv.yml").write_text(USER_ENV)
     return my
 
 
@@ -222,6 +235,103 @@ def test_plan_out_writes_az_ml_yaml_that_the_sdk_loads(users_own, workspace_conf
     for name in os.listdir(out):
         if name.endswith((".yml", ".yaml")):
             assert "&id" not in (out / name).read_text()
+
+
+def test_a_users_script_without_a_model_dir_is_refused_not_given_the_demo_model(users_own, tmp_path):
+    """The demo model is the reference score.py's alone (as in `scorehost serve`): a user's script without
+    --model-dir is refused in one line, before anything is checked or written."""
+    script = str(users_own / "score.py")
+    out = tmp_path / "k8s"
+    for command in (("plan",), ("k8s", "--image", "r.io/g:1", "--out", str(out))):
+        done = scorehost_cli("deploy", *command, "--entry-script", script)
+        assert done.returncode == 1 and "pass --model-dir DIR" in done.stderr, done.stdout + done.stderr
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        assert "resnet50" not in done.stdout
+    assert not out.exists()
+    args = namespace("managed", entry_script=script, skip_parity=True, parity_requests=None, parity_ignore=None,
+                     yes=True)
+    with pytest.raises(DeployError) as e:
+        deploy_cli.cmd_managed(args)
+    assert e.value.message == (f"scorehost deploy managed: no model directory for {script} (the demo model is the "
+                               "reference score.py's): pass --model-dir DIR")
+
+
+def test_the_conda_file_is_the_myenv_yml_beside_the_entry_script(users_own, tmp_path):
+    """A user's script deploys with its own myenv.yml, not the repo's TensorFlow one (the reference score.py's, beside
+    it); a script with none beside it is told to name one."""
+    assert DeploySettings(entry_script=str(users_own / "score.py")).conda_file == str(users_own / "myenv.yml")
+    assert DeploySettings().conda_file == os.path.join(os.path.dirname(REFERENCE_SCRIPT), "myenv.yml")
+    assert DeploySettings(entry_script=str(users_own / "score.py"), conda_file="x.yml").conda_file == "x.yml"
+    done = scorehost_cli("deploy", "plan", "--no-load-check", "--entry-script", str(users_own / "score.py"),
+                         "--model-dir", str(users_own / "models"))
+    assert done.returncode == 0 and f"conda_file: {users_own / 'myenv.yml'}" in done.stdout, done.stdout
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "score.py").write_text(USER_SCRIPT)
+    found = plan.problems(DeploySettings(entry_script=str(alone / "score.py"), model_dir=str(users_own / "models")),
+                          load_check=False)
+    assert len(found) == 1 and "no myenv.yml beside it; pass --conda-file FILE" in found[0], found
+
+
+@pytest.fixture
+def with_a_module(users_own):
+    """The user's script imports a module of its own, beside it; the folder also holds what is not code."""
+    (users_own / "score.py").write_text("import mylib  # noqa: F401\n" + USER_SCRIPT)
+    (users_own / "mylib.py").write_text("SCALE = 2\n")
+    for junk in (".git/HEAD", "__pycache__/mylib.cpython-311.pyc", ".venv/bin/python", "venv/pyvenv.cfg", "old.pyc"):
+        (users_own / junk).parent.mkdir(parents=True, exist_ok=True)
+        (users_own / junk).write_text("not code")
+    return users_own
+
+
+def test_plan_ships_the_scripts_folder_and_loads_the_script_from_it(with_a_module, workspace_config, tmp_path):
+    """Azure ML's code is a folder: the script's own modules go with it, less what is not code (the model is
+    registered on its own; an output folder inside the project is left out, as its own code/ copy)."""
+    my = with_a_module
+    for out in (tmp_path / "plan", my / "plan"):
+        done = scorehost_cli("deploy", "plan", "--entry-script", str(my / "score.py"), "--model-dir",
+                             str(my / "models"), "--config-file", workspace_config, "--out", str(out))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert sorted(os.listdir(out / "code")) == ["myenv.yml", "mylib.py", "score.py"]
+        assert f"code: {my}" in done.stdout
+        assert yaml.safe_load((out / "deployment.yml").read_text())["code_configuration"] == {
+            "code": "./code", "scoring_script": "score.py"}
+
+
+def test_plan_load_check_catches_a_module_that_would_not_ship(users_own, tmp_path, monkeypatch, colors_model):
+    """The load check runs the copy that ships, from elsewhere: a module found only through the current directory
+    (here the project above the script's folder) fails in the check, as it would in the cloud."""
+    app = users_own / "app"
+    app.mkdir()
+    (app / "score.py").write_text("import projectlib  # noqa: F401\n" + USER_SCRIPT)
+    (app / "myenv.yml").write_text(USER_ENV)
+    (users_own / "projectlib.py").write_text("")
+    monkeypatch.chdir(users_own)
+    found = plan.problems(DeploySettings(entry_script="app/score.py", model_dir="models"))
+    assert len(found) == 1 and "No module named 'projectlib'" in found[0], found
+    (app / "projectlib.py").write_text("")
+    assert plan.problems(DeploySettings(entry_script="app/score.py", model_dir="models")) == []
+
+
+def test_a_code_folder_over_100_mb_is_refused(users_own, monkeypatch):
+    from deploy import source
+
+    monkeypatch.setattr(source, "MAX_BYTES", 1000)
+    (users_own / "data.bin").write_bytes(b"x" * 2000)
+    s = DeploySettings(entry_script=str(users_own / "score.py"), model_dir=str(users_own / "models"))
+    found = plan.problems(s)
+    assert len(found) == 1 and f"the code folder {users_own}" in found[0] and "over 0 MB" in found[0], found
+    assert k8s.problems(s, str(users_own.parent / "k8s")) == found
+    (users_own / "data.bin").unlink()
+    (users_own / "models" / "big.bin").write_bytes(b"x" * 2000)  # the model is no part of the code folder
+    assert plan.problems(s) == []
+
+
+@pytest.mark.parametrize("target,where", [("aks", "an AKS GPU node pool"), ("managed", "a managed online endpoint")])
+def test_a_vm_size_that_is_no_gpu_size_names_the_target(colors_model, target, where):
+    found = plan.problems(DeploySettings(model_dir=colors_model, target=target, vm_size="Standard_D2s_v3"),
+                          load_check=False)
+    assert found == [f"vm_size Standard_D2s_v3 is not a GPU size for {where} (e.g. Standard_NC4as_T4_v3)"]
 
 
 def test_names_follow_azures_rules(colors_model):
@@ -765,6 +875,37 @@ def test_k8s_bakes_the_users_own_script_and_model_and_asks_for_no_more_gpus_than
     assert done.returncode == 1 and "--cluster-gpus 2 cannot hold 3 instances" in done.stderr
 
 
+def test_k8s_bakes_the_scripts_folder_and_a_copy_of_the_model(with_a_module, tmp_path):
+    """The build context is a snapshot: the script's folder (less what is not code, the model and the output folder
+    itself with its Secret), and the model's files copied, not linked to the originals."""
+    my = with_a_module
+    for out in (tmp_path / "k8s", my / "k8s"):
+        done = scorehost_cli("deploy", "k8s", "--entry-script", str(my / "score.py"), "--model-dir", str(my / "models"),
+                             "--image", "r.io/g:1", "--out", str(out))
+        assert done.returncode == 0, done.stderr
+        assert sorted(os.listdir(out / "code")) == ["myenv.yml", "mylib.py", "score.py"]
+        assert f"code folder: {my}" in done.stdout
+        baked = out / "model" / "greeter" / "3" / "greeting.txt"
+        original = my / "models" / "greeter" / "3" / "greeting.txt"
+        assert os.stat(baked).st_ino != os.stat(original).st_ino and os.stat(original).st_nlink == 1
+        baked.write_text("edited in the build context\n")
+        assert original.read_text() == "bonjour\n"
+    for out in (my, tmp_path):  # the script's folder itself; a folder whose model/ would be replaced
+        if out == tmp_path:
+            os.rename(my / "models", tmp_path / "model")
+        done = scorehost_cli("deploy", "k8s", "--entry-script", str(my / "score.py"), "--model-dir",
+                             str(tmp_path / "model" if out == tmp_path else my / "models"), "--image", "r.io/g:1",
+                             "--out", str(out))
+        assert done.returncode == 1 and "holds the entry script or the model" in done.stderr, done.stderr
+    assert (tmp_path / "model" / "greeter" / "3" / "greeting.txt").read_text() == "bonjour\n"
+
+
+def test_k8s_ships_the_reference_score_py_alone(tmp_path, colors_model):
+    done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--image", "r.io/g:1", "--model-dir", colors_model)
+    assert done.returncode == 0, done.stderr
+    assert os.listdir(tmp_path / "code") == ["score.py"]
+
+
 def test_k8s_says_when_the_image_names_no_registry(tmp_path, colors_model):
     done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--image", "scorehost:gpu", "--model-dir",
                          colors_model)
@@ -868,6 +1009,22 @@ def test_parity_checks_the_endpoint_before_starting_a_local_server(monkeypatch, 
         with pytest.raises(DeployError) as e:
             parity.run(url)
         assert words in e.value.message
+
+
+def test_parity_without_replay_against_a_users_script_says_to_record_its_requests(start_server, colors_model,
+                                                                                 users_own):
+    """The corpus is the reference score.py's: a server with another script gets none of its answers right, and
+    is told how to replay its own requests instead (here the local side as well as the endpoint)."""
+    hint = "these requests are for the reference score.py; for your own script, record its requests with " \
+           "`scorehost serve --record DIR` and pass --replay DIR"
+    users = start_server("scorehost", str(users_own / "score.py"), str(users_own / "models"))
+    reference = start_server("scorehost", REFERENCE_SCRIPT, colors_model)
+    done = scorehost_cli("parity", users.url, "--local", reference.url)
+    assert done.returncode == 1 and "DIFF" in done.stdout
+    assert done.stdout.strip().splitlines()[-1] == f"scorehost parity: {hint}"
+    done = scorehost_cli("parity", reference.url, "--local", users.url)
+    assert done.returncode == 1 and "is it serving the reference script?" in done.stderr and hint in done.stderr
+    assert len(done.stderr.strip().splitlines()) == 1
 
 
 def test_connect_builds_every_client_on_the_one_credential(settings):

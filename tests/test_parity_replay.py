@@ -55,6 +55,8 @@ BIG = json.dumps({"values": [1] * 800_000}).encode()  # 2.4 MB: over a managed e
 def _app(tmp_path_factory, name: str, source: str) -> str:
     root = tmp_path_factory.mktemp(name)
     (root / "score.py").write_text(source)  # named score.py on purpose: not the reference model's script
+    (root / "myenv.yml").write_text("name: app\ndependencies:\n  - python=3.11\n  - pip:\n"  # its own environment
+                                    "    - azureml-inference-server-http\n    - numpy\n")
     return str(root)
 
 
