@@ -52,6 +52,7 @@ class LoadResult:
     unanswered: int = 0  # open loop: still waiting when the run ended
     scheduled_s: list[float] = dataclasses.field(default_factory=list)  # open loop: each answer's send time, from start
     stopped_early: bool = False  # open loop: ended once its latency bound was already missed (see open_loop)
+    error_samples: dict[str, str] = dataclasses.field(default_factory=dict)  # status -> one answer's message
 
     @property
     def answered(self) -> int:
@@ -71,10 +72,28 @@ class LoadResult:
         ordered = sorted(self.latencies_ms)
         return ordered[i] if i < len(ordered) else LATE
 
-    def server_errors(self) -> int:
-        """Answers of 5xx, and requests with no answer at all."""
-        return sum(n for name, n in self.statuses.items() if int(name.rsplit(" ", 1)[-1]) >= 500) + self.dropped \
-            + self.unanswered
+    def errors(self) -> dict[str, int]:
+        """Failures by status ("no answer": dropped or unanswered). Any answer but a 2xx is one: a script that
+        refuses what it is sent (400) carries no requests, however fast it says so."""
+        counts: dict[str, int] = {}
+        for name, n in self.statuses.items():
+            status = name.rsplit(" ", 1)[-1]
+            if not succeeded(int(status)):
+                counts[status] = counts.get(status, 0) + n
+        if self.dropped or self.unanswered:
+            counts["no answer"] = self.dropped + self.unanswered
+        return counts
+
+    def failures(self) -> int:
+        return sum(self.errors().values())
+
+    def top_error(self) -> str:
+        """The most common failure, with one answer's message where there was one: `400: Expecting value...`."""
+        counts = self.errors()
+        if not counts:
+            return ""
+        status = max(counts, key=counts.__getitem__)
+        return f"{status}: {self.error_samples[status]}" if self.error_samples.get(status) else status
 
     def summary(self) -> dict:
         return {"requests": self.answered, "req_s": self.answered / self.seconds, "dropped": self.dropped,
@@ -89,7 +108,23 @@ class LoadResult:
         return LoadResult(max(self.seconds, other.seconds), self.latencies_ms + other.latencies_ms, statuses,
                           self.dropped + other.dropped, self.run_ms + other.run_ms,
                           self.unanswered + other.unanswered, self.scheduled_s + other.scheduled_s,
-                          self.stopped_early or other.stopped_early)
+                          self.stopped_early or other.stopped_early, {**other.error_samples, **self.error_samples})
+
+
+def succeeded(status: int) -> bool:
+    return 200 <= status < 300
+
+
+def error_message(body: bytes, limit: int = 200) -> str:
+    """An error answer's body as one short line: its JSON "message" (scorehost's and AIHS's), else its text."""
+    text = body.decode("utf-8", "replace")
+    try:
+        message = json.loads(text).get("message")
+        text = message if isinstance(message, str) else text
+    except (ValueError, AttributeError):
+        pass
+    text = " ".join(text.split())
+    return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
 async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
@@ -125,10 +160,12 @@ class _Target:
         label, content_type, body = request
         reader, writer = conn
         writer.write(f"{self.head}Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        status, headers, _ = await _read_response(reader)
+        status, headers, answer = await _read_response(reader)
         result.latencies_ms.append((time.monotonic() - started) * 1000)
         name = f"{label} {status}"
         result.statuses[name] = result.statuses.get(name, 0) + 1
+        if not succeeded(status) and str(status) not in result.error_samples:
+            result.error_samples[str(status)] = error_message(answer)
         if "x-ms-run-fn-exec-ms" in headers:
             result.run_ms.append(float(headers["x-ms-run-fn-exec-ms"]))
         return status, headers.get("connection", "").lower() != "close"
@@ -184,7 +221,8 @@ async def _open_loop(target: _Target, next_request: Callable[[], Request], start
     throughput), then up to `drain_s` more for the answers still due.
 
     With `bound_ms`, the run ends as soon as more than 1% of the requests it plans have missed the bound (answered
-    after it or with a 5xx, dropped, or still unanswered past it): its p99 can no longer meet the bound."""
+    after it or with anything but a 2xx, dropped, or still unanswered past it): its p99 can no longer meet the
+    bound."""
     result = LoadResult(seconds)
     rng = random.Random(seed)
     idle: list = []
@@ -213,7 +251,7 @@ async def _open_loop(target: _Target, next_request: Callable[[], Request], start
                             raise
                 (idle.append if reusable else lambda c: c[1].close())(conn)
                 result.scheduled_s.append(scheduled - start_at)
-                missed += bound_ms is not None and (status >= 500 or result.latencies_ms[-1] > bound_ms)
+                missed += bound_ms is not None and (not succeeded(status) or result.latencies_ms[-1] > bound_ms)
         except _FAILED:
             result.dropped += 1
             missed += 1
@@ -290,6 +328,24 @@ class Bodies:
         return cls(tuple(("batch", "application/json",
                           json.dumps({"images": [base64.b64encode(next(cycle)).decode() for _ in range(batch)]}).encode())
                          for _ in images))
+
+    @classmethod
+    def recorded(cls, directory: str) -> "Bodies":
+        """The POSTs `scorehost serve --record DIR` kept (server/record.py), each with its body and Content-Type, in
+        recording order: a script's own traffic, for a script that takes no images. ValueError, in one line, for a
+        directory that holds none."""
+        from server import record
+
+        exchanges = [e for e in record.load(directory) if e.method == "POST"]
+        if not exchanges:
+            raise ValueError(f"{directory} holds no recorded POST requests")
+        return cls(tuple(("recorded", next((v for k, v in e.request_headers if k.lower() == "content-type"),
+                                           "application/octet-stream"), e.request_body) for e in exchanges))
+
+    @classmethod
+    def chosen(cls, images: Optional[str] = None, batch: int = 1, requests: Optional[str] = None) -> "Bodies":
+        """What bench and tune send: the recorded requests in `requests` (--requests DIR), else images."""
+        return cls.recorded(requests) if requests else cls.images(images, batch)
 
     def requests(self) -> Callable[[], Request]:
         return itertools.cycle(self.items).__next__

@@ -24,6 +24,25 @@ COLUMNS = ("server", "script", "clients", "requests", "errors", "req/s", "img/s"
 
 
 MIN_REQUESTS_FOR_P99 = 100  # below this, "p99" is just the slowest request or so
+ERROR_SHARE = 0.01  # more failures than this share of the answers (any but a 2xx): the figures time the failures
+OWN_REQUESTS = ("a script that takes no images needs its own requests: record them with `scorehost serve --record "
+                "DIR`, then pass `--requests DIR`")
+
+
+def erred(results: list[Result]) -> list[Result]:
+    """The cells where more than ERROR_SHARE of the answers were failures."""
+    return [r for r in results if r.failures > ERROR_SHARE * r.requests]
+
+
+def errors_line(r: Result) -> str:
+    """One cell's failures in one line, for the console and the report alike."""
+    return (f"{r.cell.server}/{r.cell.script}/{r.cell.concurrency}: {r.failures:,} of {r.requests:,} answers were "
+            f"errors" + (f" (most common {r.top_error})" if r.top_error else ""))
+
+
+def failed_scripts(results: list[Result]) -> list[str]:
+    """The scripts none of whose cells were mostly answered (2xx): nothing about them was measured."""
+    return sorted({r.cell.script for r in results} - {r.cell.script for r in results if 2 * r.failures < r.requests})
 
 
 def _row(r: Result) -> list[str]:
@@ -76,6 +95,10 @@ def markdown(results: list[Result], command: str, seconds: float, servers: str =
         cells = ", ".join(f"{r.cell.server}/{r.cell.script}/{r.cell.concurrency} ({r.requests})" for r in thin)
         parts.append(f"**Warning**: fewer than {MIN_REQUESTS_FOR_P99} requests in {cells}: there, p99 is one of the "
                      "few slowest requests, not a percentile. Give those cells more time (`--seconds`).")
+    if erred(results):
+        parts.append(f"**Warning**: more than {ERROR_SHARE:.0%} of the answers were errors in "
+                     + "; ".join(map(errors_line, erred(results)))
+                     + f". Those rows time the errors, not the script; {OWN_REQUESTS}.")
     rs = ratios(results)
     if rs:
         rows = [[r["against"], r["script"], str(r["clients"]), _fmt(r["req_s"]), _fmt(r["img_s"]), _fmt(r["p99"]),

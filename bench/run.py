@@ -75,6 +75,7 @@ class Result:
     run_mean_ms: Optional[float] = 0.0  # inside run(), from x-ms-run-fn-exec-ms (None: a server that does not say)
     rss_mb: Optional[float] = None
     cpu_ms_per_request: Optional[float] = None  # server CPU (all processes), independent of the client's speed
+    top_error: str = ""  # the most common failure, e.g. "400: Expecting value..." (loadgen.LoadResult.top_error)
 
     @property
     def overhead_mean_ms(self) -> Optional[float]:
@@ -133,8 +134,9 @@ class ServerUsage:
 
 
 def locust_cell(url: str, concurrency: int, seconds: float, *, key: str = "", images: str = "",
-                batch: int = 1) -> dict[str, dict[str, str]]:
-    """One headless Locust run; returns its CSV stats rows by name."""
+                batch: int = 1, requests: str = "") -> tuple[dict[str, dict[str, str]], str]:
+    """One headless Locust run: its CSV stats rows by name, and its most common failure (as the locustfile
+    words it: "HTTP 400: message"; "" with none)."""
     with tempfile.TemporaryDirectory() as tmp:
         prefix = os.path.join(tmp, "cell")
         argv = [sys.executable, "-m", "locust", "-f", LOCUSTFILE, "--headless", "--only-summary",
@@ -144,44 +146,59 @@ def locust_cell(url: str, concurrency: int, seconds: float, *, key: str = "", im
             argv += ["--key", key]
         if images:
             argv += ["--images", images]
+        if requests:
+            argv += ["--requests", requests]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, cwd=tmp)
         path = prefix + "_stats.csv"
         if not os.path.exists(path):
             raise RuntimeError(f"locust wrote no stats (exit {done.returncode}):\n{done.stderr[-3000:]}")
         with open(path, newline="") as f:
-            return {row["Name"]: row for row in csv.DictReader(f)}
+            rows = {row["Name"]: row for row in csv.DictReader(f)}
+        with open(prefix + "_failures.csv", newline="") as f:
+            failures = sorted(csv.DictReader(f), key=lambda row: -int(row.get("Occurrences") or 0))
+        return rows, _locust_error(failures[0]["Error"]) if failures else ""
 
 
-def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int) -> Result:
+def _locust_error(text: str) -> str:
+    """Locust's failure text, CatchResponseError('HTTP 400: message') (or "...", as repr quotes it), as loadgen
+    words it: `400: message`."""
+    inner = text.split("HTTP ", 1)[1] if "HTTP " in text else text
+    return inner[:-2] if inner[-2:] in ("')", '")') else inner
+
+
+def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int, top_error: str = "") -> Result:
     score, run = rows.get("/score", {}), rows.get(RUN_TIME_NAME, {})
     f = lambda row, key: float(row.get(key) or 0)  # noqa: E731
     requests, failures = int(f(score, "Request Count")), int(f(score, "Failure Count"))
     req_s = f(score, "Requests/s")
     ok_share = (requests - failures) / requests if requests else 0.0
     return Result(cell, requests, failures, req_s, req_s * ok_share * batch, f(score, "50%"), f(score, "95%"),
-                  f(score, "99%"), f(score, "Average Response Time"), f(run, "Average Response Time"))
+                  f(score, "99%"), f(score, "Average Response Time"), f(run, "Average Response Time"),
+                  top_error=top_error)
 
 
-def loadgen_cell(cell: Cell, url: str, seconds: float, *, key: str = "", images: str = "", batch: int = 1) -> Result:
+def loadgen_cell(cell: Cell, url: str, seconds: float, *, key: str = "", images: str = "", batch: int = 1,
+                 requests: str = "") -> Result:
     """One cell with bench/loadgen.py (asyncio, one process)."""
     from bench import loadgen
 
-    bodies = peers.bodies(cell.server, loadgen.Bodies.images(images or None, batch))
+    bodies = peers.bodies(cell.server, loadgen.Bodies.chosen(images or None, batch, requests or None))
     r = loadgen.run(url, cell.concurrency, seconds, bodies.requests(), key)
-    errors = sum(n for label, n in r.statuses.items() if not label.endswith(" 200")) + r.dropped
+    errors = r.failures()
     total = r.answered + r.dropped
     mean = sum(r.latencies_ms) / len(r.latencies_ms) if r.latencies_ms else 0.0
     run_mean = sum(r.run_ms) / len(r.run_ms) if r.run_ms else (None if cell.server in peers.NAMES else 0.0)
     ok = total - errors
     return Result(cell, total, errors, total / seconds, ok / seconds * batch, r.percentile(50), r.percentile(95),
-                  r.percentile(99), mean, run_mean)
+                  r.percentile(99), mean, run_mean, top_error=r.top_error())
 
 
 def measure(cell: Cell, url: str, seconds: float, client: str, **load: Any) -> Result:
     """One cell with the chosen client: Locust (the default), or bench/loadgen.py (lighter, for high rates)."""
     if client == "loadgen":
         return loadgen_cell(cell, url, seconds, **load)
-    return to_result(cell, locust_cell(url, cell.concurrency, seconds, **load), load.get("batch", 1))
+    rows, top_error = locust_cell(url, cell.concurrency, seconds, **load)
+    return to_result(cell, rows, load.get("batch", 1), top_error)
 
 
 def _with_usage(result: Result, usage: "ServerUsage") -> Result:
@@ -299,7 +316,12 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
                         del running[server], targets[server], roster.about[server]
                         skip(server, why)
                 else:
-                    process.wait_healthy(300)
+                    try:
+                        process.wait_healthy(300)
+                    except RuntimeError as ex:  # the user's script or flags: their words, not our traceback
+                        why = peers.skip_reason(process, ex)
+                        raise SystemExit(f"scorehost bench: {server} did not start with "
+                                         f"{os.path.relpath(entry_script)}: {why}") from None
             for server, target in targets.items():
                 warm_up(server, target.url, bodies, key, warm_clients)
             yield targets
@@ -308,15 +330,15 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
 
 
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
-               seconds: float, *, key: str = "", images: str = "", batch: int = 1, remote: str = "",
-               progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
+               seconds: float, *, key: str = "", images: str = "", batch: int = 1, requests: str = "",
+               remote: str = "", progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
                scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1,
                proxy: Optional[Proxy] = None, roster: Optional[Roster] = None) -> list[Result]:
     """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint.
     `roster` gets what each server was (and those skipped)."""
     roster = roster if roster is not None else Roster()
     results: list[Result] = []
-    load = {"key": key, "images": images, "batch": batch}
+    load = {"key": key, "images": images, "batch": batch, "requests": requests}
     total = len(concurrencies) * (1 if remote else len(scripts) * len(servers))
     if remote:
         for c in concurrencies:
@@ -325,7 +347,7 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
         return results
     from bench import loadgen
 
-    bodies = loadgen.Bodies.images(images or None, batch)
+    bodies = loadgen.Bodies.chosen(images or None, batch, requests or None)
     for name, (entry_script, model_dir) in scripts.items():
         for group in groups(servers):
             with started(group, entry_script, model_dir, bodies, max(concurrencies), scorehost_args, key, workers,

@@ -24,7 +24,7 @@ import time
 from typing import Callable, Optional
 
 from bench import loadgen, peers
-from bench.report import MIN_REQUESTS_FOR_P99, table
+from bench.report import ERROR_SHARE, MIN_REQUESTS_FOR_P99, OWN_REQUESTS, table
 
 SCENARIOS = ("server", "offline", "single-stream")
 CLIENT_BOUND_SHARE = 0.7  # a rate above this share of the client's own ceiling may be the client's limit
@@ -53,6 +53,18 @@ def add_arrivals(parser) -> None:
                         help="server scenario: poisson (MLPerf's: independent arrivals, bursts and all; the "
                              "default) or uniform (one request every 1/rate, as wrk2; with a fixed run() time no "
                              "queue forms below capacity, so the rate found at a p99 bound is near capacity)")
+
+
+def bodies_of(args, command: str) -> loadgen.Bodies:
+    """What `scorehost bench` or `tune` sends, from its flags: --requests DIR, else --images and --batch; a flag
+    that cannot work is one line, not a traceback."""
+    if args.requests and (args.images or args.batch > 1):
+        raise SystemExit(f"scorehost {command}: --requests sends the recorded requests as they are: drop --images "
+                         "and --batch")
+    try:
+        return loadgen.Bodies.chosen(args.images, args.batch, args.requests)
+    except ValueError as ex:
+        raise SystemExit(f"scorehost {command}: --requests: {ex}") from None
 
 
 @dataclasses.dataclass
@@ -97,7 +109,8 @@ class Outcome:
     p90_ms: Optional[float] = None
     p99_ms: Optional[float] = None
     p999_ms: Optional[float] = None
-    errors: dict = dataclasses.field(default_factory=dict)  # status (or "no answer") -> count
+    errors: dict = dataclasses.field(default_factory=dict)  # status (or "no answer") -> count; any but a 2xx
+    top_error: str = ""  # the most common of them, with an answer's message (loadgen.LoadResult.top_error)
     bound_ms: Optional[float] = None  # server scenario with --p99-ms: offered_qps is the rate found
     steps: list = dataclasses.field(default_factory=list)
     p99_by_second_ms: list = dataclasses.field(default_factory=list)  # server scenario at a fixed rate
@@ -113,6 +126,11 @@ class Outcome:
         return self.requests >= MIN_REQUESTS_FOR_P99
 
     @property
+    def erred(self) -> bool:
+        """More than ERROR_SHARE of the requests failed (any answer but a 2xx, or none)."""
+        return sum(self.errors.values()) > ERROR_SHARE * self.requests
+
+    @property
     def queue_grows(self) -> bool:
         """Latency rising through a fixed-rate run: the server answers fewer than are offered, a queue builds."""
         s = [x for x in self.p99_by_second_ms if x is not None]
@@ -124,16 +142,10 @@ def _ms(x: Optional[float]) -> Optional[float]:
 
 
 def _outcome(server: str, script: str, scenario: str, r: loadgen.LoadResult, seconds: float) -> Outcome:
-    errors = {name.rsplit(" ", 1)[1]: 0 for name in r.statuses if not name.endswith(" 200")}
-    for name, n in r.statuses.items():
-        if not name.endswith(" 200"):
-            errors[name.rsplit(" ", 1)[1]] += n
-    if r.dropped or r.unanswered:
-        errors["no answer"] = r.dropped + r.unanswered
     ends = [s + ms / 1000 for s, ms in zip(r.scheduled_s, r.latencies_ms)]
     span = max([r.seconds] + ends)
     return Outcome(server, script, scenario, r.sent, None, r.answered / span, *(_ms(r.percentile(q))
-                   for q in (50, 90, 99, 99.9)), errors)
+                   for q in (50, 90, 99, 99.9)), r.errors(), r.top_error())
 
 
 def _by_second(r: loadgen.LoadResult, seconds: float) -> list[Optional[float]]:
@@ -169,7 +181,7 @@ def _step(url: str, load: Load, rate: float, seconds: float, bound_ms: float, se
     length = max(seconds, 1.25 * MIN_REQUESTS_FOR_P99 / rate)  # 1.25: a Poisson count can fall short of its mean
     r = load.open(url, rate, length, drain_s=bound_ms / 1000 + 1, bound_ms=bound_ms, seed=seed)
     p99 = _ms(r.percentile(99))
-    met = not r.stopped_early and p99 is not None and p99 <= bound_ms and r.server_errors() <= 0.01 * r.sent
+    met = not r.stopped_early and p99 is not None and p99 <= bound_ms and r.failures() <= ERROR_SHARE * r.sent
     return Step(rate, r.sent, p99, met, r.stopped_early)
 
 
@@ -188,8 +200,9 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
     564 req/s and met p99 <= 200 ms at 1,015 Poisson). `ceiling`: the offline throughput, when the caller measured
     it already."""
     alone = single_stream(url, load, min(seconds, 2.0))
-    if alone.p50_ms is None or alone.p50_ms > bound_ms:  # half the requests miss it with no load at all
-        return Outcome(server, script, "server", 0, 0.0, bound_ms=bound_ms, p50_ms=alone.p50_ms)
+    if alone.p50_ms is None or alone.p50_ms > bound_ms or alone.erred:  # misses with no load at all: no rate meets
+        return Outcome(server, script, "server", alone.requests, 0.0, bound_ms=bound_ms, p50_ms=alone.p50_ms,
+                       errors=alone.errors, top_error=alone.top_error)
     ceiling = ceiling or offline(url, load, 64, min(seconds, 3.0)).answered_qps
     lo, hi, best, steps = 0.0, max(1.0, 1.2 * ceiling), None, []
     beaten = Outcome(server, script, "server", 0, 0.0, bound_ms=bound_ms, steps=steps, beaten=beat)
@@ -236,6 +249,8 @@ def line(o: Outcome) -> str:
     """One outcome as the console shows it, with units."""
     who = f"{o.server:9} {o.script:10} {o.name:18}"
     if o.bound_ms is not None:
+        if not o.steps and o.erred:
+            return f"{who} none: {refused(o)}"
         if not o.steps:
             return f"{who} none: one request alone takes {_fmt_ms(o.p50_ms)} (median), over the bound"
         if not o.offered_qps:
@@ -246,12 +261,18 @@ def line(o: Outcome) -> str:
         text = (f"{who} {offered}answered {o.answered_qps:,.1f} req/s, {o.requests:,} requests; p50 {_fmt_ms(o.p50_ms)}"
                 f"  p90 {_fmt_ms(o.p90_ms)}  p99 {_fmt_ms(o.p99_ms)}  p99.9 {_fmt_ms(o.p999_ms)}")
         errors = ", ".join(f"{k}: {v:,}" for k, v in sorted(o.errors.items()))
-        text += f"; errors {errors or 'none'}"
+        text += f"; errors {errors or 'none'}" + (f" (most common {o.top_error})" if o.top_error else "")
         if o.queue_grows:
             text += "; latency grows through the run (a queue builds: more offered than answered)"
         if o.scenario != "single-stream" and not o.enough_for_p99:
             text += f"; p99 from fewer than {MIN_REQUESTS_FOR_P99} requests"
     return text + ("; near the client's own ceiling: may be client-bound" if o.client_bound else "")
+
+
+def refused(o: Outcome) -> str:
+    """Why a server's answers say nothing of its speed: they were failures (a script refusing what it is sent)."""
+    return (f"{sum(o.errors.values()):,} of {o.requests:,} answers were errors, most commonly {o.top_error}; "
+            f"{OWN_REQUESTS}")
 
 
 def ratios(outcomes: list[Outcome]) -> list[list[str]]:
@@ -348,7 +369,8 @@ def p99_plot(series: dict[str, list[Step]], bounds: list[float], path: str, titl
            xlabel=f"offered rate (requests/s, {arrivals})", ylabel="p99 latency, ms", ylim=(0, top * 1.05))
     ax.set_xlim(left=0)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
+    if series:  # none: every configuration's answers were errors (tune), an empty frame says so
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
@@ -397,7 +419,7 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
         raise SystemExit("scorehost bench: --scenario server needs --qps N (a fixed rate) or --p99-ms B (a search)")
     if args.client_processes < 1 or args.in_flight < 1 or (args.qps is not None and args.qps <= 0):
         raise SystemExit("scorehost bench: --client-processes, --in-flight and --qps must be above 0")
-    bodies = loadgen.Bodies.images(args.images, args.batch)
+    bodies = bodies_of(args, "bench")
     load = Load(bodies, args.key or "", args.client_processes, arrivals=args.arrivals)
     print("scorehost bench: the client's own ceiling (2 s against a server that answers at once)...", flush=True)
     load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)

@@ -27,7 +27,7 @@ import time
 from typing import Iterator, Optional
 
 from bench import loadgen, scenarios
-from bench.report import table
+from bench.report import ERROR_SHARE, table
 
 PASS_ORDER = ("batch_max", "workers", "batch_delay_ms", "threads", "batch_sizes")
 
@@ -46,6 +46,9 @@ def register(sub) -> None:
     tune.add_argument("--client-processes", type=int, default=1, help="client processes sharing the load")
     tune.add_argument("--images", help="directory of JPEG/PNG files to send (default: the generated corpus)")
     tune.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
+    tune.add_argument("--requests", metavar="DIR",
+                      help="send these requests in turn instead of images: those `scorehost serve --record DIR` kept "
+                           "(a script that takes JSON, or anything but images, needs its own)")
     tune.add_argument("--out", help="results folder (default: reports/tune-<script>); an existing one is resumed")
     tune.set_defaults(func=cmd)
 
@@ -153,14 +156,20 @@ def measure(config: dict, args, load: scenarios.Load, deadline: float, beat: flo
                                    ceiling=ceiling)
     except RuntimeError as ex:  # the server would not start with these flags
         return Trial(config, error=str(ex).splitlines()[0])
+    if not out.steps and out.erred:  # its answers were failures: no rate is worth anything
+        return Trial(config, error=scenarios.refused(out), ceiling=ceiling)
     return Trial(config, out.offered_qps or 0.0, out.p99_ms, [dataclasses.asdict(s) for s in out.steps],
                  time.monotonic() < deadline, beaten=out.beaten, ceiling=ceiling)
 
 
 def report(trials: list[Trial], args, best: Trial, out: str) -> str:
-    """frontier.md, frontier.png and best.txt; returns the winning serve line."""
+    """frontier.md, frontier.png and best.txt; returns the winning serve line ("" where no configuration met the
+    bound with at most ERROR_SHARE of failures: then nothing is recommended, and best.txt is not written)."""
     line = " ".join(["scorehost serve", "--entry-script", args.entry_script]
-                    + (["--model-dir", args.model_dir] if args.model_dir else []) + serve_args(best.config))
+                    + (["--model-dir", args.model_dir] if args.model_dir else []) + serve_args(best.config)) \
+        if best.rate else ""
+    winner = (f"Winner:\n\n    {line}" if line else
+              f"No configuration met the bound with at most {ERROR_SHARE:.0%} errors: nothing is recommended.")
     rows = [[_flags(t.config), _rate(t), scenarios._fmt_ms(t.p99_ms) if t.rate else "-",
              str(len(t.steps)), t.error or ("best" if t is best else "")] for t in trials]
     with open(os.path.join(out, "frontier.md"), "w") as f:
@@ -168,9 +177,13 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
                 f"\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- cores: {os.cpu_count()}\n- client ceiling: "
                 f"{load_ceiling(out):,.0f} req/s\n\n"
                 + table(["serve flags", "req/s at p99 bound", "p99", "rates tried", "note"], rows)
-                + f"\n\nWinner:\n\n    {line}\n\n![frontier](frontier.png)\n")
-    with open(os.path.join(out, "best.txt"), "w") as f:
-        f.write(line + "\n")
+                + f"\n\n{winner}\n\n![frontier](frontier.png)\n")
+    if line:
+        with open(os.path.join(out, "best.txt"), "w") as f:
+            f.write(line + "\n")
+    else:
+        with contextlib.suppress(FileNotFoundError):  # a resumed folder's older winner is no longer one
+            os.remove(os.path.join(out, "best.txt"))
     scenarios.p99_plot({_flags(t.config): [scenarios.Step(**s) for s in t.steps]
                         for t in trials if t.steps}, [args.p99_ms], os.path.join(out, "frontier.png"),
                        f"scorehost tune: p99 against rate, each configuration ({os.path.basename(args.entry_script)})",
@@ -219,7 +232,7 @@ def cmd(args) -> int:
                     trials[key] = t
         print(f"scorehost tune: resuming {out}: {len(trials)} configuration(s) already measured", flush=True)
     deadline = time.monotonic() + args.budget * 60
-    bodies = loadgen.Bodies.images(args.images, args.batch)
+    bodies = scenarios.bodies_of(args, "tune")
     load = scenarios.Load(bodies, processes=args.client_processes, ceiling=load_ceiling(out), arrivals=args.arrivals)
     if not load.ceiling and args.budget:
         load.ceiling = loadgen.client_ceiling(bodies, args.client_processes)
@@ -277,5 +290,10 @@ def cmd(args) -> int:
     print(f"\nfrontier: {os.path.join(out, 'frontier.md')}\n"
           + table(["serve flags", "req/s", "p99"], [[_flags(t.config), _rate(t),
                                                     scenarios._fmt_ms(t.p99_ms)] for t in ordered]))
+    if not line:
+        errors = next((t.error for t in ordered if t.error), "")
+        print(f"scorehost tune: no configuration kept p99 <= {args.p99_ms:g} ms with at most {ERROR_SHARE:.0%} "
+              f"errors: nothing to recommend" + (f" ({errors})" if errors else ""), file=sys.stderr, flush=True)
+        return 1
     print(f"\nbest under p99 <= {args.p99_ms:g} ms ({best.rate:,.1f} req/s):\n{line}", flush=True)
-    return 0 if best.rate else 1
+    return 0

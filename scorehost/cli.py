@@ -205,6 +205,11 @@ def _bench_checks(args: argparse.Namespace) -> None:
         args.client = "loadgen" if named else "locust"
     if args.images:
         args.images = os.path.abspath(args.images)  # Locust runs in a directory of its own
+    if args.requests:
+        from bench.scenarios import bodies_of
+
+        args.requests = os.path.abspath(args.requests)
+        bodies_of(args, "bench")  # a directory that holds no requests, said now rather than in every cell
     who = ", ".join(named)
     others = [name for name in args.scripts if name != "proxy"]
     if named and others:
@@ -247,9 +252,11 @@ def cmd_bench(args: argparse.Namespace) -> int:
             scripts[name] = (REFERENCE_SCRIPT, demo_model_dir())
         else:
             label, _, path = name.partition("=")
+            if not path and os.path.isfile(name):  # a bare path: named after its file
+                label, path = os.path.splitext(os.path.basename(name))[0], name
             if not path:
-                raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50, proxy or "
-                                 "NAME=PATH")
+                raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50, proxy, "
+                                 "NAME=PATH or the path of an entry script")
             scripts[label] = (path, args.model_dir)
     out = args.out or os.path.join("reports", time.strftime("bench-%Y%m%d-%H%M%S"))
     if args.scenario:
@@ -262,16 +269,24 @@ def cmd_bench(args: argparse.Namespace) -> int:
         bar = "#" * round(20 * i / n) + "-" * (20 - round(20 * i / n))
         print(f"[{bar}] {i}/{n} {r.cell.server:9} {r.cell.script:10} clients={r.cell.concurrency:<3} "
               f"{r.req_s:8.1f} req/s  p99 {r.p99_ms:6.0f} ms  errors {r.failures}", flush=True)
+        if report.erred([r]):
+            print(f"WARNING: {report.errors_line(r)}", file=sys.stderr, flush=True)
 
     print(f"scorehost bench: up to {cells} cells of {args.seconds:g} s -> {out}", flush=True)
     roster = run.Roster()
     results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
-                             images=args.images or "", batch=args.batch, remote=args.remote or "",
+                             images=args.images or "", batch=args.batch, requests=args.requests or "",
+                             remote=args.remote or "",
                              progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client,
                              workers=args.workers, proxy=args.proxy, roster=roster)
     path = report.write(results, out, "scorehost bench " + " ".join(args.argv), args.seconds, roster.markdown())
     print(f"report: {path}")
-    return 0
+    failed = report.failed_scripts(results)
+    if failed:
+        print(f"scorehost bench: {', '.join(failed)}: no cell had most of its answers succeed (2xx): nothing was "
+              "measured"
+              + ("" if args.requests else f"; {report.OWN_REQUESTS}"), file=sys.stderr)
+    return 1 if failed else 0
 
 
 class ShowDefaults(argparse.HelpFormatter):
@@ -312,9 +327,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     bench.add_argument("--scripts", nargs="+",
                        help="trivial, resnet50 (the reference score.py on the demo model), proxy (issue 22's proxy "
                             "of a GPU script: a Pillow decode per request, run_batch() costing --proxy-cost-ms "
-                            "whatever its size; scorehost batches it with one model process), or NAME=PATH "
-                            "(default: trivial resnet50; proxy when a peer is among --servers)")
-    bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH scripts")
+                            "whatever its size; scorehost batches it with one model process), NAME=PATH, or PATH "
+                            "(named after its file) (default: trivial resnet50; proxy when a peer is among --servers)")
+    bench.add_argument("--model-dir", help="AZUREML_MODEL_DIR for NAME=PATH and PATH scripts")
     bench.add_argument("--concurrency", nargs="+", type=int, default=[1, 2, 4, 8],
                        help="closed-loop clients of each cell")
     bench.add_argument("--seconds", type=float, default=15, help="budget per cell")
@@ -323,6 +338,9 @@ def main(argv: Optional[list[str]] = None) -> int:
                             "every server has one model copy (scorehost: one model process, its own HTTP workers)")
     bench.add_argument("--batch", type=int, default=1, help="images per request (>1: JSON batch form)")
     bench.add_argument("--images", help="directory of JPEG/PNG files to send (default: generated JPEGs)")
+    bench.add_argument("--requests", metavar="DIR",
+                       help="send these requests in turn instead of images: those `scorehost serve --record DIR` "
+                            "kept (a script that takes JSON, or anything but images, needs its own)")
     bench.add_argument("--remote", help="load this endpoint instead of local servers, e.g. https://.../score's base")
     bench.add_argument("--key", help="bearer key (remote endpoint, or set on the local scorehost)")
     bench.add_argument("--scorehost-arg", action="append", default=[],

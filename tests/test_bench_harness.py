@@ -4,11 +4,13 @@ every cell, the ratios and plots are there, and a script that fails shows its er
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 from PIL import Image
 
+from bench.run import TRIVIAL
 from conftest import script
 from scorehost import processes
 
@@ -19,7 +21,9 @@ def report(tmp_path_factory):
     done = subprocess.run([processes._bin("scorehost"), "bench", "--scripts", "trivial",
                            f"broken={script('raises.py')}", "--concurrency", "1", "2", "--seconds", "2",
                            "--out", str(out)], capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    # every cell of `broken` failed: said, and the exit code says so (the report is written all the same)
+    assert done.returncode == 1 and "broken: no cell had most of its answers succeed" in done.stderr, \
+        done.stdout + done.stderr
     return out, done.stdout
 
 
@@ -48,6 +52,8 @@ def test_errors_show_in_the_table(report):
     results = json.loads((out / "results.json").read_text())
     broken = [r for r in results if r["cell"]["script"] == "broken"]
     assert broken and all(r["failures"] == r["requests"] > 0 and r["img_s"] == 0 for r in broken)
+    warning = (out / "report.md").read_text().split("**Warning**: more than 1% of the answers were errors in ")[1]
+    assert "scorehost/broken/1" in warning.splitlines()[0] and "trivial" not in warning.splitlines()[0]
 
 
 @pytest.mark.parametrize("name", ["throughput.png", "latency.png", "time_split.png"])
@@ -187,6 +193,7 @@ def test_bench_with_no_server_to_measure_says_why(scenario, tmp_path, capsys):
     (["--servers", "scorehost", "litserve", "--client", "locust"], "drop --client locust"),
     (["--url", "http://127.0.0.1:9"], "--url is for the scenarios"),
     (["--remote", "http://127.0.0.1:9", "--scenario", "offline"], "with --url, not --remote"),
+    (["--requests", "/nonexistent"], "--requests: /nonexistent is not a directory of recorded requests"),
 ])
 def test_bench_refuses_what_the_proxy_or_a_peer_cannot_serve(flags, says, capsys):
     from scorehost.cli import main
@@ -247,3 +254,57 @@ def test_batching_table_skips_a_peer_that_does_not_start_and_goes_on(broken_peer
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert "mlserver: mlserver exited" in done.stderr and "skipped" in done.stderr
     assert "| clients | ideal | scorehost | litserve |" in done.stdout, done.stdout
+
+
+JSON_SUM = os.path.join(os.path.dirname(TRIVIAL), "json_sum.py")  # takes {"data": [numbers]}, refuses images
+
+
+def bench(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([processes._bin("scorehost"), "bench", "--servers", "scorehost", "--concurrency", "1",
+                           "--seconds", "2", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_bench_says_loudly_when_a_script_refuses_what_it_is_sent(tmp_path):
+    """A JSON script sent the default JPEGs answers 400 at once: a fast "result" of nothing but errors."""
+    done = bench("--scripts", f"json={JSON_SUM}", "--client", "loadgen", "--out", str(tmp_path))
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert "WARNING: scorehost/json/1: " in done.stderr and "answers were errors (most common 400: " in done.stderr
+    assert "json: no cell had most of its answers succeed" in done.stderr and "--requests DIR" in done.stderr
+    text = (tmp_path / "report.md").read_text()
+    assert "**Warning**: more than 1% of the answers were errors in scorehost/json/1" in text
+
+
+@pytest.fixture
+def recorded(tmp_path):
+    """Two requests as `scorehost serve --record DIR` keeps them."""
+    from server.record import Exchange
+
+    folder = tmp_path / "recorded"
+    folder.mkdir()
+    for i, data in enumerate(([1, 2], [3.5])):
+        exchange = Exchange("", "POST", "/score", "", [("Content-Type", "application/json")],
+                            json.dumps({"data": data}).encode(), 200, [], b"")
+        (folder / f"{i:06d}.json").write_text(json.dumps(exchange.to_json()))
+    return folder
+
+
+@pytest.mark.parametrize("client", ["locust", "loadgen"])
+def test_bench_sends_recorded_requests_to_a_script_given_by_its_path(recorded, client, tmp_path):
+    done = bench("--scripts", JSON_SUM, "--requests", str(recorded), "--client", client, "--out", str(tmp_path))
+    assert done.returncode == 0 and "WARNING" not in done.stderr, done.stdout + done.stderr
+    (result,) = json.loads((tmp_path / "results.json").read_text())
+    assert result["cell"]["script"] == "json_sum"  # a bare path is named after its file
+    assert result["requests"] > 0 and result["failures"] == 0
+
+
+def test_bench_says_in_one_line_which_server_did_not_start(tmp_path, capsys):
+    from scorehost.cli import main
+
+    needs_model = tmp_path / "needs_model.py"
+    needs_model.write_text("import os\n\ndef init():\n    os.listdir(os.environ['AZUREML_MODEL_DIR'])\n\n"
+                           "def run(raw):\n    return raw\n")
+    assert main(["bench", "--servers", "scorehost", "--scripts", f"mine={needs_model}", "--concurrency", "1",
+                 "--seconds", "1", "--out", str(tmp_path / "out")]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("scorehost bench: scorehost did not start with ") and len(err.strip().splitlines()) == 1
+    assert "needs_model.py" in err and "scorehost: no model directory was given" in err, err

@@ -61,3 +61,15 @@ def test_p99_search_with_uniform_arrivals_finds_near_capacity(forty_ms, tmp_path
     assert 15 <= out["offered_qps"] <= 25, out["steps"]
     assert out["p99_ms"] < 80 and any(not s["met"] and s["rate"] < 30 for s in out["steps"])
     assert "arrivals (server scenario): uniform" in (tmp_path / "report.md").read_text()
+
+
+@pytest.fixture(scope="module")
+def json_sum(start_server):
+    return start_server("scorehost", "bench/scripts/json_sum.py")
+
+
+def test_p99_search_counts_refused_requests_as_failures(json_sum, tmp_path):
+    """A script that answers 400 to every JPEG answers fast: no rate "meets" the bound with nothing but errors."""
+    out, stdout = bench(json_sum.url, tmp_path, "--p99-ms", "100", "--seconds", "1")
+    assert out["offered_qps"] == 0 and out["errors"].get("400") == out["requests"] > 0, out
+    assert "answers were errors, most commonly 400" in stdout

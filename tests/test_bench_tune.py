@@ -66,3 +66,14 @@ def test_two_spellings_of_one_configuration_are_one_trial():
     assert effective({"batch_max": 64}, True) != effective({"batch_max": 64, "batch_delay_ms": 0}, True)
     assert effective({"batch_max": 64}, False) == effective({}, False)  # no run_batch(): --batch-max does nothing
     assert effective({}, True, ("0",)) == effective({"batch_max": 64}, True, ("0",))  # a GPU batches by default
+
+
+def test_tune_recommends_nothing_when_every_answer_is_an_error(tmp_path):
+    """bench/scripts/json_sum.py takes JSON: sent JPEGs, it answers 400 fast, which is no configuration's merit."""
+    done = subprocess.run([processes._bin("scorehost"), "tune", "--entry-script", "bench/scripts/json_sum.py",
+                           "--budget", "0.15", "--seconds", "1", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stdout + done.stderr
+    assert "no configuration kept p99 <= 100 ms with at most 1% errors: nothing to recommend" in done.stderr
+    assert "400" in done.stderr.splitlines()[-1] and "best under" not in done.stdout
+    assert not (tmp_path / "best.txt").exists()

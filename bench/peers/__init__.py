@@ -95,8 +95,10 @@ def wait_answering(name: str, process: processes.ServerProcess, url: str, timeou
 
 def skip_reason(process: processes.ServerProcess, error: Exception) -> str:
     """Why a peer that was started is skipped, in one line (`scorehost bench` and the batching table say it alike):
-    what went wrong, the last line of its log, and where the log is (kept for the reader)."""
-    last = [line.strip() for line in process.output().splitlines() if line.strip()][-1:]
+    what went wrong, the last line of its log (scorehost's own last `scorehost: ...` line where it wrote one: the
+    cause, before gunicorn's shutdown lines), and where the log is (kept for the reader)."""
+    lines = [line.strip() for line in process.output().splitlines() if line.strip()]
+    last = ([line for line in lines if line.startswith("scorehost:")] or lines)[-1:]
     return (str(error).splitlines()[0].rstrip(":") + (f" ({last[0][:200]})" if last else "")
             + f"; its log: {process.log_path}")
 
