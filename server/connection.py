@@ -334,6 +334,11 @@ class Connection:
                 hosts += 1
             elif lname == b"transfer-encoding":
                 chunked = True
+                codings = [c.strip().lower() for c in value.split(b",")]
+                if codings != [b"chunked"]:  # gunicorn: 501 (the body reached run() still gzipped)
+                    raise _Protocol(errors.UnsupportedTransferCoding(
+                        f"Transfer-Encoding {value.decode('latin-1')!r} is not supported: send the body as is, "
+                        "or chunked"))
         if hosts > 1:
             raise _Protocol(errors.MalformedRequest("more than one Host header"))
         if chunked and request.version == "1.0":

@@ -172,6 +172,10 @@ class HeaderFieldsTooLarge(ProtocolError):
     pass
 
 
+class UnsupportedTransferCoding(ProtocolError):
+    """A Transfer-Encoding other than chunked (gzip, deflate, ...): its bytes would reach run() still coded."""
+
+
 class InternalError(ServerError):
     def __init__(self) -> None:
         super().__init__("An unexpected internal error occurred. Check the logs for more info.")
@@ -196,6 +200,7 @@ STATUS: dict[type[ServerError], int] = {
     Overloaded: 503,
     ModelOutOfMemory: 503,
     ModelUnavailable: 503,
+    UnsupportedTransferCoding: 501,
 }
 
 

@@ -328,3 +328,13 @@ def test_an_upgrade_is_ignored_its_body_read_and_the_next_request_served(upgrade
         conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False)
     assert [s[:4] for s in served] == [("POST", "", b"abcdefg", None), ("GET", "n=2", b"", None)]
     assert b"Upgrade" not in served[0][4] and transport.sent.count(b"200 OK") == 2 and conn.state == IDLE
+
+
+@pytest.mark.parametrize("coding", [b"gzip, chunked", b"deflate", b"identity"])
+def test_a_transfer_coding_other_than_chunked_is_501_then_closed(coding):
+    """Attacked from outside: `Transfer-Encoding: gzip, chunked` was taken and run() got the still-gzipped bytes.
+    gunicorn (under Azure ML's server) answers 501."""
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: " + coding + b"\r\n\r\n3\r\nabc\r\n0\r\n\r\n")
+    assert transport.sent.startswith(b"HTTP/1.1 501 ") and b"Transfer-Encoding" in transport.sent
+    assert not hooks.dispatched and conn.state in (CLOSING, CLOSED)
