@@ -75,7 +75,7 @@ class Limits:
 class Request:
     __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
                  "body_error", "expect_continue", "content_length", "started", "deadline", "reserved",
-                 "head_done", "answered", "returned", "error", "dispatched", "responded", "trace")
+                 "head_done", "answered", "returned", "error", "dispatched", "responded", "trace", "continued")
 
     def __init__(self) -> None:
         self.method: Optional[str] = None
@@ -87,6 +87,7 @@ class Request:
         self.body_size = 0
         self.body_error: Optional[str] = None  # the body cannot be read as framed: the app answers 400
         self.expect_continue = False
+        self.continued = False  # its 100 Continue was sent
         self.content_length: Optional[int] = None
         self.keep_alive = True
         self.started = time.perf_counter()
@@ -359,7 +360,7 @@ class Connection:
                 raise _Reject()
             self._release(request)
         if request.expect_continue and request.version == "1.1" and self.state == READING:
-            self._send_continue()  # never inside an answer being written
+            self._send_continue(request)  # never inside an answer being written: else when that answer is (_written)
 
     def on_body(self, data: bytes) -> None:
         request = self.request
@@ -441,6 +442,10 @@ class Connection:
             self._start(self.pending.popleft())
             return
         self.state = READING if self.request is not None else IDLE
+        request = self.request
+        if request is not None and request.expect_continue and request.version == "1.1" and not request.continued \
+                and request.head_done and not request.body_size:
+            self._send_continue(request)  # a pipelined head that came while the answer before it was written
         if self.state == IDLE and self.limits.keepalive <= 0:
             self._linger()
             return
@@ -502,8 +507,9 @@ class Connection:
             return
         self._resume_reading()  # drain what the client still sends, until its EOF or LINGER_S
 
-    def _send_continue(self) -> None:
+    def _send_continue(self, request: Request) -> None:
         """`100 Continue`: what the socket does not take now goes out before the answer (never half of it alone)."""
+        request.continued = True
         data = b"HTTP/1.1 100 Continue\r\n\r\n"
         try:
             sent = self.transport.send(memoryview(data))

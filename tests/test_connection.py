@@ -177,6 +177,19 @@ def test_100_continue_only_for_http_1_1():
         assert (b"100 Continue" in transport.sent) is expected
 
 
+def test_a_pipelined_head_expecting_100_continue_gets_it_once_the_answer_before_it_is_written():
+    """Attacked from outside: a head with `Expect: 100-continue` that came while the request before it was answered
+    never got its 100, and its client, waiting for it, was cut 408 at the read timeout."""
+    conn, transport, hooks, clock = make()
+    conn.received(GET + b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nExpect: 100-continue\r\n\r\n")
+    assert b"100 Continue" not in transport.sent  # never inside the answer being written
+    answer_all(conn, hooks)
+    assert transport.sent.endswith(b"ok" + b"HTTP/1.1 100 Continue\r\n\r\n")
+    conn.received(b"abc")
+    (_, request), = hooks.dispatched
+    assert b"".join(request.body) == b"abc" and transport.sent.count(b"100 Continue") == 1
+
+
 def test_the_body_budget_answers_503_on_the_head_and_releases_on_answer():
     """Finding 6: bodies in flight are bounded per worker; one request always passes."""
     hooks = Hooks(budget=500)
