@@ -123,6 +123,13 @@ class Peer:
         parts: list[Any] = []
         for a in answers:
             parts += _encode(a)
+        self._write(parts)
+
+    def stalled(self, on: bool) -> None:
+        """Tell the HTTP worker whether a run_batch() is past a scoring timeout (wire.Type.STALLED)."""
+        self._write(wire.encode(wire.Type.STALLED, 0, None, 1.0 if on else 0.0))
+
+    def _write(self, parts: list[Any]) -> None:
         with self.lock:
             if not self.open:
                 return
@@ -199,6 +206,10 @@ class ModelServer:
         self.batch_s = 0.0  # recent run_batch() time (moving average): how long the queue ahead will take
         self.answer_lock = threading.Lock()  # an item is answered once: by its result or by its deadline
         self.peers: set[Peer] = set()
+        # Whether the run in progress is past a request's scoring timeout: its HTTP workers are told (STALLED) and
+        # say not ready until it returns. One lock orders the watchdog's "stalled" after the run's "returned".
+        self.stalled = False
+        self.stall_lock = threading.Lock()
         self.policy = BatchPolicy(self.batch_max, self.sizes, self.delay_s)
         self.policy_wait_s = 0.0  # how long the last batch was held for others to join (for /metrics)
         self.tracing: Any = None  # telemetry.Tracing when tracing is on: the run_batch span
@@ -299,7 +310,10 @@ class ModelServer:
             log.exception("run_batch() raised; failing the %d requests of this batch", n)
             outputs = [ex] * n
         finally:
-            self.current = []
+            with self.stall_lock:
+                self.current = []
+                if self.stalled:
+                    self._stall(False)
             if span is not None:
                 span.end()
         elapsed = time.monotonic() - started
@@ -388,6 +402,9 @@ class ModelServer:
                 return  # closed: stopping
             peer = Peer(sock, self.send_timeout_s)
             self.peers.add(peer)
+            with self.stall_lock:
+                if self.stalled:  # a worker linking during a stall (one restarted) is told too
+                    peer.stalled(True)
             threading.Thread(target=self._read, args=(peer,), name="model-peer", daemon=True).start()
 
     def _read(self, peer: Peer) -> None:
@@ -418,6 +435,9 @@ class ModelServer:
             if overdue:
                 log.error("run_batch() passed the scoring timeout of %d ms", self.timeout_ms)
                 self._answer([(item, False, errors.ScoringTimeout(self.timeout_ms)) for item in overdue], 0.0, 0)
+                with self.stall_lock:
+                    if self.current is batch and not self.stalled:
+                        self._stall(True)
             if batch and now >= min(item.deadline for item in batch) + self.grace_s and self.current is batch:
                 log.error("run_batch() has not returned %.0f s after the scoring timeout (--hung-grace): the model "
                           "process %d exits and the master starts another", self.grace_s, os.getpid())
@@ -425,6 +445,13 @@ class ModelServer:
                 self.stop_queue(errors.ModelUnavailable("The model process is restarting: retry shortly."))
                 logging.shutdown()
                 os._exit(EXIT_HUNG)
+
+
+    def _stall(self, on: bool) -> None:
+        """Under stall_lock."""
+        self.stalled = on
+        for peer in list(self.peers):
+            peer.stalled(on)
 
 
 class ModelWorker(Worker):
@@ -494,6 +521,7 @@ class _Link:
         self.connect_lock = threading.Lock()
         self.pending_lock = threading.Lock()
         self.pending: dict[int, _Pending] = {}
+        self.stalled = False  # its model process says a run_batch() is past a scoring timeout (wire.Type.STALLED)
         self.wake = threading.Event()
         threading.Thread(target=self._keep, name="model-link", daemon=True).start()
 
@@ -554,6 +582,9 @@ class _Link:
             stream = sock.makefile("rb", buffering=wire.READ_BUFFER)
             while True:
                 frame = wire.receive(stream, 1 << 40)
+                if frame.type == wire.Type.STALLED:
+                    self.stalled = frame.value > 0
+                    continue
                 with self.pending_lock:
                     pending = self.pending.pop(frame.rid, None)
                 if pending is not None:
@@ -573,6 +604,7 @@ class _Link:
             if sock is not self.sock:
                 return
             self.sock = None
+            self.stalled = False  # a new model process is not stalled
             waiting, self.pending = self.pending, {}
         try:
             sock.shutdown(socket.SHUT_RDWR)  # a send blocked on it fails now
@@ -596,8 +628,8 @@ class ModelClient:
         self._ids = itertools.count()
 
     def ready(self) -> bool:
-        """Every model process linked; never blocks."""
-        return all(link.up for link in self.links)
+        """Every model process linked, and none with a run_batch() past a scoring timeout; never blocks."""
+        return all(link.up and not link.stalled for link in self.links)
 
     def submit(self, value: Any, deadline: Optional[float] = None) -> Timed:
         if deadline is None:

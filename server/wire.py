@@ -20,6 +20,9 @@ Message types:
             ms, `size` the batch size it ran in.
     ERROR   model process -> HTTP worker: the request failed; the payload is (error type name, message), plain
             strings that always pickle.
+    STALLED model process -> HTTP worker (version 2): `value` 1.0 once a run_batch() has run past a request's
+            scoring timeout, 0.0 when it returns; no request, no payload. The worker's /ready says not ready
+            meanwhile, so a load balancer sends its traffic elsewhere.
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import socket
 import struct
 from typing import Any, BinaryIO, NamedTuple
 
-VERSION = 1
+VERSION = 2
 HEADER = struct.Struct("<BBHQdI")  # version, type, parts, request id, deadline or run ms, batch size
 BIG_BYTES = 4096  # bytes this long or longer cross out of band (one copy fewer each way)
 MAX_PARTS = 1024
@@ -46,6 +49,7 @@ class Type(enum.IntEnum):
     SCORE = 1
     RESULT = 2
     ERROR = 3
+    STALLED = 4
 
 
 class WireError(Exception):

@@ -167,6 +167,30 @@ def test_a_hung_run_batch_is_answered_then_restarted(start_server, tmp):
     assert "run_batch() has not returned" in server.output()
 
 
+def _readiness(server) -> int:
+    try:
+        with urllib.request.urlopen(server.url + "/ready", timeout=5) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+
+
+def test_ready_says_not_ready_while_run_batch_is_past_a_scoring_timeout(start_server, tmp):
+    """Attacked from outside: /ready stayed 200 while a run_batch() hung past the scoring timeout, until the
+    --hung-grace restart: a load balancer kept sending requests that could only time out. The model process now
+    tells its HTTP workers (wire STALLED), and /ready is 503 until the run returns or the process is replaced."""
+    server, log = serve(start_server, tmp, "--scoring-timeout-ms", "500", "--hung-grace", "4")
+    assert _readiness(server) == 200
+    status, _ = post(server, jpeg((1, 2, 3)), query="?hang=1")  # answered 500 at the timeout; the run goes on
+    assert status == 500
+    time.sleep(0.3)
+    assert _readiness(server) == 503 and len(init_pids(log)) == 1  # hung, not yet replaced
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline and _readiness(server) != 200:
+        time.sleep(0.2)
+    assert _readiness(server) == 200 and len(init_pids(log)) == 2  # ready again with the new model process
+
+
 def test_sigterm_drains_requests_waiting_on_the_model(tmp):
     from scorehost import processes
 
