@@ -153,10 +153,11 @@ class Connection:
             if self.head_bytes > MAX_HEAD:
                 self._protocol_error(errors.HeaderFieldsTooLarge(f"request head over {MAX_HEAD} bytes"))
                 return
+        rest: Optional[bytes] = None
         try:
             self.parser.feed_data(data)  # type: ignore[union-attr]
         except httptools.HttpParserUpgrade as ex:
-            self._not_upgraded(data[ex.args[0]:])
+            rest = data[ex.args[0]:]  # parsed again below, outside this handler: an error there keeps its own cause
         except httptools.HttpParserCallbackError as ex:
             cause = ex.__context__
             if isinstance(cause, _Discard):
@@ -169,6 +170,8 @@ class Connection:
                 raise
         except httptools.HttpParserError as ex:
             self._protocol_error(errors.MalformedRequest(str(ex)))
+        if rest is not None:
+            self._not_upgraded(rest)
 
     def ended(self) -> None:
         """The client closed (or half-closed) its side: answer what it sent, then close."""
@@ -284,6 +287,9 @@ class Connection:
     def on_message_begin(self) -> None:
         if self.stop_reading or self.state in (CLOSING, CLOSED):
             raise _Discard()
+        if self.state == IDLE:  # a request after one the loop answered within this same read
+            self.state = READING
+            self.deadline = self.clock() + self.limits.read_timeout
         self.request = Request()
         self.in_head = True
 
@@ -389,6 +395,11 @@ class Connection:
         request, self.upgrade_head = self.upgrade_head, None
         if request is None:
             self.stop_reading = True
+            return
+        if request.method == "CONNECT":  # every CONNECT is an upgrade to the parser: answered as it came, then closed
+            request.keep_alive = False
+            self.stop_reading = True
+            self._complete(request)
             return
         head = b"%s %s HTTP/%s\r\n" % (request.method.encode("latin-1"), request.url, request.version.encode())
         head += b"".join(b"%s: %s\r\n" % field for field in request.headers if field[0].lower() != b"upgrade")

@@ -583,7 +583,9 @@ class _Link:
             while True:
                 frame = wire.receive(stream, 1 << 40)
                 if frame.type == wire.Type.STALLED:
-                    self.stalled = frame.value > 0
+                    with self.pending_lock:
+                        if sock is self.sock:  # not a frame of a link already dropped: it would outlive it
+                            self.stalled = frame.value > 0
                     continue
                 with self.pending_lock:
                     pending = self.pending.pop(frame.rid, None)
