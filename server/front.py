@@ -145,7 +145,6 @@ class FrontWorker(Worker):
         self.tracing = scorehost["tracing"]  # telemetry.Tracing, or None: off
         self.shares: ConnectionShares = self.app.shares
         self.conns: dict[int, Connection] = {}
-        self.adopted: list[Connection] = []  # taken from the backlog on a stop (_take_backlog)
         self.overdue: set[Request] = set()  # answered at their deadline while their app thread is still out
         self.hung = ""  # why this worker must exit, once a call stays stuck past --hung-grace
         self.write_s = EVACUATE_S  # how long the last answers get to be written before the worker exits
@@ -227,10 +226,9 @@ class FrontWorker(Worker):
     def _loop(self) -> None:
         next_tick = 0.0
         drain_until: Optional[float] = None
-        adopted_until = 0.0
         while True:
             now = time.monotonic()
-            if now >= next_tick or (not self.alive and drain_until is None):  # a stop acts at once, not next tick
+            if now >= next_tick:
                 next_tick = now + TICK_S
                 self.notify()
                 for conn in list(self.conns.values()):
@@ -250,11 +248,9 @@ class FrontWorker(Worker):
                         plan = drain_plan(self.cfg.graceful_timeout)
                         drain_until, self.write_s = (self.stop_asked or now) + plan.http_s, plan.write_s
                     self._stop_accepting()
-                    adopted_until = now + DRAIN_IDLE_S  # a connection taken from the backlog, its request not in yet
                     for conn in self.conns.values():
                         conn.drain(DRAIN_IDLE_S)
-                if drain_until is not None and (now >= drain_until or not any(c.busy for c in self.conns.values())) \
-                        and not (now < adopted_until and any(c.state == IDLE for c in self.adopted)):
+                if drain_until is not None and (now >= drain_until or not any(c.busy for c in self.conns.values())):
                     self._evacuate(self.hung or "the server is stopping")
                     if self.hung:
                         logging.shutdown()
@@ -335,25 +331,6 @@ class FrontWorker(Worker):
         self.conns[sock.fileno()] = conn
         self.shares.publish(self.share_slot, len(self.conns))
         return conn
-
-    def _take_backlog(self) -> None:
-        """Stopping: connections the kernel completed before the listeners close are this worker's to answer (closed
-        with the listener, they were reset unanswered: a client that connected in the moment after SIGTERM got a
-        reset, not an answer nor a refusal). They are accepted, and what they sent already is read now, so that a
-        request among it is held and answered before the worker goes."""
-        for listener in self.listeners.values():
-            while True:
-                try:
-                    sock, peer = listener.accept()
-                except OSError:  # BlockingIOError: the backlog is empty; anything else: take no more
-                    break
-                conn = self._adopt(sock, peer)
-                self.adopted.append(conn)
-                try:
-                    self._read(conn, select.EPOLLIN)
-                except Exception:  # noqa: BLE001 - as in _poll: one connection's failure never ends the loop
-                    log.exception("closing a connection after an unexpected error")
-                    conn.close()
 
     def forget(self, fd: int) -> None:
         """A connection closed (its transport calls this)."""
@@ -443,8 +420,6 @@ class FrontWorker(Worker):
 
     def _stop_accepting(self) -> None:
         self._accepting(False)
-        if not self.hung:  # a worker stopping alone with a stuck call leaves the backlog to its healthy siblings
-            self._take_backlog()
         for listener in self.listeners.values():
             listener.close()
         self.listeners = {}
