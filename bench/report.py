@@ -95,9 +95,10 @@ def markdown(results: list[Result], command: str, seconds: float, servers: str =
         cells = ", ".join(f"{r.cell.server}/{r.cell.script}/{r.cell.concurrency} ({r.requests})" for r in thin)
         parts.append(f"**Warning**: fewer than {MIN_REQUESTS_FOR_P99} requests in {cells}: there, p99 is one of the "
                      "few slowest requests, not a percentile. Give those cells more time (`--seconds`).")
-    if erred(results):
+    failing = erred(results)
+    if failing:
         parts.append(f"**Warning**: more than {ERROR_SHARE:.0%} of the answers were errors in "
-                     + "; ".join(map(errors_line, erred(results)))
+                     + "; ".join(map(errors_line, failing))
                      + f". Those rows time the errors, not the script; {OWN_REQUESTS}.")
     rs = ratios(results)
     if rs:

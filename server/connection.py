@@ -365,8 +365,8 @@ class Connection:
             if not self._reserve(request, request.content_length):
                 raise _Reject()
             self._release(request)
-        if request.expect_continue and request.version == "1.1" and self.state == READING:
-            self._send_continue(request)  # never inside an answer being written: else when that answer is (_written)
+        if self.state == READING:  # never inside an answer being written: else when that answer is (_written)
+            self._continue(request)
 
     def on_body(self, data: bytes) -> None:
         request = self.request
@@ -453,10 +453,8 @@ class Connection:
             self._start(self.pending.popleft())
             return
         self.state = READING if self.request is not None else IDLE
-        request = self.request
-        if request is not None and request.expect_continue and request.version == "1.1" and not request.continued \
-                and request.head_done and not request.body_size:
-            self._send_continue(request)  # a pipelined head that came while the answer before it was written
+        if self.request is not None and self.request.head_done:
+            self._continue(self.request)  # a pipelined head that came while the answer before it was written
         if self.state == IDLE and self.limits.keepalive <= 0:
             self._linger()
             return
@@ -518,8 +516,11 @@ class Connection:
             return
         self._resume_reading()  # drain what the client still sends, until its EOF or LINGER_S
 
-    def _send_continue(self, request: Request) -> None:
-        """`100 Continue`: what the socket does not take now goes out before the answer (never half of it alone)."""
+    def _continue(self, request: Request) -> None:
+        """`100 Continue`, once, to an HTTP/1.1 head that asks for it before its body comes: what the socket does
+        not take now goes out before the answer (never half of it alone)."""
+        if not request.expect_continue or request.version != "1.1" or request.continued or request.body_size:
+            return
         request.continued = True
         data = b"HTTP/1.1 100 Continue\r\n\r\n"
         try:

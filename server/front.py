@@ -319,9 +319,6 @@ class FrontWorker(Worker):
             else:
                 log.warning("accept failed: %s", ex)
             return
-        self._adopt(sock, peer)
-
-    def _adopt(self, sock: socket.socket, peer: Any) -> Connection:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -330,7 +327,6 @@ class FrontWorker(Worker):
         conn = Connection(SocketTransport(self, sock), self, self.limits, peer=peer)
         self.conns[sock.fileno()] = conn
         self.shares.publish(self.share_slot, len(self.conns))
-        return conn
 
     def forget(self, fd: int) -> None:
         """A connection closed (its transport calls this)."""

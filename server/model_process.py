@@ -446,7 +446,6 @@ class ModelServer:
                 logging.shutdown()
                 os._exit(EXIT_HUNG)
 
-
     def _stall(self, on: bool) -> None:
         """Under stall_lock."""
         self.stalled = on

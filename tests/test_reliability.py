@@ -94,7 +94,12 @@ HOSTILE = [
     ("request target that is not a URL", b"GET http://[/x HTTP/1.1\r\nHost: x\r\n\r\n", 400),
     ("bad chunk size", b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nabc\r\n0\r\n\r\n",
      400),
-    ("unknown transfer coding", b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n", 501),  # gunicorn's
+    ("unknown transfer coding", b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: gzip\r\n\r\n",
+     501),  # as gunicorn answers
+    ("an Upgrade head with two Hosts", b"GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\nConnection: Upgrade\r\n"
+     b"Upgrade: websocket\r\n\r\n", 400),
+    ("an Upgrade head with a gzip coding", b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: Upgrade\r\n"
+     b"Upgrade: h2c\r\nTransfer-Encoding: gzip\r\n\r\n", 501),
     ("two Content-Lengths", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\nContent-Length: 4\r\n\r\nabcd",
      400),
     ("body over the limit (announced)", b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 200000\r\n\r\n", 413),
@@ -105,6 +110,19 @@ HOSTILE = [
 def test_hostile_request_gets_its_status_as_json(server, what, data, status):
     got_status, body = status_and_json(raw(server.port, data))
     assert got_status == status and body["message"] and body.get("request_id")
+    ok(server)
+
+
+def test_an_upgrade_request_is_served_and_so_is_the_next_on_its_connection(server):
+    """`curl --http2` on http:// asks to switch to h2c: no switch, the POST served with its body, then the next."""
+    upgrade = (b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\n"
+               b"HTTP2-Settings: AAMAAABkAAQCAAAAAAIAAAAA\r\nContent-Length: 4\r\n\r\nfine")
+    with socket.create_connection(("127.0.0.1", server.port), timeout=10) as s:
+        s.sendall(upgrade + b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 4\r\n\r\nfine")
+        reply = b""
+        while chunk := s.recv(65536):  # until the server closes, after the second answer
+            reply += chunk
+    assert reply.count(b"HTTP/1.1 200 OK") == 2 and reply.count(b'{"ok": "fine"}') == 2, reply[:500]
     ok(server)
 
 
