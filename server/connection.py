@@ -137,6 +137,7 @@ class Connection:
         self.unsent = b""  # the part of a 100 Continue the socket did not take: it precedes the answer
         self.close_after = False
         self.eof = False
+        self.fresh = True  # nothing received yet: a client that connected has its first request on the way
         self.reading = True  # whether bytes are taken now (not while a request is answered: back-pressure)
         self.socket_paused = False  # whether the transport was told to stop reading (lazily, see pause_socket)
 
@@ -144,6 +145,7 @@ class Connection:
     def received(self, data: bytes) -> None:
         if self.state in (CLOSING, CLOSED) or self.stop_reading:
             return  # lingering close, or past the last request: discard
+        self.fresh = False
         if self.state == IDLE:
             self.state = READING
         if self.state == READING:
@@ -234,6 +236,13 @@ class Connection:
         """The worker stops: an idle connection closes soon (a request already on its way may still come)."""
         if self.state == IDLE:
             self.deadline = min(self.deadline, self.clock() + within_s)
+
+    def awaited(self, now: float) -> bool:
+        """Whether a stopping worker must wait for this connection: a new one that has sent nothing yet, until its
+        drain deadline. A client connects to send a request, which may be a moment behind (more so on busy cores);
+        closed before it came, the connection was reset with the request unanswered. An idle keep-alive connection
+        is not waited for: its client was answered, and a close between requests is HTTP's own."""
+        return self.fresh and self.state == IDLE and now < self.deadline
 
     def evacuate(self, answer: Callable[[Request], bytes]) -> None:
         """The worker must exit now: every request this connection holds and has not answered gets `answer` (503

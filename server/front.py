@@ -18,7 +18,9 @@ What that buys, measured in bench/RESULTS.md (section 6), against gunicorn's gth
   body, and `Expect: 100-continue` gets its 100 only when the app would take the body;
 - nothing accepted is dropped: a worker that must exit (a hung call past `--hung-grace`, the end of a graceful
   stop) first stops accepting, answers every request it holds (503 + Retry-After where no answer is ready), and
-  finishes writing them.
+  finishes writing them. On a stop it acts at once: what the kernel already accepted into the backlog is taken,
+  and a new connection's first request is waited for (up to DRAIN_IDLE_S), so a client that connected in that
+  moment gets an answer or a refusal, never a reset.
 """
 
 from __future__ import annotations
@@ -228,7 +230,7 @@ class FrontWorker(Worker):
         drain_until: Optional[float] = None
         while True:
             now = time.monotonic()
-            if now >= next_tick:
+            if now >= next_tick or (not self.alive and drain_until is None):  # a stop acts at once, not next tick
                 next_tick = now + TICK_S
                 self.notify()
                 for conn in list(self.conns.values()):
@@ -250,7 +252,8 @@ class FrontWorker(Worker):
                     self._stop_accepting()
                     for conn in self.conns.values():
                         conn.drain(DRAIN_IDLE_S)
-                if drain_until is not None and (now >= drain_until or not any(c.busy for c in self.conns.values())):
+                if drain_until is not None and (now >= drain_until or
+                                                not any(c.busy or c.awaited(now) for c in self.conns.values())):
                     self._evacuate(self.hung or "the server is stopping")
                     if self.hung:
                         logging.shutdown()
@@ -319,6 +322,9 @@ class FrontWorker(Worker):
             else:
                 log.warning("accept failed: %s", ex)
             return
+        self._adopt(sock, peer)
+
+    def _adopt(self, sock: socket.socket, peer: Any) -> None:
         sock.setblocking(False)
         try:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -327,6 +333,19 @@ class FrontWorker(Worker):
         conn = Connection(SocketTransport(self, sock), self, self.limits, peer=peer)
         self.conns[sock.fileno()] = conn
         self.shares.publish(self.share_slot, len(self.conns))
+
+    def _take_backlog(self) -> None:
+        """Stopping: the connections the kernel completed before the listeners close are this worker's to answer
+        (closed with the listener, they were reset unanswered: a client that connected in the moment after SIGTERM
+        got a reset, neither an answer nor a refusal). Each is taken as a new connection, which the worker waits for
+        until its request comes (`Connection.awaited`) and answers before it goes."""
+        for listener in self.listeners.values():
+            while True:
+                try:
+                    sock, peer = listener.accept()
+                except OSError:  # BlockingIOError: the backlog is empty; anything else: take no more
+                    break
+                self._adopt(sock, peer)
 
     def forget(self, fd: int) -> None:
         """A connection closed (its transport calls this)."""
@@ -416,6 +435,8 @@ class FrontWorker(Worker):
 
     def _stop_accepting(self) -> None:
         self._accepting(False)
+        if not self.hung:  # a worker stopping alone with a stuck call leaves the backlog to its healthy siblings
+            self._take_backlog()
         for listener in self.listeners.values():
             listener.close()
         self.listeners = {}

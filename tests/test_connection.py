@@ -255,6 +255,27 @@ def test_evacuation_answers_the_request_being_answered_and_those_pipelined_behin
     assert b"200" not in transport.sent
 
 
+def test_a_stopping_worker_waits_for_a_new_connections_first_request_not_for_an_idle_keep_alive_one():
+    """Attacked from outside: a client that connected just before (or after) SIGTERM, its request a moment behind,
+    was closed unanswered when nothing else was busy, i.e. reset. A new connection is waited for until its drain
+    deadline; one that idles after an answer is not (its client was answered; a close between requests is HTTP's)."""
+    new, _, hooks, clock = make()
+    new.drain(1.0)
+    assert new.awaited(clock.now) and not new.busy
+    clock.now += 0.5
+    new.received(GET)  # the request comes: it is held (busy) and answered, no longer awaited
+    assert not new.awaited(clock.now) and new.busy
+    answer_all(new, hooks)
+    new.drain(1.0)
+    assert new.state == IDLE and not new.awaited(clock.now) and not new.busy
+    silent, _, _, clock = make()
+    silent.drain(1.0)
+    clock.now += 1.0
+    assert not silent.awaited(clock.now)  # nothing came within the drain: not waited for any longer
+    silent.tick(clock.now)
+    assert silent.state == CLOSED
+
+
 def test_a_request_that_stops_arriving_is_408_and_an_idle_one_is_closed():
     conn, transport, hooks, clock = make()
     conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 10\r\n\r\nabc")

@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from typing import Optional
 
 import pytest
 
@@ -173,6 +174,58 @@ def test_the_model_process_holds_no_http_listener():
             time.sleep(0.1)
         holders = [pid for pid in _children(server.pid) if _holds(pid, inodes)]
         assert len(holders) == 2, holders  # the two HTTP workers; not the model process
+    finally:
+        server.stop()
+
+
+def _answer_or_refusal(port: int, sock: Optional[socket.socket] = None, wait_s: float = 0.0) -> str:
+    """A POST on a new connection (or on `sock`, connected earlier, after `wait_s`): its status line, or "refused";
+    a reset (accepted, then dropped) fails."""
+    try:
+        sock = sock or socket.create_connection(("127.0.0.1", port), timeout=15)
+    except ConnectionRefusedError:
+        return "refused"
+    with sock:
+        time.sleep(wait_s)
+        sock.sendall(b"POST /score HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: 7\r\n\r\nnap:0.1")
+        reply = b""
+        while chunk := sock.recv(65536):  # ConnectionResetError: the failure these tests are about
+            reply += chunk
+    return reply.split(b"\r\n", 1)[0].decode()
+
+
+ANSWERED = ("HTTP/1.1 200 OK", "HTTP/1.1 503 Service Unavailable")
+
+
+@pytest.mark.parametrize("after_s", [0.0, 0.05, 0.15])
+def test_a_connection_made_just_after_sigterm_is_answered_or_refused_never_reset(after_s):
+    """Attacked from outside: a client that connected in the quarter second after SIGTERM was reset (4 runs of
+    4): the worker stopped accepting at once but closed its listener only at its next tick, and the kernel reset
+    what waited in the backlog then. Now the stop acts at once, and what the backlog holds is taken and answered."""
+    server = _napping()
+    try:
+        with concurrent.futures.ThreadPoolExecutor(1) as pool:
+            busy = pool.submit(post, server, b"nap:0.6")  # a request in flight: the workers drain, not just exit
+            time.sleep(0.2)
+            os.kill(server.pid, signal.SIGTERM)
+            time.sleep(after_s)
+            assert _answer_or_refusal(server.port) in ("refused", *ANSWERED)
+            assert busy.result().status == 200
+    finally:
+        server.stop()
+
+
+def test_a_connection_whose_request_comes_after_sigterm_is_answered_not_reset():
+    """A client connected, then SIGTERM came before its request (a moment behind on busy cores: the cause of resets
+    in the CI runs of an earlier attempt at the test above). With nothing else busy the worker closed it at once,
+    unanswered, and the request that came next was reset. A new connection is waited for (up to a second)."""
+    server = _napping()
+    try:
+        sock = socket.create_connection(("127.0.0.1", server.port), timeout=15)
+        time.sleep(0.2)  # accepted by a worker
+        os.kill(server.pid, signal.SIGTERM)
+        assert _answer_or_refusal(server.port, sock, wait_s=0.4) in ANSWERED
+        assert server.proc.wait(30) == 0
     finally:
         server.stop()
 
