@@ -1,5 +1,8 @@
 """`scorehost deploy aks --sdk v1`: the original flow with azureml-core (SDK v1), for users still on it.
 
+What ships is what SDK v2 ships (deploy/source.py): the entry script's folder as InferenceConfig's
+source_directory, the script named relative to it, and the model registered with the same description.
+
 SDK v1 lost support on 2026-06-30; this prints a deprecation warning. The original used
 `InferenceConfig(..., gpu_enabled=True)`, a keyword that never existed (v1's was `enable_gpu`, itself deprecated):
 here the GPU comes from an Environment on Azure ML's CUDA base image, and `gpu_cores=1` on the AKS service.
@@ -8,18 +11,22 @@ Install with `pip install 'scorehost[deploy-v1]'` in its own virtualenv (v1 and 
 
 from __future__ import annotations
 
+import os
+import shutil
 import warnings
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
-from deploy.plan import sha256
+from deploy import source
+from deploy.plan import model_description, sha256
 from deploy.settings import DeploySettings, DeployError
 
 DEPRECATION = ("Azure ML SDK v1 (azureml-core) lost support on 2026-06-30: prefer the default --sdk v2. "
                "NC6 sizes are retired; the default is Standard_NC4as_T4_v3.")
 
 
-def build(s: DeploySettings) -> dict[str, Any]:
-    """The v1 objects, offline: environment, inference config, AKS provisioning and deployment configs."""
+def build(s: DeploySettings, code_dir: Optional[str] = None) -> dict[str, Any]:
+    """The v1 objects, offline: environment, inference config (on a copy of the code folder, in `code_dir` or a new
+    temporary folder that the caller removes), AKS provisioning and deployment configs."""
     from azureml.core import Environment
     from azureml.core.compute import AksCompute
     from azureml.core.model import InferenceConfig
@@ -28,9 +35,12 @@ def build(s: DeploySettings) -> dict[str, Any]:
     environment = Environment.from_conda_specification(f"scorehost-{s.model_name}", s.conda_file)
     environment.docker.base_image = s.base_image.split(":")[0] if s.base_image.endswith(":latest") else s.base_image
     environment.inferencing_stack_version = "latest"
+    copied = source.copy(s, code_dir)
     return {
         "environment": environment,
-        "inference_config": InferenceConfig(entry_script=s.entry_script, environment=environment),
+        "inference_config": InferenceConfig(source_directory=os.path.dirname(copied),
+                                            entry_script=os.path.basename(copied), environment=environment),
+        "script_sha256": sha256(copied),
         "provisioning": AksCompute.provisioning_configuration(vm_size=s.vm_size, agent_count=s.node_count,
                                                               location=s.location),
         "deployment_config": AksWebservice.deploy_configuration(
@@ -47,7 +57,7 @@ def deploy(workspace: Any, s: DeploySettings, say: Callable[[str], None] = print
     warnings.warn(DEPRECATION, DeprecationWarning, stacklevel=2)
     say(f"WARNING: {DEPRECATION}")
     objects = build(s)
-    say(f"score.py sha256 {sha256(s.entry_script)}")
+    say(source.shipped_line(s, objects["script_sha256"]))
     created: list[str] = []
     try:
         if s.create_cluster:
@@ -56,7 +66,8 @@ def deploy(workspace: Any, s: DeploySettings, say: Callable[[str], None] = print
             created.append(f"AKS compute {s.compute}")
         else:
             target = AksCompute(workspace, s.compute)
-        model = Model.register(workspace, model_path=s.model_dir, model_name=s.model_name)
+        model = Model.register(workspace, model_path=s.model_dir, model_name=s.model_name,
+                               description=model_description(s))
         created.append(f"model {s.model_name}")
         service = Model.deploy(workspace, s.endpoint, [model], objects["inference_config"],
                                objects["deployment_config"], deployment_target=target, overwrite=True)
@@ -64,8 +75,11 @@ def deploy(workspace: Any, s: DeploySettings, say: Callable[[str], None] = print
         service.wait_for_deployment(show_output=True)
         primary, _ = service.get_keys()
     except Exception as ex:
-        raise DeployError(f"scorehost deploy aks --sdk v1 failed: {ex}\nCreated so far: {', '.join(created) or 'nothing'}"
+        raise DeployError(f"scorehost deploy aks --sdk v1 failed: {ex}\n"
+                          f"Created so far: {', '.join(created) or 'nothing'}"
                           f"\nRemove it with: scorehost deploy teardown --sdk v1 --endpoint {s.endpoint} --yes") from ex
+    finally:
+        shutil.rmtree(objects["inference_config"].source_directory, ignore_errors=True)
     say(f"scoring URI: {service.scoring_uri}")
     return {"scoring_uri": service.scoring_uri, "key": primary, "created": created}
 

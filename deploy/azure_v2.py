@@ -16,12 +16,11 @@ import logging
 import math
 import os
 import shutil
-import tempfile
 import time
 from typing import Any, Callable, Optional
 
 from deploy import cluster, source
-from deploy.plan import sha256
+from deploy.plan import model_description, sha256
 from deploy.settings import DeployError, DeploySettings
 
 Say = Callable[[str], None]
@@ -84,12 +83,11 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
                                       ProbeSettings)
 
     # The code folder (deploy/source.py): the entry script, byte for byte, with the rest of its folder.
-    code_dir = code_dir or tempfile.mkdtemp(prefix="scorehost-code-")
-    script = os.path.basename(s.entry_script)
-    digest = sha256(source.copy(s, code_dir))
+    copied = source.copy(s, code_dir)
+    code_dir, script, digest = os.path.dirname(copied), os.path.basename(copied), sha256(copied)
     tags = {"scorehost": "1", "score_sha256": digest}
     model = Model(name=s.model_name, path=s.model_dir, type=AssetTypes.CUSTOM_MODEL,
-                  description="TensorFlow SavedModel served by score.py",
+                  description=model_description(s),
                   tags={**tags, "files_sha256": sha256(s.model_dir)} if os.path.isdir(s.model_dir) else tags)
     environment = Environment(name=f"scorehost-{s.model_name}", image=s.base_image, conda_file=s.conda_file,
                               description="myenv.yml on Azure ML's CUDA base image")
@@ -236,8 +234,7 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
     deployment alone before it takes traffic. Returns {"scoring_uri", "key", "traffic", "created"}."""
     ml = clients.ml
     entities = build_entities(s, managed)
-    say(f"{os.path.basename(s.entry_script)} sha256 {entities.script_sha256} (the identical file goes to the cloud, in "
-        f"code from {source.root(s.entry_script)})")
+    say(source.shipped_line(s, entities.script_sha256))
     created: list[str] = []
     step = "start"
 

@@ -78,13 +78,16 @@ def cmd_plan(args: argparse.Namespace) -> int:
     require("deploy plan", ("yaml", "azure.ai.ml") if args.out else ("yaml",))
     from deploy import plan
 
-    s = _demo_model(settings_from(args), PLAN)
+    s, no_workspace = _demo_model(settings_from(args), PLAN), ""
     try:
         s = s.with_workspace()
-    except WorkspaceNotFound:
-        s = s.named()  # a plan needs no workspace: it says none is known yet
+    except WorkspaceNotFound as ex:
+        s, no_workspace = s.named(), ex.reason  # a plan needs no workspace: it says none is known yet, and why
     found = plan.problems(s, load_check=not args.no_load_check)
-    plan.print_plan(s)
+    if args.out and s.endpoint_pending:
+        found.append("--out writes the endpoint's name, whose last 6 characters come from the workspace: give the "
+                     "workspace (above) or --endpoint NAME")
+    plan.print_plan(s, no_workspace)
     if found:
         print("\nProblems:\n" + "\n".join(f"  - {p}" for p in found))
         return 1
@@ -192,7 +195,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     from deploy import k8s, source
     from deploy.plan import sha256
 
-    s = _demo_model(settings_from(args), K8S).named()
+    s = _demo_model(settings_from(args), K8S).named(azure_ml=False)  # names of the cluster's own: no workspace
     found = k8s.problems(s, args.out)
     if found:
         raise DeployError("scorehost deploy k8s: " + "; ".join(found))

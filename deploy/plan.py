@@ -12,7 +12,7 @@ import tempfile
 from typing import Optional
 
 from deploy import source
-from deploy.settings import DeploySettings
+from deploy.settings import UNKNOWN_SUFFIX, DeploySettings
 
 SYSTEM_POOL_SIZE = "Standard_D4s_v5"  # the system pool of a cluster scorehost creates
 
@@ -47,19 +47,40 @@ def sha256(path: str) -> str:
     return digest.hexdigest()
 
 
+def model_description(s: DeploySettings) -> str:
+    """The registered model's description (SDK v1 and v2): what was given, a TensorFlow SavedModel only where its
+    saved_model.pb is, else the folder or file by name, since the model is the entry script's business."""
+    script, name = os.path.basename(s.entry_script), os.path.basename(os.path.abspath(s.model_dir))
+    if not os.path.isdir(s.model_dir):
+        return f"model file {name}, served by {script}"
+    saved, files = [], 0
+    for folder, _, names in sorted(os.walk(s.model_dir)):
+        files += len(names)
+        if "saved_model.pb" in names or "saved_model.pbtxt" in names:
+            where = os.path.relpath(folder, s.model_dir)  # as the script finds it under AZUREML_MODEL_DIR
+            saved.append(name if where == "." else where)
+    if saved:
+        what = f"TensorFlow SavedModel {saved[0]}" if len(saved) == 1 else f"TensorFlow SavedModels {', '.join(saved)}"
+        return f"{what}, served by {script}"
+    return f"model folder {name} ({files} file{'' if files == 1 else 's'}), served by {script}"
+
+
 def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
     """Everything wrong with the settings that can be known without Azure, all of it at once."""
     s = s.named()
     found = []
-    for name, value, rule in (("endpoint", s.endpoint, ENDPOINT_NAME), ("deployment", s.deployment, DEPLOYMENT_NAME),
+    # Without a workspace yet, the endpoint's name ends in UNKNOWN_SUFFIX: the workspace's 6 hex characters go there.
+    endpoint = s.endpoint[:-len(UNKNOWN_SUFFIX)] + "0" * len(UNKNOWN_SUFFIX) if s.endpoint_pending else s.endpoint
+    for name, value, rule in (("endpoint", endpoint, ENDPOINT_NAME), ("deployment", s.deployment, DEPLOYMENT_NAME),
                               ("compute", s.compute, COMPUTE_NAME), ("model_name", s.model_name, ASSET_NAME),
                               ("instance_type", s.instance_type, INSTANCE_TYPE_NAME)):
         if not rule.match(value):
             found.append(f"{name} {value!r} is not a legal Azure name ({rule.pattern})")
     low, high = KUBERNETES_NAMES_TOTAL
     if s.target == "aks" and not low <= len(s.endpoint) + len(s.deployment) <= high:
-        found.append(f"endpoint {s.endpoint!r} and deployment {s.deployment!r} are {len(s.endpoint) + len(s.deployment)}"
-                     f" characters together; on Kubernetes they must be {low}-{high}")
+        found.append(f"endpoint {s.endpoint!r} and deployment {s.deployment!r} are "
+                     f"{len(s.endpoint) + len(s.deployment)} characters together; on Kubernetes they must be "
+                     f"{low}-{high}")
     if RETIRED.match(s.vm_size):
         found.append(f"vm_size {s.vm_size} is retired (NC, NCv2, NCv3 and ND are): use Standard_NC4as_T4_v3")
     elif not GPU_SIZE.match(s.vm_size):
@@ -165,7 +186,8 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
     if s.target == "aks":
         https = "plain HTTP (--allow-insecure)" if s.allow_insecure else f"HTTPS as {s.ssl_cname or '?'}"
         if s.create_cluster:
-            out += [("AKS cluster (if absent)", s.aks_cluster, {"location": s.location, "resource group": s.resource_group,
+            out += [("AKS cluster (if absent)", s.aks_cluster, {"location": s.location,
+                                                                "resource group": s.resource_group,
                                                                 "system pool": f"1 x {SYSTEM_POOL_SIZE}"}),
                     ("AKS GPU node pool", s.gpu_pool, {"vm_size": s.vm_size, "nodes": s.node_count}),
                     ("resource provider (if unregistered)", "Microsoft.KubernetesConfiguration", {}),
@@ -178,7 +200,7 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
                                                                        "identity": "system-assigned"})]
     kind = "managed online" if s.target == "managed" else "Kubernetes online"
     out += [("model (a new version, unless one holds these files)", s.model_name,
-             {"path": s.model_dir, "type": "custom_model"}),
+             {"path": s.model_dir, "type": "custom_model", "description": model_description(s)}),
             ("environment", "scorehost-" + s.model_name,
              {"image": s.base_image, "conda_file": s.conda_file or "(none)"}),
             (f"{kind} endpoint (if absent)", s.endpoint,
@@ -197,15 +219,20 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
     return out
 
 
-def workspace_line(s: DeploySettings) -> str:
+def workspace_line(s: DeploySettings, no_workspace: str = "") -> str:
+    """The workspace, or why none is known yet (`no_workspace`: WorkspaceNotFound's reason)."""
     if s.has_workspace:
         return f"workspace {s.workspace} (resource group {s.resource_group}, subscription {s.subscription_id})"
-    return (f"no workspace yet (no {s.config_file}; pass --subscription-id, --resource-group and --workspace, or "
-            "download config.json from the Azure ML studio)")
+    return f"no workspace yet ({no_workspace or 'none given'})"
 
 
-def print_plan(s: DeploySettings) -> None:
-    print(f"Plan for {workspace_line(s)}: SDK {s.sdk}, target {s.target}")
+def print_plan(s: DeploySettings, no_workspace: str = "") -> None:
+    print(f"Plan for {workspace_line(s, no_workspace)}: SDK {s.sdk}, target {s.target}")
+    if not s.has_workspace:
+        print("  give one with --subscription-id, --resource-group and --workspace, or --config-file with its "
+              "config.json from the Azure ML studio" + (
+                  f"; until then the endpoint's name ends in {UNKNOWN_SUFFIX}, for 6 characters of its id"
+                  if s.endpoint_pending else ""))
     for kind, name, settings in resources(s):
         print(f"  + {kind}: {name}")
         for k, v in settings.items():

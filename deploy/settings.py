@@ -4,7 +4,13 @@
 Defaults fit the mission: the reference score.py and myenv.yml, a current GPU size, 3 instances of 2 CPU / 4 GiB /
 1 GPU, key auth, one request at a time per instance (Azure ML's default, matched by the container's WORKER_COUNT).
 Names follow Azure's rules, checked by `deploy plan`; unless given, the model's name comes from its directory and the
-endpoint's from the model's, with a suffix from the workspace (endpoint names are unique per region).
+endpoint's from the model's, with a suffix from the workspace (endpoint names are unique per region), decided in one
+place (DeploySettings.named) for plan, deploy, traffic and teardown alike.
+
+The workspace comes from Azure ML studio's config.json when not given. The same file name is azmlinfsrv's server
+settings file (AZUREML_ENTRY_SCRIPT, SCORING_TIMEOUT_MS, ... in the app root, read by `scorehost serve` too), and both
+are found in the project's folder by default: a config.json is taken as the workspace's only when it holds the
+workspace's keys, and named in one line otherwise.
 """
 
 from __future__ import annotations
@@ -29,6 +35,12 @@ PLAN, AKS, MANAGED, TRAFFIC, TEARDOWN, K8S = "plan", "aks", "managed", "traffic"
 CLOUD = (PLAN, AKS, MANAGED, TRAFFIC, TEARDOWN)
 DEPLOYS = (PLAN, AKS, MANAGED)
 ON_AKS = (PLAN, AKS)
+
+# Azure ML studio's config.json ('Download config file'): what the SDKs read from it for the workspace.
+WORKSPACE_KEYS = ("subscription_id", "resource_group", "workspace_name")
+# The endpoint name's 6 characters from the workspace, while no workspace is known (`deploy plan` without one): a
+# glob that the name `deploy` creates matches, so a plan shows the name's shape, never another name.
+UNKNOWN_SUFFIX = "??????"
 
 
 def setting(default: Any, doc: str, *commands: str) -> Any:
@@ -118,28 +130,31 @@ class DeploySettings:
         values.update({k: v for k, v in overrides.items() if v is not None})
         return cls(**values)
 
-    def named(self) -> "DeploySettings":
-        """The model's and the endpoint's names, where not given: derived from the model directory and the
-        workspace (see the module docstring)."""
+    def named(self, azure_ml: bool = True) -> "DeploySettings":
+        """The model's and the endpoint's names, where not given: derived from the model directory and, on Azure ML,
+        the workspace (see the module docstring). The one place they are decided."""
         model_name = self.model_name or model_name_of(self.model_dir)
+        workspace = self.workspace_id if azure_ml else None
         return dataclasses.replace(self, model_name=model_name,
-                                   endpoint=self.endpoint or endpoint_name(model_name, self.workspace_id))
+                                   endpoint=self.endpoint or endpoint_name(model_name, workspace))
 
     def with_workspace(self) -> "DeploySettings":
         """Fill subscription, resource group and workspace from config.json (as the Azure ML SDKs do), then the
         names that derive from them."""
         if self.has_workspace:
             return self.named()
-        if not os.path.exists(self.config_file):
-            raise WorkspaceNotFound(
-                f"No workspace given and no {self.config_file}: download config.json from the Azure ML studio "
-                "(workspace page -> 'Download config file'), or pass --subscription-id, --resource-group and "
-                "--workspace.")
-        with open(self.config_file, encoding="utf-8") as f:
-            config = json.load(f)
-        return dataclasses.replace(self, subscription_id=self.subscription_id or config["subscription_id"],
-                                   resource_group=self.resource_group or config["resource_group"],
-                                   workspace=self.workspace or config["workspace_name"]).named()
+        given = {"subscription_id": self.subscription_id, "resource_group": self.resource_group,
+                 "workspace_name": self.workspace}
+        config = workspace_config(self.config_file, [key for key in WORKSPACE_KEYS if not given[key]])
+        values = {key: given[key] or config[key] for key in WORKSPACE_KEYS}
+        return dataclasses.replace(self, subscription_id=values["subscription_id"],
+                                   resource_group=values["resource_group"],
+                                   workspace=values["workspace_name"]).named()
+
+    @property
+    def endpoint_pending(self) -> bool:
+        """The derived endpoint name waits for the workspace: UNKNOWN_SUFFIX stands for its 6 characters."""
+        return self.endpoint.endswith("-" + UNKNOWN_SUFFIX)
 
     @property
     def has_workspace(self) -> bool:
@@ -180,15 +195,37 @@ def model_name_of(model_dir: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-_.") or DEMO_MODEL_NAME
 
 
-def endpoint_name(model_name: str, workspace_id: str) -> str:
+def endpoint_name(model_name: str, workspace_id: Optional[str]) -> str:
     """A legal endpoint name (a letter first, then letters, digits and single '-', 3-32 characters) from the model's
-    name, with 6 hex characters of the workspace's id, so that two workspaces in one region do not collide."""
+    name. On Azure ML, with 6 hex characters of the workspace's id, so that two workspaces in one region do not
+    collide; while the workspace is not known yet (workspace_id ""), UNKNOWN_SUFFIX stands for them. Without Azure ML
+    (None: plain Kubernetes, where names are the cluster's own), the model's name alone."""
     base = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
     if not base[:1].isalpha():
         base = "model-" + base
-    suffix = "-" + hashlib.sha256(workspace_id.lower().encode()).hexdigest()[:6] if workspace_id else ""
+    suffix = "" if workspace_id is None else "-" + (
+        hashlib.sha256(workspace_id.lower().encode()).hexdigest()[:6] if workspace_id else UNKNOWN_SUFFIX)
     base = base[:32 - len(suffix)].rstrip("-")
     return (base + suffix) if len(base + suffix) >= 3 else (base + "-ep")[:32]
+
+
+def workspace_config(path: str, needed: list[str]) -> dict[str, str]:
+    """The workspace keys `needed` from Azure ML studio's config.json at `path`. A config.json without them, such as
+    azmlinfsrv's server settings (the same file name, in the same folder by default), is no workspace: said in one
+    line naming the file, never read as one (nor a KeyError)."""
+    if not os.path.exists(path):
+        raise WorkspaceNotFound(f"no {os.path.abspath(path)}")
+    try:
+        with open(path, encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError) as ex:
+        raise WorkspaceNotFound(f"{os.path.abspath(path)} is not an Azure ML workspace config: {ex}") from None
+    missing = [key for key in needed if not (isinstance(config, dict) and isinstance(config.get(key), str)
+                                             and config[key])]
+    if missing:
+        raise WorkspaceNotFound(f"{os.path.abspath(path)} is not an Azure ML workspace config, with no "
+                                f"{', '.join(missing)}; config.json is also azmlinfsrv's server settings file")
+    return config
 
 
 def fields_for(command: str) -> list[dataclasses.Field]:
@@ -204,4 +241,11 @@ class DeployError(SystemExit):
 
 
 class WorkspaceNotFound(DeployError):
-    pass
+    """No workspace given and none in a config.json; `reason` says why in a few words (`deploy plan` goes on without a
+    workspace and prints it)."""
+
+    def __init__(self, reason: str):
+        super().__init__(f"No workspace given and {reason}: pass --config-file with the workspace's config.json (Azure "
+                         "ML studio: workspace page -> 'Download config file'), or --subscription-id, --resource-group "
+                         "and --workspace.")
+        self.reason = reason

@@ -5,14 +5,15 @@ control, caches, virtualenvs, the model (registered or baked on its own) and wha
 or `deploy k8s --out` folder inside the project holds the Secret with the API key). The reference score.py travels
 alone: its directory is the scorehost checkout.
 
-One copy serves `deploy plan`'s load check, `plan --out`, `deploy aks|managed` and `deploy k8s`'s image, so what
-loads in the check is what is shipped."""
+One copy serves `deploy plan`'s load check, `plan --out`, `deploy aks|managed` (SDK v2's code, SDK v1's
+source_directory) and `deploy k8s`'s image, so what loads in the check is what is shipped."""
 
 from __future__ import annotations
 
 import fnmatch
 import os
 import shutil
+import tempfile
 from typing import Callable, Optional
 
 from deploy.settings import DeploySettings, is_reference
@@ -73,9 +74,10 @@ def problem(s: DeploySettings) -> Optional[str]:
             f"entry script in a folder of its own")
 
 
-def copy(s: DeploySettings, dest: str) -> str:
-    """Write the code folder into `dest` (replacing what it held; never into itself). Returns the entry script's
-    path in it."""
+def copy(s: DeploySettings, dest: Optional[str] = None) -> str:
+    """Write the code folder into `dest` (replacing what it held; never into itself), by default a new temporary
+    folder that the caller removes. Returns the entry script's path in it, whose directory is the folder."""
+    dest = dest or tempfile.mkdtemp(prefix="scorehost-code-")
     ignore = _ignore(s, dest)
     shutil.rmtree(dest, ignore_errors=True)
     top = root(s.entry_script)
@@ -85,3 +87,9 @@ def copy(s: DeploySettings, dest: str) -> str:
         os.makedirs(dest)
         shutil.copy2(top, dest)
     return os.path.join(dest, os.path.basename(s.entry_script))
+
+
+def shipped_line(s: DeploySettings, digest: str) -> str:
+    """What `deploy` says it sends, whichever SDK sends it."""
+    return (f"{os.path.basename(s.entry_script)} sha256 {digest} (the identical file goes to the cloud, in code from "
+            f"{root(s.entry_script)})")

@@ -381,6 +381,7 @@ class FakeML:
         return Poller()
 
     def _models_create_or_update(self, call: Call, model: Any) -> Any:
+        call.body = model._to_rest_object().as_dict()
         versions = self.model_versions.setdefault(model.name, [])
         registered = copy.copy(model)
         registered.version = str(len(versions) + 1)

@@ -8,19 +8,19 @@ from __future__ import annotations
 import argparse
 import base64
 import dataclasses
+import fnmatch
 import json
 import os
 import re
 import stat
 import subprocess
-import sys
 
 import pytest
 import yaml
 
-from deploy import azure_v2, cli as deploy_cli, cluster, k8s, parity, plan
+from deploy import azure_v2, cli as deploy_cli, k8s, parity, plan
 from deploy.settings import GPU_BASE_IMAGE, DeployError, DeploySettings, endpoint_name, fields_for
-from fake_azure import (AAD_TOKEN, ADMIN_TOKEN, AKS_AAD_SCOPE, SUBSCRIPTION, USER_TOKEN, Arm, Credential, FakeML,
+from fake_azure import (AAD_TOKEN, ADMIN_TOKEN, AKS_AAD_SCOPE, SUBSCRIPTION, Arm, Credential, FakeML,
                         KubeApi, Poller)
 from scorehost import REFERENCE_SCRIPT, processes
 
@@ -343,11 +343,33 @@ def test_names_follow_azures_rules(colors_model):
     assert endpoint_name("colors", WORKSPACE_ID) != endpoint_name("colors", WORKSPACE_ID.replace("ws-ml", "ws-2"))
     s = DeploySettings(model_dir=colors_model, target="aks")
     long = plan.problems(dataclasses.replace(s, endpoint="e" * 32, deployment="d" * 31), load_check=False)
-    assert long == ["endpoint 'eeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee' and deployment 'ddddddddddddddddddddddddddddddd' are 63 "
+    assert long == [f"endpoint '{'e' * 32}' and deployment '{'d' * 31}' are 63 "
                     "characters together; on Kubernetes they must be 6-62"]
     assert plan.problems(dataclasses.replace(s, endpoint="e" * 32, deployment="d" * 31, target="managed"),
                          load_check=False) == []
 
+
+def test_plan_without_a_workspace_shows_the_endpoint_name_deploy_creates(azure, colors_model, workspace_config,
+                                                                          tmp_path):
+    """The endpoint's name ends in 6 characters of the workspace's id: a plan without a workspace shows them as '?'
+    (a glob that the created name matches), never a name no deploy creates; with the workspace, the very name."""
+    def planned(*flags: str) -> str:
+        done = scorehost_cli("deploy", "plan", "--no-load-check", "--target", "managed", "--model-dir", colors_model,
+                             *flags)
+        assert done.returncode == 0, done.stdout + done.stderr
+        return re.search(r"online endpoint \(if absent\): (\S+)", done.stdout)[1]
+
+    offline, online = planned("--config-file", "/nonexistent.json"), planned("--config-file", workspace_config)
+    args = namespace("managed", model_dir=colors_model, config_file=workspace_config, yes=True, skip_parity=True,
+                     parity_requests=None, parity_ignore=None)
+    assert deploy_cli.cmd_managed(args, azure.clients) == 0
+    assert list(azure.ml.endpoint_state) == [online] == [ENDPOINT]
+    assert fnmatch.fnmatchcase(ENDPOINT, offline) and offline == "colors-??????", offline
+    # YAML written without a workspace would name another endpoint than `deploy` creates: refused, nothing written.
+    done = scorehost_cli("deploy", "plan", "--no-load-check", "--model-dir", colors_model, "--config-file",
+                         "/nonexistent.json", "--out", str(tmp_path / "plan"))
+    assert done.returncode == 1 and "--out writes the endpoint's name" in done.stdout
+    assert not (tmp_path / "plan").exists()
 
 def test_base_image_is_a_pinned_cuda12_image_named_once():
     assert GPU_BASE_IMAGE.startswith("mcr.microsoft.com/azureml/") and "cuda12" in GPU_BASE_IMAGE
@@ -677,6 +699,17 @@ def test_managed_endpoint_needs_no_cluster(azure, settings):
     assert ("compute", "begin_create_or_update") not in azure.ml.writes()
 
 
+def test_the_registered_model_is_described_as_what_was_given(azure, settings, users_own, workspace_config):
+    """A SavedModel is called one only where its saved_model.pb is; any other model by its folder, not a format."""
+    run_deploy(azure, settings, managed=True)
+    greeter = DeploySettings(entry_script=str(users_own / "score.py"), model_dir=str(users_own / "models"),
+                             config_file=workspace_config).with_workspace()
+    run_deploy(azure, greeter, managed=True)
+    sent = [c.body["properties"] for c in azure.ml.calls if (c.operation, c.method) == ("models", "create_or_update")]
+    assert [p["description"] for p in sent] == ["TensorFlow SavedModel colors/1, served by score.py",
+                                                 "model folder models (1 file), served by score.py"]
+    assert [p["description"] for p in sent] == [plan.model_description(s) for s in (settings, greeter)]
+
 # --- failures, as a user meets them ---------------------------------------------------------------------------
 
 def test_authentication_failure_tries_the_credential_once_and_creates_nothing(settings):
@@ -728,6 +761,34 @@ def test_missing_config_json_is_a_clear_error(colors_model, tmp_path):
                          "--config-file", str(tmp_path / "config.json"), cwd=tmp_path)
     assert done.returncode == 1 and "Download config file" in done.stderr and "Traceback" not in done.stderr
 
+
+def test_a_config_json_of_server_settings_is_not_read_as_the_workspace(colors_model, tmp_path):
+    """config.json is two files: Azure ML's workspace config (read by deploy, from the current directory) and
+    azmlinfsrv's server settings (read by `serve` and by azmlinfsrv, from the app root, by default the same directory).
+    deploy reads one only for the workspace's keys, and says in one line what another is; serve ignores the workspace's
+    keys, as azmlinfsrv does (it reads its own upper-case names alone)."""
+    from server import settings as server_settings
+
+    server_config = tmp_path / "config.json"
+    server_config.write_text(json.dumps({"AZUREML_ENTRY_SCRIPT": "score.py", "SCORING_TIMEOUT_MS": 5000}))
+    done = scorehost_cli("deploy", "teardown", "--yes", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert done.stderr.strip() == (
+        f"No workspace given and {server_config} is not an Azure ML workspace config, with no subscription_id, "
+        "resource_group, workspace_name; config.json is also azmlinfsrv's server settings file: pass --config-file "
+        "with the workspace's config.json (Azure ML studio: workspace page -> 'Download config file'), or "
+        "--subscription-id, --resource-group and --workspace.")
+    done = scorehost_cli("deploy", "plan", "--no-load-check", "--model-dir", colors_model, cwd=tmp_path)
+    assert done.returncode == 0 and f"no workspace yet ({server_config} is not an Azure ML workspace config" in \
+        done.stdout, done.stdout + done.stderr
+    # The flags complete what the file lacks: a config.json with only the workspace's name is enough beside them.
+    server_config.write_text(json.dumps({"workspace_name": "ws-ml", "SCORING_TIMEOUT_MS": 5000}))
+    s = DeploySettings(config_file=str(server_config), subscription_id=SUBSCRIPTION, resource_group="rg-ml")
+    assert s.with_workspace().workspace_id == WORKSPACE_ID
+    # The other way round: serve (as azmlinfsrv) finds the workspace's config.json and takes nothing from it.
+    server_config.write_text(json.dumps({"subscription_id": SUBSCRIPTION, "resource_group": "rg-ml",
+                                         "workspace_name": "ws-ml"}))
+    assert server_settings.config_file(None, str(tmp_path), "score.py") == (str(server_config), {})
 
 def test_deploy_without_its_packages_says_what_to_install(tmp_path):
     """As in an environment with only the `tf` extra: the Azure SDK and kubernetes cannot be imported."""
@@ -799,8 +860,8 @@ def test_teardown_asks_before_deleting(azure, https, monkeypatch, capsys, answer
     run_deploy(azure, https)
     azure.ml.calls.clear()
     monkeypatch.setattr("builtins.input", lambda prompt: answer)
-    args = namespace("teardown", model_name="colors", yes=False, cluster=False, only_deployment=None, delete_cluster=False,
-                     config_file=https.config_file)
+    args = namespace("teardown", model_name="colors", yes=False, cluster=False, only_deployment=None,
+                     delete_cluster=False, config_file=https.config_file)
     assert deploy_cli.cmd_teardown(args, azure.clients) == (0 if deletes else 1)
     assert bool(azure.ml.writes()) == deletes
     if deletes:  # the second question, about the cluster, got the same answer: yes
@@ -859,8 +920,8 @@ def test_k8s_bakes_the_users_own_script_and_model_and_asks_for_no_more_gpus_than
     assert (out / "code" / "score.py").read_bytes() == (users_own / "score.py").read_bytes()
     assert (out / "model" / "greeter" / "3" / "greeting.txt").read_text() == "bonjour\n"
     dockerfile = (out / "Dockerfile").read_text()
-    assert "ENV AZUREML_ENTRY_SCRIPT=code/score.py" in dockerfile and f"COPY --chown=1000 code/ {k8s.APP_ROOT}/code/" in \
-        dockerfile
+    assert "ENV AZUREML_ENTRY_SCRIPT=code/score.py" in dockerfile
+    assert f"COPY --chown=1000 code/ {k8s.APP_ROOT}/code/" in dockerfile
     hpa = yaml.safe_load((out / "hpa.yaml").read_text())["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 4)  # 4 GPUs hold 4 instances of 1 GPU, not 6
     assert yaml.safe_load((out / "deployment.yaml").read_text())["metadata"]["name"] == "greeter"
