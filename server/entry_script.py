@@ -9,6 +9,7 @@ script loads, never per request.
 from __future__ import annotations
 
 import ast
+import asyncio
 import importlib.util
 import inspect
 import json
@@ -163,6 +164,21 @@ def _import_file(path: str) -> ModuleType:
     return module
 
 
+class LoopPerThread(asyncio.DefaultEventLoopPolicy):
+    """asyncio.get_event_loop() works in init() and run() as it does where Azure ML's server calls them, on its main
+    thread: the default policy makes a loop on first use there only, and scorehost calls the script from other
+    threads (the init thread, app threads, the model process's batching thread), where it raised "There is no
+    current event loop" (an outside review). Here each thread gets its own loop on first use."""
+
+    def get_event_loop(self) -> asyncio.AbstractEventLoop:
+        try:
+            return super().get_event_loop()
+        except RuntimeError:
+            loop = self.new_event_loop()
+            self.set_event_loop(loop)
+            return loop
+
+
 def _rawhttp_flag() -> Any:
     """@rawhttp marks nothing on run() itself: it sets a module flag in azureml.contrib.services (its own design)."""
     from azureml.contrib.services import aml_request
@@ -184,16 +200,29 @@ class EntryScript:
 
     @classmethod
     def load(cls, path: str, app_root: str = ".", source_dir: Optional[str] = None) -> "EntryScript":
-        """Import the script with the app root, AZUREML_SOURCE_DIRECTORY (under the app root) and the script's
-        own directory on sys.path, in Azure ML's order."""
+        """Import the script with the app root and AZUREML_SOURCE_DIRECTORY (under the app root) on sys.path, in
+        Azure ML's order, and nothing else: not the script's own directory, which Azure ML's server does not add
+        (a script importing a module beside it in a subfolder of the app root fails there, so it fails here too,
+        with a hint)."""
         path = os.path.realpath(os.path.join(app_root, path))
         sources = [os.path.realpath(os.path.join(app_root, source_dir))] if source_dir else []
-        for directory in (os.path.realpath(app_root), *sources, os.path.dirname(path)):
+        for directory in (os.path.realpath(app_root), *sources):
             if directory not in sys.path:
                 sys.path.append(directory)
+        asyncio.set_event_loop_policy(LoopPerThread())
         flag = _rawhttp_flag()
         flag._rawHttpRequested = False  # a script loaded earlier in this process must not leak its mode
-        module = _import_file(path)
+        try:
+            module = _import_file(path)
+        except ModuleNotFoundError as ex:
+            beside = os.path.join(os.path.dirname(path), (ex.name or "").split(".")[0])
+            if ex.name and os.path.dirname(path) not in sys.path and (
+                    os.path.isfile(beside + ".py") or os.path.isdir(beside)):
+                raise ScriptLoadError(
+                    f"{ex} ({beside} is beside the script, but Azure ML's server puts only the app root on sys.path, "
+                    f"not the script's folder: serve with --app-root {os.path.dirname(path)} and the script named "
+                    "relative to it, as Azure ML's code folder would be)") from ex
+            raise
         raw = bool(flag._rawHttpRequested)
         for name in ("init", "run"):
             if not callable(getattr(module, name, None)):

@@ -129,6 +129,7 @@ CORPUS: list[Case] = [
     _c("undecorated.py", "POST", "/score", b'{"x": [1, 2]}', Content_Type=JSON),
     _c("undecorated.py", "POST", "/score", "héllo wörld".encode(), Content_Type="text/plain"),
     _c("undecorated.py", "POST", "/score", b""),
+    _c("asyncio_loop.py", "POST", "/score", b"ab"),  # asyncio.get_event_loop() in init() and run(), off the main thread
     # `curl -d` sends a form type: Flask parses the body as a form, and run() gets "" (found by an outside review:
     # scorehost passed the body through, so a first curl worked locally and failed on Azure ML)
     _c("undecorated.py", "POST", "/score", b'{"data": [1, 2]}', Content_Type="application/x-www-form-urlencoded"),

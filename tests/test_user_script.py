@@ -76,7 +76,8 @@ def test_serve_without_an_entry_script_serves_the_score_py_of_the_folder_it_runs
                 break
         else:
             pytest.fail("no ready line")
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"hi", method="POST")
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"hi", method="POST",
+                                         headers={"Content-Type": "text/plain"})  # urllib's default is a form's
         with urllib.request.urlopen(request, timeout=10) as r:
             assert r.read() == b'{"mine": "hi"}'
     finally:
@@ -92,6 +93,34 @@ def test_a_script_that_does_not_load_ends_with_scorehosts_line_not_gunicorns(tmp
     output, _ = server.communicate(timeout=60)
     assert server.returncode == 3 and "RuntimeError: no feature store" in output
     assert output.strip().splitlines()[-1].startswith(f"scorehost: {tmp_path / 'score.py'} did not load")
+
+
+def test_a_module_beside_a_script_in_a_subfolder_is_not_on_sys_path_as_under_azure_ml(tmp_path):
+    """Azure ML's server puts the app root on sys.path, not the script's folder: scorehost added it, so a script
+    importing a module beside it in a subfolder served here and failed there (an outside review). It fails here too,
+    saying what to do; served with that folder as the app root, it loads."""
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "sub" / "helper.py").write_text("VALUE = 42\n")
+    (tmp_path / "sub" / "score.py").write_text("import helper\n\n\ndef init():\n    pass\n\n\n"
+                                               "def run(data):\n    return helper.VALUE\n")
+    script = str(tmp_path / "sub" / "score.py")
+    server = _scorehost("serve", "--entry-script", script, "--port", str(processes.free_port()), cwd=str(tmp_path))
+    output, _ = server.communicate(timeout=60)
+    assert server.returncode == 3 and "No module named 'helper'" in output
+    assert f"serve with --app-root {tmp_path / 'sub'}" in output
+    port = processes.free_port()
+    server = _scorehost("serve", "--entry-script", "score.py", "--app-root", str(tmp_path / "sub"), "--port", str(port),
+                        cwd=str(tmp_path / "sub"))
+    try:
+        for line in server.stdout:
+            if "scorehost: ready on" in line:
+                break
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"{}", method="POST")
+        with urllib.request.urlopen(request, timeout=10) as r:
+            assert r.read() == b"42"
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.communicate(timeout=60)
 
 
 def _ready(url: str) -> int:
