@@ -14,8 +14,9 @@ Either can be spread over several client processes (`processes=N`, each its shar
 cannot carry the rate. `client_ceiling` measures the most this client sends on this machine, against a server that
 answers at once (`trivial_server`), so that a result limited by the client can be marked as such.
 
-Bodies come from a callable that returns (label, content type, body), so a caller can mix valid and bad requests.
-The result counts answers by (label, status) and keeps every latency.
+Bodies come from a callable that returns a Request, (label, content type, body) and, for a recorded request, its
+method, query string and headers (`Head`), so a caller can mix valid and bad requests, or send a script its own
+traffic as it was recorded. The result counts answers by (label, status) and keeps every latency.
 """
 
 from __future__ import annotations
@@ -36,9 +37,34 @@ import ssl
 import statistics
 import time
 import urllib.parse
-from typing import Callable, Optional
+from typing import Callable, NamedTuple, Optional
 
-Request = tuple[str, str, bytes]  # label, content type, body
+
+class Head(NamedTuple):
+    """A request's method, query string (sent after the target's scoring path) and headers besides Content-Type:
+    a recorded request's (`Bodies.recorded`), or by default a POST with none."""
+    method: str = "POST"
+    query: str = ""
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+class Request(NamedTuple):
+    """One request to send; `label` names it in the result, and a content type of "" sends none. A plain (label,
+    content type, body) is one, with the default head."""
+    label: str
+    content_type: str
+    body: bytes
+    head: Head = Head()
+
+
+# A recorded request's headers not sent again: the connection's own (hop-by-hop, RFC 9110 7.6.1; also those its
+# Connection header names), those the client sets itself (Host, Content-Length; Content-Type, which the Request
+# carries apart), Expect (the body goes with the head: no 100 Continue is waited for) and the key (never recorded:
+# --key sends one).
+NOT_SENT = frozenset(("connection", "keep-alive", "proxy-connection", "te", "trailer", "transfer-encoding", "upgrade",
+                      "proxy-authorization", "proxy-authenticate", "host", "content-length", "content-type", "expect",
+                      "authorization"))
+NO_BODY = (204, 304)  # answers that never carry one, whatever their Content-Length (RFC 9112 6.3), nor does HEAD's
 LATE = math.inf  # the latency of a request never answered (dropped, or still waiting when the run ended)
 
 
@@ -127,7 +153,7 @@ def error_message(body: bytes, limit: int = 200) -> str:
     return text if len(text) <= limit else text[:limit - 3] + "..."
 
 
-async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, str], bytes]:
+async def _read_response(reader: asyncio.StreamReader, method: str) -> tuple[int, dict[str, str], bytes]:
     head = await reader.readuntil(b"\r\n\r\n")
     lines = head.decode("latin-1").split("\r\n")
     status = int(lines[0].split()[1])
@@ -136,8 +162,9 @@ async def _read_response(reader: asyncio.StreamReader) -> tuple[int, dict[str, s
         if ":" in line:
             k, v = line.split(":", 1)
             headers[k.strip().lower()] = v.strip()
-    body = await reader.readexactly(int(headers.get("content-length", "0")))
-    return status, headers, body
+    if method == "HEAD" or status in NO_BODY:
+        return status, headers, b""
+    return status, headers, await reader.readexactly(int(headers.get("content-length", "0")))
 
 
 class _Target:
@@ -147,20 +174,26 @@ class _Target:
         parts = urllib.parse.urlsplit(url.rstrip("/"))
         self.host, tls = parts.hostname, parts.scheme == "https"
         self.port = parts.port or (443 if tls else 80)
-        path = parts.path if parts.path.endswith("/score") else parts.path + "/score"
+        self.path = parts.path if parts.path.endswith("/score") else parts.path + "/score"
         auth = f"Authorization: Bearer {key}\r\n" if key else ""
-        self.head = f"POST {path} HTTP/1.1\r\nHost: {parts.netloc}\r\n{auth}"
+        self.own = f"Host: {parts.netloc}\r\n{auth}"  # the headers this client sets on every request
         self.ssl = ssl.create_default_context() if tls else None
 
     async def connect(self):
         return await asyncio.open_connection(self.host, self.port, ssl=self.ssl)
 
     async def exchange(self, conn, request: Request, started: float, result: LoadResult) -> tuple[int, bool]:
-        """Send one request on `conn`, record its answer with its latency from `started`: (status, conn reusable)."""
-        label, content_type, body = request
+        """Send one request (a Request, or a plain (label, content type, body)) on `conn`, record its answer with its
+        latency from `started`: (status, conn reusable)."""
+        label, content_type, body, (method, query, extra) = \
+            request if isinstance(request, Request) else Request(*request)
         reader, writer = conn
-        writer.write(f"{self.head}Content-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n".encode() + body)
-        status, headers, answer = await _read_response(reader)
+        fields = "".join([f"{k}: {v}\r\n" for k, v in extra]) if extra else ""
+        if content_type:
+            fields += f"Content-Type: {content_type}\r\n"
+        writer.write(f"{method} {self.path}{'?' if query else ''}{query} HTTP/1.1\r\n{self.own}{fields}Content-Length: "
+                     f"{len(body)}\r\n\r\n".encode("latin-1") + body)  # latin-1: recorded values are WSGI's bytes
+        status, headers, answer = await _read_response(reader, method)
         result.latencies_ms.append((time.monotonic() - started) * 1000)
         name = f"{label} {status}"
         result.statuses[name] = result.statuses.get(name, 0) + 1
@@ -311,8 +344,11 @@ def _raise_open_files_limit() -> int:
 
 @dataclasses.dataclass(frozen=True)
 class Bodies:
-    """What to send, built once and handed to each client process: (label, content type, body) in turn."""
-    items: tuple[Request, ...]
+    """What to send, built once and handed to each client process: (label, content type, body) in turn, each with
+    its Head where `heads` has them (recorded requests). The heads are kept beside the items, not in them, so that
+    what re-shapes the items (bench/peers' `bodies`, for a peer's own body format) keeps them."""
+    items: tuple[tuple[str, str, bytes], ...]
+    heads: tuple[Head, ...] = ()
 
     @classmethod
     def images(cls, directory: Optional[str] = None, batch: int = 1) -> "Bodies":
@@ -331,24 +367,53 @@ class Bodies:
 
     @classmethod
     def recorded(cls, directory: str) -> "Bodies":
-        """The POSTs `scorehost serve --record DIR` kept (server/record.py), each with its body and Content-Type, in
-        recording order: a script's own traffic, for a script that takes no images. ValueError, in one line, for a
-        directory that holds none."""
+        """The requests to /score that `scorehost serve --record DIR` kept (server/record.py), in recording order,
+        each as its client sent it: method, query string, headers (less NOT_SENT) and body, since a script may read
+        any of them (`request.args`, a header): a script's own traffic, for one that takes no images. Requests to
+        other routes (/swagger.json, a 404) were answered by the server, not the script: left out. ValueError, in
+        one line, for a directory that holds none."""
         from server import record
 
-        exchanges = [e for e in record.load(directory) if e.method == "POST"]
+        exchanges = [e for e in record.load(directory) if e.path == "/score"]
         if not exchanges:
-            raise ValueError(f"{directory} holds no recorded POST requests")
-        return cls(tuple(("recorded", next((v for k, v in e.request_headers if k.lower() == "content-type"),
-                                           "application/octet-stream"), e.request_body) for e in exchanges))
+            raise ValueError(f"{directory} holds no recorded requests to /score")
+        return cls(tuple(("recorded", next((v for k, v in e.request_headers if k.lower() == "content-type"), ""),
+                          e.request_body) for e in exchanges),
+                   tuple(Head(e.method, e.query, sent_again(e.request_headers)) for e in exchanges))
 
     @classmethod
     def chosen(cls, images: Optional[str] = None, batch: int = 1, requests: Optional[str] = None) -> "Bodies":
-        """What bench and tune send: the recorded requests in `requests` (--requests DIR), else images."""
+        """What bench and tune send: the recorded requests in `requests` (--requests DIR; those a Recording already
+        read), else images."""
+        if isinstance(requests, Recording):
+            return requests.bodies
         return cls.recorded(requests) if requests else cls.images(images, batch)
 
     def requests(self) -> Callable[[], Request]:
-        return itertools.cycle(self.items).__next__
+        """The requests in turn, from the first (a list of references to the items: no body is copied)."""
+        heads = self.heads or itertools.repeat(Head())
+        return itertools.cycle([Request(*item, head) for item, head in zip(self.items, heads)]).__next__
+
+
+def sent_again(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
+    """A recorded request's headers as a client sends them again: less NOT_SENT and those its Connection header
+    names (hop-by-hop as well)."""
+    named = {name.strip().lower() for k, v in headers if k.lower() == "connection" for name in v.split(",")}
+    return tuple((k, v) for k, v in headers if k.lower() not in NOT_SENT and k.lower() not in named)
+
+
+class Recording(str):
+    """`--requests DIR`, read: the directory's path (what Locust's cell processes are given, and what messages name)
+    carrying the requests parsed from it. scorehost/cli.py checks the flag (scenarios.bodies_of, which makes one)
+    and then hands the path on (run.run_matrix, scenarios.cmd): so they get what was read, and a run reads the
+    directory once."""
+    bodies: Bodies
+
+    @classmethod
+    def read(cls, directory: str) -> "Recording":
+        recording = cls(directory)
+        recording.bodies = Bodies.recorded(directory)
+        return recording
 
 
 def _in_this_process(job: tuple) -> LoadResult:
@@ -403,7 +468,8 @@ async def _answer_at_once(reader: asyncio.StreamReader, writer: asyncio.StreamWr
             length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
                            if line.lower().startswith(b"content-length:")), 0)
             await reader.readexactly(length)
-            writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}")
+            answer = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
+            writer.write(answer[:-2] if head.startswith(b"HEAD ") else answer)  # the answer to a HEAD has no body
     except _FAILED:
         writer.close()
 

@@ -3,20 +3,22 @@
     locust -f bench/locustfile.py --host http://127.0.0.1:5001 [--images DIR] [--key K] [--batch N]
 
 Each request is one image (raw bytes) or, with --batch N, JSON {"images": [N base64 JPEGs]}, or with --requests DIR
-the requests `scorehost serve --record DIR` kept, in turn (bench/loadgen.py's Bodies, as every other client). The
-server's x-ms-run-fn-exec-ms (time inside run()) is recorded as a second request type, "run() [server]", so Locust's own
+the requests `scorehost serve --record DIR` kept, in turn, each with its recorded method, query string and headers
+(bench/loadgen.py's Bodies, as every other client; made once a process, shared by its users). The server's
+x-ms-run-fn-exec-ms (time inside run()) is recorded as a second request type, "run() [server]", so Locust's own
 table splits each request's latency into model time and everything else (network, server, client).
 """
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 
 from locust import FastHttpUser, events, task
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from bench.loadgen import Bodies, error_message, succeeded  # noqa: E402
+from bench.loadgen import Bodies, Request, error_message, succeeded  # noqa: E402
 from bench.run import RUN_TIME_NAME  # noqa: E402
 
 
@@ -28,19 +30,33 @@ def _options(parser) -> None:
     parser.add_argument("--requests", default="", help="send the requests `scorehost serve --record DIR` kept instead")
 
 
+@functools.cache
+def bodies(images: str, batch: int, requests: str) -> tuple[Bodies, str]:
+    """What to send, made (or read: --requests) once for the process, not once for each of its users; and the
+    Type of its one row in Locust's table, its methods: "POST", or "GET+POST" for a recording of both (Locust would
+    keep a row per method, and bench reads one row, "/score")."""
+    chosen = Bodies.chosen(images or None, batch, requests or None)
+    return chosen, "+".join(sorted({head.method for head in chosen.heads} or {"POST"}))
+
+
 class ScoringClient(FastHttpUser):
     """A closed-loop client: it sends the next request as soon as the last one is answered."""
 
     def on_start(self) -> None:
         options = self.environment.parsed_options
         self.key = {"Authorization": f"Bearer {options.key}"} if options.key else {}
-        self.bodies = Bodies.chosen(options.images or None, options.batch, options.requests or None).requests()
+        chosen, self.row_type = bodies(options.images, options.batch, options.requests)
+        self.bodies = chosen.requests()
 
     @task
     def score(self) -> None:
-        _, content_type, body = self.bodies()
-        with self.client.post("/score", data=body, headers={**self.key, "Content-Type": content_type},
-                              name="/score", catch_response=True) as response:
+        request: Request = self.bodies()
+        method, query, recorded = request.head
+        headers = {**dict(recorded), **self.key,
+                   **({"Content-Type": request.content_type} if request.content_type else {})}
+        with self.client.request(method, "/score" + (f"?{query}" if query else ""), data=request.body,
+                                 headers=headers, name="/score", catch_response=True) as response:
+            response.request_meta["request_type"] = self.row_type
             if not succeeded(response.status_code):
                 response.failure(f"HTTP {response.status_code}: {error_message(response.content or b'')}")
                 return

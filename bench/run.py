@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Any, Callable, Iterator, Optional
+from typing import TYPE_CHECKING, Callable, Iterator, Optional
 
 from bench import peers
 from scorehost import processes
@@ -177,13 +177,12 @@ def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int, top_error
                   top_error=top_error)
 
 
-def loadgen_cell(cell: Cell, url: str, seconds: float, *, key: str = "", images: str = "", batch: int = 1,
-                 requests: str = "") -> Result:
-    """One cell with bench/loadgen.py (asyncio, one process)."""
+def loadgen_cell(cell: Cell, url: str, seconds: float, bodies: "loadgen.Bodies", *, key: str = "",
+                 batch: int = 1) -> Result:
+    """One cell with bench/loadgen.py (asyncio, one process), sending `bodies` (read once a run, not once a cell)."""
     from bench import loadgen
 
-    bodies = peers.bodies(cell.server, loadgen.Bodies.chosen(images or None, batch, requests or None))
-    r = loadgen.run(url, cell.concurrency, seconds, bodies.requests(), key)
+    r = loadgen.run(url, cell.concurrency, seconds, peers.bodies(cell.server, bodies).requests(), key)
     errors = r.failures()
     total = r.answered + r.dropped
     mean = sum(r.latencies_ms) / len(r.latencies_ms) if r.latencies_ms else 0.0
@@ -193,12 +192,16 @@ def loadgen_cell(cell: Cell, url: str, seconds: float, *, key: str = "", images:
                   r.percentile(99), mean, run_mean, top_error=r.top_error())
 
 
-def measure(cell: Cell, url: str, seconds: float, client: str, **load: Any) -> Result:
-    """One cell with the chosen client: Locust (the default), or bench/loadgen.py (lighter, for high rates)."""
+def measure(cell: Cell, url: str, seconds: float, client: str, bodies: "loadgen.Bodies", *, key: str = "",
+            images: str = "", batch: int = 1, requests: str = "") -> Result:
+    """One cell with the chosen client: bench/loadgen.py (lighter, for high rates) sends `bodies`; Locust (the
+    default), a process of its own, is given the flags they were made from (`images`, `requests`) and makes its
+    own, once."""
     if client == "loadgen":
-        return loadgen_cell(cell, url, seconds, **load)
-    rows, top_error = locust_cell(url, cell.concurrency, seconds, **load)
-    return to_result(cell, rows, load.get("batch", 1), top_error)
+        return loadgen_cell(cell, url, seconds, bodies, key=key, batch=batch)
+    rows, top_error = locust_cell(url, cell.concurrency, seconds, key=key, images=images, batch=batch,
+                                  requests=requests)
+    return to_result(cell, rows, batch, top_error)
 
 
 def _with_usage(result: Result, usage: "ServerUsage") -> Result:
@@ -335,19 +338,20 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
                scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1,
                proxy: Optional[Proxy] = None, roster: Optional[Roster] = None) -> list[Result]:
     """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint.
-    `roster` gets what each server was (and those skipped)."""
+    `roster` gets what each server was (and those skipped). What is sent is made (or read: `requests`, a directory
+    or the loadgen.Recording made of it) once, here."""
+    from bench import loadgen
+
     roster = roster if roster is not None else Roster()
     results: list[Result] = []
+    bodies = loadgen.Bodies.chosen(images or None, batch, requests or None)
     load = {"key": key, "images": images, "batch": batch, "requests": requests}
     total = len(concurrencies) * (1 if remote else len(scripts) * len(servers))
     if remote:
         for c in concurrencies:
-            results.append(measure(Cell("remote", "remote", c), remote, seconds, client, **load))
+            results.append(measure(Cell("remote", "remote", c), remote, seconds, client, bodies, **load))
             progress(len(results), total, results[-1])
         return results
-    from bench import loadgen
-
-    bodies = loadgen.Bodies.chosen(images or None, batch, requests or None)
     for name, (entry_script, model_dir) in scripts.items():
         for group in groups(servers):
             with started(group, entry_script, model_dir, bodies, max(concurrencies), scorehost_args, key, workers,
@@ -359,7 +363,7 @@ def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str]
                     for server in order:
                         target = running[server]
                         with ServerUsage(target.pid) as usage:
-                            result = measure(Cell(server, name, c), target.url, seconds, client, **load)
+                            result = measure(Cell(server, name, c), target.url, seconds, client, bodies, **load)
                         results.append(_with_usage(result, usage))
                         progress(len(results), total, results[-1])
     roster.require(results)

@@ -274,18 +274,22 @@ def test_bench_says_loudly_when_a_script_refuses_what_it_is_sent(tmp_path):
     assert "**Warning**: more than 1% of the answers were errors in scorehost/json/1" in text
 
 
+def write_recording(folder, exchanges: list) -> str:
+    """`exchanges` (server.record.Exchange) in `folder` as `scorehost serve --record DIR` keeps them."""
+    folder.mkdir()
+    for i, exchange in enumerate(exchanges):
+        (folder / f"{i:06d}.json").write_text(json.dumps(exchange.to_json()))
+    return str(folder)
+
+
 @pytest.fixture
 def recorded(tmp_path):
     """Two requests as `scorehost serve --record DIR` keeps them."""
     from server.record import Exchange
 
-    folder = tmp_path / "recorded"
-    folder.mkdir()
-    for i, data in enumerate(([1, 2], [3.5])):
-        exchange = Exchange("", "POST", "/score", "", [("Content-Type", "application/json")],
-                            json.dumps({"data": data}).encode(), 200, [], b"")
-        (folder / f"{i:06d}.json").write_text(json.dumps(exchange.to_json()))
-    return folder
+    return write_recording(tmp_path / "recorded", [
+        Exchange("", "POST", "/score", "", [("Content-Type", "application/json")], json.dumps({"data": data}).encode(),
+                 200, [], b"") for data in ([1, 2], [3.5])])
 
 
 @pytest.mark.parametrize("client", ["locust", "loadgen"])
@@ -308,3 +312,97 @@ def test_bench_says_in_one_line_which_server_did_not_start(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("scorehost bench: scorehost did not start with ") and len(err.strip().splitlines()) == 1
     assert "needs_model.py" in err and "scorehost: no model directory was given" in err, err
+
+
+ECHO = os.path.join(os.path.dirname(TRIVIAL), "echo_request.py")  # answers (and logs) what it saw of each request
+# What a client sent echo_request.py while `scorehost serve --record` kept it: a query string, a header the script
+# reads, a User-Agent (urllib's on the POST) and a GET; urllib also sends `Connection: close`, which is recorded
+# and must not be sent again (each request would close its connection).
+SENT = (("POST", "lang=fr&n=1", {"Content-Type": "application/json", "X-Tenant": "acme"}, b'{"data": [1]}'),
+        ("GET", "lang=de", {"X-Tenant": "globex", "User-Agent": "recorded-client/1.0"}, None))
+
+
+def seen(log) -> set[tuple]:
+    """What echo_request.py logged of each call, without repeats."""
+    return {tuple(sorted(json.loads(line).items())) for line in log.read_text().splitlines()}
+
+
+@pytest.fixture(scope="module")
+def echo_recording(tmp_path_factory):
+    """(the directory `scorehost serve --record` wrote while SENT was sent to echo_request.py, what the script saw
+    of those requests)."""
+    import urllib.request
+
+    where = tmp_path_factory.mktemp("echo")
+    with processes.running("scorehost", ECHO, extra_args=("--record", str(where / "recorded")),
+                           env={"ECHO_LOG": str(where / "served.jsonl")}) as server:
+        for method, query, headers, body in SENT:
+            request = urllib.request.Request(f"{server.url}/score?{query}", body, headers, method=method)
+            with urllib.request.urlopen(request, timeout=30) as answer:
+                assert answer.status == 200
+    served = seen(where / "served.jsonl")
+    assert len(served) == len(SENT), served
+    return str(where / "recorded"), served
+
+
+@pytest.mark.parametrize("run", [["--client", "loadgen", "--concurrency", "1", "2"],
+                                 # Locust's CSV is written once a second, not at its end: 3 s leaves it time
+                                 ["--client", "locust", "--concurrency", "2", "--seconds", "3"],
+                                 ["--scenario", "single-stream", "offline", "--in-flight", "2"]],
+                         ids=["loadgen", "locust", "scenarios"])
+def test_bench_sends_each_recorded_request_as_recorded_and_reads_them_once(echo_recording, run, tmp_path,
+                                                                           monkeypatch, capsys):
+    """A script that reads a header or `request.args` is sent what its clients sent: the recorded method, query
+    string and headers with the body, by every client; and the directory is read once a run (here: Locust's cell
+    processes each read it once more, for their own)."""
+    from scorehost.cli import main
+    from server import record
+
+    recording, served = echo_recording
+    reads = []
+    monkeypatch.setattr(record, "load", lambda directory, load=record.load: reads.append(directory) or load(directory))
+    monkeypatch.setenv("ECHO_LOG", str(tmp_path / "benched.jsonl"))  # the bench's servers inherit it
+    status = main(["bench", "--servers", "scorehost", "--scripts", f"echo={ECHO}", "--requests", recording,
+                   "--seconds", "1", "--out", str(tmp_path / "out"), *run])
+    assert status == 0, capsys.readouterr()
+    assert seen(tmp_path / "benched.jsonl") == served
+    assert reads == [recording]
+    results = json.loads((tmp_path / "out" / "results.json").read_text())
+    for result in results if isinstance(results, list) else results["outcomes"]:
+        assert result["requests"] > 0 and not result.get("failures") and not result.get("errors"), result
+
+
+def test_a_recorded_request_keeps_its_headers_but_not_those_of_its_connection(tmp_path):
+    """What the client sets itself (Host, Content-Length, the key), the connection's own headers (those that
+    Connection names among them) and Expect (the body goes with the head: no 100 Continue is waited for) are not
+    sent again; requests to other routes than /score (/swagger.json) are the server's, not the script's: left out."""
+    from bench import peers
+    from bench.loadgen import Bodies, Head, Request
+    from server.record import Exchange
+
+    headers = [("Host", "127.0.0.1:5001"), ("Content-Type", "text/csv"), ("Content-Length", "3"),
+               ("Connection", "close, X-Hop"), ("X-Hop", "1"), ("Keep-Alive", "timeout=5"), ("Expect", "100-continue"),
+               ("Transfer-Encoding", "chunked"), ("TE", "trailers"), ("X-Tenant", "acme"), ("User-Agent", "curl/8.5")]
+    folder = write_recording(tmp_path / "recorded", [
+        Exchange("", "GET", "/swagger.json", "version=3", [], b"", 200, [], b"{}"),
+        Exchange("", "POST", "/score", "lang=fr", headers, b"1,2", 200, [], b"3"),
+        Exchange("", "HEAD", "/score", "", [("X-Tenant", "acme")], b"", 200, [], b"")])
+    bodies = Bodies.recorded(folder)
+    sent = bodies.requests()
+    assert sent() == Request("recorded", "text/csv", b"1,2", Head("POST", "lang=fr", (("X-Tenant", "acme"),
+                                                                                     ("User-Agent", "curl/8.5"))))
+    assert sent() == Request("recorded", "", b"", Head("HEAD", "", (("X-Tenant", "acme"),)))
+    assert sent().head.method == "POST" and len(bodies.items) == 2
+    assert peers.bodies("litserve", bodies).heads == bodies.heads  # a peer's re-shaping keeps them
+
+
+def test_the_load_generator_sends_a_head_and_reads_its_answer_without_a_body():
+    """HEAD (a recorded one): the answer's Content-Length announces a body that does not come; reading it would
+    stall the connection, or take the next answer as its body."""
+    from bench import loadgen
+
+    bodies = loadgen.Bodies((("recorded", "", b""), ("recorded", "text/plain", b"hi")),
+                            (loadgen.Head("HEAD"), loadgen.Head()))
+    with loadgen.trivial_server() as url:
+        result = loadgen.run(url, 1, 0.5, bodies.requests())
+    assert result.answered > 4 and result.dropped == 0 and set(result.statuses) == {"recorded 200"}
