@@ -12,8 +12,8 @@ Ray Serve: bench/peers/) can be among the servers, each with its own batching, w
 from __future__ import annotations
 
 import contextlib
-import csv
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -134,14 +134,14 @@ class ServerUsage:
 
 
 def locust_cell(url: str, concurrency: int, seconds: float, *, key: str = "", images: str = "",
-                batch: int = 1, requests: str = "") -> tuple[dict[str, dict[str, str]], str]:
-    """One headless Locust run: its CSV stats rows by name, and its most common failure (as the locustfile
-    words it: "HTTP 400: message"; "" with none)."""
+                batch: int = 1, requests: str = "") -> tuple[dict[str, dict[str, float]], str]:
+    """One headless Locust run: its final stats rows by name (the locustfile's --summary, in the words of Locust's
+    CSV columns), and its most common failure (as the locustfile words it: "HTTP 400: message"; "" with none)."""
     with tempfile.TemporaryDirectory() as tmp:
-        prefix = os.path.join(tmp, "cell")
+        summary = os.path.join(tmp, "summary.json")
         argv = [sys.executable, "-m", "locust", "-f", LOCUSTFILE, "--headless", "--only-summary",
                 "-u", str(concurrency), "-r", str(concurrency), "-t", f"{max(1, round(seconds))}s",
-                "--host", url, "--csv", prefix, "--loglevel", "ERROR", "--batch", str(batch)]
+                "--host", url, "--summary", summary, "--loglevel", "ERROR", "--batch", str(batch)]
         if key:
             argv += ["--key", key]
         if images:
@@ -149,14 +149,12 @@ def locust_cell(url: str, concurrency: int, seconds: float, *, key: str = "", im
         if requests:
             argv += ["--requests", requests]
         done = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 120, cwd=tmp)
-        path = prefix + "_stats.csv"
-        if not os.path.exists(path):
+        if not os.path.exists(summary):
             raise RuntimeError(f"locust wrote no stats (exit {done.returncode}):\n{done.stderr[-3000:]}")
-        with open(path, newline="") as f:
-            rows = {row["Name"]: row for row in csv.DictReader(f)}
-        with open(prefix + "_failures.csv", newline="") as f:
-            failures = sorted(csv.DictReader(f), key=lambda row: -int(row.get("Occurrences") or 0))
-        return rows, _locust_error(failures[0]["Error"]) if failures else ""
+        with open(summary) as f:
+            written = json.load(f)
+        failures = written["failures"]
+        return written["rows"], _locust_error(failures[0][0]) if failures else ""
 
 
 def _locust_error(text: str) -> str:
@@ -166,7 +164,7 @@ def _locust_error(text: str) -> str:
     return inner[:-2] if inner[-2:] in ("')", '")') else inner
 
 
-def to_result(cell: Cell, rows: dict[str, dict[str, str]], batch: int, top_error: str = "") -> Result:
+def to_result(cell: Cell, rows: dict[str, dict[str, float]], batch: int, top_error: str = "") -> Result:
     score, run = rows.get("/score", {}), rows.get(RUN_TIME_NAME, {})
     f = lambda row, key: float(row.get(key) or 0)  # noqa: E731
     requests, failures = int(f(score, "Request Count")), int(f(score, "Failure Count"))
