@@ -99,17 +99,24 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.runner import debugging, plan, serve
 
     from .extras import install_line, missing
-    from server.settings import BY_NAME, SettingError, check, resolve
+    from server.settings import BY_NAME, SettingError, check, resolve, script_environment
 
-    settings = resolve({name: getattr(args, name) for name in BY_NAME})
+    flags = {name: getattr(args, name) for name in BY_NAME}
+    settings = resolve(flags)
     if args.appinsights_key:  # as azmlinfsrv: giving the key on the command line turns Application Insights on
         settings = settings.replace(appinsights_enabled=True)
+    elif args.appinsights_enabled is None and os.environ.get("AML_APP_INSIGHTS_ENABLED", "").lower() == "true" \
+            and not settings.appinsights_enabled:
+        print("scorehost: Application Insights is off: azmlinfsrv turns it on for AML_APP_INSIGHTS_ENABLED=true "
+              f"alone, not {os.environ['AML_APP_INSIGHTS_ENABLED']}", file=sys.stderr)
     if settings.appinsights_enabled and not telemetry.connection_string(settings):
         print("scorehost: Application Insights is disabled: AML_APP_INSIGHTS_KEY (--appinsights-instrumentation-"
               "key) is missing or not a valid instrumentation key (a GUID)", file=sys.stderr)
         settings = settings.replace(appinsights_enabled=False)  # as azmlinfsrv
-    if settings.entry_script and not os.path.isabs(settings.entry_script):
-        # flag or AZUREML_ENTRY_SCRIPT alike: relative to --app-root (AML_APP_ROOT, default "."), as in Azure ML
+    if args.entry_script:  # as azmlinfsrv: the flag from the current directory (its real path, as it exports it)
+        settings = settings.replace(entry_script=os.path.realpath(args.entry_script))
+    elif settings.entry_script and not os.path.isabs(settings.entry_script):
+        # AZUREML_ENTRY_SCRIPT (or the config file's): under --app-root (AML_APP_ROOT, default "."), as azmlinfsrv
         settings = settings.replace(entry_script=os.path.abspath(os.path.join(settings.app_root,
                                                                               settings.entry_script)))
     try:
@@ -123,26 +130,32 @@ def cmd_serve(args: argparse.Namespace) -> int:
             settings = settings.replace(auth_key=f.read().strip(), auth_key_file=None)
         if args.auth_key_file and args.auth_key_file.startswith(KEY_FD_PREFIX):
             os.close(int(args.auth_key_file[len(KEY_FD_PREFIX):]))  # the key is in memory now, nowhere else
+    # scorehost's own defaults (azmlinfsrv has none) are exported to the script as the flags they stand for.
     if settings.entry_script is None:
         settings = settings.replace(entry_script=default_entry_script(settings.app_root))
+        flags["entry_script"] = settings.entry_script
     if settings.model_dir is None and os.path.realpath(settings.entry_script) == os.path.realpath(REFERENCE_SCRIPT):
         from .models import demo_model_dir
 
         settings = settings.replace(model_dir=demo_model_dir())
-    if settings.model_dir is not None:
-        os.environ["AZUREML_MODEL_DIR"] = os.path.abspath(settings.model_dir)  # the script reads it, as in Azure ML
+        flags["model_dir"] = settings.model_dir
+    settings, debug_line = debugging(settings)  # first: the mode below counts the one worker it leaves
     settings, model_slots, mode = plan(settings, visible_gpus())
-    settings, mode = debugging(settings, mode)
     absent = missing((("debugpy",) if settings.debug_port else ()) + telemetry.needs(settings))
     if absent:
         print(install_line("serve", absent, "debug" if "debugpy" in absent else "telemetry"), file=sys.stderr)
         return 2
-    _banner(settings, mode)
+    # Azure ML's variables, for the workers and model processes forked below. AZUREML_MODEL_DIR stays as given,
+    # relative or not, as azmlinfsrv passes it: no process of scorehost changes directory.
+    os.environ.update(script_environment(settings, {**flags, "rest": args.rest}))
+    _banner(settings, f"{mode}\n{debug_line}" if debug_line else mode)
     announce_ready(settings.host, settings.port)
     code = serve(settings, model_slots) or 0
-    if code == 3 and settings.model_dir is None and reads_model_dir(settings.entry_script):
-        print(f"scorehost: no model directory was given, and {os.path.basename(settings.entry_script)} reads "
-              "AZUREML_MODEL_DIR: pass --model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
+    if code == 3 and "AZUREML_MODEL_DIR" not in os.environ and reads_model_dir(settings.entry_script):
+        why = ("the config file's AZUREML_MODEL_DIR configures the server alone, as in azmlinfsrv"
+               if settings.model_dir else "no model directory was given")
+        print(f"scorehost: {why}, and {os.path.basename(settings.entry_script)} reads AZUREML_MODEL_DIR: pass "
+              "--model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
     elif code == 3:  # gunicorn's "Worker failed to boot" would be the last line: say what failed, and where
         print(f"scorehost: {settings.entry_script} did not load: its error is above", file=sys.stderr)
     return code

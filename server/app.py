@@ -193,6 +193,8 @@ def cors_origins(setting: str) -> list:
     """AML_CORS_ORIGINS as patterns matched literally (flask-cors would read a string with '*' as a regular
     expression: `https://*.example.com` matched `https://xexample.com.attacker.net`). `*` alone allows any origin;
     `scheme://*.domain` allows the subdomains of domain, at any depth, and not the domain itself."""
+    from flask_cors.core import probably_regex  # flask-cors's own test of whether a string is a pattern
+
     patterns: list = []
     for origin in (o.strip() for o in setting.split(",")):
         if origin == "*":
@@ -201,6 +203,10 @@ def cors_origins(setting: str) -> list:
         if sep:
             patterns.append(re.compile(re.escape(scheme) + r"://[A-Za-z0-9-]+(\.[A-Za-z0-9-]+)*\." + re.escape(host)
                                        + r"\Z", re.IGNORECASE))
+        elif origin and not probably_regex(origin):
+            # as it is: flask-cors compares it case-insensitively and, as under azmlinfsrv, sends it (the first,
+            # sorted) with `Vary: Origin` to a request without an Origin header; a compiled pattern it never sends
+            patterns.append(origin)
         elif origin:
             patterns.append(re.compile(re.escape(origin) + r"\Z", re.IGNORECASE))
     return patterns

@@ -220,8 +220,8 @@ class EntryScript:
                     os.path.isfile(beside + ".py") or os.path.isdir(beside)):
                 raise ScriptLoadError(
                     f"{ex} ({beside} is beside the script, but Azure ML's server puts only the app root on sys.path, "
-                    f"not the script's folder: serve with --app-root {os.path.dirname(path)} and the script named "
-                    "relative to it, as Azure ML's code folder would be)") from ex
+                    f"not the script's folder: serve with --app-root {os.path.dirname(path)}, as Azure ML's code "
+                    "folder would be)") from ex
             raise
         raw = bool(flag._rawHttpRequested)
         for name in ("init", "run"):

@@ -28,7 +28,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 import gunicorn.app.base
 import gunicorn.arbiter
 
-from . import metrics
+from . import metrics, telemetry
 from .front import ConnectionShares, FrontWorker
 from .gpus import GpuPinning
 from .model_process import ModelWorker
@@ -243,6 +243,7 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
     def boot(self, build: Callable[[], Any], mark_ready: bool = True) -> Any:
         """Run `build` (import the script, init()) within init_timeout, or exit with a boot error."""
         logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s [%(process)d] %(name)s: %(message)s")
+        telemetry.send_logs(self.settings)  # before the script loads: init()'s prints and logs go too
         result: dict[str, Any] = {}
 
         def run() -> None:
@@ -369,14 +370,15 @@ def plan(settings: Settings, gpus: list[str]) -> tuple[Settings, tuple[Optional[
     return settings, (), mode
 
 
-def debugging(settings: Settings, mode: str) -> tuple[Settings, str]:
+def debugging(settings: Settings) -> tuple[Settings, str]:
     """With a debug port: one worker (one process to attach to) and no scoring, worker or init timeout, since a
-    request held at a breakpoint would otherwise be answered 500 or its worker restarted."""
+    request held at a breakpoint would otherwise be answered 500 or its worker restarted; and the banner's line that
+    says so ("" without one). Called before `plan`, so the mode it describes counts the one worker that runs."""
     if not settings.debug_port:
-        return settings, mode
+        return settings, ""
     settings = settings.replace(workers=1, scoring_timeout_ms=DEBUG_TIMEOUT_S * 1000, worker_timeout=DEBUG_TIMEOUT_S,
                                 init_timeout=DEBUG_TIMEOUT_S, hung_grace=float(DEBUG_TIMEOUT_S))
-    return settings, (f"{mode}\nDebugging (AZUREML_DEBUG_PORT / --debug-port {settings.debug_port}): one worker, "
+    return settings, (f"Debugging (AZUREML_DEBUG_PORT / --debug-port {settings.debug_port}): one worker, "
                       "no scoring timeout, worker timeout or init timeout. Not for production.")
 
 

@@ -27,6 +27,12 @@ def _sizes(text: str) -> tuple[int, ...]:
     return sizes
 
 
+def _exactly_true(text: str) -> bool:
+    """azmlinfsrv's reading of AML_APP_INSIGHTS_ENABLED: on for "true" alone; any other value ("True", "1") is off,
+    without an error, so a deployment with one of those runs without Application Insights, here too."""
+    return text == "true"
+
+
 def _bool(text: str) -> bool:
     if text.lower() in ("1", "true", "yes", "on"):
         return True
@@ -84,19 +90,22 @@ class Setting:
     check: Optional[Callable[[Any], Optional[str]]] = None  # the problem with a value, or None
     computed: Optional[Callable[[Get, Machine], Any]] = None  # the default when it depends on the machine
     aihs_flag: Optional[str] = None  # azmlinfsrv's spelling of the flag, accepted as well
+    warn_only: bool = False  # a problem `check` finds is a warning, not an error: azmlinfsrv serves anyway
 
 
 SETTINGS: tuple[Setting, ...] = (
     Setting("entry_script", "--entry-script", "AZUREML_ENTRY_SCRIPT", None, str,
-            "The entry script with init() and run(). Default: score.py in the app root when there is one, else the "
-            "reference score.py with the demo model.",
+            "The entry script with init() and run(). As azmlinfsrv, a relative path given by the flag is from the "
+            "current directory, one given by the variable (or the config file) is under the app root. Default: "
+            "score.py in the app root when there is one, else the reference score.py with the demo model.",
             aihs_flag="--entry_script"),
     Setting("model_dir", "--model-dir", "AZUREML_MODEL_DIR", None, str,
-            "Directory the entry script loads its model from (exported as AZUREML_MODEL_DIR). "
+            "Directory the entry script loads its model from, exported to it as AZUREML_MODEL_DIR as given (the "
+            "config file's is not exported, as in azmlinfsrv); one that is not there is a warning, as there. "
             "Default with the reference score.py: the demo ResNet50, built on first use.", check=is_dir,
-            aihs_flag="--model_dir"),
+            aihs_flag="--model_dir", warn_only=True),
     Setting("app_root", "--app-root", "AML_APP_ROOT", ".", str,
-            "Directory a relative entry-script path is resolved against and appended to sys.path, as in Azure ML."),
+            "Directory a relative AZUREML_ENTRY_SCRIPT is found under, appended to sys.path, as in Azure ML."),
     Setting("host", "--host", "SCOREHOST_HOST", "127.0.0.1", str,
             "Address to bind. 127.0.0.1 keeps a laptop server private; containers pass 0.0.0.0."),
     Setting("port", "--port", "SCOREHOST_PORT", 5001, int, "Port to bind (Azure ML's is 5001).", check=_port),
@@ -231,10 +240,11 @@ SETTINGS: tuple[Setting, ...] = (
             "version); false sends it only when HTTP_X_MS_SERVER_VERSION is set, as azmlinfsrv."),
     Setting("log_level", "--log-level", "AZUREML_LOG_LEVEL", "info", str,
             "Server log level (debug, info, warning, error), Azure ML's AZUREML_LOG_LEVEL."),
-    Setting("appinsights_enabled", "--appinsights-enabled", "AML_APP_INSIGHTS_ENABLED", False, _bool,
-            "Send each request (id, status, duration, the answer's body unless --appinsights-log-response false) "
-            "and the script's exceptions to Application Insights, with the key below or the connection string "
-            "(pip install scorehost[telemetry]).", aihs_flag=None),
+    Setting("appinsights_enabled", "--appinsights-enabled", "AML_APP_INSIGHTS_ENABLED", False, _exactly_true,
+            "'true' (that word alone, as azmlinfsrv reads it: 'True' is off): send each request (id, status, "
+            "duration, the answer's body unless --appinsights-log-response false) and the script's exceptions to "
+            "Application Insights, with the key below or the connection string (pip install scorehost[telemetry]).",
+            aihs_flag=None),
     Setting("appinsights_key", "--appinsights-instrumentation-key", "AML_APP_INSIGHTS_KEY", None, str,
             "Application Insights instrumentation key (a GUID, checked as azmlinfsrv does; giving the flag turns "
             "Application Insights on, as azmlinfsrv).", secret=True, aihs_flag="--appinsights_instrumentation_key"),
@@ -291,13 +301,18 @@ class SettingError(Exception):
 
 def check(settings: Settings) -> None:
     """Every resolved value checked before anything starts, by its setting's own check; the first problem ends
-    start-up with a SettingError (a worker count of 0 used to start no worker and hang)."""
+    start-up with a SettingError (a worker count of 0 used to start no worker and hang). A warn-only setting's
+    problem is printed, in the same words, and start-up goes on, as in azmlinfsrv."""
     import socket
+    import sys
 
     v = settings.values
     for s in SETTINGS:
         problem = s.check(v[s.name]) if s.check is not None and v[s.name] is not None else None
-        if problem:
+        if problem and s.warn_only:
+            print(f"{SettingError(s, problem)} (a warning: azmlinfsrv serves anyway, and so does scorehost)",
+                  file=sys.stderr)
+        elif problem:
             raise SettingError(s, problem)
     if v["entry_script"] and not os.path.isfile(os.path.join(v["app_root"], v["entry_script"])):
         raise SettingError(BY_NAME["entry_script"], f"{v['entry_script']} is not a file")
@@ -366,6 +381,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         flags = [s.flag] + ([s.aihs_flag] if s.aihs_flag and s.aihs_flag != s.flag else [])
         parser.add_argument(*flags, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
                             help=f"{s.doc}{env}{default}".replace("%", "%%"))  # argparse formats help with %
+    # azmlinfsrv's hidden switch, accepted as it accepts it: it only sets TRANSPORT_PROTOCOL=rest (else grpc) for
+    # the script (script_environment); both servers speak HTTP alone. Not a setting: it configures nothing.
+    parser.add_argument("--rest", action="store_true", help=argparse.SUPPRESS)
 
 
 def _named(setting: Setting) -> Callable[[str], Any]:
@@ -390,7 +408,10 @@ def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping
         env = BY_NAME[name].env
         return flags.get(name) if flags.get(name) is not None else environ.get(env or "", "") or None
 
-    path, from_file = config_file(given("config_file"), given("app_root") or ".", given("entry_script"))
+    # The script's path as azmlinfsrv exports it before its workers look for config.json beside it: the flag's real
+    # path, or AZUREML_ENTRY_SCRIPT as it is (from the current directory, not the app root, in that one lookup).
+    script = os.path.realpath(flags["entry_script"]) if flags.get("entry_script") else given("entry_script")
+    path, from_file = config_file(given("config_file"), given("app_root") or ".", script)
     values: dict[str, Any] = {}
     for s in SETTINGS:
         if flags.get(s.name) is not None:
@@ -404,6 +425,38 @@ def resolve(flags: Optional[Mapping[str, Any]] = None, environ: Optional[Mapping
     if path:
         values["config_file"] = path
     return Settings(values)
+
+
+def script_environment(settings: Settings, flags: Mapping[str, Any],
+                       environ: Optional[Mapping[str, str]] = None) -> dict[str, str]:
+    """The variables azmlinfsrv sets in its own environment before gunicorn forks the workers that run the script
+    (AIHS 1.5.1's amlserver.py: merge_configuration, validate_environment_variables), with its values: the serve
+    process sets them before it forks, so a script that reads them sees what Azure ML's server shows it. As there, a
+    value given by flag is exported (the entry script and the config file as real paths, the model directory as
+    given), one from the environment is left as it is, and one from the config file is not exported (its
+    AZUREML_MODEL_DIR configures the server alone: a script that reads the variable fails there, so here too)."""
+    environ = os.environ if environ is None else environ
+    v = settings.values
+    given = {name: value for name, value in flags.items() if value is not None}
+    exported = {"WORKER_COUNT": str(v["workers"]), "SERVER_PORT": str(v["port"]),
+                "AML_APP_INSIGHTS_ENABLED": "true" if v["appinsights_enabled"] else "false",
+                "TRANSPORT_PROTOCOL": "rest" if given.get("rest") else "grpc"}
+    if "app_root" in given or "AML_APP_ROOT" not in environ:
+        exported["AML_APP_ROOT"] = given["app_root"] if "app_root" in given else os.getcwd()
+    for name in ("entry_script", "config_file", "model_dir", "cors_origins", "appinsights_key"):
+        if name in given:
+            real = name in ("entry_script", "config_file")
+            exported[BY_NAME[name].env] = os.path.realpath(given[name]) if real else str(given[name])
+    # Without a separate health listener, azmlinfsrv's HEALTH_PORT is the port, except that without --port it keeps
+    # one already set.
+    separate = v["separate_health_endpoint"]
+    if separate or "port" in given or "HEALTH_PORT" not in environ:
+        exported["HEALTH_PORT"] = str(v["health_port"] if separate else v["port"])
+    if v["server_version_header"] and "HTTP_X_MS_SERVER_VERSION" not in environ:
+        from . import __version__
+
+        exported["HTTP_X_MS_SERVER_VERSION"] = f"scorehost/{__version__}"  # what x-ms-server-version says (app.py)
+    return exported
 
 
 def _parsed(setting: Setting, text: str, where: str) -> Any:
@@ -427,7 +480,7 @@ def config_file(given: Optional[str], app_root: str, entry_script: Optional[str]
     import sys
 
     candidates = [given] if given else [os.path.join(app_root, "config.json")] + (
-        [os.path.join(os.path.dirname(os.path.abspath(os.path.join(app_root, entry_script))), "config.json")]
+        [os.path.join(os.path.dirname(os.path.abspath(entry_script)), "config.json")]
         if entry_script else [])
     path = next((p for p in candidates if os.path.isfile(p) and os.path.getsize(p)), None)
     if path is None:

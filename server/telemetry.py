@@ -13,15 +13,21 @@ Exporters: OTLP/HTTP with JSON bodies (OTEL_EXPORTER_OTLP_ENDPOINT + /v1/traces)
 the SDK's own OTLP exporters need opentelemetry-proto, which at OpenTelemetry 1.33 (AIHS 1.5.1 pins it) requires
 protobuf<6, and TensorFlow 2.21 requires protobuf>=6.31. Application Insights through Azure Monitor's exporter,
 the request span carrying azmlinfsrv's fields (Request Id, Client Request Id, Response Value, Container Id, ...).
+Only that span goes there, as azmlinfsrv sends one request record and no dependency: the stages are spans for an OTLP
+collector, made only when one is configured. With Application Insights each process also sends what the script
+prints to stdout and logs at INFO and above as traces (`send_logs`), as azmlinfsrv sends print()'s lines.
 """
 
 from __future__ import annotations
 
+import builtins
+import functools
 import json
 import logging
 import os
 import re
 import socket
+import sys
 import time
 import urllib.parse
 import urllib.request
@@ -31,6 +37,10 @@ log = logging.getLogger("scorehost.telemetry")
 
 TRACE = "scorehost.trace"  # environ key: the request's RequestTrace, for app.py's spans
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.I)
+PRINTED = "scorehost.print"  # the logger of what the script prints, to Application Insights only
+# Top-level loggers whose records are not the script's: the server's own (its requests and their exceptions are sent
+# as such), and the exporting stack's, whose records about an export would be exported in turn.
+NOT_THE_SCRIPTS = ("scorehost", "gunicorn", "opentelemetry", "azure", "urllib3")
 
 
 def connection_string(settings: Any) -> Optional[str]:
@@ -58,6 +68,58 @@ def start(settings: Any) -> Optional["Tracing"]:
     return Tracing(settings) if wanted(settings) else None
 
 
+def container() -> str:
+    return os.environ.get("HOSTNAME") or socket.gethostname()
+
+
+def resource(settings: Any) -> Any:
+    """This process, as its traces and logs name it (Application Insights' cloud role and role instance)."""
+    from opentelemetry.sdk.resources import Resource
+
+    return Resource.create({"service.name": settings.service_name, "service.version": settings.service_version,
+                            "service.instance.id": f"{container()}/{os.getpid()}"})
+
+
+def send_logs(settings: Any) -> None:
+    """In a process that runs the script's code (HTTP worker, model process), before it loads, with Application
+    Insights on: what the script prints to stdout and logs at INFO and above goes there as traces. azmlinfsrv turns
+    print() into a logger at INFO that sends to Application Insights; here print() still writes what it wrote, and
+    the handler is one more on the root logger, so the console shows what it showed. The Azure SDK's HTTP logging
+    and the exporter are kept to warnings: at INFO they log each call of the exporter, headers and all."""
+    appinsights = connection_string(settings)
+    if not appinsights:
+        return
+    from azure.monitor.opentelemetry.exporter import AzureMonitorLogExporter
+    from opentelemetry.sdk._logs import LoggerProvider, LoggingHandler
+    from opentelemetry.sdk._logs.export import BatchLogRecordProcessor
+
+    for chatty in ("azure.core.pipeline.policies.http_logging_policy", "azure.monitor.opentelemetry.exporter"):
+        logging.getLogger(chatty).setLevel(logging.WARNING)
+    provider = LoggerProvider(resource=resource(settings))
+    provider.add_log_record_processor(BatchLogRecordProcessor(AzureMonitorLogExporter(
+        connection_string=appinsights, disable_offline_storage=True)))
+    handler = LoggingHandler(logging.INFO, provider)
+    handler.addFilter(lambda record: record.name == PRINTED or record.name.partition(".")[0] not in NOT_THE_SCRIPTS)
+    logging.getLogger().addHandler(handler)
+    printed = logging.getLogger(PRINTED)
+    printed.setLevel(logging.INFO)
+    printed.propagate = False  # on the console already, as print() wrote it
+    printed.addHandler(handler)
+    builtins.print = _printing(builtins.print, printed)
+
+
+def _printing(write: Any, printed: logging.Logger) -> Any:
+    """print() that writes as before, then logs what it wrote to stdout as azmlinfsrv's print_log_hook does (the
+    objects joined by `sep`, without `end`); the record names where the script called print()."""
+    @functools.wraps(write)
+    def print_(*objects: Any, sep: Optional[str] = " ", end: Optional[str] = "\n", file: Any = None,
+               flush: bool = False) -> None:
+        write(*objects, sep=sep, end=end, file=file, flush=flush)
+        if (file is None or file is sys.stdout) and objects:
+            printed.info((" " if sep is None else sep).join(map(str, objects)), stacklevel=2)
+    return print_
+
+
 class Carried(NamedTuple):
     """An item for run_batch() with its request span's traceparent, as it crosses to the model process."""
 
@@ -75,25 +137,26 @@ class Tracing:
     """One process's tracer and exporters."""
 
     def __init__(self, settings: Any):
-        from opentelemetry.sdk.resources import Resource
         from opentelemetry.sdk.trace import TracerProvider
         from opentelemetry.sdk.trace.export import BatchSpanProcessor
+        from opentelemetry.trace import NoOpTracer
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
-        self.container = os.environ.get("HOSTNAME") or socket.gethostname()
-        self.provider = TracerProvider(resource=Resource.create({
-            "service.name": settings.service_name, "service.version": settings.service_version,
-            "service.instance.id": f"{self.container}/{os.getpid()}"}))
+        self.container = container()
+        self.provider = TracerProvider(resource=resource(settings))
         if settings.otlp_endpoint:
             self.provider.add_span_processor(BatchSpanProcessor(OtlpJsonExporter(settings.otlp_endpoint)))
         self.appinsights = connection_string(settings)
         if self.appinsights:
             from azure.monitor.opentelemetry.exporter import AzureMonitorTraceExporter
 
-            self.provider.add_span_processor(BatchSpanProcessor(AzureMonitorTraceExporter(
-                connection_string=self.appinsights, disable_offline_storage=True)))
+            # Given its provider, the exporter reads the resource from it, not from the global one (a proxy: none).
+            self.provider.add_span_processor(BatchSpanProcessor(RequestsOnly(AzureMonitorTraceExporter(
+                connection_string=self.appinsights, disable_offline_storage=True, tracer_provider=self.provider))))
         self.settings = settings
         self.tracer = self.provider.get_tracer("scorehost")
+        # The stages and the model process's spans: only an OTLP collector gets them (RequestsOnly).
+        self.stages = self.tracer if settings.otlp_endpoint else NoOpTracer()
         self.propagator = TraceContextTextMapPropagator()
         self.perf_to_epoch = time.time_ns() - time.perf_counter_ns()
         self.monotonic_to_epoch = time.time_ns() - time.monotonic_ns()
@@ -128,10 +191,10 @@ class Tracing:
         for traceparent, arrived in zip(traceparents, arrivals):
             if traceparent:
                 parent = self.propagator.extract({"traceparent": traceparent})
-                self.tracer.start_span("batch queue", context=parent, start_time=self.monotonic_to_epoch + int(
+                self.stages.start_span("batch queue", context=parent, start_time=self.monotonic_to_epoch + int(
                     arrived * 1e9)).end(end_time=now)
                 links.append(trace.Link(trace.get_current_span(parent).get_span_context()))
-        return self.tracer.start_span("run_batch", links=links, start_time=now,
+        return self.stages.start_span("run_batch", links=links, start_time=now,
                                       attributes={"batch.size": size, "batch.padded_size": padded})
 
 
@@ -146,12 +209,13 @@ class RequestTrace:
     def stage(self, name: str, since: float, until: Optional[float] = None) -> None:
         """A finished child span from `since` to `until` (perf_counter seconds; default now)."""
         epoch = self.tracing.epoch_ns
-        self.tracing.tracer.start_span(name, context=self.context, start_time=epoch(since)).end(
+        self.tracing.stages.start_span(name, context=self.context, start_time=epoch(since)).end(
             end_time=epoch(time.perf_counter() if until is None else until))
 
     def child(self, name: str) -> Any:
-        """A child span starting now; the caller ends it."""
-        return self.tracing.tracer.start_span(name, context=self.context)
+        """A child span starting now; the caller ends it. An exception through it sets its status, and is not
+        recorded: the server's wrapper of the script's exception, which the request span records (`failed`)."""
+        return self.tracing.stages.start_span(name, context=self.context, record_exception=False)
 
     def traceparent(self) -> str:
         context = self.span.get_span_context()
@@ -188,6 +252,27 @@ class RequestTrace:
         span ends."""
         self.stage("write", responded)
         self.span.end()
+
+
+class RequestsOnly:
+    """A SpanExporter passing on the request spans (SERVER) only. In Application Insights a span of another kind is
+    a dependency: azmlinfsrv sends none, and the stages of one process are none a user there looks for."""
+
+    def __init__(self, exporter: Any):
+        self.exporter = exporter
+
+    def export(self, spans: Sequence[Any]) -> Any:
+        from opentelemetry.sdk.trace.export import SpanExportResult
+        from opentelemetry.trace import SpanKind
+
+        requests = [span for span in spans if span.kind is SpanKind.SERVER]
+        return self.exporter.export(requests) if requests else SpanExportResult.SUCCESS
+
+    def shutdown(self) -> None:
+        self.exporter.shutdown()
+
+    def force_flush(self, timeout_millis: int = 30000) -> bool:
+        return self.exporter.force_flush(timeout_millis)
 
 
 class OtlpJsonExporter:

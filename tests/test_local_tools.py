@@ -12,7 +12,6 @@ import re
 import socket
 import threading
 import time
-import urllib.request
 from typing import Any, Callable, Iterator, Optional
 
 import pytest
@@ -85,7 +84,8 @@ def attributes(span: dict) -> dict:
     return {a["key"]: next(iter(a["value"].values())) for a in span.get("attributes", [])}
 
 
-EXPORT_SOON = {"OTEL_BSP_SCHEDULE_DELAY": "100", "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true"}
+EXPORT_SOON = {"OTEL_BSP_SCHEDULE_DELAY": "100", "OTEL_BLRP_SCHEDULE_DELAY": "100",
+               "APPLICATIONINSIGHTS_STATSBEAT_DISABLED_ALL": "true"}
 
 
 # --- azmlinfsrv's command line, config file, health port ------------------------------------------------------
@@ -356,6 +356,84 @@ def test_application_insights_records_each_request_without_the_key(start_server,
                                             if e["data"]["baseType"] == "ExceptionData"])
     assert "SECRET-TRACEBACK-TEXT" in json.dumps(exceptions)  # the script's own exception, as azmlinfsrv sends it
     assert key.encode() not in recorder.raw
+
+
+def appinsights_to(recorder: Recorder) -> dict[str, str]:
+    return {"APPLICATIONINSIGHTS_CONNECTION_STRING": f"InstrumentationKey={GUID};IngestionEndpoint={recorder.url}"}
+
+
+def test_application_insights_gets_the_request_and_the_scripts_exception_only(start_server, recorder):
+    """One request record per request, as azmlinfsrv sends: its stages are spans for an OTLP collector, not
+    dependencies in Application Insights; a failing run() is one exception in either, the script's own (the server's
+    ScriptFailed around it is none)."""
+    server = start_server("scorehost", script("raises.py"), env={
+        **EXPORT_SOON, **appinsights_to(recorder), "OTEL_EXPORTER_OTLP_ENDPOINT": recorder.url})
+    failed = send(server.url, Case("raises.py", "POST", "/score", b"boom"))
+    assert failed.status == 500
+    trace_id = failed.header("traceparent").split("-")[1]
+    # The request record is exported with or after its stages, which end first: once it is in, any would be too.
+    envelopes = recorder.wait_for(lambda: (found := [e for e in recorder.envelopes()
+                                                     if e["tags"].get("ai.operation.id") == trace_id]) and
+                                  "RequestData" in {e["data"]["baseType"] for e in found} and found)
+    assert sorted(e["data"]["baseType"] for e in envelopes) == ["ExceptionData", "RequestData"]
+    exception = next(e for e in envelopes if e["data"]["baseType"] == "ExceptionData")["data"]["baseData"]
+    assert [x["typeName"] for x in exception["exceptions"]] == ["ValueError"]
+    spans = recorder.wait_for(lambda: (found := [s for s in recorder.spans() if s["traceId"] == trace_id]) and
+                              "POST /score" in {s["name"] for s in found} and found)
+    assert {"read", "queue", "run", "write"} <= {s["name"] for s in spans}
+    events = [(s["name"], attributes(event)["exception.type"]) for s in spans for event in s.get("events", [])]
+    assert events == [("POST /score", "ValueError")]
+
+
+CHATTY = """import logging
+import sys
+
+log = logging.getLogger("chatty")
+
+
+def init():
+    print("init", "printed")
+
+
+def run(data):
+    print("run printed", data)
+    print("run printed to stderr", file=sys.stderr)
+    log.info("run logged %s", data)
+    log.warning("run warned")
+    log.debug("run debugged")
+    return data
+
+
+def run_batch(items):
+    return [run(item) for item in items]
+"""
+
+
+@pytest.mark.parametrize("batching", [False, True], ids=["per-worker", "model-process"])
+def test_application_insights_gets_what_the_script_prints_and_logs_as_traces(tmp_path, recorder, batching):
+    """As azmlinfsrv, which sends what print() writes to stdout as traces (a logger at INFO): that, and what the
+    script logs at INFO and above, from init() on. The console shows what it showed, and no noise from the exporter:
+    no HTTP headers of its calls, no traceback about the tracer provider."""
+    path = tmp_path / "chatty.py"
+    path.write_text(CHATTY)
+    extra = ("--batch-max", "4") if batching else ("--batch-max", "0")
+    with processes.running("scorehost", str(path), extra_args=extra,
+                           env={**EXPORT_SOON, **appinsights_to(recorder)}) as server:
+        assert send(server.url, Case("chatty.py", "POST", "/score", b"hello")).status == 200
+
+        def traces() -> Optional[dict]:
+            found = {e["data"]["baseData"]["message"]: e["data"]["baseData"]["severityLevel"]
+                     for e in recorder.envelopes() if e["data"]["baseType"] == "MessageData"}
+            sent = {e["data"]["baseType"] for e in recorder.envelopes()}
+            return found if "run warned" in found and "RequestData" in sent else None
+
+        found = recorder.wait_for(traces)
+        output = server.output()
+    # severityLevel 1 is INFO, 2 WARNING; DEBUG is not sent, nor the line print() wrote to stderr
+    assert found == {"init printed": "1", "run printed hello": "1", "run logged hello": "1", "run warned": "2"}
+    assert output.count("init printed\n") == 1 and output.count("run printed hello\n") == 1
+    assert output.count("run printed to stderr\n") == 1 and output.count("chatty: run logged hello\n") == 1
+    assert "Request headers" not in output and "Failed to derive Resource" not in output
 
 
 def test_application_insights_key_as_azmlinfsrv_takes_it():

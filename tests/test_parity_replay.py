@@ -85,7 +85,7 @@ def recorded(tmp_path_factory) -> Iterator[tuple[str, str, processes.ServerProce
     """(app root, recording, the recording server) after five requests of each kind were sent to it."""
     app_root = _app(tmp_path_factory, "user-app", USER_SCRIPT)
     recording = str(tmp_path_factory.mktemp("recording"))
-    server = _serve(app_root, "--entry-script", "score.py", "--app-root", app_root, "--record", recording)
+    server = _serve(app_root, "--entry-script", os.path.join(app_root, "score.py"), "--app-root", app_root, "--record", recording)
     try:
         json_headers = {"Content-Type": "application/json", "Authorization": "Bearer not-for-the-disk"}
         statuses = [_post(server.url + "/score", json.dumps({"values": [1, 2, 3]}).encode(), json_headers),
@@ -107,7 +107,7 @@ def recorded(tmp_path_factory) -> Iterator[tuple[str, str, processes.ServerProce
 @pytest.fixture(scope="module")
 def changed(tmp_path_factory) -> Iterator[processes.ServerProcess]:
     app_root = _app(tmp_path_factory, "changed-app", CHANGED)
-    server = _serve(app_root, "--entry-script", "score.py", "--app-root", app_root)
+    server = _serve(app_root, "--entry-script", os.path.join(app_root, "score.py"), "--app-root", app_root)
     yield server
     server.stop()
 

@@ -142,7 +142,6 @@ def test_missing_script_exits_nonzero():
     ((), {"WORKER_COUNT": "0"}, "--workers / WORKER_COUNT: must be at least 1", 2),
     (("--threads", "0"), {}, "--threads / SCOREHOST_THREADS: must be at least 1", 2),
     (("--port", "99999"), {}, "--port / SCOREHOST_PORT: must be between 1 and 65535", 2),
-    (("--model-dir", "/no/such/dir"), {}, "--model-dir / AZUREML_MODEL_DIR: /no/such/dir is not a directory", 2),
     (("--read-timeout", "0"), {}, "must be greater than 0", 2),
     (("--access-log", "maybe"), {}, "argument --access-log: 'maybe' is not valid", 2),
 ])
