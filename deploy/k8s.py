@@ -40,7 +40,7 @@ MODEL_DOCKERFILE = f"""\
 FROM {BASE_IMAGE}
 COPY --chown=1000 model/ {MODEL_MOUNT}/
 COPY --chown=1000 code/ {APP_ROOT}/code/
-ENV AZUREML_ENTRY_SCRIPT=code/{{script}}
+ENV AML_APP_ROOT={APP_ROOT}/code AZUREML_ENTRY_SCRIPT={{script}}
 """
 
 

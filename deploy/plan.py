@@ -165,15 +165,15 @@ def conda_problems(path: str) -> list[str]:
 
 def script_load_error(s: DeploySettings, timeout_s: int = 300) -> Optional[str]:
     """Load the script and run init() on the model, in a child process, exactly as a scorehost worker does, from a
-    copy of the code folder that ships (in an app root of its own, as in the container): a module or file the
-    script needs that would not travel fails here, not in the cloud."""
+    copy of the code folder that ships, that folder the app root (AML_APP_ROOT), as Azure ML mounts the code in the
+    container: a module or file the script needs that would not travel fails here, not in the cloud."""
     code = ("import os, sys; from server.entry_script import EntryScript; "
-            "script = EntryScript.load(sys.argv[1]); script.init(); print('loaded', script.input_mode.name)")
+            "script = EntryScript.load(sys.argv[1], '.'); script.init(); print('loaded', script.input_mode.name)")
     env = {**os.environ, "AZUREML_MODEL_DIR": os.path.abspath(s.model_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
-    with tempfile.TemporaryDirectory(prefix="scorehost-plan-") as app_root:
-        script = source.copy(s, os.path.join(app_root, "code"))
-        done = subprocess.run([sys.executable, "-c", code, os.path.relpath(script, app_root)], capture_output=True,
-                              text=True, env=env, timeout=timeout_s, cwd=app_root)
+    with tempfile.TemporaryDirectory(prefix="scorehost-plan-") as scratch:
+        script = source.copy(s, os.path.join(scratch, "code"))
+        done = subprocess.run([sys.executable, "-c", code, os.path.basename(script)], capture_output=True,
+                              text=True, env=env, timeout=timeout_s, cwd=os.path.dirname(script))
     if done.returncode != 0:
         return f"the entry script does not load with the model:\n{done.stderr[-3000:]}"
     return None

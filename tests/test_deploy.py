@@ -920,7 +920,7 @@ def test_k8s_bakes_the_users_own_script_and_model_and_asks_for_no_more_gpus_than
     assert (out / "code" / "score.py").read_bytes() == (users_own / "score.py").read_bytes()
     assert (out / "model" / "greeter" / "3" / "greeting.txt").read_text() == "bonjour\n"
     dockerfile = (out / "Dockerfile").read_text()
-    assert "ENV AZUREML_ENTRY_SCRIPT=code/score.py" in dockerfile
+    assert f"ENV AML_APP_ROOT={k8s.APP_ROOT}/code AZUREML_ENTRY_SCRIPT=score.py" in dockerfile
     assert f"COPY --chown=1000 code/ {k8s.APP_ROOT}/code/" in dockerfile
     hpa = yaml.safe_load((out / "hpa.yaml").read_text())["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 4)  # 4 GPUs hold 4 instances of 1 GPU, not 6

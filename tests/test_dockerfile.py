@@ -88,19 +88,22 @@ def test_python_version_agrees():
 USER_SCRIPT = '''\
 import json, os
 
+import greeting  # beside it in the code folder
+
 def init():
     global labels
     with open(os.path.join(os.environ["AZUREML_MODEL_DIR"], "greeter", "1", "labels.json")) as f:
         labels = json.load(f)
 
 def run(data):
-    return {"greeting": labels["hello"], "name": json.loads(data)["name"], "script": __file__}
+    return {greeting.WORD: labels["hello"], "name": json.loads(data)["name"], "script": __file__}
 '''
 
 
 def test_the_image_serves_a_users_script_and_model_mounted_as_azure_ml_mounts_them(tmp_path):
     """The image's CMD with its ENV, the app root a temporary folder instead of /var/azureml-app, and the user's
-    script and model where the README's `docker run -v ... -e AZUREML_ENTRY_SCRIPT=code/score.py` line puts them."""
+    script and model where the README's `docker run -v ... -e AML_APP_ROOT=... -e AZUREML_ENTRY_SCRIPT=score.py` line
+    puts them; the script imports a module beside it, as the code folder is the app root in Azure ML."""
     import urllib.request
 
     from scorehost import processes
@@ -108,13 +111,15 @@ def test_the_image_serves_a_users_script_and_model_mounted_as_azure_ml_mounts_th
     app_root = tmp_path / "var-azureml-app"
     (app_root / "code").mkdir(parents=True)
     (app_root / "code" / "score.py").write_text(USER_SCRIPT)
+    (app_root / "code" / "greeting.py").write_text("WORD = 'greeting'\n")
     (app_root / "azureml-models" / "greeter" / "1").mkdir(parents=True)
     (app_root / "azureml-models" / "greeter" / "1" / "labels.json").write_text('{"hello": "bonjour"}')
     (app_root / "score.py").write_text("raise SystemExit('the baked-in reference script was loaded')\n")
     run_line = next(line for line in re.findall(r"^#   (docker run .*)$", DOCKERFILE, re.M) if "-e " in line)
     env = {k: v.replace("/var/azureml-app", str(app_root))
            for k, v in re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV"))) if k != "PATH"}
-    env.update(re.findall(r"-e (\w+)=(\S+)", run_line))  # what the user's docker run sets
+    env.update((k, v.replace("/var/azureml-app", str(app_root)))  # what the user's docker run sets
+               for k, v in re.findall(r"-e (\w+)=(\S+)", run_line))
     assert ":/var/azureml-app/code:ro" in run_line and f":{MODEL_MOUNT}:ro" in run_line
     cmd = json.loads(instructions("CMD")[0])
     port = processes.free_port()
