@@ -372,14 +372,27 @@ def markdown_table() -> str:
     return "\n".join(rows)
 
 
+# The settings azmlinfsrv has too (a flag or a variable of its own, the same meaning): `serve --help` lists them
+# first, apart from scorehost's own (an outside review: 45 flags in one list of 290 lines, azmlinfsrv's buried).
+AZMLINFSRV = ("entry_script", "model_dir", "app_root", "port", "workers", "scoring_timeout_ms", "worker_timeout",
+              "cors_origins", "config_file", "health_port", "separate_health_endpoint", "debug_port", "source_dir",
+              "service_path_prefix", "service_name", "service_version", "workspace_name", "server_version_header",
+              "log_level", "appinsights_enabled", "appinsights_key", "appinsights_log_response")
+USAGE = "%(prog)s [--entry-script SCRIPT] [--model-dir DIR] [--port PORT] [options: --help lists them]"
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Every setting's flag, and azmlinfsrv's spelling of it where that differs (`--entry_script`), so a user's
-    azmlinfsrv command line works with the program name swapped."""
+    azmlinfsrv command line works with the program name swapped; in two groups, azmlinfsrv's first."""
+    parser.usage = USAGE
+    groups = {True: parser.add_argument_group("Azure ML's settings (azmlinfsrv's flags and variables, the same "
+                                              "meaning; its spelling of a flag, e.g. --entry_script, works too)"),
+              False: parser.add_argument_group("scorehost's own settings")}
     for s in SETTINGS:
         env = f" [env {s.env}]" if s.env else ""
         default = "" if s.default is None or s.secret else f" (default {s.default})"
         flags = [s.flag] + ([s.aihs_flag] if s.aihs_flag and s.aihs_flag != s.flag else [])
-        parser.add_argument(*flags, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
+        groups[s.name in AZMLINFSRV].add_argument(*flags, dest=s.name, type=_named(s), default=None, metavar=s.name.upper(),
                             help=f"{s.doc}{env}{default}".replace("%", "%%"))  # argparse formats help with %
     # azmlinfsrv's hidden switch, accepted as it accepts it: it only sets TRANSPORT_PROTOCOL=rest (else grpc) for
     # the script (script_environment); both servers speak HTTP alone. Not a setting: it configures nothing.

@@ -183,6 +183,10 @@ def test_cli_help_lists_every_setting():
                          text=True, check=True).stdout
     for s in SETTINGS:
         assert s.flag in out and (s.env is None or s.env in out)
+    # azmlinfsrv's settings first, apart from scorehost's own; a usage line of one line, not 30
+    usage, azure_ml, own = out.split("\n")[0], out.index("Azure ML's settings"), out.index("scorehost's own settings")
+    assert usage.startswith("usage: ") and len(usage) < 120 and azure_ml < out.index("--entry-script ENTRY") < own
+    assert own < out.index("--batch-max") and out.index("--worker_count") < own
 
 
 def test_access_line_per_request_when_asked(start_server):
