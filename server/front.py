@@ -165,6 +165,7 @@ class FrontWorker(Worker):
             listener.setblocking(False)
             self.listeners[listener.fileno()] = listener
         self.accepting = False
+        self.served = False  # it has accepted connections (see _stop_accepting)
         self.accept_paused_until = 0.0  # out of descriptors: accept() rests until then
         self.yielding = False  # more connections than the least loaded worker: accept() waits until it is not
         self.accept_failures = 0
@@ -183,7 +184,8 @@ class FrontWorker(Worker):
             thread.start()
         if self.wait_for_models:
             self._wait_until_ready(scorehost["ready"])
-        self._accepting(True)
+        if self.alive:  # a reload's worker stopped before its model processes answered never takes traffic
+            self._accepting(True)
         self._loop()
 
     def _wait_until_ready(self, ready: Callable[[], bool]) -> None:
@@ -289,6 +291,7 @@ class FrontWorker(Worker):
             return
         self.accepting = on
         if on:
+            self.served = True
             self.shares.publish(self.share_slot, len(self.conns))  # counted from now on (ConnectionShares)
         for fd in self.listeners:
             if on:  # every worker wakes; the least loaded accepts (ConnectionShares)
@@ -435,7 +438,9 @@ class FrontWorker(Worker):
 
     def _stop_accepting(self) -> None:
         self._accepting(False)
-        if not self.hung:  # a worker stopping alone with a stuck call leaves the backlog to its healthy siblings
+        # The backlog is taken by a worker that has served: not one stopping alone with a stuck call, nor a reload's
+        # worker stopped before it was ready (a failed reload): they leave it to their healthy siblings.
+        if self.served and not self.hung:
             self._take_backlog()
         for listener in self.listeners.values():
             listener.close()
