@@ -12,6 +12,7 @@ import ast
 import asyncio
 import importlib.util
 import inspect
+import io
 import json
 import logging
 import os
@@ -20,8 +21,9 @@ from types import ModuleType
 from typing import Any, Callable, Optional
 
 import flask
+from werkzeug.exceptions import RequestEntityTooLarge
 
-from .errors import BadInput, MethodNotAllowed, UnsupportedInput
+from .errors import BadInput, MethodNotAllowed, PayloadTooLarge, UnsupportedInput
 from .model_process import RequestSnapshot
 
 log = logging.getLogger("scorehost.entry_script")
@@ -31,9 +33,24 @@ class ScriptLoadError(Exception):
     """The script cannot be served: import failed, init/run missing, or run() declared in a way Azure ML refuses."""
 
 
-# A body of these types reaches an undecorated run() as "" under Azure ML's server: Flask parses it as a form first
-# (`curl -d` sends the first). Found by an outside review: passed through here, a first curl worked locally only.
-FORM_TYPES = ("application/x-www-form-urlencoded", "application/x-url-encoded", "multipart/form-data")
+# The types werkzeug parses as a form (FormDataParser.parse), which AIHS's `request.data` then reads as empty.
+FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def unparsed_body(request: flask.Request) -> bytes:
+    """The body as AIHS's `request.data` has it for an undecorated run(): werkzeug parses a form (`curl -d`, a
+    multipart upload) and leaves nothing, so run() gets "" (passed through here, a first curl worked locally and
+    failed on Azure ML: an outside review). The same parser decides (a multipart without a boundary is left whole,
+    a part over Flask's MAX_FORM_MEMORY_SIZE is 413), on the body the front read, not a second copy of it."""
+    body = request.get_data()
+    if request.mimetype not in FORM_TYPES:
+        return body
+    try:
+        rest, _, _ = request.make_form_data_parser().parse(io.BytesIO(body), request.mimetype,
+                                                           request.content_length, request.mimetype_params)
+    except RequestEntityTooLarge as ex:
+        raise PayloadTooLarge(f"A form field is over {request.max_form_memory_size} bytes ({ex.description})") from None
+    return rest.read()
 
 
 def _json_or_text(text: str) -> Any:
@@ -98,9 +115,7 @@ class StringInput(InputMode):
 
     def from_body(self, request: flask.Request) -> dict[str, Any]:
         try:
-            if request.mimetype in FORM_TYPES:  # AIHS reads `request.data`, empty once Flask parsed the form
-                return {self.parameter: ""}
-            return {self.parameter: str(request.get_data(), "utf-8")}
+            return {self.parameter: str(unparsed_body(request), "utf-8")}
         except UnicodeDecodeError as ex:
             raise BadInput(f"Input cannot be decoded as UTF-8: {ex}") from None
 
@@ -164,19 +179,26 @@ def _import_file(path: str) -> ModuleType:
     return module
 
 
-class LoopPerThread(asyncio.DefaultEventLoopPolicy):
-    """asyncio.get_event_loop() works in init() and run() as it does where Azure ML's server calls them, on its main
-    thread: the default policy makes a loop on first use there only, and scorehost calls the script from other
-    threads (the init thread, app threads, the model process's batching thread), where it raised "There is no
-    current event loop" (an outside review). Here each thread gets its own loop on first use."""
+class OneLoop(asyncio.DefaultEventLoopPolicy):
+    """asyncio.get_event_loop() in init() and run() as where Azure ML's server calls them, on its main thread: one
+    loop, made on first use, the same in both (a client or future made in init() is driven in run()). scorehost
+    calls the script from other threads (the init thread, app threads, the model process's batching thread), where
+    the default policy raised "There is no current event loop" (an outside review); a loop per thread then broke
+    init()'s futures in run() (a second review). Any thread without a loop of its own gets the process's one. With
+    --threads above 1, two run() calls driving it at once fail as they would on one thread."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.loop: Optional[asyncio.AbstractEventLoop] = None
 
     def get_event_loop(self) -> asyncio.AbstractEventLoop:
         try:
             return super().get_event_loop()
         except RuntimeError:
-            loop = self.new_event_loop()
-            self.set_event_loop(loop)
-            return loop
+            if self.loop is None or self.loop.is_closed():
+                self.loop = self.new_event_loop()
+            self.set_event_loop(self.loop)
+            return self.loop
 
 
 def _rawhttp_flag() -> Any:
@@ -200,16 +222,19 @@ class EntryScript:
 
     @classmethod
     def load(cls, path: str, app_root: str = ".", source_dir: Optional[str] = None) -> "EntryScript":
-        """Import the script with the app root and AZUREML_SOURCE_DIRECTORY (under the app root) on sys.path, in
-        Azure ML's order, and nothing else: not the script's own directory, which Azure ML's server does not add
-        (a script importing a module beside it in a subfolder of the app root fails there, so it fails here too,
-        with a hint)."""
+        """Import the script with sys.path as azmlinfsrv has it: the current directory first (gunicorn's `chdir`
+        puts it there), then the app root and AZUREML_SOURCE_DIRECTORY (under the app root); not the script's own
+        directory, which neither adds (a script importing a module beside it in a subfolder fails there, so it fails
+        here too, with a hint)."""
         path = os.path.realpath(os.path.join(app_root, path))
+        if os.getcwd() not in sys.path:
+            sys.path.insert(0, os.getcwd())
         sources = [os.path.realpath(os.path.join(app_root, source_dir))] if source_dir else []
         for directory in (os.path.realpath(app_root), *sources):
             if directory not in sys.path:
                 sys.path.append(directory)
-        asyncio.set_event_loop_policy(LoopPerThread())
+        if not isinstance(asyncio.get_event_loop_policy(), OneLoop):
+            asyncio.set_event_loop_policy(OneLoop())
         flag = _rawhttp_flag()
         flag._rawHttpRequested = False  # a script loaded earlier in this process must not leak its mode
         try:
@@ -219,9 +244,9 @@ class EntryScript:
             if ex.name and os.path.dirname(path) not in sys.path and (
                     os.path.isfile(beside + ".py") or os.path.isdir(beside)):
                 raise ScriptLoadError(
-                    f"{ex} ({beside} is beside the script, but Azure ML's server puts only the app root on sys.path, "
-                    f"not the script's folder: serve with --app-root {os.path.dirname(path)}, as Azure ML's code "
-                    "folder would be)") from ex
+                    f"{ex} ({beside} is beside the script, but Azure ML's server puts the current directory and the "
+                    f"app root on sys.path, not the script's folder: serve with --app-root {os.path.dirname(path)}, "
+                    "as Azure ML's code folder would be)") from ex
             raise
         raw = bool(flag._rawHttpRequested)
         for name in ("init", "run"):

@@ -15,7 +15,7 @@ protobuf<6, and TensorFlow 2.21 requires protobuf>=6.31. Application Insights th
 the request span carrying azmlinfsrv's fields (Request Id, Client Request Id, Response Value, Container Id, ...).
 Only that span goes there, as azmlinfsrv sends one request record and no dependency: the stages are spans for an OTLP
 collector, made only when one is configured. With Application Insights each process also sends what the script
-prints to stdout and logs at INFO and above as traces (`send_logs`), as azmlinfsrv sends print()'s lines.
+prints to stdout as traces (`send_logs`), as azmlinfsrv sends print()'s lines, and nothing logged.
 """
 
 from __future__ import annotations
@@ -38,9 +38,6 @@ log = logging.getLogger("scorehost.telemetry")
 TRACE = "scorehost.trace"  # environ key: the request's RequestTrace, for app.py's spans
 GUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}\Z", re.I)
 PRINTED = "scorehost.print"  # the logger of what the script prints, to Application Insights only
-# Top-level loggers whose records are not the script's: the server's own (its requests and their exceptions are sent
-# as such), and the exporting stack's, whose records about an export would be exported in turn.
-NOT_THE_SCRIPTS = ("scorehost", "gunicorn", "opentelemetry", "azure", "urllib3")
 
 
 def connection_string(settings: Any) -> Optional[str]:
@@ -82,10 +79,11 @@ def resource(settings: Any) -> Any:
 
 def send_logs(settings: Any) -> None:
     """In a process that runs the script's code (HTTP worker, model process), before it loads, with Application
-    Insights on: what the script prints to stdout and logs at INFO and above goes there as traces. azmlinfsrv turns
-    print() into a logger at INFO that sends to Application Insights; here print() still writes what it wrote, and
-    the handler is one more on the root logger, so the console shows what it showed. The Azure SDK's HTTP logging
-    and the exporter are kept to warnings: at INFO they log each call of the exporter, headers and all."""
+    Insights on: what the script prints to stdout goes there as traces, as azmlinfsrv turns print() into a logger at
+    INFO that sends to Application Insights; here print() still writes what it wrote, so the console shows what it
+    showed. Nothing logged goes (as there): every library's INFO records would (httpx logs each URL it calls). The
+    Azure SDK's HTTP logging and the exporter are kept to warnings: at INFO they log each call of the exporter,
+    headers and all."""
     appinsights = connection_string(settings)
     if not appinsights:
         return
@@ -99,8 +97,6 @@ def send_logs(settings: Any) -> None:
     provider.add_log_record_processor(BatchLogRecordProcessor(AzureMonitorLogExporter(
         connection_string=appinsights, disable_offline_storage=True)))
     handler = LoggingHandler(logging.INFO, provider)
-    handler.addFilter(lambda record: record.name == PRINTED or record.name.partition(".")[0] not in NOT_THE_SCRIPTS)
-    logging.getLogger().addHandler(handler)
     printed = logging.getLogger(PRINTED)
     printed.setLevel(logging.INFO)
     printed.propagate = False  # on the console already, as print() wrote it

@@ -135,6 +135,9 @@ CORPUS: list[Case] = [
     _c("undecorated.py", "POST", "/score", b'{"data": [1, 2]}', Content_Type="application/x-www-form-urlencoded"),
     _c("undecorated.py", "POST", "/score", b"--b\r\nContent-Disposition: form-data; name=\"f\"\r\n\r\nv\r\n--b--\r\n",
        Content_Type="multipart/form-data; boundary=b"),
+    # what werkzeug does not parse as a form is passed whole (a review of the rule above)
+    _c("undecorated.py", "POST", "/score", b'{"a": 1}', Content_Type="application/x-url-encoded"),
+    _c("undecorated.py", "POST", "/score", b'{"a": 1}', Content_Type="multipart/form-data"),
     _c("undecorated.py", "POST", "/score", b"\xff\xfe\xfa not utf-8"),
     _c("undecorated.py", "GET", "/score?a=1&b=[1,2]&c=text&d=null&e=1&e=2"),
     _c("undecorated.py", "GET", "/score"),

@@ -52,6 +52,28 @@ def _scorehost(*args: str, env: dict | None = None, **popen: Any) -> subprocess.
                             **popen)
 
 
+def _served(*args: str, cwd: str, env: dict | None = None, body: bytes = b"{}") -> tuple[bytes, str]:
+    """`scorehost serve ARGS` in `cwd`, once ready, answers a POST of `body` (text/plain: urllib's default type is a
+    form's) to /score: the answer's body, and what the server printed until ready."""
+    port = processes.free_port()
+    server = _scorehost("serve", *args, "--port", str(port), cwd=cwd, env=env)
+    said = []
+    try:
+        for line in server.stdout:
+            said.append(line)
+            if "scorehost: ready on" in line:
+                break
+        else:
+            pytest.fail("no ready line:\n" + "".join(said))
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=body, method="POST",
+                                         headers={"Content-Type": "text/plain"})
+        with urllib.request.urlopen(request, timeout=10) as r:
+            return r.read(), "".join(said)
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.communicate(timeout=60)
+
+
 def test_a_script_reading_the_model_dir_without_one_is_told_how_to_give_it(tmp_path):
     (tmp_path / "score.py").write_text(NEEDS_MODEL_DIR)
     server = _scorehost("serve", "--entry-script", str(tmp_path / "score.py"), "--port", str(processes.free_port()))
@@ -66,24 +88,9 @@ def test_serve_without_an_entry_script_serves_the_score_py_of_the_folder_it_runs
     """A user in their project's folder typing `scorehost serve` means their score.py: the demo was served
     instead, and nothing said so (a first-hour review)."""
     (tmp_path / "score.py").write_text("def init():\n    pass\n\n\ndef run(data):\n    return {'mine': data}\n")
-    port = processes.free_port()
-    server = _scorehost("serve", "--port", str(port), cwd=str(tmp_path))
-    said = []
-    try:
-        for line in server.stdout:
-            said.append(line)
-            if "scorehost: ready on" in line:
-                break
-        else:
-            pytest.fail("no ready line")
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"hi", method="POST",
-                                         headers={"Content-Type": "text/plain"})  # urllib's default is a form's
-        with urllib.request.urlopen(request, timeout=10) as r:
-            assert r.read() == b'{"mine": "hi"}'
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.communicate(timeout=60)
-    assert f"serving {tmp_path / 'score.py'}, the score.py in the app root" in "".join(said)
+    answer, said = _served(cwd=str(tmp_path), body=b"hi")
+    assert answer == b'{"mine": "hi"}'
+    assert f"serving {tmp_path / 'score.py'}, the score.py in the app root" in said
 
 
 def test_a_script_that_does_not_load_ends_with_scorehosts_line_not_gunicorns(tmp_path):
@@ -108,19 +115,20 @@ def test_a_module_beside_a_script_in_a_subfolder_is_not_on_sys_path_as_under_azu
     output, _ = server.communicate(timeout=60)
     assert server.returncode == 3 and "No module named 'helper'" in output
     assert f"serve with --app-root {tmp_path / 'sub'}" in output
-    port = processes.free_port()
-    server = _scorehost("serve", "--entry-script", "score.py", "--app-root", str(tmp_path / "sub"), "--port", str(port),
-                        cwd=str(tmp_path / "sub"))
-    try:
-        for line in server.stdout:
-            if "scorehost: ready on" in line:
-                break
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/score", data=b"{}", method="POST")
-        with urllib.request.urlopen(request, timeout=10) as r:
-            assert r.read() == b"42"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.communicate(timeout=60)
+    assert _served("--entry-script", "score.py", "--app-root", str(tmp_path / "sub"), cwd=str(tmp_path / "sub"))[0] \
+        == b"42"
+
+
+def test_the_current_directory_is_on_sys_path_as_under_azmlinfsrv(tmp_path):
+    """gunicorn's chdir puts the current directory first on sys.path under azmlinfsrv: a script in it imports a
+    module beside it whatever AML_APP_ROOT is (a review found scorehost refusing it, with a wrong hint)."""
+    (tmp_path / "proj").mkdir()
+    (tmp_path / "root").mkdir()
+    (tmp_path / "proj" / "helper.py").write_text("VALUE = 42\n")
+    (tmp_path / "proj" / "score.py").write_text("import helper\n\n\ndef init():\n    pass\n\n\n"
+                                                "def run(data):\n    return helper.VALUE\n")
+    assert _served("--entry-script", "score.py", cwd=str(tmp_path / "proj"),
+                   env={"AML_APP_ROOT": str(tmp_path / "root")})[0] == b"42"
 
 
 def _ready(url: str) -> int:

@@ -1,5 +1,6 @@
 """A script that uses asyncio as scripts with async clients do: asyncio.get_event_loop() in init() and in run(),
-which Azure ML's server calls on its main thread (where the default policy makes a loop on first use)."""
+which Azure ML's server calls on its main thread (where the default policy makes a loop on first use): the same loop
+in both."""
 import asyncio
 
 
@@ -14,4 +15,5 @@ async def double(data):
 
 
 def run(data):
-    return {"doubled": asyncio.get_event_loop().run_until_complete(double(data)), "init_loop": loop_at_init is not None}
+    loop = asyncio.get_event_loop()
+    return {"doubled": loop.run_until_complete(double(data)), "init_loop": loop is loop_at_init}
