@@ -383,10 +383,7 @@ class Bodies:
 
     @classmethod
     def chosen(cls, images: Optional[str] = None, batch: int = 1, requests: Optional[str] = None) -> "Bodies":
-        """What bench and tune send: the recorded requests in `requests` (--requests DIR; those a Recording already
-        read), else images."""
-        if isinstance(requests, Recording):
-            return requests.bodies
+        """What bench and tune send: the recorded requests in `requests` (--requests DIR), else images."""
         return cls.recorded(requests) if requests else cls.images(images, batch)
 
     def requests(self) -> Callable[[], Request]:
@@ -400,20 +397,6 @@ def sent_again(headers: list[tuple[str, str]]) -> tuple[tuple[str, str], ...]:
     names (hop-by-hop as well)."""
     named = {name.strip().lower() for k, v in headers if k.lower() == "connection" for name in v.split(",")}
     return tuple((k, v) for k, v in headers if k.lower() not in NOT_SENT and k.lower() not in named)
-
-
-class Recording(str):
-    """`--requests DIR`, read: the directory's path (what Locust's cell processes are given, and what messages name)
-    carrying the requests parsed from it. scorehost/cli.py checks the flag (scenarios.bodies_of, which makes one)
-    and then hands the path on (run.run_matrix, scenarios.cmd): so they get what was read, and a run reads the
-    directory once."""
-    bodies: Bodies
-
-    @classmethod
-    def read(cls, directory: str) -> "Recording":
-        recording = cls(directory)
-        recording.bodies = Bodies.recorded(directory)
-        return recording
 
 
 def _in_this_process(job: tuple) -> LoadResult:

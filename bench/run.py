@@ -331,18 +331,15 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
 
 
 def run_matrix(scripts: dict[str, tuple[str, Optional[str]]], servers: list[str], concurrencies: list[int],
-               seconds: float, *, key: str = "", images: str = "", batch: int = 1, requests: str = "",
-               remote: str = "", progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
+               seconds: float, bodies: "loadgen.Bodies", *, key: str = "", images: str = "", batch: int = 1,
+               requests: str = "", remote: str = "", progress: Callable[[int, int, Result], None] = lambda i, n, r: None,
                scorehost_args: tuple[str, ...] = (), client: str = "locust", workers: int = 1,
                proxy: Optional[Proxy] = None, roster: Optional[Roster] = None) -> list[Result]:
     """Run every cell; `scripts` maps a name to (entry script, model dir). With `remote`, only that endpoint.
-    `roster` gets what each server was (and those skipped). What is sent is made (or read: `requests`, a directory
-    or the loadgen.Recording made of it) once, here."""
-    from bench import loadgen
-
+    `roster` gets what each server was (and those skipped). `bodies` is what bench/loadgen.py sends, made once a run
+    by the caller; Locust's processes make theirs from the flags it was made from (`images`, `batch`, `requests`)."""
     roster = roster if roster is not None else Roster()
     results: list[Result] = []
-    bodies = loadgen.Bodies.chosen(images or None, batch, requests or None)
     load = {"key": key, "images": images, "batch": batch, "requests": requests}
     total = len(concurrencies) * (1 if remote else len(scripts) * len(servers))
     if remote:

@@ -57,17 +57,18 @@ def add_arrivals(parser) -> None:
 
 def bodies_of(args, command: str) -> loadgen.Bodies:
     """What `scorehost bench` or `tune` sends, from its flags: --requests DIR, else --images and --batch; a flag
-    that cannot work is one line, not a traceback. The directory is read the first time, and args.requests becomes
-    a loadgen.Recording, the path with what was read: what is later handed the flag sends that, unread again."""
+    that cannot work is one line, not a traceback. Made (a directory read) once a run: kept as args.bodies, which
+    the later steps are handed."""
+    if getattr(args, "bodies", None) is not None:
+        return args.bodies
     if args.requests and (args.images or args.batch > 1):
         raise SystemExit(f"scorehost {command}: --requests sends the recorded requests as they are: drop --images "
                          "and --batch")
     try:
-        if args.requests and not isinstance(args.requests, loadgen.Recording):
-            args.requests = loadgen.Recording.read(args.requests)
-        return loadgen.Bodies.chosen(args.images, args.batch, args.requests)
+        args.bodies = loadgen.Bodies.chosen(args.images, args.batch, args.requests)
     except ValueError as ex:
         raise SystemExit(f"scorehost {command}: --requests: {ex}") from None
+    return args.bodies
 
 
 @dataclasses.dataclass

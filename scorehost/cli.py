@@ -219,10 +219,10 @@ def _bench_checks(args: argparse.Namespace) -> None:
     if args.images:
         args.images = os.path.abspath(args.images)  # Locust runs in a directory of its own
     if args.requests:
-        from bench.scenarios import bodies_of
+        args.requests = os.path.abspath(args.requests)  # Locust runs in a directory of its own
+    from bench.scenarios import bodies_of
 
-        args.requests = os.path.abspath(args.requests)
-        bodies_of(args, "bench")  # a directory that holds no requests, said now rather than in every cell
+    bodies_of(args, "bench")  # read once, now: a directory that holds no requests is said before any server starts
     who = ", ".join(named)
     others = [name for name in args.scripts if name != "proxy"]
     if named and others:
@@ -287,7 +287,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
     print(f"scorehost bench: up to {cells} cells of {args.seconds:g} s -> {out}", flush=True)
     roster = run.Roster()
-    results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, key=args.key or "",
+    results = run.run_matrix(scripts, args.servers, args.concurrency, args.seconds, args.bodies, key=args.key or "",
                              images=args.images or "", batch=args.batch, requests=args.requests or "",
                              remote=args.remote or "",
                              progress=progress, scorehost_args=tuple(args.scorehost_arg), client=args.client,
