@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hmac
 import logging
-import os
 import re
 import time
 import uuid
@@ -24,7 +23,7 @@ import flask
 from azureml.contrib.services.aml_response import AMLResponse
 from werkzeug.exceptions import HTTPException, RequestEntityTooLarge
 
-from . import __version__, telemetry
+from . import telemetry
 from .body import WholeBodyRequest
 from .entry_script import EntryScript
 from .errors import (HeaderTooLong, InternalError, MethodNotAllowed, ModelUnavailable, PayloadTooLarge,
@@ -33,7 +32,7 @@ from .invoke import Invoker, Timed
 from .model_process import ModelClient
 from .metrics import Metrics
 from .record import Recorder, exchange_of
-from .settings import Settings
+from .settings import Settings, server_version
 from .swagger import Swagger, SwaggerNotFound
 
 log = logging.getLogger("scorehost.app")
@@ -68,9 +67,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     swagger = Swagger(script.run, settings.app_root, {"SERVICE_NAME": settings.service_name,
                                                       "SERVICE_VERSION": settings.service_version,
                                                       "SERVICE_PATH_PREFIX": settings.service_path_prefix})
-    # As azmlinfsrv: HTTP_X_MS_SERVER_VERSION when set; else the server's own, unless switched off.
-    server_version = os.environ.get("HTTP_X_MS_SERVER_VERSION",
-                                    f"scorehost/{__version__}" if settings.server_version_header else "")
+    version_header = server_version(settings)
     key = settings.auth_key.encode() if settings.auth_key else None
     recorder = Recorder.from_settings(settings)
     app.extensions["scorehost"] = {"script": script, "settings": settings, "metrics": metrics,
@@ -154,7 +151,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     @app.after_request
     def _finish(response: flask.Response) -> flask.Response:
         request, g = _current()
-        contract_headers(response, request.environ, g, server_version)
+        contract_headers(response, request.environ, g, version_header)
         trace = request.environ.get(telemetry.TRACE)
         if trace is not None:
             response.headers["traceparent"] = trace.traceparent()

@@ -465,11 +465,19 @@ def script_environment(settings: Settings, flags: Mapping[str, Any],
     separate = v["separate_health_endpoint"]
     if separate or "port" in given or "HEALTH_PORT" not in environ:
         exported["HEALTH_PORT"] = str(v["health_port"] if separate else v["port"])
-    if v["server_version_header"] and "HTTP_X_MS_SERVER_VERSION" not in environ:
-        from . import __version__
-
-        exported["HTTP_X_MS_SERVER_VERSION"] = f"scorehost/{__version__}"  # what x-ms-server-version says (app.py)
+    if v["server_version_header"]:
+        exported["HTTP_X_MS_SERVER_VERSION"] = server_version(settings, environ)
     return exported
+
+
+def server_version(settings: Settings, environ: Optional[Mapping[str, str]] = None) -> str:
+    """x-ms-server-version (and HTTP_X_MS_SERVER_VERSION, which the script sees), as azmlinfsrv decides it: its own
+    name and version while the header is on, replacing a value already set; off, the variable's value if one is set
+    ("": no header). A review found a set value kept while on."""
+    from . import __version__
+
+    environ = os.environ if environ is None else environ
+    return f"scorehost/{__version__}" if settings.server_version_header else environ.get("HTTP_X_MS_SERVER_VERSION", "")
 
 
 def _parsed(setting: Setting, text: str, where: str) -> Any:

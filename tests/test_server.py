@@ -228,3 +228,17 @@ def test_ctrl_c_is_one_line_and_exit_130(tmp_path, at_s):
     output = server.output()
     assert output.rstrip().endswith("scorehost: interrupted")
     assert "Traceback" not in output and "terminate called" not in output and "SIGABRT" not in output
+
+
+def test_the_server_version_is_azmlinfsrvs_rule():
+    """On (the default), azmlinfsrv sends its own name and version, replacing a HTTP_X_MS_SERVER_VERSION already set
+    (and exports that to the script); off, the variable's value if set. A review found a set value kept while on."""
+    from server import __version__
+    from server.settings import resolve, script_environment, server_version
+
+    on, off = resolve({}, {"AML_APP_ROOT": "/nonexistent"}), resolve({"server_version_header": False}, {})
+    assert server_version(on, {"HTTP_X_MS_SERVER_VERSION": "mine/1"}) == f"scorehost/{__version__}"
+    assert script_environment(on, {}, {"HTTP_X_MS_SERVER_VERSION": "mine/1"})["HTTP_X_MS_SERVER_VERSION"] == \
+        f"scorehost/{__version__}"
+    assert server_version(off, {"HTTP_X_MS_SERVER_VERSION": "mine/1"}) == "mine/1"
+    assert server_version(off, {}) == "" and "HTTP_X_MS_SERVER_VERSION" not in script_environment(off, {}, {})
