@@ -99,16 +99,18 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.runner import debugging, plan, serve
 
     from .extras import install_line, missing
-    from server.settings import BY_NAME, SettingError, check, resolve, script_environment
+    from server.settings import BY_NAME, SETTINGS, SettingError, check, resolve, script_environment
 
     flags = {name: getattr(args, name) for name in BY_NAME}
     settings = resolve(flags)
     if args.appinsights_key:  # as azmlinfsrv: giving the key on the command line turns Application Insights on
         settings = settings.replace(appinsights_enabled=True)
-    elif args.appinsights_enabled is None and os.environ.get("AML_APP_INSIGHTS_ENABLED", "").lower() == "true" \
-            and not settings.appinsights_enabled:
-        print("scorehost: Application Insights is off: azmlinfsrv turns it on for AML_APP_INSIGHTS_ENABLED=true "
-              f"alone, not {os.environ['AML_APP_INSIGHTS_ENABLED']}", file=sys.stderr)
+    for s in SETTINGS:  # a variable azmlinfsrv reads as off although it looks on ("True", "1"): say so, once
+        text = os.environ.get(s.env or "", "")
+        if s.env_type and flags[s.name] is None and text.lower() in ("1", "true", "yes", "on") \
+                and not s.env_type(text):
+            print(f"scorehost: {s.env}={text} is off: azmlinfsrv reads it so (see --help), and so does scorehost",
+                  file=sys.stderr)
     if settings.appinsights_enabled and not telemetry.connection_string(settings):
         print("scorehost: Application Insights is disabled: AML_APP_INSIGHTS_KEY (--appinsights-instrumentation-"
               "key) is missing or not a valid instrumentation key (a GUID)", file=sys.stderr)

@@ -28,9 +28,16 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 
 def _exactly_true(text: str) -> bool:
-    """azmlinfsrv's reading of AML_APP_INSIGHTS_ENABLED: on for "true" alone; any other value ("True", "1") is off,
-    without an error, so a deployment with one of those runs without Application Insights, here too."""
+    """azmlinfsrv's reading of AML_APP_INSIGHTS_ENABLED and SEPERATE_HEALTH_ENDPOINT: on for "true" alone; any
+    other value ("True", "1") is off, without an error, so a deployment with one of those runs with it off on Azure
+    ML, and so here too."""
     return text == "true"
+
+
+def _true_in_any_case(text: str) -> bool:
+    """azmlinfsrv's reading of SERVER_VERSION_LOG_RESPONSE_ENABLED: on for "true" in any case, off for anything else
+    ("1", "yes"), without an error."""
+    return text.lower() == "true"
 
 
 def _bool(text: str) -> bool:
@@ -90,6 +97,7 @@ class Setting:
     check: Optional[Callable[[Any], Optional[str]]] = None  # the problem with a value, or None
     computed: Optional[Callable[[Get, Machine], Any]] = None  # the default when it depends on the machine
     aihs_flag: Optional[str] = None  # azmlinfsrv's spelling of the flag, accepted as well
+    env_type: Optional[Callable[[str], Any]] = None  # azmlinfsrv's reading of the variable, where not `type`'s
     warn_only: bool = False  # a problem `check` finds is a warning, not an error: azmlinfsrv serves anyway
 
 
@@ -218,7 +226,8 @@ SETTINGS: tuple[Setting, ...] = (
             "HEALTH_PORT variable, so there is none).", check=_port, aihs_flag="--health_port"),
     Setting("separate_health_endpoint", "--separate-health-endpoint", "SEPERATE_HEALTH_ENDPOINT", False, _bool,
             "Also listen on --health-port (Azure ML's own spelling of the variable), so a liveness probe of GET / "
-            "has an accept queue that scoring traffic cannot fill. As azmlinfsrv, it serves the same routes."),
+            "has an accept queue that scoring traffic cannot fill. As azmlinfsrv, it serves the same routes, and "
+            "the variable is on for 'true' alone.", env_type=_exactly_true),
     Setting("debug_port", "--debug-port", "AZUREML_DEBUG_PORT", None, int,
             "Listen for a debugger (debugpy; pip install scorehost[debug]) on this port in the process that runs "
             "init() and run() (the model process when batching). Implies one worker and no scoring, worker or init "
@@ -236,15 +245,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("workspace_name", "--workspace-name", "WORKSPACE_NAME", "", str,
             "Workspace name in Application Insights records ('Workspace Name')."),
     Setting("server_version_header", "--server-version-header", "SERVER_VERSION_LOG_RESPONSE_ENABLED", True, _bool,
-            "Send x-ms-server-version on every answer (HTTP_X_MS_SERVER_VERSION when set, else scorehost's "
-            "version); false sends it only when HTTP_X_MS_SERVER_VERSION is set, as azmlinfsrv."),
+            "Send x-ms-server-version on every answer, with scorehost's version; false sends it only when "
+            "HTTP_X_MS_SERVER_VERSION is set, with its value, as azmlinfsrv (whose variable is off for anything "
+            "but 'true' in any case).", env_type=_true_in_any_case),
     Setting("log_level", "--log-level", "AZUREML_LOG_LEVEL", "info", str,
             "Server log level (debug, info, warning, error), Azure ML's AZUREML_LOG_LEVEL."),
-    Setting("appinsights_enabled", "--appinsights-enabled", "AML_APP_INSIGHTS_ENABLED", False, _exactly_true,
-            "'true' (that word alone, as azmlinfsrv reads it: 'True' is off): send each request (id, status, "
+    Setting("appinsights_enabled", "--appinsights-enabled", "AML_APP_INSIGHTS_ENABLED", False, _bool,
+            "Send each request (id, status, "
             "duration, the answer's body unless --appinsights-log-response false) and the script's exceptions to "
-            "Application Insights, with the key below or the connection string (pip install scorehost[telemetry]).",
-            aihs_flag=None),
+            "Application Insights, with the key below or the connection string (pip install scorehost[telemetry]). "
+            "The variable is on for 'true' alone, as azmlinfsrv reads it ('True' is off).", env_type=_exactly_true),
     Setting("appinsights_key", "--appinsights-instrumentation-key", "AML_APP_INSIGHTS_KEY", None, str,
             "Application Insights instrumentation key (a GUID, checked as azmlinfsrv does; giving the flag turns "
             "Application Insights on, as azmlinfsrv).", secret=True, aihs_flag="--appinsights_instrumentation_key"),
@@ -481,8 +491,9 @@ def server_version(settings: Settings, environ: Optional[Mapping[str, str]] = No
 
 
 def _parsed(setting: Setting, text: str, where: str) -> Any:
+    """A variable's (or the config file's) value, read as azmlinfsrv reads it where that differs from the flag."""
     try:
-        return setting.type(text)
+        return (setting.env_type or setting.type)(text)
     except ValueError as ex:
         raise SystemExit(f"scorehost: {where}: {ex}") from None
 

@@ -167,7 +167,30 @@ def test_application_insights_is_enabled_by_exactly_true(pair):
     assert resolve({}, {"AML_APP_INSIGHTS_ENABLED": "true", "AML_APP_ROOT": "/nonexistent"}).appinsights_enabled
     assert pair("variables").both_see()["AML_APP_INSIGHTS_ENABLED"] == "false"
     output = pair("variables").servers["scorehost"].output()
-    assert "appinsights_enabled: False" in output and "AML_APP_INSIGHTS_ENABLED=true alone, not True" in output
+    assert "appinsights_enabled: False" in output and "AML_APP_INSIGHTS_ENABLED=True is off: azmlinfsrv reads it so" in output
+
+
+@pytest.mark.parametrize("variable, name, on", [
+    ("AML_APP_INSIGHTS_ENABLED", "appinsights_enabled", ("true",)),
+    ("SEPERATE_HEALTH_ENDPOINT", "separate_health_endpoint", ("true",)),
+    ("SERVER_VERSION_LOG_RESPONSE_ENABLED", "server_version_header", ("true", "True", "TRUE"))])
+def test_azmlinfsrvs_variables_read_as_it_reads_them_and_scorehosts_flags_as_booleans(variable, name, on):
+    """amlserver.py compares AML_APP_INSIGHTS_ENABLED and SEPERATE_HEALTH_ENDPOINT with "true", and
+    SERVER_VERSION_LOG_RESPONSE_ENABLED's lower() with "true": anything else is off, without an error (scorehost
+    read "1" and "yes" as on). The flags are scorehost's own: `--appinsights-enabled 1` was silently off."""
+    import argparse
+
+    from server.settings import add_arguments
+
+    for text in ("true", "True", "TRUE", "1", "yes", "on", "false", "0", "junk"):
+        assert resolve({}, {variable: text, "AML_APP_ROOT": "/nonexistent"}).values[name] is (text in on), text
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    flag = "--" + name.replace("_", "-")
+    for text, value in (("1", True), ("yes", True), ("True", True), ("false", False), ("0", False)):
+        assert getattr(parser.parse_args([flag, text]), name) is value
+    with pytest.raises(SystemExit):
+        parser.parse_args([flag, "junk"])
 
 
 def test_a_config_files_model_dir_is_not_exported_to_the_script(pair):
