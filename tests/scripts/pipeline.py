@@ -1,6 +1,7 @@
 """A model-process script: preprocess() decodes real JPEGs with Pillow in the HTTP workers, and run_batch() costs a
 fixed time per call whatever its size (a sleep: the GIL is free), as a GPU does. Each answer is the mean colour of
-its own image, so a test can tell whose answer it got; init() appends its pid to $PIPELINE_INIT_LOG.
+its own image, so a test can tell whose answer it got; init() appends its pid to $PIPELINE_INIT_LOG, and preprocess()
+its pid, start and end to $PIPELINE_PREPROCESS_LOG.
 `?hang=1` makes run_batch() spin in Python forever (a hung model)."""
 import io
 import os
@@ -27,10 +28,14 @@ def warmup_item():
 def preprocess(request):
     if request.args.get("hang"):
         return "hang"
+    started = time.monotonic()
     try:
         image = Image.open(io.BytesIO(request.get_data())).convert("RGB").resize((64, 48))
     except Exception:
         raise BadRequest("The body is not an image.") from None
+    if os.environ.get("PIPELINE_PREPROCESS_LOG"):
+        with open(os.environ["PIPELINE_PREPROCESS_LOG"], "a") as f:
+            f.write(f"{os.getpid()} {started} {time.monotonic()}\n")
     return np.asarray(image)
 
 
