@@ -1,4 +1,4 @@
-"""The one console entry point: `scorehost serve | model | bench | deploy | parity`.
+"""The one console entry point: `scorehost serve | model | bench | tune | deploy | parity`.
 
 Each subcommand parses its own flags and hands over to the package that does the work; heavy imports (TensorFlow,
 locust, the Azure SDKs) happen only inside the subcommand that needs them.

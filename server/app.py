@@ -86,7 +86,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         request_ids(request.environ, g)
         if request.environ.get(TIMED_OUT):
             raise ScoringTimeout(settings.scoring_timeout_ms)
-        if is_preflight(request, settings):
+        if key is not None and is_preflight(request, settings):
             return AMLResponse("", 200)  # flask-cors adds its headers; no key, and the script is never called
         if key is not None and protected(request.path):
             authorize(request.environ.get("HTTP_AUTHORIZATION", ""), key)
@@ -181,7 +181,10 @@ def protected(path: str) -> bool:
 
 
 def is_preflight(request: flask.Request, settings: Settings) -> bool:
-    """A browser's CORS preflight carries no credentials by design: with CORS on, it needs no key."""
+    """A browser's CORS preflight carries no credentials by design: with CORS on and a key (scorehost's own
+    --auth-key), it needs none, and so never reaches the script, which would be called unauthenticated. Without a
+    key, the script's run() answers it as in azmlinfsrv (a @rawhttp script may set its own headers), and flask-cors
+    adds its own."""
     return bool(settings.cors_origins) and request.method == "OPTIONS" and \
         "Access-Control-Request-Method" in request.headers
 
