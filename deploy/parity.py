@@ -24,7 +24,8 @@ from __future__ import annotations
 import json
 import os
 import re
-import urllib.error
+import http.client
+import urllib.parse
 import urllib.request
 from typing import Any, Callable, Iterable, Optional
 
@@ -52,16 +53,41 @@ CORPUS_IS_THE_REFERENCES = ("these requests are for the reference score.py; for 
 
 def _http(url: str, method: str, headers: Iterable[tuple[str, str]], body: bytes,
           timeout: float) -> tuple[int, list[tuple[str, str]], bytes]:
-    """One request: (status, headers, body), whatever the status; unreachable is a one-line DeployError."""
-    data = body if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE") else None
-    request = urllib.request.Request(url, data, dict(headers), method=method)
+    """One request, with the headers given and no others but Host and Content-Length (urllib added its own
+    User-Agent, and a form Content-Type to a body without one, which a script that reads them answered otherwise):
+    (status, headers, body), whatever the status; unreachable is a one-line DeployError. A proxy the environment
+    names (HTTPS_PROXY, ...) is used, as urllib did."""
+    parts = urllib.parse.urlsplit(url)
+    https = parts.scheme == "https"
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and urllib.request.proxy_bypass(parts.hostname or ""):
+        proxy = None
+    target = f"{parts.path or '/'}" + (f"?{parts.query}" if parts.query else "")
     try:
-        with urllib.request.urlopen(request, timeout=timeout) as r:
-            return r.status, list(r.headers.items()), r.read()
-    except urllib.error.HTTPError as e:
-        return e.code, list(e.headers.items()), e.read()
-    except (urllib.error.URLError, OSError) as e:  # refused, unknown host, TLS, timeout: nothing to compare
-        raise DeployError(f"scorehost parity: cannot reach {url}: {getattr(e, 'reason', e)}") from e
+        if proxy:
+            via = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+            conn = http.client.HTTPConnection(via.hostname, via.port or 80, timeout=timeout) if not https else \
+                http.client.HTTPSConnection(via.hostname, via.port or 80, timeout=timeout)
+            if https:
+                conn.set_tunnel(parts.hostname, parts.port or 443)
+            else:
+                target = url
+        else:
+            conn = (http.client.HTTPSConnection if https else http.client.HTTPConnection)(
+                parts.hostname, parts.port, timeout=timeout)
+        try:
+            conn.putrequest(method, target, skip_accept_encoding=True)
+            for name, value in headers:
+                conn.putheader(name, value)
+            if body or method not in ("GET", "HEAD", "OPTIONS", "DELETE"):
+                conn.putheader("Content-Length", str(len(body)))
+            conn.endheaders(body or None)
+            answer = conn.getresponse()
+            return answer.status, answer.getheaders(), answer.read()
+        finally:
+            conn.close()
+    except (OSError, http.client.HTTPException) as e:  # refused, unknown host, TLS, timeout: nothing to compare
+        raise DeployError(f"scorehost parity: cannot reach {url}: {e}") from e
 
 
 def _auth(key: str, deployment: str) -> list[tuple[str, str]]:

@@ -184,4 +184,5 @@ def exchange_of(request: Any, response: Any) -> Optional[Exchange]:
     except Exception:  # noqa: BLE001 - a body refused as too large or unreadable: its answer is still recorded
         body = b""
     return Exchange("", request.method, request.path, request.query_string.decode("latin-1"), headers, body,
-                    response.status_code, list(response.headers.items()), response.get_data())
+                    response.status_code, list(response.headers.items()),
+                    b"" if request.method == "HEAD" else response.get_data())  # what the wire carries

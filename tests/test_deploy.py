@@ -1031,26 +1031,32 @@ def test_parity_against_an_unreachable_url_is_one_line(start_server, colors_mode
     assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
 
 
-def test_parity_sends_the_deployment_header(monkeypatch):
+def test_parity_sends_the_deployment_header():
+    import http.server
+    import threading
+
     seen = []
 
-    class Answer:
-        status = 200
-        headers: dict = {}
+    class Endpoint(http.server.BaseHTTPRequestHandler):
+        def do_POST(self):
+            seen.append(self.headers)
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
 
-        def read(self):
-            return b"{}"
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *a):
+        def log_message(self, *args):
             pass
 
-    monkeypatch.setattr(parity.urllib.request, "urlopen", lambda r, timeout: seen.append(r) or Answer())
-    parity.send("http://x.example/score", parity.labelled()[0], "k", deployment="green")
-    assert seen[0].get_header("Azureml-model-deployment") == "green"
-    assert seen[0].get_header("Authorization") == "Bearer k"
+    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
+    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{endpoint.server_address[1]}/score"
+        assert parity.send(url, parity.labelled()[0], "k", deployment="green") == (200, {})
+    finally:
+        endpoint.shutdown()
+    assert seen[0]["Azureml-model-deployment"] == "green" and seen[0]["Authorization"] == "Bearer k"
 
 
 def test_parity_diff_tolerates_last_digits():

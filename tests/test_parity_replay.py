@@ -211,6 +211,63 @@ def test_replay_against_the_same_script_matches(recorded, tmp_path):
         second.stop()
 
 
+def test_a_request_is_replayed_with_its_own_headers_alone(recorded, tmp_path):
+    """An outside review: urllib added a form Content-Type to a recorded POST that had none (so run() got "", as
+    Azure ML's server gives a form) and its own User-Agent; and a HEAD's recorded body, never on the wire, differed
+    from every endpoint's empty one. Sent with http.client, as a client without those headers sends them."""
+    import http.client
+
+    app_root = recorded[0]
+    recording = str(tmp_path / "raw")
+    server = _serve(app_root, "--entry-script", os.path.join(app_root, "score.py"), "--app-root", app_root,
+                    "--record", recording)
+    try:
+        for method, body in (("POST", json.dumps({"values": [4, 6]}).encode()), ("HEAD", None)):
+            conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+            conn.request(method, "/score", body)  # no Content-Type, no User-Agent
+            answer = conn.getresponse()
+            assert (answer.status, answer.read() == b"") == ((405, True) if method == "HEAD" else (200, False))
+            conn.close()
+        exchanges = load(recording)
+        assert json.loads(exchanges[0].response_body)["mean"] == 5.0 and exchanges[1].response_body == b""
+        assert not {"content-type", "user-agent"} & {k.lower() for k, _ in exchanges[0].request_headers}
+        result = parity(server.url, "--replay", recording, "--ignore", "served_at")
+        assert result.returncode == 0, result.stdout + result.stderr
+    finally:
+        server.stop()
+
+
+def test_requests_go_through_the_proxy_the_environment_names(recorded, monkeypatch):
+    """As urllib did: HTTP_PROXY is used (the request line carries the absolute URL), NO_PROXY is honoured."""
+    from deploy import parity as parity_module
+
+    seen = []
+
+    class Proxy(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            seen.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
+    threading.Thread(target=proxy.serve_forever, daemon=True).start()
+    try:
+        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+        monkeypatch.delenv("NO_PROXY", raising=False)
+        monkeypatch.delenv("no_proxy", raising=False)
+        assert parity_module._http("http://far.example:81/score?a=1", "GET", [], b"", 10)[0] == 200
+        assert seen == ["http://far.example:81/score?a=1"]
+        monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+        assert parity_module._http(recorded[2].url + "/", "GET", [], b"", 10)[2] == b"Healthy" and len(seen) == 1
+    finally:
+        proxy.shutdown()
+
+
 def test_a_field_that_changes_every_call_needs_ignore(recorded):
     result = parity(recorded[2].url, "--replay", recorded[1])
     assert result.returncode == 1 and ".served_at:" in result.stdout
