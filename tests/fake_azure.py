@@ -7,6 +7,8 @@
   that `Arm` hands out for listClusterUserCredential, or listClusterAdminCredential). It refuses a replace without
   the current resourceVersion (422), as the real API server does, and a bearer token it does not know (401), or an
   Entra ID token it is told to refuse (403). It has nodes, pods, DaemonSets and the inference router's Service.
+- `plain_endpoint`: an HTTP endpoint (or proxy) that answers `{}` to anything and keeps each request's target and
+  headers, for what `scorehost parity` sends on the wire.
 - `FakeML`: MLClient's operations (azure-ai-ml uploads models and code to blob storage, which no fake can take),
   recording the real entities, each with the REST body the SDK would send for it (`_to_rest_*`).
 """
@@ -14,6 +16,7 @@
 from __future__ import annotations
 
 import base64
+import contextlib
 import copy
 import dataclasses
 import io
@@ -22,7 +25,7 @@ import threading
 import time
 import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
 
 import requests
 from azure.core.credentials import AccessToken
@@ -437,3 +440,32 @@ class FakeML:
     def _online_deployments_begin_delete(self, call: Call, name: str, endpoint_name: str) -> Poller:
         self.deployment_state.pop((endpoint_name, name), None)
         return Poller()
+
+
+@contextlib.contextmanager
+def plain_endpoint() -> Iterator[tuple[str, list]]:
+    """(base URL, seen): a server on 127.0.0.1 that answers every GET and POST 200 `{}`; `seen` gets (target of the
+    request line, headers) of each request, in order."""
+    seen: list = []
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            seen.append((self.path, self.headers))
+            self.rfile.read(int(self.headers.get("Content-Length") or 0))
+            self.send_response(200)
+            self.send_header("Content-Length", "2")
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        do_POST = do_GET
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}", seen
+    finally:
+        server.shutdown()
+        server.server_close()

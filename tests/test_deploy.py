@@ -1032,31 +1032,12 @@ def test_parity_against_an_unreachable_url_is_one_line(start_server, colors_mode
 
 
 def test_parity_sends_the_deployment_header():
-    import http.server
-    import threading
+    from fake_azure import plain_endpoint
 
-    seen = []
-
-    class Endpoint(http.server.BaseHTTPRequestHandler):
-        def do_POST(self):
-            seen.append(self.headers)
-            self.rfile.read(int(self.headers["Content-Length"]))
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    endpoint = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Endpoint)
-    threading.Thread(target=endpoint.serve_forever, daemon=True).start()
-    try:
-        url = f"http://127.0.0.1:{endpoint.server_address[1]}/score"
-        assert parity.send(url, parity.labelled()[0], "k", deployment="green") == (200, {})
-    finally:
-        endpoint.shutdown()
-    assert seen[0]["Azureml-model-deployment"] == "green" and seen[0]["Authorization"] == "Bearer k"
+    with plain_endpoint() as (url, seen):
+        assert parity.send(url + "/score", parity.labelled()[0], "k", deployment="green") == (200, {})
+    headers = seen[0][1]
+    assert headers["Azureml-model-deployment"] == "green" and headers["Authorization"] == "Bearer k"
 
 
 def test_parity_diff_tolerates_last_digits():

@@ -240,32 +240,16 @@ def test_a_request_is_replayed_with_its_own_headers_alone(recorded, tmp_path):
 def test_requests_go_through_the_proxy_the_environment_names(recorded, monkeypatch):
     """As urllib did: HTTP_PROXY is used (the request line carries the absolute URL), NO_PROXY is honoured."""
     from deploy import parity as parity_module
+    from fake_azure import plain_endpoint
 
-    seen = []
-
-    class Proxy(http.server.BaseHTTPRequestHandler):
-        def do_GET(self):
-            seen.append(self.path)
-            self.send_response(200)
-            self.send_header("Content-Length", "2")
-            self.end_headers()
-            self.wfile.write(b"{}")
-
-        def log_message(self, *args):
-            pass
-
-    proxy = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Proxy)
-    threading.Thread(target=proxy.serve_forever, daemon=True).start()
-    try:
-        monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy.server_address[1]}")
+    with plain_endpoint() as (proxy, seen):
+        monkeypatch.setenv("HTTP_PROXY", proxy)
         monkeypatch.delenv("NO_PROXY", raising=False)
         monkeypatch.delenv("no_proxy", raising=False)
         assert parity_module._http("http://far.example:81/score?a=1", "GET", [], b"", 10)[0] == 200
-        assert seen == ["http://far.example:81/score?a=1"]
+        assert [target for target, _ in seen] == ["http://far.example:81/score?a=1"]
         monkeypatch.setenv("NO_PROXY", "127.0.0.1")
         assert parity_module._http(recorded[2].url + "/", "GET", [], b"", 10)[2] == b"Healthy" and len(seen) == 1
-    finally:
-        proxy.shutdown()
 
 
 def test_a_field_that_changes_every_call_needs_ignore(recorded):
