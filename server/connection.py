@@ -13,6 +13,8 @@ States:
   BUSY     a request is with the app. Reading is paused (back-pressure: nothing more is read from a client while its
            request is answered); requests that came in the same read wait in `pending`, at most MAX_PIPELINED.
   WRITING  its answer is being written; dropped after `send_timeout` seconds without progress.
+  STREAMING  a streamed answer's head and parts so far are written; the app is making the next (`part`). No
+           deadline: as in Azure ML's server, the scoring timeout ends when run() returns, not its stream.
   CLOSING  the last answer is out and our side shut; the client's unread bytes are drained for LINGER_S.
   CLOSED
 Rules a mature server keeps (gunicorn, nginx): only HTTP/1.0 and 1.1; one Host; no chunked body on HTTP/1.0;
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import threading
 import time
 from typing import Any, Callable, Optional, Protocol
 from urllib.parse import unquote_to_bytes
@@ -40,7 +43,8 @@ MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * (MAX_HEADER_FIELD + 2) + 4
 MAX_PIPELINED = 32  # complete requests that may wait behind the one being answered
 LINGER_S = 2.0  # after a closing answer, how long unread bytes from the client are drained before the socket closes
 
-IDLE, READING, BUSY, WRITING, CLOSING, CLOSED = "idle", "reading", "busy", "writing", "closing", "closed"
+IDLE, READING, BUSY, WRITING, STREAMING, CLOSING, CLOSED = ("idle", "reading", "busy", "writing", "streaming",
+                                                             "closing", "closed")
 
 
 class Transport(Protocol):
@@ -75,7 +79,8 @@ class Limits:
 class Request:
     __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
                  "body_error", "expect_continue", "content_length", "started", "deadline", "reserved",
-                 "head_done", "answered", "returned", "error", "dispatched", "responded", "trace", "continued")
+                 "head_done", "answered", "returned", "error", "dispatched", "responded", "trace", "continued",
+                 "stream")
 
     def __init__(self) -> None:
         self.method: Optional[str] = None
@@ -102,6 +107,24 @@ class Request:
         # Stage times (perf_counter) for /metrics and traces: handed to an app thread; its answer made.
         self.dispatched = self.responded = 0.0
         self.trace: Any = None  # telemetry.RequestTrace when tracing is on
+        self.stream: Optional[Stream] = None  # set by the app thread before the first part of a streamed answer
+
+
+class Stream:
+    """A streamed answer's hand-off between the app thread that makes its parts and the loop that writes them: one
+    part in flight at a time, so a client that reads slowly slows the producer and nothing piles up in memory.
+    The loop sets `ready` when a part is written, and `gone` (then `ready`) when no more will be: the connection
+    closed or the answer was given otherwise; the producer then stops and closes its iterable."""
+
+    __slots__ = ("ready", "gone")
+
+    def __init__(self) -> None:
+        self.ready = threading.Event()
+        self.gone = False
+
+    def end(self) -> None:
+        self.gone = True
+        self.ready.set()
 
 
 class _Reject(Exception):
@@ -128,7 +151,7 @@ class Connection:
         self.deadline = clock() + limits.read_timeout  # a new connection has that long to send its first request
         self.request: Optional[Request] = None  # the one being parsed
         self.upgrade_head: Optional[Request] = None  # a head asking to switch protocols (`_not_upgraded`)
-        self.current: Optional[Request] = None  # the one being answered (BUSY, WRITING)
+        self.current: Optional[Request] = None  # the one being answered (BUSY, WRITING, STREAMING)
         self.pending: collections.deque[Request] = collections.deque()  # complete, waiting their turn
         self.in_head = True  # between requests too: bytes before a request line count towards its head
         self.head_bytes = 0
@@ -136,6 +159,8 @@ class Connection:
         self.out: Optional[memoryview] = None
         self.unsent = b""  # the part of a 100 Continue the socket did not take: it precedes the answer
         self.close_after = False
+        self.streaming = False  # the answer being written is a streamed one's part, and more are to come
+        self.after_stream = b""  # answers to pipelined requests, held on an evacuation until the stream ends
         self.eof = False
         self.fresh = True  # nothing received yet: a client that connected has its first request on the way
         self.reading = True  # whether bytes are taken now (not while a request is answered: back-pressure)
@@ -192,16 +217,31 @@ class Connection:
             self.close()
         # BUSY or WRITING: the answers are on their way; the connection closes after the last
 
-    def answer(self, request: Request, data: bytes, close: bool) -> None:
-        """The answer to the request being answered: written now, or as the socket takes it."""
+    def answer(self, request: Request, data: bytes, close: bool, streamed: bool = False) -> bool:
+        """The answer to the request being answered: written now, or as the socket takes it. `streamed`: only its
+        head and first part, the rest to come through `part` (request.stream is set). False: not taken."""
         if request.answered or request is not self.current or self.state != BUSY:
-            return  # answered already (at its deadline, or on an evacuation): a late answer is dropped
+            return False  # answered already (at its deadline, or on an evacuation): a late answer is dropped
         request.answered = True
         self._release(request)
-        self.state = WRITING
-        self.out = memoryview(self.unsent + data if self.unsent else data)
+        self.streaming = streamed
+        self._write(self.unsent + data if self.unsent else data, close or not request.keep_alive)
         self.unsent = b""
-        self.close_after = close or not request.keep_alive
+        return True
+
+    def part(self, request: Request, data: bytes, last: bool, close: bool = False) -> bool:
+        """The next part of a streamed answer (`last`: its end; with `close`, cut short: the connection closes
+        after it, and a chunked answer without its last chunk tells the client so). False: not taken."""
+        if request is not self.current or self.state != STREAMING:
+            return False
+        self.streaming = not last
+        self._write(data + self.after_stream if last else data, self.close_after or close)
+        return True
+
+    def _write(self, data: bytes, close_after: bool) -> None:
+        self.state = WRITING
+        self.out = memoryview(data)
+        self.close_after = close_after
         self.deadline = self.clock() + self.limits.send_timeout  # a write deadline, never a stale read one
         self.writable()
 
@@ -224,7 +264,7 @@ class Connection:
         self._written()
 
     def tick(self, now: float) -> None:
-        if self.state in (BUSY, CLOSED) or now < self.deadline:
+        if self.state in (BUSY, STREAMING, CLOSED) or now < self.deadline:
             return
         if self.state == READING and self.request is not None:
             self._protocol_error(errors.RequestTimeout(
@@ -253,12 +293,15 @@ class Connection:
         self.pending.clear()
         self.request = None
         self.stop_reading = True
-        if self.state == WRITING:
+        if self.state in (WRITING, STREAMING):
             for r in held:
                 r.answered = True
                 self._release(r)
-            if self.out is not None and held:
-                self.out = memoryview(bytes(self.out) + b"".join(answer(r) for r in held))
+            tail = b"".join(answer(r) for r in held)
+            if self.streaming:  # after the stream's end, which the app is still making
+                self.after_stream += tail
+            elif self.out is not None and tail:
+                self.out = memoryview(bytes(self.out) + tail)
             self.close_after = True
             return
         if not held:
@@ -276,7 +319,7 @@ class Connection:
     @property
     def busy(self) -> bool:
         """Holds a request it has not finished answering (or one on its way in)."""
-        return self.state in (BUSY, WRITING) or (self.state == READING and self.request is not None)
+        return self.state in (BUSY, WRITING, STREAMING) or (self.state == READING and self.request is not None)
 
     def close(self) -> None:
         if self.state == CLOSED:
@@ -285,6 +328,8 @@ class Connection:
         for request in (self.request, self.current, *self.pending):
             if request is not None:
                 self._release(request)
+        if self.current is not None and self.current.stream is not None:
+            self.current.stream.end()  # its producer stops
         # Break the parser <-> connection cycle and drop buffers now, not at the next garbage collection.
         self.parser = None
         self.request = self.current = None
@@ -433,7 +478,7 @@ class Connection:
         if not request.keep_alive or not self.hooks.keep_alive():
             request.keep_alive = False
             self.stop_reading = True
-        if self.state in (BUSY, WRITING) or self.pending:
+        if self.state in (BUSY, WRITING, STREAMING) or self.pending:
             if len(self.pending) >= MAX_PIPELINED:  # a client that sends and never reads: stop taking more
                 request.error = errors.Overloaded(f"more than {MAX_PIPELINED} pipelined requests wait for their "
                                                   "answers")
@@ -453,7 +498,14 @@ class Connection:
             self.hooks.dispatch(self, request)
 
     def _written(self) -> None:
-        """An answer is fully written: the next pipelined request goes, or the connection idles or closes."""
+        """An answer is fully written: the next pipelined request goes, or the connection idles or closes. A
+        streamed answer's part: its producer is told to make the next."""
+        if self.streaming:
+            self.state = STREAMING
+            self.deadline = float("inf")
+            assert self.current is not None and self.current.stream is not None
+            self.current.stream.ready.set()
+            return
         self.current = None
         if self.close_after or (self.eof and not self.pending):
             self._linger()
@@ -489,7 +541,7 @@ class Connection:
         request.error = error
         request.keep_alive = False
         self.stop_reading = True
-        if self.state in (BUSY, WRITING) or self.pending:
+        if self.state in (BUSY, WRITING, STREAMING) or self.pending:
             self.pending.append(request)
             return
         self._start(request)

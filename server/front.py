@@ -6,6 +6,8 @@ gunicorn's master still forks, supervises, pins and replaces workers (`runner`).
 - a complete request goes to an app thread (`--threads`), which runs the Flask app and hands the finished answer
   back to the loop through one queue with a wake-up (gunicorn gthread's PollableMethodQueue, uvicorn's
   single-threaded protocol). The loop writes it;
+- an answer the app streams (no Content-Length: a generator) goes to the loop part by part (`_stream`), each once
+  the one before it is written, chunked, as gunicorn writes it for Azure ML's server;
 - `GET /` and `GET /ready` are answered by the loop itself (readiness is a cached flag: nothing there can block);
   `/metrics` by a side thread of its own, so a scrape waits neither behind run() nor blocks the loop.
 What that buys, measured in bench/RESULTS.md (section 6), against gunicorn's gthread worker and granian:
@@ -44,7 +46,7 @@ from gunicorn.workers.base import Worker
 from . import errors
 from .app import BODY_ERROR, DEADLINE, TIMED_OUT
 from .body import WHOLE_BODY
-from .connection import BUSY, CLOSED, CLOSING, WRITING, Connection, Limits, Request
+from .connection import BUSY, CLOSED, CLOSING, STREAMING, WRITING, Connection, Limits, Request, Stream
 from .model_process import EXIT_HUNG
 from .settings import drain_plan
 from .telemetry import TRACE
@@ -57,6 +59,9 @@ DRAIN_IDLE_S = 1.0  # on SIGTERM, how long a connection that sent nothing yet ma
 TICK_S = 0.25  # how often deadlines are checked and the master is told this worker is alive
 EVACUATE_S = 5.0  # an exiting worker's last answers get this long to be written
 HUNG_DRAIN_S = 5.0  # a worker with a stuck call lets its other requests finish this long before it exits
+# What an app thread hands the loop through `done`: a whole answer, or a streamed one's first part (its head), a
+# later part, or its end.
+WHOLE, FIRST, PART, END = range(4)
 ACCEPT_PAUSE_S = 0.5  # out of descriptors: accept() rests this long, instead of spinning on the failure
 SHARE_RECHECK_S = 0.005  # a worker leaving new connections to a less loaded one looks again this often
 # Answered by the loop thread itself: nothing they do can block. HEAD too: a probe may send it (it waited behind a
@@ -215,7 +220,7 @@ class FrontWorker(Worker):
         # The router merges repeated slashes (`//ready` is `/ready`): so do the probes' routes.
         route = (request.method, request.path if "//" not in request.path else re.sub("/{2,}", "/", request.path))
         if route in LOOP_ROUTES:
-            data, close = self._respond(conn, request)
+            data, close, _ = self._respond(conn, request)  # the probes' answers are never streamed
             conn.answer(request, data, close)
         else:
             request.dispatched = time.perf_counter()
@@ -385,19 +390,23 @@ class FrontWorker(Worker):
         self.wake_pending = False
         while True:
             try:
-                conn, request, data, close = self.done.get_nowait()
+                conn, request, data, close, kind = self.done.get_nowait()
             except queue.Empty:
                 return
-            request.returned = True
-            if request.answered:
-                if request in self.overdue:
-                    log.warning("dropped the late answer of a call that passed the scoring timeout")
+            if kind in (PART, END):
+                if conn.state == CLOSED or not conn.part(request, data, kind == END, close):
+                    request.stream.end()  # closed meanwhile, or evacuated: its producer stops
                 continue
-            if conn.state != CLOSED:
-                conn.answer(request, data, close)
-                self.metrics.stages["write"].observe(time.perf_counter() - request.responded)
-                if request.trace is not None:
-                    request.trace.end(request.responded)
+            request.returned = True
+            if request.answered and request in self.overdue:
+                log.warning("dropped the late answer of a call that passed the scoring timeout")
+            if conn.state == CLOSED or not conn.answer(request, data, close, streamed=kind == FIRST):
+                if kind == FIRST:
+                    request.stream.end()
+                continue
+            self.metrics.stages["write"].observe(time.perf_counter() - request.responded)
+            if request.trace is not None:
+                request.trace.end(request.responded)
 
     def _overdue(self, now: float) -> None:
         """In the loop: a call past its scoring deadline is answered now (by the app, so the 500 is Azure ML's,
@@ -407,7 +416,7 @@ class FrontWorker(Worker):
         for conn in list(self.conns.values()):
             request = conn.current
             if conn.state == BUSY and request is not None and not request.answered and now >= request.deadline:
-                data, _ = self._respond(conn, request, timed_out=True)
+                data, _, _ = self._respond(conn, request, timed_out=True)
                 conn.answer(request, data, True)
                 self.overdue.add(request)
                 if request.trace is not None:  # its late answer will be dropped: the trace ends with this one
@@ -433,7 +442,8 @@ class FrontWorker(Worker):
         # Write them, and read what the clients still send until they close (exiting with unread bytes would reset
         # the connection and could destroy answers not yet read), within the time left.
         until = time.monotonic() + self.write_s
-        while any(conn.state in (WRITING, CLOSING) for conn in self.conns.values()) and time.monotonic() < until:
+        while any(conn.state in (WRITING, STREAMING, CLOSING) for conn in self.conns.values()) and \
+                time.monotonic() < until:
             self._poll(0.05)
 
     def _stop_accepting(self) -> None:
@@ -465,18 +475,30 @@ class FrontWorker(Worker):
             self.metrics.stages["queue"].observe(time.perf_counter() - request.dispatched)
             if request.trace is not None:
                 request.trace.stage("queue", request.dispatched)
+            streamed = None
             try:
-                data, close = self._respond(conn, request)
+                data, close, streamed = self._respond(conn, request)
             except BaseException:  # noqa: B036 - nothing may kill an app thread
                 log.exception("error while answering a request")
                 data, close = errors.raw_error_response(errors.InternalError()), True
             request.responded = time.perf_counter()
-            self.done.put((conn, request, data, close))
-            if not self.wake_pending:  # the loop drains every queued answer per wake-up: one byte is enough
-                self.wake_pending = True
-                self._wake()
+            if streamed is None:
+                self._hand(conn, request, data, close, WHOLE)
+            else:
+                self._stream(conn, request, data, close, streamed)
 
-    def _respond(self, conn: Connection, request: Request, timed_out: bool = False) -> tuple[bytes, bool]:
+    def _hand(self, conn: Connection, request: Request, data: bytes, close: bool, kind: int) -> None:
+        """From an app thread to the loop: an answer, or a part of one (`kind`)."""
+        self.done.put((conn, request, data, close, kind))
+        if not self.wake_pending:  # the loop drains every queued answer per wake-up: one byte is enough
+            self.wake_pending = True
+            self._wake()
+
+    def _respond(self, conn: Connection, request: Request,
+                 timed_out: bool = False) -> tuple[bytes, bool, Optional["_Streamed"]]:
+        """The app's answer: (bytes to write, close after, None), or for an answer the app streams (no
+        Content-Length: a generator, as Flask's `Response(gen())`) its head and what it wrote so far, and the rest
+        to stream (`_stream`), chunked (HTTP/1.0: until the close), as Azure ML's gunicorn sends it."""
         environ = self._environ(conn, request)
         if timed_out:
             environ[TIMED_OUT] = True
@@ -488,16 +510,21 @@ class FrontWorker(Worker):
 
         written: list[bytes] = []
         result = self.wsgi(environ, start_response)
-        try:
-            chunks = written + [chunk for chunk in result if chunk]
-        finally:
-            if hasattr(result, "close"):
-                result.close()
-        status, headers = captured
-        close = not request.keep_alive or not self.alive or self.limits.keepalive <= 0
+        status, headers = captured or ("500 INTERNAL SERVER ERROR", [])  # Flask starts the answer before it returns
         code = int(status[:3])
         bodiless = request.method == "HEAD" or code < 200 or code in (204, 304)
-        body = b"" if bodiless else b"".join(chunks)
+        streamed = None if bodiless or not captured or any(n.lower() == "content-length" for n, _ in headers) \
+            else _Streamed(result, request.version == "1.1")
+        if streamed is None:
+            try:
+                chunks = written + [chunk for chunk in result if chunk]
+            finally:
+                if hasattr(result, "close"):
+                    result.close()
+            status, headers = captured
+        close = not request.keep_alive or not self.alive or self.limits.keepalive <= 0 or (
+            streamed is not None and not streamed.chunked)
+        body = b"" if bodiless else b"".join(written if streamed else chunks)
         lines = [f"HTTP/1.1 {status}\r\n"]
         for name, value in headers:
             lname = name.lower()
@@ -507,14 +534,53 @@ class FrontWorker(Worker):
             if lname in ("transfer-encoding", "keep-alive") or (lname == "content-length" and not bodiless):
                 continue  # framed below by the body's real length, whatever the app said
             lines.append(f"{name}: {value}\r\n")
-        if not bodiless:
+        if streamed is not None:
+            lines.append("Transfer-Encoding: chunked\r\n" if streamed.chunked else "")
+            body = streamed.frame(body) if body else b""
+        elif not bodiless:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append(f"Date: {_date()}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n")
+        if self.log_access and streamed is None:
+            self._log_access(conn, request, code, len(body))
+        elif streamed is not None:
+            streamed.code = code
+        return "".join(lines).encode("latin-1") + body, close, streamed
+
+    def _stream(self, conn: Connection, request: Request, head: bytes, close: bool, streamed: "_Streamed") -> None:
+        """In the app thread: a streamed answer's parts, each handed to the loop once the one before it is written
+        (back-pressure). A failure after the head is out cannot change the status: the connection is closed
+        without the last chunk, which tells an HTTP/1.1 client the answer is incomplete (as gunicorn does)."""
+        request.stream = handoff = Stream()
+        self._hand(conn, request, head, close, FIRST)
+        size, end, cut = 0, b"", False
+        try:
+            for chunk in streamed.iterable:
+                if not chunk:
+                    continue
+                handoff.ready.wait()
+                if handoff.gone:
+                    break
+                handoff.ready.clear()
+                size += len(chunk)
+                self._hand(conn, request, streamed.frame(chunk), close, PART)
+            else:
+                end = streamed.end()
+        except BaseException:  # noqa: B036 - nothing may kill an app thread
+            log.exception("a streamed answer failed after its head was sent: its connection is closed")
+            cut = True
+        finally:
+            if hasattr(streamed.iterable, "close"):
+                streamed.iterable.close()
+        handoff.ready.wait()
+        if not handoff.gone:
+            self._hand(conn, request, end, close or cut, END)
         if self.log_access:
-            access_log.info('%s "%s %s HTTP/%s" %s %d %.1fms', conn.peer[0], request.method,
-                            request.url.decode("latin-1"), request.version, code, len(body),
-                            (time.perf_counter() - request.started) * 1000)
-        return "".join(lines).encode("latin-1") + body, close
+            self._log_access(conn, request, streamed.code, size)
+
+    def _log_access(self, conn: Connection, request: Request, code: int, size: int) -> None:
+        access_log.info('%s "%s %s HTTP/%s" %s %d %.1fms', conn.peer[0], request.method,
+                        request.url.decode("latin-1"), request.version, code, size,
+                        (time.perf_counter() - request.started) * 1000)
 
     def _environ(self, conn: Connection, request: Request) -> dict:
         environ = self.base_environ.copy()
@@ -541,6 +607,21 @@ class FrontWorker(Worker):
         if request.body_error:
             environ[BODY_ERROR] = request.body_error
         return environ
+
+
+class _Streamed:
+    """The rest of a streamed answer: the app's iterable, and how its parts are framed on the wire."""
+
+    __slots__ = ("iterable", "chunked", "code")
+
+    def __init__(self, iterable: Any, chunked: bool):
+        self.iterable, self.chunked, self.code = iterable, chunked, 200
+
+    def frame(self, data: bytes) -> bytes:
+        return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
+
+    def end(self) -> bytes:
+        return b"0\r\n\r\n" if self.chunked else b""
 
 
 def _drain(fd: int) -> None:

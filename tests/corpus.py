@@ -199,6 +199,11 @@ CORPUS: list[Case] = [
     _c("schema.py@prefix", "POST", "/score", b'{"a": 2, "b": "p"}', Content_Type=JSON),
     _c("schema.py@prefix", "POST", "/api/v1/score", b'{"a": 2}', Content_Type=JSON),
     _c("schema.py@prefix", "GET", "/"),
+    # A streamed answer (Response(generator)): chunked, and the scoring timeout (500 ms here) ends when run() returns,
+    # not its stream (an outside review: scorehost buffered it, and answered 500 once the stream outlasted it)
+    _c("streamed.py", "POST", "/score?parts=3&gap_ms=300", b""),
+    _c("streamed.py", "GET", "/score?parts=0"),
+    _c("streamed.py", "HEAD", "/score"),
     # AML_CORS_ORIGINS: a browser's preflight reaches a @rawhttp run(), whose headers come with flask-cors's (an
     # outside review: scorehost answered it 200 empty without calling the script)
     _c("rawhttp_echo.py@cors", "OPTIONS", "/score?none=1&status=204", Origin="https://a.example",
@@ -216,6 +221,7 @@ CORPUS: list[Case] = [
 # (environment, extra command-line arguments, spelled as azmlinfsrv spells them).
 VARIANTS: dict[str, tuple[dict[str, str], tuple[str, ...]]] = {
     "sleeper.py": ({"SCORING_TIMEOUT_MS": "500"}, ()),
+    "streamed.py": ({"SCORING_TIMEOUT_MS": "500"}, ()),
     "schema.py@prefix": ({"SERVICE_PATH_PREFIX": "/api/v1/", "SERVICE_NAME": "greeter", "SERVICE_VERSION": "2.5",
                           "SERVER_VERSION_LOG_RESPONSE_ENABLED": "false"}, ()),
     "rawhttp_echo.py@cors": ({"AML_CORS_ORIGINS": "https://a.example"}, ()),

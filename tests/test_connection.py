@@ -10,7 +10,8 @@ from typing import Optional
 
 import pytest
 
-from server.connection import BUSY, CLOSED, CLOSING, IDLE, LINGER_S, READING, WRITING, Connection, Limits, Request
+from server.connection import (BUSY, CLOSED, CLOSING, IDLE, LINGER_S, READING, STREAMING, WRITING, Connection, Limits,
+                               Request, Stream)
 
 
 class Transport:
@@ -420,3 +421,70 @@ def test_100_continue_for_a_head_after_one_the_loop_answered_in_the_same_read():
     conn.received(b"abc")
     (_, request), = hooks.dispatched
     assert b"".join(request.body) == b"abc"
+
+
+# --- streamed answers: one part in flight, no deadline while the app makes the next --------------------------------
+
+HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+
+
+def streaming(room=None):
+    conn, transport, hooks, clock = make(room)
+    conn.received(GET * 2)  # the second waits behind the streamed one
+    (_, request), = hooks.dispatched
+    request.stream = Stream()
+    assert conn.answer(request, HEAD + b"1\r\na\r\n", False, streamed=True)
+    return conn, transport, hooks, clock, request
+
+
+def test_a_streamed_answer_is_written_part_by_part_and_the_next_request_waits_for_its_end():
+    conn, transport, hooks, clock, request = streaming()
+    assert conn.state == STREAMING and request.stream.ready.is_set() and conn.busy
+    clock.now += 3600  # the app takes its time: no deadline while it makes the next part
+    conn.tick(clock.now)
+    assert conn.state == STREAMING and not transport.closed
+    request.stream.ready.clear()
+    assert conn.part(request, b"1\r\nb\r\n", last=False) and request.stream.ready.is_set()
+    assert len(hooks.dispatched) == 1  # the pipelined request is not started mid-stream
+    assert conn.part(request, b"0\r\n\r\n", last=True)
+    (_, second), = hooks.dispatched[1:]
+    assert conn.state == BUSY and conn.current is second
+    assert transport.sent.endswith(HEAD + b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
+    assert not conn.part(request, b"late", last=True)  # a part after the end is refused: its producer stops
+
+
+def test_a_part_the_socket_does_not_take_holds_the_producer_until_written():
+    conn, transport, hooks, clock, request = streaming(room=len(HEAD) + 6)
+    assert conn.state == STREAMING
+    request.stream.ready.clear()
+    conn.part(request, b"5\r\nhello\r\n", last=False)
+    assert conn.state == WRITING and not request.stream.ready.is_set() and transport.write_on
+    transport.room = None
+    conn.writable()
+    assert conn.state == STREAMING and request.stream.ready.is_set()
+
+
+def test_a_client_that_goes_away_mid_stream_stops_the_producer():
+    conn, transport, hooks, clock, request = streaming(room=len(HEAD) + 6)
+    request.stream.ready.clear()
+    conn.part(request, b"5\r\nhello\r\n", last=False)
+    clock.now += LIMITS.send_timeout + 1  # the client stopped reading
+    conn.tick(clock.now)
+    assert conn.state == CLOSED and request.stream.gone and request.stream.ready.is_set()
+
+
+def test_a_failure_mid_stream_closes_without_the_last_chunk():
+    conn, transport, hooks, clock, request = streaming()
+    assert conn.part(request, b"", last=True, close=True)
+    assert conn.state in (CLOSING, CLOSED) and not transport.sent.endswith(b"0\r\n\r\n")
+
+
+def test_an_evacuation_mid_stream_lets_it_end_then_answers_the_pipelined_request():
+    """A worker that must exit cannot change a streamed answer's status: the stream goes on within the exit's
+    write window, and the request behind it gets its 503 after the stream's end, then the connection closes."""
+    conn, transport, hooks, clock, request = streaming()
+    conn.evacuate(lambda r: b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert conn.state == STREAMING and b"503" not in transport.sent
+    assert conn.part(request, b"0\r\n\r\n", last=True)
+    assert transport.sent.endswith(b"0\r\n\r\nHTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
+    assert conn.state in (CLOSING, CLOSED) and len(hooks.dispatched) == 1

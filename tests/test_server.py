@@ -242,3 +242,32 @@ def test_the_server_version_is_azmlinfsrvs_rule():
         f"scorehost/{__version__}"
     assert server_version(off, {"HTTP_X_MS_SERVER_VERSION": "mine/1"}) == "mine/1"
     assert server_version(off, {}) == "" and "HTTP_X_MS_SERVER_VERSION" not in script_environment(off, {}, {})
+
+
+def test_a_streamed_answer_comes_part_by_part_and_a_failure_mid_stream_cuts_it_not_the_server(start_server):
+    """Azure ML's gunicorn writes a Response(generator) as it is made (an outside review: scorehost buffered it,
+    and a stream longer than the scoring timeout became a 500). Its first part comes while the script still makes
+    the rest; a stream that fails after its head ends without the last chunk (the client learns it is cut short),
+    and the worker serves on."""
+    import http.client
+
+    server = start_server("scorehost", script("streamed.py"), env={"SCORING_TIMEOUT_MS": "500"})
+    with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+        sock.sendall(b"GET /score?parts=3&gap_ms=700 HTTP/1.1\r\nHost: x\r\n\r\n")
+        received = b""
+        while b"part 0 of 3" not in received:
+            received += sock.recv(65536)
+        assert b"Transfer-Encoding: chunked" in received and b"part 2" not in received  # 1.4 s of it still to come
+        while not received.endswith(b"\r\n0\r\n\r\n"):
+            received += sock.recv(65536)
+        assert received.startswith(b"HTTP/1.1 200 ") and b"part 2 of 3" in received
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/score?parts=3&fail_at=2")
+    answer = conn.getresponse()
+    assert answer.status == 200
+    with pytest.raises(http.client.IncompleteRead) as cut:
+        answer.read()
+    assert cut.value.partial == b"part 0 of 3\npart 1 of 3\n"
+    conn.close()
+    assert send(server.url, Case("streamed.py", "GET", "/score?parts=2")).body == b"part 0 of 2\npart 1 of 2\n"
+    assert "a streamed answer failed after its head was sent" in server.output()
