@@ -78,6 +78,7 @@ def test_cors_preflight_needs_no_key_and_origins_match_literally(cors_keyed, ori
 @pytest.mark.parametrize("name,body,query", [
     ("nested 100,000 deep", b'{"a": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", ""),
     ("an integer of 5,000 digits", b'{"a": ' + b"7" * 5000 + b"}", ""),
+    ("not UTF-8 (AIHS: 500)", b'{"a": "\xff\xfe"}', ""),
     ("a query nested 1,900 deep", None, "?data=" + "[" * 1900 + "]" * 1900),  # within the 4094-byte request line
 ])
 def test_json_too_deep_or_too_long_is_400_without_a_traceback(start_server, name, body, query):
