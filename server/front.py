@@ -220,8 +220,8 @@ class FrontWorker(Worker):
         # The router merges repeated slashes (`//ready` is `/ready`): so do the probes' routes.
         route = (request.method, request.path if "//" not in request.path else re.sub("/{2,}", "/", request.path))
         if route in LOOP_ROUTES:
-            data, close, _ = self._respond(conn, request)  # the probes' answers are never streamed
-            conn.answer(request, data, close)
+            head, body, close, _ = self._respond(conn, request)  # the probes' answers are never streamed
+            conn.answer(request, head, body, close)
         else:
             request.dispatched = time.perf_counter()
             if route in SIDE_ROUTES:
@@ -390,7 +390,7 @@ class FrontWorker(Worker):
         self.wake_pending = False
         while True:
             try:
-                conn, request, data, close, kind = self.done.get_nowait()
+                conn, request, head, data, close, kind = self.done.get_nowait()
             except queue.Empty:
                 return
             if kind in (PART, END):
@@ -400,7 +400,7 @@ class FrontWorker(Worker):
             request.returned = True
             if request.answered and request in self.overdue:
                 log.warning("dropped the late answer of a call that passed the scoring timeout")
-            if conn.state == CLOSED or not conn.answer(request, data, close, streamed=kind == FIRST):
+            if conn.state == CLOSED or not conn.answer(request, head, data, close, streamed=kind == FIRST):
                 if kind == FIRST:
                     request.stream.end()
                 continue
@@ -416,8 +416,8 @@ class FrontWorker(Worker):
         for conn in list(self.conns.values()):
             request = conn.current
             if conn.state == BUSY and request is not None and not request.answered and now >= request.deadline:
-                data, _, _ = self._respond(conn, request, timed_out=True)
-                conn.answer(request, data, True)
+                head, body, close, _ = self._respond(conn, request, timed_out=True)
+                conn.answer(request, head, body, close)  # the requests pipelined behind it are answered after it
                 self.overdue.add(request)
                 if request.trace is not None:  # its late answer will be dropped: the trace ends with this one
                     request.trace.end(time.perf_counter())
@@ -477,28 +477,32 @@ class FrontWorker(Worker):
                 request.trace.stage("queue", request.dispatched)
             streamed = None
             try:
-                data, close, streamed = self._respond(conn, request)
+                head, body, close, streamed = self._respond(conn, request)
             except BaseException:  # noqa: B036 - nothing may kill an app thread
                 log.exception("error while answering a request")
-                data, close = errors.raw_error_response(errors.InternalError()), True
+                head, body, close = _head_and_body(errors.raw_error_response(errors.InternalError())), True
             request.responded = time.perf_counter()
             if streamed is None:
-                self._hand(conn, request, data, close, WHOLE)
+                self._hand(conn, request, body, close, WHOLE, head)
             else:
-                self._stream(conn, request, data, close, streamed)
+                self._stream(conn, request, head, body, close, streamed)
 
-    def _hand(self, conn: Connection, request: Request, data: bytes, close: bool, kind: int) -> None:
-        """From an app thread to the loop: an answer, or a part of one (`kind`)."""
-        self.done.put((conn, request, data, close, kind))
+    def _hand(self, conn: Connection, request: Request, data: bytes, close: bool, kind: int,
+              head: bytes = b"") -> None:
+        """From an app thread to the loop: an answer (its head, but Connection, and its body), or a part of one
+        (`kind`)."""
+        self.done.put((conn, request, head, data, close, kind))
         if not self.wake_pending:  # the loop drains every queued answer per wake-up: one byte is enough
             self.wake_pending = True
             self._wake()
 
     def _respond(self, conn: Connection, request: Request,
-                 timed_out: bool = False) -> tuple[bytes, bool, Optional["_Streamed"]]:
-        """The app's answer: (bytes to write, close after, None), or for an answer the app streams (no
-        Content-Length: a generator, as Flask's `Response(gen())`) its head and what it wrote so far, and the rest
-        to stream (`_stream`), chunked (HTTP/1.0: until the close), as Azure ML's gunicorn sends it."""
+                 timed_out: bool = False) -> tuple[bytes, bytes, bool, Optional["_Streamed"]]:
+        """The app's answer: (head but its Connection line, which the connection adds, body, close wanted, None),
+        or for an answer the app streams (no Content-Length: a generator, as Flask's `Response(gen())`) its head,
+        what it wrote so far, and the rest to stream (`_stream`), chunked (HTTP/1.0: until the close), as Azure ML's
+        gunicorn sends it. A close is wanted by the client, the app or the settings; the connection adds the
+        worker's stop."""
         environ = self._environ(conn, request)
         if timed_out:
             environ[TIMED_OUT] = True
@@ -522,8 +526,7 @@ class FrontWorker(Worker):
                 if hasattr(result, "close"):
                     result.close()
             status, headers = captured
-        close = not request.keep_alive or not self.alive or self.limits.keepalive <= 0 or (
-            streamed is not None and not streamed.chunked)
+        close = not request.keep_alive or self.limits.keepalive <= 0 or (streamed is not None and not streamed.chunked)
         body = b"" if bodiless else b"".join(written if streamed else chunks)
         lines = [f"HTTP/1.1 {status}\r\n"]
         for name, value in headers:
@@ -539,19 +542,20 @@ class FrontWorker(Worker):
             body = streamed.frame(body) if body else b""
         elif not bodiless:
             lines.append(f"Content-Length: {len(body)}\r\n")
-        lines.append(f"Date: {_date()}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n")
+        lines.append(f"Date: {_date()}\r\n")
         if self.log_access and streamed is None:
             self._log_access(conn, request, code, len(body))
         elif streamed is not None:
             streamed.code = code
-        return "".join(lines).encode("latin-1") + body, close, streamed
+        return "".join(lines).encode("latin-1"), body, close, streamed
 
-    def _stream(self, conn: Connection, request: Request, head: bytes, close: bool, streamed: "_Streamed") -> None:
+    def _stream(self, conn: Connection, request: Request, head: bytes, first: bytes, close: bool,
+                streamed: "_Streamed") -> None:
         """In the app thread: a streamed answer's parts, each handed to the loop once the one before it is written
         (back-pressure). A failure after the head is out cannot change the status: the connection is closed
         without the last chunk, which tells an HTTP/1.1 client the answer is incomplete (as gunicorn does)."""
         request.stream = handoff = Stream()
-        self._hand(conn, request, head, close, FIRST)
+        self._hand(conn, request, first, close, FIRST, head)
         size, end, cut = 0, b"", False
         try:
             for chunk in streamed.iterable:
@@ -607,6 +611,14 @@ class FrontWorker(Worker):
         if request.body_error:
             environ[BODY_ERROR] = request.body_error
         return environ
+
+
+def _head_and_body(answer: bytes) -> tuple[bytes, bytes]:
+    """A whole answer made elsewhere (errors.raw_error_response) as `_respond` gives one: its head without the
+    Connection line and the blank line, and its body."""
+    head, _, body = answer.partition(b"\r\n\r\n")
+    return b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")) + \
+        b"\r\n", body
 
 
 class _Streamed:

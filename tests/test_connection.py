@@ -87,7 +87,7 @@ def make(room=None, hooks=None, limits=LIMITS):
 def answer_all(conn, hooks, body=b"ok", close=False):
     while hooks.dispatched:
         c, request = hooks.dispatched.pop(0)
-        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body), close)
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n" % len(body), body, close)
 
 
 GET = b"GET /score HTTP/1.1\r\nHost: x\r\n\r\n"
@@ -141,7 +141,7 @@ def test_pipelined_requests_then_a_half_close_are_all_answered_in_order_then_clo
     while hooks.dispatched:
         _, request = hooks.dispatched.pop(0)
         served.append(request.query)
-        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + request.query[-1:].encode(), False)
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n", request.query[-1:].encode(), False)
     assert served == ["n=0", "n=1", "n=2"]
     assert transport.sent.count(b"200 OK") == 3 and transport.sent.endswith(b"2") and conn.state == CLOSED
 
@@ -252,29 +252,44 @@ def test_evacuation_answers_the_request_being_answered_and_those_pipelined_behin
     (_, first), = hooks.dispatched
     conn.evacuate(lambda request: b"HTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
     assert transport.sent.count(b"503") == 3 and conn.state in (CLOSING, CLOSED)
-    conn.answer(first, b"HTTP/1.1 200 OK\r\n\r\n", False)  # the late answer of its app thread is dropped
+    conn.answer(first, b"HTTP/1.1 200 OK\r\n", b"", False)  # the late answer of its app thread is dropped
     assert b"200" not in transport.sent
 
 
-def test_a_stopping_worker_waits_for_a_new_connections_first_request_not_for_an_idle_keep_alive_one():
+def test_a_stopping_worker_waits_for_a_new_connections_first_request_and_a_keep_alive_ones_next():
     """Attacked from outside: a client that connected just before (or after) SIGTERM, its request a moment behind,
-    was closed unanswered when nothing else was busy, i.e. reset. A new connection is waited for until its drain
-    deadline; one that idles after an answer is not (its client was answered; a close between requests is HTTP's)."""
-    new, _, hooks, clock = make()
+    was closed unanswered when nothing else was busy, i.e. reset; so was one that sent its next request on a kept-
+    alive connection as the worker closed it (7-16 a reload). A new connection is waited for until its drain
+    deadline, a kept-alive one until its keep-alive deadline; the next request on it is answered with a close."""
+    new, transport, hooks, clock = make()
     new.drain(1.0)
     assert new.awaited(clock.now) and not new.busy
     clock.now += 0.5
     new.received(GET)  # the request comes: it is held (busy) and answered, no longer awaited
     assert not new.awaited(clock.now) and new.busy
     answer_all(new, hooks)
+    assert transport.sent.endswith(b"Connection: keep-alive\r\n\r\nok")
+    hooks.alive = False
     new.drain(1.0)
-    assert new.state == IDLE and not new.awaited(clock.now) and not new.busy
+    clock.now += 1.0
+    assert new.state == IDLE and new.awaited(clock.now) and not new.busy  # its keep-alive deadline: 5 s
+    new.received(GET)
+    answer_all(new, hooks)
+    assert transport.sent.endswith(b"Connection: close\r\n\r\nok") and new.state in (CLOSING, CLOSED)
     silent, _, _, clock = make()
     silent.drain(1.0)
     clock.now += 1.0
     assert not silent.awaited(clock.now)  # nothing came within the drain: not waited for any longer
     silent.tick(clock.now)
     assert silent.state == CLOSED
+    idle, _, hooks, clock = make()
+    idle.received(GET)
+    answer_all(idle, hooks)
+    idle.drain(1.0)
+    clock.now += LIMITS.keepalive
+    assert not idle.awaited(clock.now)
+    idle.tick(clock.now)
+    assert idle.state == CLOSED
 
 
 def test_a_request_that_stops_arriving_is_408_and_an_idle_one_is_closed():
@@ -308,7 +323,7 @@ class AnsweringHooks(Hooks):
 
     def dispatch(self, conn, request) -> None:
         self.dispatched.append((conn, request))
-        conn.answer(request, b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 7\r\n\r\nHealthy", True)
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 7\r\n", b"Healthy", True)
 
 
 def test_requests_after_a_closing_answer_in_the_same_read_are_dropped_unparsed():
@@ -360,7 +375,7 @@ def test_an_upgrade_is_ignored_its_body_read_and_the_next_request_served(upgrade
         _, request = hooks.dispatched.pop(0)
         served.append((request.method, request.query, b"".join(request.body), request.body_error,
                        [name for name, _ in request.headers]))
-        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False)
+        conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n", b"", False)
     assert [s[:4] for s in served] == [("POST", "", b"abcdefg", None), ("GET", "n=2", b"", None)]
     assert b"Upgrade" not in served[0][4] and transport.sent.count(b"200 OK") == 2 and conn.state == IDLE
 
@@ -410,7 +425,7 @@ def test_100_continue_for_a_head_after_one_the_loop_answered_in_the_same_read():
     class Answering(Hooks):
         def dispatch(self, conn, request) -> None:
             if request.path == "/ready":
-                conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", False)
+                conn.answer(request, b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n", b"", False)
             else:
                 super().dispatch(conn, request)
 
@@ -425,7 +440,8 @@ def test_100_continue_for_a_head_after_one_the_loop_answered_in_the_same_read():
 
 # --- streamed answers: one part in flight, no deadline while the app makes the next --------------------------------
 
-HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+HEAD = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n"
+WRITTEN_HEAD = HEAD + b"Connection: keep-alive\r\n\r\n"
 
 
 def streaming(room=None):
@@ -433,7 +449,7 @@ def streaming(room=None):
     conn.received(GET * 2)  # the second waits behind the streamed one
     (_, request), = hooks.dispatched
     request.stream = Stream()
-    assert conn.answer(request, HEAD + b"1\r\na\r\n", False, streamed=True)
+    assert conn.answer(request, HEAD, b"1\r\na\r\n", False, streamed=True)
     return conn, transport, hooks, clock, request
 
 
@@ -449,12 +465,12 @@ def test_a_streamed_answer_is_written_part_by_part_and_the_next_request_waits_fo
     assert conn.part(request, b"0\r\n\r\n", last=True)
     (_, second), = hooks.dispatched[1:]
     assert conn.state == BUSY and conn.current is second
-    assert transport.sent.endswith(HEAD + b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
+    assert transport.sent.endswith(WRITTEN_HEAD + b"1\r\na\r\n1\r\nb\r\n0\r\n\r\n")
     assert not conn.part(request, b"late", last=True)  # a part after the end is refused: its producer stops
 
 
 def test_a_part_the_socket_does_not_take_holds_the_producer_until_written():
-    conn, transport, hooks, clock, request = streaming(room=len(HEAD) + 6)
+    conn, transport, hooks, clock, request = streaming(room=len(WRITTEN_HEAD) + 6)
     assert conn.state == STREAMING
     request.stream.ready.clear()
     conn.part(request, b"5\r\nhello\r\n", last=False)
@@ -465,7 +481,7 @@ def test_a_part_the_socket_does_not_take_holds_the_producer_until_written():
 
 
 def test_a_client_that_goes_away_mid_stream_stops_the_producer():
-    conn, transport, hooks, clock, request = streaming(room=len(HEAD) + 6)
+    conn, transport, hooks, clock, request = streaming(room=len(WRITTEN_HEAD) + 6)
     request.stream.ready.clear()
     conn.part(request, b"5\r\nhello\r\n", last=False)
     clock.now += LIMITS.send_timeout + 1  # the client stopped reading
@@ -488,3 +504,41 @@ def test_an_evacuation_mid_stream_lets_it_end_then_answers_the_pipelined_request
     assert conn.part(request, b"0\r\n\r\n", last=True)
     assert transport.sent.endswith(b"0\r\n\r\nHTTP/1.1 503 Service Unavailable\r\nContent-Length: 0\r\n\r\n")
     assert conn.state in (CLOSING, CLOSED) and len(hooks.dispatched) == 1
+
+
+def test_a_stopping_worker_answers_the_requests_pipelined_behind_an_answer_then_closes_on_the_last():
+    """Attacked from outside: 10 pipelined requests, then SIGTERM (or a run() past its deadline): the answer being
+    made said `Connection: close`, and the 9 behind it, parsed and accepted, never got an answer. The worker's stop
+    closes the connection after the last of them, and says so on that one alone."""
+    conn, transport, hooks, clock = make()
+    conn.received(GET * 3)
+    hooks.alive = False  # the worker stops while the first is with the app
+    answer_all(conn, hooks)
+    assert transport.sent.count(b"HTTP/1.1 200 OK") == 3 and transport.sent.count(b"Connection: close") == 1
+    assert transport.sent.endswith(b"Connection: close\r\n\r\nok") and conn.state in (CLOSING, CLOSED)
+
+
+@pytest.mark.parametrize("framing", [b"T: " + b"a" * 8000 + b"\r\n", b"a" * 8000], ids=["trailer", "extension"])
+def test_a_chunked_bodys_framing_is_bounded(framing):
+    """Attacked from outside: 12 GB of trailer fields (or of one chunk extension) after a 5-byte body were read
+    for as long as they came. Past the head's own limit, the request is answered 431 and the connection closed."""
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n"
+                  if framing.startswith(b"T") else b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked"
+                  b"\r\n\r\n5;e=")
+    for _ in range(200):
+        conn.received(framing)
+        if conn.state != READING:
+            break
+    assert b"431 Request Header Fields Too Large" in transport.sent and conn.state in (CLOSING, CLOSED)
+    assert not hooks.dispatched
+
+
+def test_a_body_sent_in_one_byte_chunks_is_not_framing():
+    conn, transport, hooks, clock = make()
+    conn.received(b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n")
+    for _ in range(999):
+        conn.received(b"1\r\nx\r\n")
+    conn.received(b"0\r\n\r\n")
+    (_, request), = hooks.dispatched
+    assert b"".join(request.body) == b"x" * 999

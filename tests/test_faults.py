@@ -292,6 +292,36 @@ def test_pipelined_requests_then_a_half_close_are_all_answered(framing):
     assert statuses(reply) == [200, 200, 200] and reply.count(b'"echo": "nap:') == 3
 
 
+def _naps(*seconds: float) -> bytes:
+    return b"".join(b"POST /score HTTP/1.1\r\nHost: x\r\nContent-Length: 9\r\n\r\nnap:%.3f" % s for s in seconds)
+
+
+def test_requests_pipelined_behind_a_timed_out_one_are_answered(start_server):
+    """Attacked from outside: the timeout's 500 said `Connection: close`, and the requests pipelined behind it
+    (accepted) got nothing. They are answered after it, on the same connection."""
+    server = start_server("scorehost", FRAMING, extra_args=("--scoring-timeout-ms", "500"))
+    reply = answers_until_closed(server.port, _naps(0.9, 0, 0), shut_write=True)
+    assert statuses(reply) == [500, 200, 200], reply
+    assert reply.count(b"Connection: keep-alive") >= 2 and b"Connection: close" not in reply.partition(b"nap:0.000")[0]
+
+
+def test_requests_pipelined_on_a_connection_when_sigterm_comes_are_all_answered():
+    """Attacked from outside: 10 pipelined requests, then SIGTERM: the answer being made said close, and the 9
+    behind it got nothing (1-3 of 10 answered, 7 runs of 7). They are served within the graceful stop."""
+    server = processes.start("scorehost", FRAMING, workers=1).wait_healthy(60)
+    try:
+        with socket.create_connection(("127.0.0.1", server.port), timeout=30) as sock:
+            sock.sendall(_naps(*[0.2] * 6))
+            assert sock.recv(12) == b"HTTP/1.1 200"  # the first is answered: the rest are parsed and waiting
+            os.killpg(server.pid, signal.SIGTERM)
+            reply = b"HTTP/1.1 200"
+            while chunk := sock.recv(1 << 20):
+                reply += chunk
+        assert statuses(reply) == [200] * 6 and reply.count(b"Connection: close") == 1, reply
+    finally:
+        server.stop()
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"GET /\r\n\r\n",
     b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
