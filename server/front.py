@@ -21,8 +21,9 @@ What that buys, measured in bench/RESULTS.md (section 6), against gunicorn's gth
 - nothing accepted is dropped: a worker that must exit (a hung call past `--hung-grace`, the end of a graceful
   stop) first stops accepting, answers every request it holds (503 + Retry-After where no answer is ready), and
   finishes writing them. On a stop it acts at once: what the kernel already accepted into the backlog is taken,
-  and a new connection's first request is waited for (up to DRAIN_IDLE_S), so a client that connected in that
-  moment gets an answer or a refusal, never a reset.
+  a new connection's first request is waited for (up to DRAIN_IDLE_S) and a kept-alive one's next (until its
+  keep-alive deadline, then answered with a close), so a client that sends in that moment gets an answer or a
+  refusal, never a reset.
 """
 
 from __future__ import annotations
