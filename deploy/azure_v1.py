@@ -7,6 +7,8 @@ SDK v1 lost support on 2026-06-30; this prints a deprecation warning. The origin
 `InferenceConfig(..., gpu_enabled=True)`, a keyword that never existed (v1's was `enable_gpu`, itself deprecated):
 here the GPU comes from an Environment on Azure ML's CUDA base image, and `gpu_cores=1` on the AKS service.
 Install with `pip install 'scorehost[deploy-v1]'` in its own virtualenv (v1 and v2 pin conflicting packages).
+CPU and memory are Kubernetes quantities (`500m`, `512Mi`), read by settings.py's one parser into v1's cores and GB.
+Teardown is idempotent: a service that is gone already is said, not raised.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Any, Callable, Optional
 
 from deploy import source
 from deploy.plan import model_description, sha256
-from deploy.settings import DeploySettings, DeployError
+from deploy.settings import DeployError, DeploySettings, cpu_cores, memory_gib
 
 DEPRECATION = ("Azure ML SDK v1 (azureml-core) lost support on 2026-06-30: prefer the default --sdk v2. "
                "NC6 sizes are retired; the default is Standard_NC4as_T4_v3.")
@@ -44,8 +46,8 @@ def build(s: DeploySettings, code_dir: Optional[str] = None) -> dict[str, Any]:
         "provisioning": AksCompute.provisioning_configuration(vm_size=s.vm_size, agent_count=s.node_count,
                                                               location=s.location),
         "deployment_config": AksWebservice.deploy_configuration(
-            autoscale_enabled=False, num_replicas=s.instance_count, cpu_cores=float(s.cpu),
-            memory_gb=float(s.memory.rstrip("Gi") or 4), gpu_cores=s.gpus, auth_enabled=True,
+            autoscale_enabled=False, num_replicas=s.instance_count, cpu_cores=cpu_cores(s.cpu),
+            memory_gb=memory_gib(s.memory), gpu_cores=s.gpus, auth_enabled=True,
             scoring_timeout_ms=s.request_timeout_ms, replica_max_concurrent_requests=s.max_concurrent_requests),
     }
 
@@ -87,11 +89,19 @@ def deploy(workspace: Any, s: DeploySettings, say: Callable[[str], None] = print
 def teardown(workspace: Any, s: DeploySettings, with_compute: bool, say: Callable[[str], None] = print) -> list[str]:
     from azureml.core.compute import AksCompute
     from azureml.core.webservice import Webservice
+    from azureml.exceptions import WebserviceException
 
     deleted = []
-    say(f"deleting service {s.endpoint}")
-    Webservice(workspace, s.endpoint).delete()
-    deleted.append(f"service {s.endpoint}")
+    try:
+        service = Webservice(workspace, s.endpoint)  # reads it: raises WebserviceNotFound where it is gone
+    except WebserviceException as ex:
+        if "WebserviceNotFound" not in str(ex):
+            raise
+        say(f"service {s.endpoint} does not exist")
+    else:
+        say(f"deleting service {s.endpoint}")
+        service.delete()
+        deleted.append(f"service {s.endpoint}")
     if with_compute:
         target = AksCompute(workspace, s.compute)  # reads the compute: is_attached says who made the cluster
         if not target.is_attached:  # Azure ML created it (ComputeTarget.create): deleting it removes the nodes

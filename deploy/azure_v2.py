@@ -5,23 +5,28 @@ online endpoint on a GPU instance type (nothing to create or tear down beside it
   [AKS: cluster, provider, extension, InstanceType, compute attach] -> register the model -> endpoint (read first:
   an existing one keeps its traffic) -> deployment (the identical score.py, its sha256 printed) -> parity replay
   against that deployment alone (header azureml-model-deployment) -> traffic moved -> scoring URI.
-Every read comes before its write, so a second run updates in place. A failure says what was created and how to
-delete it. `build_entities` makes the real SDK objects offline; `deploy` submits them through the clients.
+Every read comes before its write, so a second run updates in place, except a deployment that takes traffic: that
+one is never replaced before the parity check; blue and green alternate instead (Azure ML's safe rollout), and any
+other live name is refused. An endpoint made for another project (its PROJECT_TAG) is not taken over under a derived
+name. A failure says what this run created (an operation is named before it starts, so a failed one is too) and the
+commands that remove exactly that, never what was there before. `build_entities` makes the real SDK objects offline;
+`deploy` submits them through the clients.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
 import os
 import shutil
 import time
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 from deploy import cluster, source
 from deploy.plan import model_description, sha256
-from deploy.settings import DeployError, DeploySettings
+from deploy.settings import PROJECT_TAG, DeployError, DeploySettings
 
 Say = Callable[[str], None]
 ARM_SCOPE = "https://management.azure.com/.default"
@@ -106,15 +111,17 @@ def build_entities(s: DeploySettings, managed: bool, code_dir: Optional[str] = N
         readiness_probe=ProbeSettings(initial_delay=s.readiness_initial_delay_s, period=10, timeout=2,
                                       failure_threshold=3))
     description = "scorehost: the same score.py as served locally"
+    endpoint_tags = {**tags, PROJECT_TAG: s.project}  # whose endpoint it is: see check_owner
     if managed:
         compute = None
-        endpoint = ManagedOnlineEndpoint(name=s.endpoint, auth_mode="key", tags=tags, description=description)
+        endpoint = ManagedOnlineEndpoint(name=s.endpoint, auth_mode="key", tags=endpoint_tags,
+                                         description=description)
         deployment = ManagedOnlineDeployment(instance_type=s.vm_size, **common)
     else:
         # A system-assigned identity: what the compute uses to reach Azure (the workspace's registry among others).
         compute = KubernetesCompute(name=s.compute, resource_id=s.aks_resource_id, namespace="azureml",
                                     identity=IdentityConfiguration(type="system_assigned"))
-        endpoint = KubernetesOnlineEndpoint(name=s.endpoint, compute=s.compute, auth_mode="key", tags=tags,
+        endpoint = KubernetesOnlineEndpoint(name=s.endpoint, compute=s.compute, auth_mode="key", tags=endpoint_tags,
                                             description=description)
         deployment = KubernetesOnlineDeployment(instance_type=s.instance_type, **common)
     return Entities(compute, model, environment, endpoint, deployment, code_dir, digest)
@@ -167,7 +174,7 @@ def explain(error: BaseException) -> str:
     """Azure's failure, in words a user can act on."""
     from azure.core.exceptions import ClientAuthenticationError, HttpResponseError, ResourceNotFoundError
 
-    text = str(error)
+    text = " ".join(str(error).split())  # azure-core's message spans lines (Code:, Message:): one line here
     if isinstance(error, ClientAuthenticationError):
         return f"Authentication failed: run `az login` (or set AZURE_CLIENT_ID/SECRET/TENANT_ID). Azure said: {text}"
     if isinstance(error, HttpResponseError) and any(k in text for k in ("QuotaExceeded", "quota", "Quota")):
@@ -235,22 +242,39 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
     ml = clients.ml
     entities = build_entities(s, managed)
     say(source.shipped_line(s, entities.script_sha256))
-    created: list[str] = []
-    step = "start"
+    created: list[str] = []  # what this run made or began to make: a failed operation may leave its resource
+    step, endpoint_new, new_deployment = "start", True, True
 
     def do(name: str, action: Callable[[], Any], record: str = "") -> Any:
         nonlocal step
         step = name
         say(name)
-        result = action()
+        if record:
+            created.append(record)  # before it starts: what Azure began to create stays when the wait fails
+        try:
+            result = action()
+        except BaseException:
+            if record:
+                created.remove(record)  # the request itself was refused: Azure began nothing
+            raise
         if hasattr(result, "done") and hasattr(result, "result"):  # a long-running operation: wait, with progress
             result = _wait(result, name, say, timeout_s, poll_s)
-        if record:
-            created.append(record)
         return result
 
     side = None
     try:
+        # Reads, and what they refuse, before anything is written.
+        step = f"endpoint {s.endpoint}"
+        endpoint = read_endpoint(ml, s)
+        endpoint_new = endpoint is None
+        if endpoint is not None:
+            check_owner(endpoint, s)
+        current = dict(endpoint.traffic or {}) if endpoint is not None else {}
+        s = free_deployment(s, current, say)
+        entities.deployment.name = s.deployment
+        traffic = planned_traffic(current, s)
+        new_deployment = endpoint is None or cluster.existing(lambda: ml.online_deployments.get(
+            name=s.deployment, endpoint_name=s.endpoint)) is None
         if not managed:
             step = f"cluster {s.aks_cluster}"
             side = cluster.prepare(clients, s, say, created.append, poll_s=poll_s)
@@ -266,24 +290,20 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
                                   " pass --compute with another name")
             else:
                 say(f"compute {s.compute} is attached already")
-        step = f"endpoint {s.endpoint}"
-        endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
-        current = dict(endpoint.traffic or {}) if endpoint is not None else {}
-        traffic = planned_traffic(current, s)  # checked before anything is written
-        new_deployment = cluster.existing(lambda: ml.online_deployments.get(
-            name=s.deployment, endpoint_name=s.endpoint)) is None
         if new_deployment and side is not None:
             step = f"GPUs for deployment {s.deployment}"
             cluster.check_gpu_capacity(side.api_client, s)
         elif new_deployment and managed:
             step = f"quota for deployment {s.deployment}"
             check_managed_quota(ml, s)
+        step = f"model {s.model_name}"
         model = registered_model(ml, entities.model)
         if model is not None:
             say(f"model {s.model_name}:{model.version} holds these files already: used as it is")
         else:
-            model = do(f"register model {s.model_name}", lambda: ml.models.create_or_update(entities.model))
-            created.append(f"model {s.model_name}:{getattr(model, 'version', '?')}")
+            model = do(f"register model {s.model_name}", lambda: ml.models.create_or_update(entities.model),
+                       f"model {s.model_name} (a new version)")
+            created[-1] = f"model {s.model_name}:{getattr(model, 'version', '?')}"
         entities.deployment.model = model
         if endpoint is None:
             endpoint = do(f"endpoint {s.endpoint}", lambda: ml.online_endpoints.begin_create_or_update(
@@ -293,7 +313,7 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
         do(f"deployment {s.endpoint}/{s.deployment} ({s.instance_count} x "
            f"{s.vm_size if managed else s.instance_type})",
            lambda: ml.online_deployments.begin_create_or_update(entities.deployment),
-           f"deployment {s.endpoint}/{s.deployment}")
+           f"deployment {s.endpoint}/{s.deployment}" if new_deployment else "")
         step = "keys"
         endpoint = ml.online_endpoints.get(s.endpoint)
         key = ml.online_endpoints.get_keys(s.endpoint).primary_key
@@ -305,16 +325,19 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
             step = "parity"
             say(f"\nParity replay against deployment {s.deployment} alone, before it takes traffic")
             passed = check(endpoint.scoring_uri, key, s.deployment)
-        if passed and traffic != current:
+        if passed and live(traffic) != live(current):  # a new deployment at 0% needs no endpoint write
             endpoint.traffic = traffic
             do(f"traffic {traffic}", lambda: ml.online_endpoints.begin_create_or_update(endpoint))
     except BaseException as ex:  # noqa: B036 - Ctrl-C too must say what is left billing
+        if isinstance(ex, DeployError) and not created:  # refused before anything was written: its reason alone
+            raise DeployError(f"scorehost deploy: {ex.message}") from ex
         message = (ex.message if isinstance(ex, DeployError) else explain(ex) if isinstance(ex, Exception)
                    else "interrupted")
         hint = f"\nCreated so far: {', '.join(created) or 'nothing'}."
-        if created:
-            hint += f"\nRemove it with: scorehost deploy teardown --endpoint {s.endpoint} --yes" + (
-                " --cluster --delete-cluster" if any(c.startswith("AKS cluster") for c in created) else "")
+        undo = removal(s, created, endpoint_new)
+        if undo:
+            hint += "\nRemove what this run created (and nothing that was there before) with:\n" + "\n".join(
+                f"  {line}" for line in undo)
         if "deployment" in step:
             hint += (f"\nThe deployment did not become healthy; its logs: az ml online-deployment get-logs "
                      f"-e {s.endpoint} -n {s.deployment} -g {s.resource_group} -w {s.workspace}")
@@ -324,12 +347,122 @@ def deploy(clients: Clients, s: DeploySettings, managed: bool, say: Say = print,
     if not passed:
         raise DeployError(
             f"scorehost deploy: deployment {s.deployment} answers differently from the local server (above); it "
-            f"takes no new traffic, the endpoint's stays {current or 'none'}.\nDelete it with: scorehost deploy "
-            f"teardown --endpoint {s.endpoint} --only-deployment {s.deployment}")
+            f"takes no new traffic, the endpoint's stays {current or 'none'}." + (
+                f"\nDelete it with: scorehost deploy teardown --endpoint {s.endpoint} --only-deployment "
+                f"{s.deployment} --yes" if new_deployment else
+                f"\nIt was there before with no traffic, and now runs this code."))
     say(f"scoring URI: {endpoint.scoring_uri}  traffic: {traffic}")
     say(f"key: az ml online-endpoint get-credentials -n {s.endpoint} -g {s.resource_group} -w {s.workspace}")
     return {"scoring_uri": endpoint.scoring_uri, "key": key, "traffic": traffic, "created": created,
-            "script_sha256": entities.script_sha256}
+            "script_sha256": entities.script_sha256, "deployment": s.deployment}
+
+
+def live(traffic: dict[str, int]) -> dict[str, int]:
+    return {name: share for name, share in traffic.items() if share}
+
+
+def removal(s: DeploySettings, created: list[str], endpoint_new: bool) -> list[str]:
+    """The commands that remove exactly what a failed run created. `teardown --endpoint` deletes the endpoint with
+    every deployment, so it is given only for an endpoint this run made; beside an endpoint that was there (with
+    its live deployments), the new deployment alone."""
+    def made(kind: str) -> bool:
+        return any(c.startswith(kind) for c in created)
+
+    ws = f"-g {s.resource_group} -w {s.workspace}"
+    lines = []
+    if endpoint_new and any(made(k) for k in ("endpoint", "deployment", "compute", "AKS cluster")):
+        lines.append(f"scorehost deploy teardown --endpoint {s.endpoint} --yes"
+                     + (" --cluster" if made("compute") or made("AKS cluster") else "")
+                     + (" --delete-cluster" if made("AKS cluster") else ""))
+    elif made("deployment"):
+        lines.append(f"scorehost deploy teardown --endpoint {s.endpoint} --only-deployment {s.deployment} --yes")
+    if not endpoint_new and made("compute"):
+        lines.append(f"az ml compute detach -n {s.compute} {ws}")
+    if not endpoint_new and made("AKS cluster"):
+        lines.append(f"az aks delete -g {s.resource_group} -n {s.aks_cluster}")
+    lines += [f"az ml model archive -n {name} --version {version} {ws}" for name, _, version in
+              (c.removeprefix("model ").partition(":") for c in created if c.startswith("model ") and ":" in c)]
+    return lines
+
+
+COLOURS = {"blue": "green", "green": "blue"}
+
+
+def free_deployment(s: DeploySettings, current: dict[str, int], say: Say) -> DeploySettings:
+    """The deployment to create or update: never one that takes traffic, which would serve the new code before the
+    parity check (and a failed check could not take it back). Blue and green alternate, as in Azure ML's safe
+    rollout: with blue live, `--deployment blue` (the default) deploys green beside it, and says so. A live
+    deployment of any other name, or both colours live, is refused."""
+    if not current.get(s.deployment):
+        return s
+    other = COLOURS.get(s.deployment)
+    if other is None or current.get(other):
+        raise DeployError(
+            f"deployment {s.deployment} takes {current[s.deployment]}% of endpoint {s.endpoint}'s traffic "
+            f"({current}): updating it in place would serve the new code before the parity check; pass "
+            "--deployment with a name that takes no traffic" + (
+                f", or move all traffic to one colour first (scorehost deploy traffic {s.deployment}=100)"
+                if other else ""))
+    say(f"deployment {s.deployment} takes {current[s.deployment]}% of the traffic: deploying {other} beside it "
+        "(blue/green; --deployment NAME for another name)")
+    return dataclasses.replace(s, deployment=other)
+
+
+def read_endpoint(ml: Any, s: DeploySettings) -> Optional[Any]:
+    """The endpoint, or None where it does not exist. Azure answers 404 as well for a workspace or resource group
+    that does not exist: that is said in one line, never taken for an absent endpoint (teardown would report
+    "deleted: nothing" and exit 0)."""
+    from azure.core.exceptions import ResourceNotFoundError
+
+    try:
+        endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
+        if endpoint is None:
+            ml.workspaces.get(s.workspace)
+    except ResourceNotFoundError as ex:  # the resource group (existing() lets it through) or the workspace
+        raise DeployError(f"workspace {s.workspace} was not found in resource group {s.resource_group} of "
+                          f"subscription {s.subscription_id}: check --workspace, --resource-group and "
+                          f"--subscription-id (or {s.config_file})") from ex
+    return endpoint
+
+
+def check_owner(endpoint: Any, s: DeploySettings) -> None:
+    """Under a derived name, an endpoint is this project's only when its PROJECT_TAG says so: two projects can derive
+    one name, and the second must not replace the first one's deployments, move its traffic or delete it. A name the
+    user gave is theirs to use."""
+    owner = (getattr(endpoint, "tags", None) or {}).get(PROJECT_TAG)
+    if s.endpoint_derived and owner != s.project:
+        raise DeployError(
+            f"endpoint {s.endpoint} exists but was not made by scorehost for this project ("
+            + (f"it was made for {owner}" if owner else f"it has no {PROJECT_TAG} tag")
+            + f"; this is {s.project}): pass --endpoint {s.endpoint} to use it all the same, or --endpoint with a new "
+            "name")
+
+
+def scorehost_endpoints(ml: Any) -> list[str]:
+    """The workspace's endpoints that scorehost made (tag scorehost), each with its project and traffic: what may
+    still bill when the one asked for is not there."""
+    return [f"{e.name} ({(e.tags or {}).get(PROJECT_TAG, 'no project tag')}; traffic {e.traffic or 'none'})"
+            for e in ml.online_endpoints.list() if (e.tags or {}).get("scorehost")]
+
+
+def absent(ml: Any, s: DeploySettings) -> str:
+    """An endpoint that does not exist, with the scorehost endpoints that do (a wrong name leaves them billing)."""
+    others = scorehost_endpoints(ml)
+    return (f"endpoint {s.endpoint} does not exist; " + (
+        f"scorehost's endpoints in workspace {s.workspace}: {', '.join(others)} (pass --endpoint NAME)" if others
+        else f"workspace {s.workspace} has no endpoint made by scorehost"))
+
+
+@contextlib.contextmanager
+def one_line(command: str) -> Iterator[None]:
+    """Azure's errors out of `command` as one line (explain), never a traceback: main prints a DeployError's
+    message alone."""
+    from azure.core.exceptions import AzureError
+
+    try:
+        yield
+    except AzureError as ex:
+        raise DeployError(f"scorehost {command}: {explain(ex)}") from ex
 
 
 MANAGED_RESERVE = 1.2  # Azure ML reserves 20% more than a managed deployment's instances, for upgrades
@@ -372,7 +505,10 @@ def registry_role_line(ml: Any, s: DeploySettings, compute: Any) -> str:
 
 def set_traffic(ml: Any, s: DeploySettings, requested: dict[str, int], say: Say = print) -> dict[str, int]:
     """`deploy traffic green=10`: shift (or roll back) the endpoint's traffic among its deployments."""
-    endpoint = ml.online_endpoints.get(s.endpoint)
+    endpoint = read_endpoint(ml, s)
+    if endpoint is None:
+        raise DeployError(f"scorehost deploy traffic: {absent(ml, s)}")
+    check_owner(endpoint, s)
     deployments = {d.name for d in ml.online_deployments.list(endpoint_name=s.endpoint)}
     unknown = set(requested) - deployments
     if unknown:
@@ -392,25 +528,30 @@ def teardown(clients: Clients, s: DeploySettings, detach: bool, only_deployment:
     bills, and delete the cluster where scorehost created it and `delete_cluster()` says yes."""
     ml = clients.ml
     deleted: list[str] = []
-    endpoint = cluster.existing(lambda: ml.online_endpoints.get(s.endpoint))
+    endpoint = read_endpoint(ml, s)
+    if endpoint is not None:
+        check_owner(endpoint, s)
     if only_deployment:
         if endpoint is None:
-            raise DeployError(f"endpoint {s.endpoint} does not exist")
+            raise DeployError(absent(ml, s))
         if (endpoint.traffic or {}).get(only_deployment):
             raise DeployError(f"deployment {only_deployment} takes {endpoint.traffic[only_deployment]}% of the "
                               f"traffic: move it first (scorehost deploy traffic {only_deployment}=0)")
         say(f"deleting deployment {s.endpoint}/{only_deployment}")
         ml.online_deployments.begin_delete(name=only_deployment, endpoint_name=s.endpoint).result()
         return [f"deployment {s.endpoint}/{only_deployment}"]
-    managed = endpoint is not None and getattr(endpoint, "compute", None) is None
     if endpoint is None:
-        say(f"endpoint {s.endpoint} does not exist")
+        say(absent(ml, s))
+        # Nothing says which target it was: the cluster side is read only where there is one to read (a managed
+        # user has none, and may have no right to read one).
+        on_aks = detach or cluster.existing(lambda: ml.compute.get(s.compute)) is not None
     else:
+        on_aks = getattr(endpoint, "compute", None) is not None
         say(f"deleting endpoint {s.endpoint} and its deployments")
         ml.online_endpoints.begin_delete(name=s.endpoint).result()
         deleted.append(f"endpoint {s.endpoint}")
     billing: list[str] = []
-    if not managed:
+    if on_aks:
         if detach and cluster.existing(lambda: ml.compute.get(s.compute)) is not None:
             say(f"detaching compute {s.compute}")
             ml.compute.begin_delete(name=s.compute, action="Detach").result()

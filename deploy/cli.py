@@ -65,6 +65,16 @@ def _demo_model(s: DeploySettings, command: str) -> DeploySettings:
     return dataclasses.replace(s, model_dir=demo_model_dir())
 
 
+def _target(s: DeploySettings, command: str) -> DeploySettings:
+    """The endpoint `traffic` and `teardown` act on: the one deploy named from the same flags (entry script, model
+    directory or name, workspace). A user's script without them would name the demo's endpoint: refused instead.
+    The demo model is not built for a name: its name is the one model_name_of gives for no directory."""
+    if not (s.endpoint or s.model_dir or s.model_name or is_reference(s.entry_script)):
+        raise DeployError(f"scorehost deploy {command}: which endpoint? pass the --model-dir given to deploy (with "
+                          f"--entry-script {s.entry_script}), or --endpoint NAME")
+    return s.with_workspace()
+
+
 def _confirm(question: str, yes: bool) -> bool:
     if yes:
         return True
@@ -154,15 +164,16 @@ def cmd_traffic(args: argparse.Namespace, clients: Any = None) -> int:
         if not match:
             raise DeployError(f"scorehost deploy traffic: {item!r} is not DEPLOYMENT=PERCENT (e.g. green=10)")
         requested[match[1]] = int(match[2])
-    s = settings_from(args).with_workspace()
-    azure_v2.set_traffic((clients or azure_v2.connect(s)).ml, s, requested)
+    s = _target(settings_from(args), TRAFFIC)
+    with azure_v2.one_line("deploy traffic"):
+        azure_v2.set_traffic((clients or azure_v2.connect(s)).ml, s, requested)
     return 0
 
 
 def cmd_teardown(args: argparse.Namespace, clients: Any = None) -> int:
     s = settings_from(args)
     require_sdk("deploy teardown", s)
-    s = s.with_workspace()
+    s = _target(s, TEARDOWN)
     what = (f"deployment {s.endpoint}/{args.only_deployment}" if args.only_deployment else
             f"endpoint {s.endpoint} with its deployments" + (f" and compute {s.compute}" if args.cluster else ""))
     if not _confirm(f"Delete {what}?", args.yes):
@@ -184,8 +195,9 @@ def cmd_teardown(args: argparse.Namespace, clients: Any = None) -> int:
                 f"AKS cluster {s.aks_cluster} was created by scorehost: delete it, with all its nodes and disks?",
                 False)
 
-        deleted = azure_v2.teardown(clients or azure_v2.connect(s), s, args.cluster, args.only_deployment,
-                                    delete_cluster)
+        with azure_v2.one_line("deploy teardown"):
+            deleted = azure_v2.teardown(clients or azure_v2.connect(s), s, args.cluster, args.only_deployment,
+                                        delete_cluster)
     print("deleted: " + (", ".join(deleted) or "nothing"))
     return 0
 

@@ -33,13 +33,21 @@ GPU = "nvidia.com/gpu"
 Say = Callable[[str], None]
 
 
+# ARM's codes for a 404 whose cause is the container, not the resource read: a resource group or parent resource
+# (the workspace) that does not exist. Taken for "absent", a typo would read as "nothing there to delete".
+PARENT_NOT_FOUND = ("ResourceGroupNotFound", "ParentResourceNotFound")
+
+
 def existing(read: Callable[[], Any]) -> Optional[Any]:
-    """What `read()` returns, or None where Azure (or the cluster's API) answers 404: the read before a write."""
+    """What `read()` returns, or None where Azure (or the cluster's API) answers 404 for the resource itself: the
+    read before a write. A 404 for its resource group or parent (PARENT_NOT_FOUND) is raised."""
     from azure.core.exceptions import ResourceNotFoundError
 
     try:
         return read()
     except Exception as ex:
+        if getattr(getattr(ex, "error", None), "code", None) in PARENT_NOT_FOUND:
+            raise
         if isinstance(ex, ResourceNotFoundError) or getattr(ex, "status", None) == 404:  # azure-core, kubernetes
             return None
         raise

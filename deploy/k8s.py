@@ -6,20 +6,29 @@ has (--cluster-gpus).
 The entry script and the model travel inside the image, so any cluster can run them with no volume to provision or
 fill: DIR is the build context of DIR/Dockerfile, which adds DIR/code/ (the code folder of deploy/source.py: the
 script, byte for byte, with the rest of its folder) and DIR/model/ (a copy of the model directory) to the
-Dockerfile.gpu image where Azure ML puts them; the result is pushed to a registry the cluster pulls from.
+Dockerfile.gpu image where Azure ML puts them, the model in a folder of its own name under AZUREML_MODEL_DIR, as Azure
+ML keeps a registered folder's name (deploy/plan.py's lay_out_model): one script reads its model on every target. The
+base image's Python environment is the reference score.py's (myenv.yml); a script with another conda file gets its
+own environment built from it, with scorehost installed into it, as Azure ML builds the script's environment and adds
+its inference server. DIR also holds the Secret with the API key, so its .dockerignore sends the build only what the
+Dockerfile copies. The result is pushed to a registry the cluster pulls from.
 """
 
 from __future__ import annotations
 
 import base64
+import json
+import math
 import os
 import shutil
 import secrets
 from typing import Any
 
-from deploy import source
+from deploy import plan, source
 from deploy.files import write_yaml
 from deploy.settings import DeploySettings
+from scorehost import REPO_ROOT
+from server import settings as server_settings
 
 PORT = 5001
 APP_ROOT = "/var/azureml-app"  # AML_APP_ROOT in Dockerfile.gpu, as in Azure ML's containers
@@ -30,6 +39,13 @@ DEVICE_PLUGIN = ("https://raw.githubusercontent.com/NVIDIA/k8s-device-plugin/v0.
                  "nvidia-device-plugin.yml")
 GPU_CHECK = "kubectl get nodes -o custom-columns=NODE:.metadata.name,GPUS:.status.allocatable.nvidia\\.com/gpu"
 
+# The base image's environment: Dockerfile.gpu builds /opt/env from the repository's myenv.yml and installs scorehost
+# (its checkout at /opt/scorehost) into it.
+BASE_CONDA_FILE = os.path.join(REPO_ROOT, "myenv.yml")
+SCOREHOST_SOURCE = "/opt/scorehost"
+USER_ENV = "/opt/user-env"
+CONDA_FILE = "conda.yml"  # the script's conda file, in the build context
+
 MODEL_DOCKERFILE = f"""\
 # The scorehost GPU image with the entry script and the model inside it, so the cluster needs no volume. Build the
 # base image from the scorehost checkout first (docker build -f Dockerfile.gpu -t {BASE_IMAGE} .), then, with this
@@ -38,10 +54,38 @@ MODEL_DOCKERFILE = f"""\
 #   docker push {{image}}
 # The cluster must be able to pull from that registry (AKS with ACR: az aks update --attach-acr REGISTRY).
 FROM {BASE_IMAGE}
-COPY --chown=1000 model/ {MODEL_MOUNT}/
+{{environment}}COPY --chown=1000 {{model_copy}}
 COPY --chown=1000 code/ {APP_ROOT}/code/
 ENV AML_APP_ROOT={APP_ROOT}/code AZUREML_ENTRY_SCRIPT={{script}}
 """
+
+# The script's own environment, where its conda file is not the base image's.
+USER_ENV_DOCKERFILE = f"""\
+# The script's environment, built from its conda file as Azure ML builds it, with scorehost installed into it (as Azure
+# ML adds its inference server) and first on PATH: the base image's own environment is the reference score.py's.
+USER 0
+COPY {CONDA_FILE} /tmp/{CONDA_FILE}
+RUN micromamba create --yes --prefix {USER_ENV} --file /tmp/{CONDA_FILE} \\
+    && {USER_ENV}/bin/python -m pip install --no-cache-dir '{SCOREHOST_SOURCE}[gpu]' \\
+    && micromamba clean --all --yes \\
+    && rm /tmp/{CONDA_FILE}
+ENV PATH={USER_ENV}/bin:$PATH
+USER 1000
+"""
+
+# The build context holds the manifests, secret.yaml (the API key) among them: only what the Dockerfile copies goes.
+DOCKERIGNORE = """\
+# This folder is the image's build context and holds secret.yaml (the API key): send only what the Dockerfile copies.
+*
+!code
+!model
+!{conda_file}
+"""
+
+# Liveness and readiness wait for the first answer to GET /: a worker runs init() before it answers, for as long as the
+# server allows it (--init-timeout), and a liveness probe meanwhile would restart a slow model load forever.
+PROBE_PERIOD_S = 10
+STARTUP_FAILURES = math.ceil(server_settings.BY_NAME["init_timeout"].default / PROBE_PERIOD_S)
 
 
 def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, Any]]:
@@ -51,8 +95,8 @@ def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, An
                  "limits": {"cpu": s.cpu, "memory": s.memory, "nvidia.com/gpu": str(s.gpus)}}
 
     def probe(path: str, initial_delay: int, failures: int) -> dict:
-        return {"httpGet": {"path": path, "port": PORT}, "initialDelaySeconds": initial_delay, "periodSeconds": 10,
-                "timeoutSeconds": 2, "failureThreshold": failures}
+        return {"httpGet": {"path": path, "port": PORT}, "initialDelaySeconds": initial_delay,
+                "periodSeconds": PROBE_PERIOD_S, "timeoutSeconds": 2, "failureThreshold": failures}
 
     container = {
         "name": "scorehost", "image": image, "imagePullPolicy": "IfNotPresent",
@@ -61,8 +105,10 @@ def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, An
                  "valueFrom": {"secretKeyRef": {"name": f"{name}-key", "key": "key"}}},
                 {"name": "SCORING_TIMEOUT_MS", "value": str(s.request_timeout_ms)}],
         "resources": resources,
-        # Liveness is Azure ML's GET /; readiness is scorehost's /ready: traffic only once every model process is warm.
-        "livenessProbe": probe("/", s.liveness_initial_delay_s, 6),
+        # Liveness is Azure ML's GET /, checked only once it has answered (the startup probe: init() runs first, for
+        # up to --init-timeout); readiness is scorehost's /ready: traffic only once every model process is warm.
+        "startupProbe": probe("/", s.liveness_initial_delay_s, STARTUP_FAILURES),
+        "livenessProbe": probe("/", 0, 6),
         "readinessProbe": probe("/ready", s.readiness_initial_delay_s, 3),
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False},
     }
@@ -109,6 +155,7 @@ def problems(s: DeploySettings, out_dir: str) -> list[str]:
         found.append(f"--out {out_dir} holds the entry script or the model: write into a folder of its own")
     if not os.path.isdir(s.model_dir):
         found.append(f"model directory {s.model_dir} is not a directory")
+    found += plan.conda_file_problems(s, azure_ml=False)
     if s.gpus < 1 or s.instance_count < 1:
         found.append("--gpus and --instance-count must be at least 1")
     elif s.cluster_gpus and s.cluster_gpus < s.instance_count * s.gpus:
@@ -116,12 +163,33 @@ def problems(s: DeploySettings, out_dir: str) -> list[str]:
     return found
 
 
+def needs_own_env(s: DeploySettings) -> bool:
+    """The base image's environment serves a script whose conda file is the one it was built from, byte for byte."""
+    with open(s.conda_file, "rb") as f, open(BASE_CONDA_FILE, "rb") as base:
+        return f.read() != base.read()
+
+
+def dockerfile(s: DeploySettings, path: str, image: str, context: str) -> str:
+    model = json.dumps(["model/", f"{MODEL_MOUNT}/{os.path.basename(os.path.abspath(s.model_dir))}/"])
+    return MODEL_DOCKERFILE.format(dockerfile=path, image=image, context=context, model_copy=model,
+                                   environment=USER_ENV_DOCKERFILE if needs_own_env(s) else "",
+                                   script=os.path.basename(s.entry_script))
+
+
 def bake(s: DeploySettings, out_dir: str) -> None:
-    """The build context: code/ with the code folder, and model/ with a copy of the model directory: a snapshot of
-    what was checked, which no later edit of the originals changes (nor an edit of the context the originals)."""
+    """The build context: code/ with the code folder, model/ with a copy of the model directory and, for an
+    environment of the script's own, its conda file: a snapshot of what was checked, which no later edit of the
+    originals changes (nor an edit of the context the originals)."""
     source.copy(s, os.path.join(out_dir, "code"))
     shutil.rmtree(os.path.join(out_dir, "model"), ignore_errors=True)
     shutil.copytree(s.model_dir, os.path.join(out_dir, "model"))
+    conda = os.path.join(out_dir, CONDA_FILE)
+    if os.path.exists(conda):
+        os.remove(conda)
+    if needs_own_env(s):
+        shutil.copyfile(s.conda_file, conda)
+    with open(os.path.join(out_dir, ".dockerignore"), "w", encoding="utf-8") as f:
+        f.write(DOCKERIGNORE.format(conda_file=CONDA_FILE))
 
 
 def write(s: DeploySettings, out_dir: str, image: str, key: str = "") -> list[str]:
@@ -133,11 +201,13 @@ def write(s: DeploySettings, out_dir: str, image: str, key: str = "") -> list[st
         paths.append(write_yaml(os.path.join(out_dir, filename), manifest,
                                 mode=0o600 if manifest["kind"] == "Secret" else None))
     bake(s, out_dir)
-    dockerfile = os.path.join(out_dir, "Dockerfile")
-    with open(dockerfile, "w", encoding="utf-8") as f:
-        f.write(MODEL_DOCKERFILE.format(dockerfile=dockerfile, image=image, context=out_dir,
-                                        script=os.path.basename(s.entry_script)))
-    return [dockerfile, *paths]
+    path = os.path.join(out_dir, "Dockerfile")
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(dockerfile(s, path, image, out_dir))
+    left_out = source.left_out_line(s)
+    if left_out:
+        print(left_out)
+    return [path, os.path.join(out_dir, ".dockerignore"), *paths]
 
 
 def looks_pullable(image: str) -> bool:

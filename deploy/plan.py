@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -94,11 +95,7 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
         found += https_problems(s)
     if not os.path.isfile(s.entry_script):
         found.append(f"entry script {s.entry_script} does not exist")
-    if s.conda_file:
-        found += conda_problems(s.conda_file)
-    else:
-        found.append(f"no conda file: {s.entry_script} has no myenv.yml beside it; pass --conda-file FILE (the "
-                     "environment your script needs, with azureml-inference-server-http)")
+    found += conda_file_problems(s)
     too_big = source.problem(s)
     if too_big:
         found.append(too_big)
@@ -145,8 +142,23 @@ def https_problems(s: DeploySettings) -> list[str]:
     return []
 
 
-def conda_problems(path: str) -> list[str]:
+def conda_file_problems(s: DeploySettings, azure_ml: bool = True) -> list[str]:
+    """The conda file's problems, or that there is none (`deploy k8s` too builds the script's environment from it)."""
+    if s.conda_file:
+        return conda_problems(s.conda_file, azure_ml)
+    return [f"no conda file: {s.entry_script} has no myenv.yml beside it; pass --conda-file FILE (the environment "
+            f"your script needs{', with azureml-inference-server-http' if azure_ml else ''})"]
+
+
+def conda_problems(path: str, azure_ml: bool = True) -> list[str]:
+    """What an image built from the conda file would lack: on Azure ML (`azure_ml`), Azure ML's server; for `deploy
+    k8s`, which installs scorehost into it, a python scorehost supports (setup.cfg's python_requires), where the
+    file pins one (unpinned, conda takes the newest). pip needs no line: conda and micromamba add it to python
+    (add_pip_as_python_dependency)."""
     import yaml
+    from importlib.metadata import PackageNotFoundError, metadata
+
+    from packaging.specifiers import SpecifierSet
 
     try:
         with open(path, encoding="utf-8") as f:
@@ -154,28 +166,63 @@ def conda_problems(path: str) -> list[str]:
     except (OSError, yaml.YAMLError) as ex:
         return [f"conda file {path}: {ex}"]
     deps = env.get("dependencies", []) if isinstance(env, dict) else []
-    pip = next((d["pip"] for d in deps if isinstance(d, dict) and "pip" in d), [])
+    deps = deps if isinstance(deps, list) else []
+    pip = next((d["pip"] for d in deps if isinstance(d, dict) and "pip" in d), None) or []
     out = []
-    if not any(isinstance(d, str) and d.startswith("python=") for d in deps):
-        out.append(f"conda file {path}: no python=X.Y pin")
-    if not any(p.startswith("azureml-inference-server-http") for p in pip):
+    python = next((m.group(1) for m in (re.match(r"python\s*==?\s*(\d+(?:\.\d+)*)", d) for d in deps
+                                         if isinstance(d, str)) if m), None)
+    try:
+        supported = SpecifierSet(metadata("scorehost")["Requires-Python"] or "")
+    except PackageNotFoundError:  # running from a checkout that is not installed: no metadata to read
+        supported = SpecifierSet()
+    if not azure_ml and python is not None and not supported.contains(python):
+        out.append(f"conda file {path}: python={python}, but scorehost needs python{supported}")
+    if azure_ml and not any(isinstance(p, str) and p.startswith("azureml-inference-server-http") for p in pip):
         out.append(f"conda file {path}: azureml-inference-server-http is missing (Azure ML serves with it)")
     return out
+
+
+def lay_out_model(model_dir: str, azureml_model_dir: str) -> str:
+    """Lay the model out under `azureml_model_dir` as Azure ML does: registering a folder (SDK v2's Model(path=DIR),
+    SDK v1's Model.register) keeps its name, so the endpoint's files are at $AZUREML_MODEL_DIR/<folder's name>/...
+    Real folders with links to the files (no bytes copied), so a script that walks the tree (os.walk follows no
+    linked folder) finds what it would find there. Returns the folder's path in it."""
+    placed = os.path.join(azureml_model_dir, os.path.basename(os.path.abspath(model_dir)))
+    shutil.copytree(os.path.abspath(model_dir), placed, copy_function=os.symlink)
+    return placed
 
 
 def script_load_error(s: DeploySettings, timeout_s: int = 300) -> Optional[str]:
     """Load the script and run init() on the model, in a child process, exactly as a scorehost worker does, from a
     copy of the code folder that ships, that folder the app root (AML_APP_ROOT), as Azure ML mounts the code in the
-    container: a module or file the script needs that would not travel fails here, not in the cloud."""
+    container, and the model laid out as Azure ML lays it out (lay_out_model): a module, file or model path the script
+    needs that would not be there fails here, not in the cloud after the image build. When only the layout is wrong
+    (init() passes with the model folder itself as AZUREML_MODEL_DIR, as `scorehost serve --model-dir` gives it), the
+    one line says so and how to read it."""
     code = ("import os, sys; from server.entry_script import EntryScript; "
             "script = EntryScript.load(sys.argv[1], '.'); script.init(); print('loaded', script.input_mode.name)")
-    env = {**os.environ, "AZUREML_MODEL_DIR": os.path.abspath(s.model_dir), "TF_CPP_MIN_LOG_LEVEL": "3"}
     with tempfile.TemporaryDirectory(prefix="scorehost-plan-") as scratch:
         script = source.copy(s, os.path.join(scratch, "code"))
-        done = subprocess.run([sys.executable, "-c", code, os.path.basename(script)], capture_output=True,
-                              text=True, env=env, timeout=timeout_s, cwd=os.path.dirname(script))
+        azure_layout = os.path.join(scratch, "azureml-models")
+        placed = lay_out_model(s.model_dir, azure_layout)
+
+        def init_with(model_dir: str) -> subprocess.CompletedProcess:
+            env = {**os.environ, "AZUREML_MODEL_DIR": model_dir, "TF_CPP_MIN_LOG_LEVEL": "3"}
+            return subprocess.run([sys.executable, "-c", code, os.path.basename(script)], capture_output=True,
+                                  text=True, env=env, timeout=timeout_s, cwd=os.path.dirname(script))
+
+        done = init_with(azure_layout)
+        if done.returncode != 0 and init_with(os.path.abspath(s.model_dir)).returncode == 0:
+            name = os.path.basename(placed)
+            parent = os.path.dirname(os.path.abspath(s.model_dir))
+            return (f"init() reads the model at AZUREML_MODEL_DIR={os.path.abspath(s.model_dir)}, but Azure ML keeps "
+                    f"the registered folder's name: its files are at $AZUREML_MODEL_DIR/{name}/...: read "
+                    f"os.path.join(os.environ['AZUREML_MODEL_DIR'], '{name}', ...), or serve locally with "
+                    f"--model-dir {parent} to see Azure ML's layout")
     if done.returncode != 0:
-        return f"the entry script does not load with the model:\n{done.stderr[-3000:]}"
+        left_out = source.left_out_line(s)
+        return (f"the entry script does not load with the model:\n{done.stderr[-3000:]}"
+                + (f"\n({left_out})" if left_out else ""))
     return None
 
 
@@ -237,6 +284,9 @@ def print_plan(s: DeploySettings, no_workspace: str = "") -> None:
         print(f"  + {kind}: {name}")
         for k, v in settings.items():
             print(f"      {k}: {v}")
+    left_out = source.left_out_line(s)
+    if left_out:
+        print(f"note: {left_out}")
     if s.target == "managed":
         bills = f"{s.instance_count} x {s.vm_size} instances while the endpoint exists"
     else:

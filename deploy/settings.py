@@ -4,8 +4,13 @@
 Defaults fit the mission: the reference score.py and myenv.yml, a current GPU size, 3 instances of 2 CPU / 4 GiB /
 1 GPU, key auth, one request at a time per instance (Azure ML's default, matched by the container's WORKER_COUNT).
 Names follow Azure's rules, checked by `deploy plan`; unless given, the model's name comes from its directory and the
-endpoint's from the model's, with a suffix from the workspace (endpoint names are unique per region), decided in one
-place (DeploySettings.named) for plan, deploy, traffic and teardown alike.
+endpoint's from the entry script's folder and the model's, with a suffix from the workspace (endpoint names are unique
+per region), decided in one place (DeploySettings.named) for plan, deploy, traffic and teardown alike. Two projects can
+still meet on one derived name (two `src/` folders with a `models/` model): the endpoint is tagged with the project
+(DeploySettings.project) and an endpoint of another project is never taken over under a derived name.
+
+Values Azure would refuse only after the model and endpoint exist are refused here, in one line: a managed request
+timeout over Azure's limit, CPU and memory that are no Kubernetes quantities, an SDK v1 service name with capitals.
 
 The workspace comes from Azure ML studio's config.json when not given. The same file name is azmlinfsrv's server
 settings file (AZUREML_ENTRY_SCRIPT, SCORING_TIMEOUT_MS, ... in the app root, read by `scorehost serve` too), and both
@@ -41,6 +46,11 @@ WORKSPACE_KEYS = ("subscription_id", "resource_group", "workspace_name")
 # The endpoint name's 6 characters from the workspace, while no workspace is known (`deploy plan` without one): a
 # glob that the name `deploy` creates matches, so a plan shows the name's shape, never another name.
 UNKNOWN_SUFFIX = "??????"
+# Azure ML's limit for request_settings.request_timeout_ms on managed online deployments ("Endpoint limits"): above it
+# the deployment is refused, after the model and the endpoint were created.
+MANAGED_MAX_REQUEST_TIMEOUT_MS = 180_000
+# The endpoint tag that says which project (DeploySettings.project) an endpoint was created for.
+PROJECT_TAG = "scorehost_project"
 
 
 def setting(default: Any, doc: str, *commands: str) -> Any:
@@ -57,15 +67,16 @@ class DeploySettings:
     config_file: str = setting("config.json", "the workspace's config.json (Azure ML studio: 'Download config file')",
                                *CLOUD)
     # What is deployed
+    # traffic and teardown take what names the endpoint too, so they find the one deploy made (see named())
     entry_script: str = setting(REFERENCE_SCRIPT, "the entry script, sent byte for byte with the rest of its folder",
-                                *DEPLOYS, K8S)
+                                *DEPLOYS, K8S, TRAFFIC, TEARDOWN)
     conda_file: str = setting("", "conda environment of the deployment (default: the myenv.yml beside the entry "
-                              "script)", *DEPLOYS)
+                              "script)", *DEPLOYS, K8S)
     model_dir: str = setting("", "model directory (default, for the reference score.py only: the demo model, built on "
-                             "first use)", *DEPLOYS, K8S)
+                             "first use)", *DEPLOYS, K8S, TRAFFIC, TEARDOWN)
     model_name: str = setting("", "name the model is registered under (default: from the model directory, "
                               "<dir>/<name>/<version>/ as Azure ML lays it out, else the directory's own name)",
-                              *DEPLOYS, TEARDOWN)
+                              *DEPLOYS, TRAFFIC, TEARDOWN)
     base_image: str = setting(GPU_BASE_IMAGE, "Azure ML base image the conda environment is built on", *DEPLOYS)
     # Where, on AKS: a cluster attached to the workspace as Kubernetes compute
     compute: str = setting("gpu-aks", "name of the cluster as Kubernetes compute in the workspace", *ON_AKS, TEARDOWN)
@@ -108,6 +119,9 @@ class DeploySettings:
     readiness_initial_delay_s: int = setting(10, "seconds before the first readiness probe", *DEPLOYS, K8S)
     sdk: str = setting("v2", "Azure ML SDK: v2 (azure-ai-ml) or v1 (azureml-core, deprecated)", PLAN, AKS, TEARDOWN)
     target: str = setting("aks", "what `plan` describes: aks or managed", PLAN)
+    # No flag: set by named() when it derived the endpoint's name, so an endpoint of another project met under that
+    # name is refused, while one the user named is theirs to update.
+    endpoint_derived: bool = setting(False, "the endpoint's name was derived, not given")
 
     def __post_init__(self) -> None:
         # The environment a script was written for sits beside it (the reference score.py's myenv.yml is the repo's,
@@ -115,6 +129,14 @@ class DeploySettings:
         if not self.conda_file:
             beside = os.path.join(os.path.dirname(self.entry_script), "myenv.yml")
             self.conda_file = beside if os.path.isfile(beside) else ""
+        if self.target == MANAGED and self.request_timeout_ms > MANAGED_MAX_REQUEST_TIMEOUT_MS:
+            raise DeployError(f"request_timeout_ms {self.request_timeout_ms} is over the {MANAGED_MAX_REQUEST_TIMEOUT_MS}"
+                              " ms Azure ML allows on a managed online endpoint: pass --request-timeout-ms "
+                              f"{MANAGED_MAX_REQUEST_TIMEOUT_MS} or less")
+        cpu_cores(self.cpu), memory_gib(self.memory)  # each raises DeployError, in one line, on a bad quantity
+        if self.sdk == "v1" and self.endpoint != self.endpoint.lower():
+            raise DeployError(f"SDK v1 service names are lowercase: --endpoint {self.endpoint.lower()}, not "
+                              f"{self.endpoint}")
 
     @classmethod
     def load(cls, path: Optional[str] = None, **overrides: Any) -> "DeploySettings":
@@ -135,8 +157,20 @@ class DeploySettings:
         the workspace (see the module docstring). The one place they are decided."""
         model_name = self.model_name or model_name_of(self.model_dir)
         workspace = self.workspace_id if azure_ml else None
-        return dataclasses.replace(self, model_name=model_name,
-                                   endpoint=self.endpoint or endpoint_name(model_name, workspace))
+        if self.endpoint and not self.endpoint_derived:
+            return dataclasses.replace(self, model_name=model_name)
+        folder = "" if is_reference(self.entry_script) else os.path.basename(os.path.dirname(
+            os.path.realpath(self.entry_script)))
+        return dataclasses.replace(self, model_name=model_name, endpoint_derived=True,
+                                   endpoint=endpoint_name(model_name, workspace, folder))
+
+    @property
+    def project(self) -> str:
+        """What the endpoint is tagged with (PROJECT_TAG): the entry script (its folder's name and, hashed, where that
+        folder is) and the model's name. Two projects that derive the same endpoint name differ here."""
+        folder = os.path.dirname(os.path.realpath(self.entry_script))
+        where = hashlib.sha256(f"{folder}\n{self.model_name}".encode()).hexdigest()[:12]
+        return f"{os.path.basename(folder)}/{os.path.basename(self.entry_script)}, model {self.model_name}, {where}"
 
     def with_workspace(self) -> "DeploySettings":
         """Fill subscription, resource group and workspace from config.json (as the Azure ML SDKs do), then the
@@ -195,12 +229,14 @@ def model_name_of(model_dir: str) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "-", folder).strip("-_.") or DEMO_MODEL_NAME
 
 
-def endpoint_name(model_name: str, workspace_id: Optional[str]) -> str:
-    """A legal endpoint name (a letter first, then letters, digits and single '-', 3-32 characters) from the model's
-    name. On Azure ML, with 6 hex characters of the workspace's id, so that two workspaces in one region do not
-    collide; while the workspace is not known yet (workspace_id ""), UNKNOWN_SUFFIX stands for them. Without Azure ML
-    (None: plain Kubernetes, where names are the cluster's own), the model's name alone."""
-    base = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+def endpoint_name(model_name: str, workspace_id: Optional[str], folder: str = "") -> str:
+    """A legal endpoint name (a letter first, then letters, digits and single '-', 3-32 characters) from the entry
+    script's folder (none for the reference score.py, whose folder is the checkout's) and the model's name, so that
+    every project with a `models/` folder does not get one name. On Azure ML, with 6 hex characters of the
+    workspace's id, so that two workspaces in one region do not collide; while the workspace is not known yet
+    (workspace_id ""), UNKNOWN_SUFFIX stands for them. Without Azure ML (None: plain Kubernetes, where names are the
+    cluster's own), the names alone."""
+    base = re.sub(r"[^a-z0-9]+", "-", f"{folder}-{model_name}".lower()).strip("-")
     if not base[:1].isalpha():
         base = "model-" + base
     suffix = "" if workspace_id is None else "-" + (
@@ -226,6 +262,28 @@ def workspace_config(path: str, needed: list[str]) -> dict[str, str]:
         raise WorkspaceNotFound(f"{os.path.abspath(path)} is not an Azure ML workspace config, with no "
                                 f"{', '.join(missing)}; config.json is also azmlinfsrv's server settings file")
     return config
+
+
+_QUANTITY = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)(m|k|M|G|T|P|E|Ki|Mi|Gi|Ti|Pi|Ei)?")
+_SCALE = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15, "E": 1e18,
+          "Ki": 2**10, "Mi": 2**20, "Gi": 2**30, "Ti": 2**40, "Pi": 2**50, "Ei": 2**60}
+
+
+def quantity(value: str, what: str) -> float:
+    """A Kubernetes quantity (`500m`, `2`, `512Mi`, `4Gi`, `1G`) as a number, as the cluster reads it; anything else
+    is refused in one line, here, rather than by Azure after the model and endpoint exist."""
+    match = _QUANTITY.fullmatch(str(value).strip())
+    if not match:
+        raise DeployError(f"{what} {value!r} is not a Kubernetes quantity (e.g. 500m or 2 CPUs, 512Mi or 4Gi memory)")
+    return float(match[1]) * _SCALE[match[2]]
+
+
+def cpu_cores(value: str) -> float:
+    return quantity(value, "cpu")
+
+
+def memory_gib(value: str) -> float:
+    return quantity(value, "memory") / 2**30
 
 
 def fields_for(command: str) -> list[dataclasses.Field]:

@@ -10,7 +10,9 @@
 - `plain_endpoint`: an HTTP endpoint (or proxy) that answers `{}` to anything and keeps each request's target and
   headers, for what `scorehost parity` sends on the wire.
 - `FakeML`: MLClient's operations (azure-ai-ml uploads models and code to blob storage, which no fake can take),
-  recording the real entities, each with the REST body the SDK would send for it (`_to_rest_*`).
+  recording the real entities, each with the REST body the SDK would send for it (`_to_rest_*`). What is not there
+  raises azure-core's ResourceNotFoundError from an ARM error body, as the SDK's generated client does (`.error.code`:
+  ResourceNotFound, or ResourceGroupNotFound for every read in a resource group that does not exist).
 """
 
 from __future__ import annotations
@@ -84,6 +86,7 @@ class Arm(RequestsTransport):
         self.resources: dict[str, dict] = {}
         self.providers: dict[str, str] = {}
         self.kubeconfig, self.admin_kubeconfig = kubeconfig, admin_kubeconfig
+        self.refuse: dict[str, tuple[int, str]] = {}  # lower-case path -> (status, ARM error code) it answers
 
     def writes(self, *methods: str) -> list[Request]:
         return [r for r in self.requests if r.method in (methods or ("PUT", "POST", "PATCH", "DELETE"))]
@@ -99,6 +102,9 @@ class Arm(RequestsTransport):
 
     def answer(self, r: Request) -> tuple[int, Any]:
         path = r.path.lower()
+        if path in self.refuse:
+            status, code = self.refuse[path]
+            return status, {"error": {"code": code, "message": f"{code} for {r.method} {r.path}"}}
         if "/providers/microsoft.kubernetesconfiguration" in path and "/managedclusters/" not in path:
             namespace = "Microsoft.KubernetesConfiguration"
             if path.endswith("/register"):
@@ -338,6 +344,7 @@ class FakeML:
         self.vcpus_used = {"standardNCASv3_T4Family": 0}  # the workspace region's quota in use, per VM family
         self.vcpus_limit = {"standardNCASv3_T4Family": 24}
         self.arm = ARM_ID.format(sub=workspace[0], rg=workspace[1], ws=workspace[2])
+        self.missing = ""  # "workspace" or "resource group": the workspace the client names does not exist
         for name in ("compute", "models", "online_endpoints", "online_deployments", "workspaces"):
             setattr(self, name, _Operations(self, name))
 
@@ -345,9 +352,18 @@ class FakeML:
         return [(c.operation, c.method) for c in self.calls if c.method not in ("get", "list", "get_keys", "list_usage",
                                                                                 "list_sizes")]
 
-    @staticmethod
-    def _missing(what: str) -> ResourceNotFoundError:
-        return ResourceNotFoundError(f"{what} not found")
+    def _missing(self, what: str) -> ResourceNotFoundError:
+        from azure.core.rest import HttpRequest
+
+        code, message = "ResourceNotFound", f"{what} not found"
+        if self.missing == "resource group":
+            code, message = "ResourceGroupNotFound", f"Resource group '{self.arm.split('/')[4]}' could not be found."
+        elif self.missing == "workspace":
+            message = f"The Resource '{self.arm.split('/providers/')[1]}' was not found."
+        request = HttpRequest("GET", f"https://management.azure.com{self.arm}")
+        response = _response(request, 404, {"error": {"code": code, "message": message}})
+        response.read()
+        return ResourceNotFoundError(response=response)
 
     def _compute_get(self, call: Call, name: str) -> Any:
         if name not in self.compute_state:
@@ -376,6 +392,8 @@ class FakeML:
                       limit=limit, unit="Count") for family, limit in self.vcpus_limit.items()]
 
     def _workspaces_get(self, call: Call, name: str) -> Any:
+        if self.missing:
+            raise self._missing(f"workspace {name}")
         return dataclasses.make_dataclass("Workspace", [("name", str), ("container_registry", str)])(
             name, self.arm.split("/providers/")[0] + "/providers/Microsoft.ContainerRegistry/registries/wsacr")
 
@@ -397,8 +415,11 @@ class FakeML:
             raise self._missing(f"model {name}")
         return list(self.model_versions[name])
 
+    def _online_endpoints_list(self, call: Call) -> list:
+        return [copy.deepcopy(e) for e in self.endpoint_state.values()]
+
     def _online_endpoints_get(self, call: Call, name: str) -> Any:
-        if name not in self.endpoint_state:
+        if name not in self.endpoint_state or self.missing:
             raise self._missing(f"endpoint {name}")
         endpoint = copy.deepcopy(self.endpoint_state[name])
         endpoint._scoring_uri = f"https://{name}.{self.location}.inference.ml.azure.com/score"

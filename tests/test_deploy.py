@@ -19,7 +19,8 @@ import pytest
 import yaml
 
 from deploy import azure_v2, cli as deploy_cli, k8s, parity, plan
-from deploy.settings import GPU_BASE_IMAGE, DeployError, DeploySettings, endpoint_name, fields_for
+from deploy.settings import (GPU_BASE_IMAGE, PROJECT_TAG, DeployError, DeploySettings, endpoint_name,
+                             fields_for)
 from fake_azure import (AAD_TOKEN, ADMIN_TOKEN, AKS_AAD_SCOPE, SUBSCRIPTION, Arm, Credential, FakeML,
                         KubeApi, Poller)
 from scorehost import REFERENCE_SCRIPT, processes
@@ -164,12 +165,37 @@ def test_plan_leaves_what_a_model_dir_holds_to_the_script(colors_model, tmp_path
         f"model_dir {missing!r} is not a directory (build one: scorehost model resnet50 --out DIR)"]
 
 
+# Finds its file anywhere under AZUREML_MODEL_DIR, as the reference score.py does: the model folder itself (`serve
+# --model-dir my/models`) or the folder Azure ML puts it in, by its name ($AZUREML_MODEL_DIR/models/...).
+def test_plan_loads_the_model_where_azure_ml_puts_it_in_a_folder_of_its_name(users_own, tmp_path):
+    """Azure ML keeps a registered folder's name ($AZUREML_MODEL_DIR/models/... for --model-dir my/models): a script
+    that reads the model folder itself as AZUREML_MODEL_DIR is told so in one line, with both ways out."""
+    flat = users_own / "score.py"
+    flat.write_text(USER_SCRIPT.replace('"**", "greeter"', '"greeter"').replace(", recursive=True", ""))
+    s = DeploySettings(entry_script=str(flat), model_dir=str(users_own / "models"))
+    assert plan.problems(s) == [
+        f"init() reads the model at AZUREML_MODEL_DIR={users_own / 'models'}, but Azure ML keeps the registered "
+        "folder's name: its files are at $AZUREML_MODEL_DIR/models/...: read os.path.join(os.environ["
+        f"'AZUREML_MODEL_DIR'], 'models', ...), or serve locally with --model-dir {users_own} to see Azure ML's layout"]
+    flat.write_text(USER_SCRIPT.replace('"**", "greeter"', '"models", "greeter"').replace(", recursive=True", ""))
+    assert plan.problems(s) == []
+    # The same script runs from the image `deploy k8s` writes: the model in a folder of its name, as on Azure ML.
+    k8s.write(s, str(tmp_path / "k8s"), "r.io/g:1")
+    assert f'COPY --chown=1000 ["model/", "{k8s.MODEL_MOUNT}/models/"]' in (tmp_path / "k8s" / "Dockerfile").read_text()
+    # A script that fails both ways is shown its own error.
+    flat.write_text(USER_SCRIPT.replace('"**", "greeter"', '"nowhere"').replace(", recursive=True", ""))
+    found = plan.problems(s)
+    assert len(found) == 1 and found[0].startswith("the entry script does not load") and "IndexError" in found[0]
+
+
 USER_SCRIPT = """\
-import json, os
+import glob, json, os
 
 def init():
     global greeting
-    with open(os.path.join(os.environ["AZUREML_MODEL_DIR"], "greeter", "3", "greeting.txt")) as f:
+    found = glob.glob(os.path.join(os.environ["AZUREML_MODEL_DIR"], "**", "greeter", "3", "greeting.txt"),
+                      recursive=True)
+    with open(found[0]) as f:
         greeting = f.read().strip()
 
 def run(data):
@@ -212,8 +238,8 @@ def test_plan_out_writes_az_ml_yaml_that_the_sdk_loads(users_own, workspace_conf
     assert "experimental" not in done.stdout + done.stderr
     endpoint = load_online_endpoint(str(out / "endpoint.yml"))
     deployment = load_online_deployment(str(out / "deployment.yml"))
-    assert endpoint.name == endpoint_name("greeter", WORKSPACE_ID) and endpoint.auth_mode == "key"
-    assert re.fullmatch(r"greeter-[0-9a-f]{6}", endpoint.name) and deployment.endpoint_name == endpoint.name
+    assert endpoint.name == endpoint_name("greeter", WORKSPACE_ID, "my") and endpoint.auth_mode == "key"
+    assert re.fullmatch(r"my-greeter-[0-9a-f]{6}", endpoint.name) and deployment.endpoint_name == endpoint.name
     assert deployment.model.name == "greeter" and deployment.environment.name == "scorehost-greeter"
     assert deployment.instance_count == 3 and deployment.request_settings.max_concurrent_requests_per_instance == 1
     assert deployment.request_settings.max_queue_wait_ms == 500  # explicit, not whatever the service defaults to
@@ -311,6 +337,45 @@ def test_plan_load_check_catches_a_module_that_would_not_ship(users_own, tmp_pat
     assert len(found) == 1 and "No module named 'projectlib'" in found[0], found
     (app / "projectlib.py").write_text("")
     assert plan.problems(DeploySettings(entry_script="app/score.py", model_dir="models")) == []
+
+
+def test_the_code_folder_is_what_azure_ml_uploads_less_its_ignore_file(users_own, tmp_path, monkeypatch):
+    """azure-ai-ml leaves out of the code upload what the folder's .amlignore (else .gitignore) matches: the staged
+    copy, which the load check runs, leaves out the same files (the SDK's own listing of the upload is the reference),
+    and `plan` names them in one line; a file the script needs that Azure would drop fails the check."""
+    from azure.ai.ml._utils._asset_utils import get_ignore_file, get_upload_files_from_folder
+
+    from deploy import source
+
+    my = users_own
+    (my / "data").mkdir()
+    (my / "data" / "labels.json").write_text('{"hello": "bonjour"}')
+    (my / "notes").mkdir()
+    (my / "notes" / "run.log").write_text("log")
+    (my / "helper.py").write_text("")
+    (my / ".gitignore").write_text("*.log\ndata/\n")
+    s = DeploySettings(entry_script=str(my / "score.py"), model_dir=str(my / "models"))
+    staged = tmp_path / "code"
+    source.copy(s, str(staged))
+    uploaded = sorted(dest for _, dest in get_upload_files_from_folder(my, ignore_file=get_ignore_file(my))
+                      if not dest.startswith("models/"))  # the model is registered on its own
+    assert sorted(os.path.relpath(os.path.join(folder, name), staged)
+                  for folder, _, names in os.walk(staged) for name in names) == uploaded == [
+        ".gitignore", "helper.py", "myenv.yml", "score.py"]
+    assert source.left_out_line(s) == ("left out of the code folder by its .gitignore, as Azure ML's upload leaves "
+                                       "them out: data/labels.json, notes/run.log")
+    done = scorehost_cli("deploy", "plan", "--entry-script", str(my / "score.py"), "--model-dir", str(my / "models"))
+    assert done.returncode == 0 and f"note: {source.left_out_line(s)}\n" in done.stdout, done.stdout
+    # A script that reads a file the upload leaves out fails the load check, which says what was left out.
+    (my / "score.py").write_text("import json, os\n\nLABELS = json.load(open(os.path.join(os.path.dirname("
+                                 "__file__), 'data', 'labels.json')))\n" + USER_SCRIPT)
+    found = plan.problems(s)
+    assert len(found) == 1 and "No such file or directory" in found[0] and "data/labels.json'" in found[0], found
+    assert found[0].endswith(f"({source.left_out_line(s)})")
+    # .amlignore comes first, as in the SDK: it keeps data/ here.
+    (my / ".amlignore").write_text("*.log\n")
+    assert plan.problems(s) == []
+    assert source.left_out_line(s).endswith("by its .amlignore, as Azure ML's upload leaves them out: notes/run.log")
 
 
 def test_a_code_folder_over_100_mb_is_refused(users_own, monkeypatch):
@@ -510,7 +575,11 @@ def test_a_second_deployment_needs_free_gpus_on_the_pool(azure, https):
         run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10))
     assert "1 of 3 nvidia.com/gpu free" in e.value.message and "--instance-count 1" in e.value.message
     run_deploy(azure, dataclasses.replace(https, deployment="green", traffic=10, instance_count=1))
-    run_deploy(azure, https)  # an update of blue in place asks for no new GPUs
+    azure.ml.calls.clear()
+    with pytest.raises(DeployError) as e:  # blue and green both live: neither is replaced in place
+        run_deploy(azure, https)
+    assert "deployment blue takes 90%" in e.value.message and "--deployment" in e.value.message
+    assert azure.ml.writes() == []
 
 
 def test_a_gpu_pool_with_a_foreign_taint_is_refused(azure, https):
@@ -521,7 +590,7 @@ def test_a_gpu_pool_with_a_foreign_taint_is_refused(azure, https):
     with pytest.raises(DeployError) as e:
         run_deploy(azure, https)
     assert "tainted sku=gpu:NoSchedule" in e.value.message and "--node-taints" in e.value.message
-    assert azure.ml.calls == []
+    assert azure.ml.writes() == []
 
 
 def test_the_compute_is_attached_with_a_system_assigned_identity_and_its_registry_role_is_printed(azure, https):
@@ -559,7 +628,7 @@ def test_a_missing_cluster_is_not_created_without_create_cluster(azure, settings
     with pytest.raises(DeployError) as e:
         run_deploy(azure, settings)
     assert "does not exist" in e.value.message and "--create-cluster" in e.value.message
-    assert azure.arm.writes() == [] and azure.ml.calls == []
+    assert azure.arm.writes() == [] and azure.ml.writes() == []
 
 
 def test_second_run_rewrites_nothing_that_exists(azure, https):
@@ -571,9 +640,11 @@ def test_second_run_rewrites_nothing_that_exists(azure, https):
     assert kube == [("GET", KubeApi.OBJECTS + "/gpu-t4"), ("PUT", KubeApi.OBJECTS + "/gpu-t4")]
     replaced = next(r for r in azure.kube.requests if r.method == "PUT")
     assert replaced.body["metadata"]["resourceVersion"] == "1"  # else the API server says 422
-    # The model's files are registered already (same files_sha256): nothing is uploaded again.
+    # The model's files are registered already (same files_sha256): nothing is uploaded again. Live blue is not
+    # replaced in place: the new code goes to green beside it, at 0% until checked and asked for.
     assert azure.ml.writes() == [("online_deployments", "begin_create_or_update")]
-    assert first["traffic"] == second["traffic"] == {"blue": 100}
+    assert [c.args[0].name for c in azure.ml.calls if c.operation == "online_deployments" and c.body] == ["green"]
+    assert first["traffic"] == {"blue": 100} and second["traffic"] == {"blue": 100, "green": 0}
     assert azure.kube.objects["gpu-t4"]["metadata"]["resourceVersion"] == "2"
 
 
@@ -584,11 +655,11 @@ def test_a_model_with_other_files_is_registered_as_a_new_version(azure, https, t
     changed = tmp_path / "model"
     shutil.copytree(https.model_dir, changed)
     (changed / "colors" / "1" / "labels.txt").write_text("other\n")
-    run_deploy(azure, dataclasses.replace(https, model_dir=str(changed)))
+    second = run_deploy(azure, dataclasses.replace(https, model_dir=str(changed)))
     versions = azure.ml.model_versions["colors"]
     assert [v.version for v in versions] == ["1", "2"]
     assert versions[0].tags["files_sha256"] == plan.sha256(https.model_dir) != versions[1].tags["files_sha256"]
-    deployed = azure.ml.deployment_state[(ENDPOINT, "blue")]
+    deployed = azure.ml.deployment_state[(ENDPOINT, second["deployment"])]
     assert deployed.model.version == "2"
 
 
@@ -643,6 +714,30 @@ def test_a_deployment_that_fails_parity_takes_no_traffic(azure, https):
     assert "takes no new traffic" in e.value.message and "--only-deployment green" in e.value.message
     assert azure.ml.endpoint_state[ENDPOINT].traffic == {"blue": 100}
     assert ("online_endpoints", "begin_create_or_update") not in azure.ml.writes()
+
+
+def test_a_rerun_never_replaces_the_live_deployment_before_parity(azure, https):
+    """The default --deployment blue, run again while blue takes the traffic: green gets the new code and the check;
+    blue keeps serving the old one. A live deployment of another name is refused before anything is written."""
+    run_deploy(azure, https)
+    live_blue = azure.ml.deployment_state[(ENDPOINT, "blue")]
+    azure.ml.calls.clear()
+    said = []
+    with pytest.raises(DeployError) as e:
+        azure_v2.deploy(azure.clients, https, managed=False, say=said.append, check=lambda *a: False, poll_s=0)
+    assert any("deploying green beside it" in line for line in said)
+    assert azure.ml.deployment_state[(ENDPOINT, "blue")] is live_blue
+    assert azure.ml.endpoint_state[ENDPOINT].traffic == {"blue": 100}
+    assert f"teardown --endpoint {ENDPOINT} --only-deployment green" in e.value.message
+    azure_v2.teardown(azure.clients, https, detach=False, only_deployment="green", say=quiet)  # not refused
+
+    prod = dataclasses.replace(https, deployment="prod")
+    run_deploy(azure, dataclasses.replace(https, deployment="prod", traffic=100))
+    azure.ml.calls.clear()
+    with pytest.raises(DeployError) as e:
+        run_deploy(azure, prod)
+    assert "deployment prod takes 100%" in e.value.message and "--deployment" in e.value.message
+    assert "\n" not in e.value.message and azure.ml.writes() == []
 
 
 def test_a_new_deployment_beside_a_live_one_takes_no_traffic_unless_asked(azure, https):
@@ -741,6 +836,130 @@ def test_quota_failure_says_what_was_created_and_how_to_delete_it(azure, https):
     assert "GPU quota" in message and f"endpoint {ENDPOINT}" in message and "model colors:1" in message
     assert "AKS cluster scorehost-gpu" in message and "--cluster --delete-cluster" in message
     assert "get-logs" in message
+
+
+def test_a_failed_deployment_beside_a_live_one_is_named_and_the_endpoint_never_offered(azure, https, tmp_path):
+    """What a failed run created is named before it started (the failed deployment exists in Azure), and its removal
+    is that deployment alone: the endpoint with live blue was there before."""
+    import shutil
+
+    from azure.core.exceptions import HttpResponseError
+
+    run_deploy(azure, https)
+    azure.ml.fail[("online_deployments", "begin_create_or_update")] = Poller(
+        error=HttpResponseError("(ImagePullFailed) the image could not be pulled"))
+    with pytest.raises(DeployError) as e:  # the model exists: the deployment is all this run made
+        run_deploy(azure, dataclasses.replace(https, deployment="green"))
+    message = e.value.message
+    assert f"Created so far: deployment {ENDPOINT}/green." in message
+    assert f"scorehost deploy teardown --endpoint {ENDPOINT} --only-deployment green --yes" in message
+    assert f"--endpoint {ENDPOINT} --yes" not in message
+    changed = tmp_path / "model"
+    shutil.copytree(https.model_dir, changed)
+    (changed / "colors" / "1" / "labels.txt").write_text("other\n")
+    with pytest.raises(DeployError) as e:  # a new model version too: archived, never the endpoint
+        run_deploy(azure, dataclasses.replace(https, deployment="green", model_dir=str(changed)))
+    message = e.value.message
+    assert f"Created so far: model colors:2, deployment {ENDPOINT}/green." in message  # green was there: failed
+    assert "az ml model archive -n colors --version 2 -g rg-ml -w ws-ml" in message
+    assert f"--endpoint {ENDPOINT} --yes" not in message and azure.ml.endpoint_state[ENDPOINT].traffic == {"blue": 100}
+
+
+def test_two_projects_with_a_models_folder_get_their_own_endpoints(azure, users_own, workspace_config, tmp_path):
+    """The default name comes from the script's folder and the model; an endpoint made for another project that
+    derives the same name is refused, in one line, unless named with --endpoint."""
+    import shutil
+
+    def project(folder):
+        if not folder.exists():
+            shutil.copytree(users_own, folder)
+        return DeploySettings(entry_script=str(folder / "score.py"), model_dir=str(folder / "models"),
+                              config_file=workspace_config).with_workspace()
+
+    mine, shop, twin = project(users_own), project(tmp_path / "shop"), project(tmp_path / "elsewhere" / "my")
+    assert mine.endpoint.startswith("my-") and shop.endpoint.startswith("shop-") and mine.endpoint != shop.endpoint
+    run_deploy(azure, mine, managed=True)
+    assert azure.ml.endpoint_state[mine.endpoint].tags[PROJECT_TAG] == mine.project
+    assert twin.endpoint == mine.endpoint and twin.project != mine.project
+    azure.ml.calls.clear()
+    for attempt in (lambda: run_deploy(azure, twin, managed=True),
+                    lambda: azure_v2.teardown(azure.clients, twin, detach=False, say=quiet)):
+        with pytest.raises(DeployError) as e:
+            attempt()
+        assert "was not made by scorehost for this project" in e.value.message and "\n" not in e.value.message
+        assert f"--endpoint {mine.endpoint}" in e.value.message
+    assert azure.ml.writes() == []
+    explicit = DeploySettings(entry_script=twin.entry_script, model_dir=twin.model_dir, endpoint=mine.endpoint,
+                              config_file=workspace_config).with_workspace()
+    assert run_deploy(azure, explicit, managed=True)["deployment"] == "green"  # the user's choice: taken
+
+
+def test_teardown_and_traffic_find_the_endpoint_deploy_named(azure, users_own, workspace_config):
+    """They take the flags that name it (entry script, model directory); a missing endpoint lists what does exist,
+    and Azure's errors are one line."""
+    from azure.core.exceptions import HttpResponseError
+
+    mine = DeploySettings(entry_script=str(users_own / "score.py"), model_dir=str(users_own / "models"),
+                          config_file=workspace_config).with_workspace()
+    run_deploy(azure, mine, managed=True)
+    run_deploy(azure, dataclasses.replace(mine, deployment="green"), managed=True)
+    names = dict(entry_script=mine.entry_script, model_dir=mine.model_dir, config_file=workspace_config)
+    azure.ml.fail[("online_endpoints", "begin_create_or_update")] = HttpResponseError(
+        "(Conflict) Operation on endpoint is in progress.\nCode: Conflict\nMessage: Operation is in progress.")
+    with pytest.raises(DeployError) as e:
+        deploy_cli.cmd_traffic(namespace("traffic", shares=["green=10"], **names), azure.clients)
+    assert "Operation on endpoint is in progress" in e.value.message and "\n" not in e.value.message
+    del azure.ml.fail[("online_endpoints", "begin_create_or_update")]
+    assert deploy_cli.cmd_traffic(namespace("traffic", shares=["green=10"], **names), azure.clients) == 0
+    with pytest.raises(DeployError) as e:  # the demo's endpoint is not there: what is, is said
+        deploy_cli.cmd_traffic(namespace("traffic", shares=["green=10"], config_file=workspace_config), azure.clients)
+    assert f"endpoint {endpoint_name('resnet50', WORKSPACE_ID)} does not exist" in e.value.message
+    assert f"{mine.endpoint} ({mine.project}; traffic" in e.value.message
+    with pytest.raises(DeployError) as e:  # a user's script alone names nothing
+        deploy_cli.cmd_teardown(namespace("teardown", entry_script=mine.entry_script, config_file=workspace_config,
+                                          yes=True, cluster=False, only_deployment=None, delete_cluster=False))
+    assert "--model-dir" in e.value.message
+    args = namespace("teardown", yes=True, cluster=False, only_deployment=None, delete_cluster=False, **names)
+    assert deploy_cli.cmd_teardown(args, azure.clients) == 0
+    assert azure.ml.endpoint_state == {}
+
+
+@pytest.mark.parametrize("missing", ["workspace", "resource group"])
+def test_teardown_in_a_workspace_that_does_not_exist_fails_in_one_line(azure, settings, missing):
+    azure.ml.missing = missing
+    args = namespace("teardown", model_name="colors", yes=True, cluster=False, only_deployment=None,
+                     delete_cluster=False, config_file=settings.config_file)
+    with pytest.raises(DeployError) as e:
+        deploy_cli.cmd_teardown(args, azure.clients)
+    assert e.value.message.startswith("workspace ws-ml was not found in resource group rg-ml")
+    assert "\n" not in e.value.message and azure.ml.writes() == [] and azure.arm.requests == []
+
+
+def test_teardown_of_a_managed_endpoint_that_is_gone_reads_no_cluster(azure, settings, capsys):
+    args = namespace("teardown", model_name="colors", yes=True, cluster=False, only_deployment=None,
+                     delete_cluster=False, config_file=settings.config_file)
+    assert deploy_cli.cmd_teardown(args, azure.clients) == 0
+    assert azure.arm.requests == [] and "has no endpoint made by scorehost" in capsys.readouterr().out
+    azure.arm.refuse[CLUSTER_PATH.lower()] = (403, "AuthorizationFailed")  # --cluster reads it: refused in one line
+    with pytest.raises(DeployError) as e:
+        deploy_cli.cmd_teardown(argparse.Namespace(**{**vars(args), "cluster": True}), azure.clients)
+    assert "AuthorizationFailed" in e.value.message and "\n" not in e.value.message
+
+
+@pytest.mark.parametrize("flags,said", [
+    (("managed", "--request-timeout-ms", "180001"), "over the 180000 ms Azure ML allows on a managed online endpoint"),
+    (("aks", "--sdk", "v1", "--endpoint", "MyService"), "SDK v1 service names are lowercase: --endpoint myservice"),
+    (("aks", "--cpu", "half"), "cpu 'half' is not a Kubernetes quantity"),
+    (("aks", "--memory", "4GB"), "memory '4GB' is not a Kubernetes quantity"),
+])
+def test_settings_azure_would_refuse_late_are_refused_first(azure, colors_model, workspace_config, flags, said):
+    """Refused in one line when the settings are read, before anything is created (not after the model and the
+    endpoint exist)."""
+    command, *rest = flags
+    done = scorehost_cli("deploy", command, "--yes", "--skip-parity", "--model-dir", colors_model, "--config-file",
+                         workspace_config, *rest, *(("--allow-insecure",) if command == "aks" else ()))
+    assert done.returncode == 1 and said in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert DeploySettings(cpu="500m", memory="512Mi", target="managed", request_timeout_ms=180000).memory == "512Mi"
 
 
 def test_deployment_that_never_becomes_healthy_times_out_clearly(azure, settings):
@@ -902,7 +1121,8 @@ def test_k8s_manifests_validate_offline_with_the_model_in_the_image(tmp_path, co
     assert kinds["Deployment"]["spec"]["replicas"] == 2
 
     dockerfile = (tmp_path / "Dockerfile").read_text()
-    assert f"COPY --chown=1000 model/ {k8s.MODEL_MOUNT}/" in dockerfile and "FROM scorehost:gpu" in dockerfile
+    assert f'COPY --chown=1000 ["model/", "{k8s.MODEL_MOUNT}/{os.path.basename(colors_model)}/"]' in dockerfile
+    assert "FROM scorehost:gpu" in dockerfile
     assert f"docker build -f {tmp_path / 'Dockerfile'} -t myregistry.azurecr.io/scorehost-colors:1 {tmp_path}" \
         in dockerfile and "docker push myregistry.azurecr.io/scorehost-colors:1" in dockerfile
     lint = subprocess.run([hadolint(), str(tmp_path / "Dockerfile")], capture_output=True, text=True)
@@ -924,7 +1144,8 @@ def test_k8s_bakes_the_users_own_script_and_model_and_asks_for_no_more_gpus_than
     assert f"COPY --chown=1000 code/ {k8s.APP_ROOT}/code/" in dockerfile
     hpa = yaml.safe_load((out / "hpa.yaml").read_text())["spec"]
     assert (hpa["minReplicas"], hpa["maxReplicas"]) == (3, 4)  # 4 GPUs hold 4 instances of 1 GPU, not 6
-    assert yaml.safe_load((out / "deployment.yaml").read_text())["metadata"]["name"] == "greeter"
+    name = yaml.safe_load((out / "deployment.yaml").read_text())["metadata"]["name"]
+    assert name == "my-greeter"  # its folder's name, then its model's
     assert "nvidia.com/gpu" in done.stdout and k8s.DEVICE_PLUGIN in done.stdout
     # Without --cluster-gpus it asks for exactly what it was given; fewer GPUs than instances is refused.
     scorehost_cli("deploy", "k8s", "--model-dir", str(users_own / "models"), "--entry-script",
@@ -967,6 +1188,97 @@ def test_k8s_ships_the_reference_score_py_alone(tmp_path, colors_model):
     assert os.listdir(tmp_path / "code") == ["score.py"]
 
 
+# A user's own stack, which the base image's environment (the reference score.py's TensorFlow) does not have.
+SKLEARN_ENV = """\
+name: my-sklearn
+channels:
+  - conda-forge
+dependencies:
+  - python=3.11
+  - pip
+  - pip:
+      - scikit-learn==1.5.2
+      - pandas==2.2.3
+      - joblib==1.4.2
+"""
+
+
+def test_k8s_builds_the_scripts_own_environment_from_its_conda_file(users_own, tmp_path, colors_model):
+    """The base image's environment is myenv.yml's: a script with another conda file gets an environment built from
+    it, with scorehost installed into it and first on PATH (as Azure ML builds the script's environment and adds its
+    inference server); the reference score.py keeps the base image's. A conda file Azure ML could not build from, or
+    with a python scorehost does not support, is refused in one line."""
+    from test_dockerfile import hadolint
+
+    (users_own / "myenv.yml").write_text(SKLEARN_ENV)
+    out = tmp_path / "k8s"
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "r.io/g:1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert (out / k8s.CONDA_FILE).read_text() == SKLEARN_ENV
+    dockerfile = (out / "Dockerfile").read_text()
+    build = (f"RUN micromamba create --yes --prefix /opt/user-env --file /tmp/{k8s.CONDA_FILE} \\\n"
+             f"    && /opt/user-env/bin/python -m pip install --no-cache-dir '/opt/scorehost[gpu]' \\\n")
+    assert f"USER 0\nCOPY {k8s.CONDA_FILE} /tmp/{k8s.CONDA_FILE}\n{build}" in dockerfile
+    assert "ENV PATH=/opt/user-env/bin:$PATH\nUSER 1000\n" in dockerfile
+    assert dockerfile.index("ENV PATH=/opt/user-env") < dockerfile.index("COPY --chown=1000 code/")
+    lint = subprocess.run([hadolint(), str(out / "Dockerfile")], capture_output=True, text=True)
+    assert lint.returncode == 0, lint.stdout
+    # The reference score.py with the repository's myenv.yml: the base image's environment as it is.
+    done = scorehost_cli("deploy", "k8s", "--out", str(out), "--image", "r.io/g:1", "--model-dir", colors_model)
+    assert done.returncode == 0, done.stderr
+    assert "micromamba" not in (out / "Dockerfile").read_text() and not (out / k8s.CONDA_FILE).exists()
+    # A conda file with a python scorehost does not run on; none at all.
+    (users_own / "myenv.yml").write_text("dependencies:\n  - python=3.10\n  - scikit-learn\n")
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "r.io/g:1", "--out", str(out))
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1, done.stderr
+    assert f"conda file {users_own / 'myenv.yml'}: python=3.10, but scorehost needs python>=3.11" in done.stderr
+    assert "azureml-inference-server-http" not in done.stderr
+    (users_own / "myenv.yml").unlink()
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "r.io/g:1", "--out", str(out))
+    assert done.returncode == 1 and "has no myenv.yml beside it; pass --conda-file FILE" in done.stderr
+
+
+def test_k8s_waits_for_init_before_liveness_and_sends_no_key_to_the_build(users_own, tmp_path):
+    """A worker answers GET / only once init() has run, for up to --init-timeout: the startup probe waits that long,
+    and liveness starts only after it. The build context holds secret.yaml: its .dockerignore sends what the
+    Dockerfile copies and nothing else (Docker's rule: the last pattern that matches a path, or a folder above it,
+    decides)."""
+    from server.settings import BY_NAME
+
+    out = tmp_path / "k8s"
+    (users_own / "myenv.yml").write_text(SKLEARN_ENV)
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "r.io/g:1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    container = yaml.safe_load((out / "deployment.yaml").read_text())["spec"]["template"]["spec"]["containers"][0]
+    startup, liveness = container["startupProbe"], container["livenessProbe"]
+    assert startup["httpGet"] == liveness["httpGet"] == {"path": "/", "port": 5001}
+    assert startup["initialDelaySeconds"] == DeploySettings().liveness_initial_delay_s
+    assert startup["periodSeconds"] * startup["failureThreshold"] >= BY_NAME["init_timeout"].default
+    assert liveness["initialDelaySeconds"] == 0  # counted once the startup probe has passed
+
+    patterns = [line for line in (out / ".dockerignore").read_text().splitlines() if line and line[0] != "#"]
+
+    def sent(path: str) -> bool:
+        parts, decision = path.split("/"), True
+        for pattern in patterns:
+            negated, glob = pattern.startswith("!"), pattern.lstrip("!")
+            if any(fnmatch.fnmatch("/".join(parts[:i]), glob) for i in range(1, len(parts) + 1)):
+                decision = negated
+        return decision
+
+    files = sorted(os.path.relpath(os.path.join(folder, name), out) for folder, _, names in os.walk(out)
+                   for name in names)
+    copied = {re.split(r'[ "/\]]+', line.split("COPY ", 1)[1].replace("--chown=1000 ", "").lstrip('["'))[0]
+              for line in (out / "Dockerfile").read_text().splitlines() if line.startswith("COPY")}
+    assert copied == {"code", "model", k8s.CONDA_FILE}
+    assert [f for f in files if sent(f)] == [f for f in files if f.split("/")[0] in copied]
+    assert "secret.yaml" in files and not sent("secret.yaml")
+
+
 def test_k8s_says_when_the_image_names_no_registry(tmp_path, colors_model):
     done = scorehost_cli("deploy", "k8s", "--out", str(tmp_path), "--image", "scorehost:gpu", "--model-dir",
                          colors_model)
@@ -979,7 +1291,8 @@ def test_k8s_says_when_the_image_names_no_registry(tmp_path, colors_model):
     ("managed", ("--create-cluster", "--instance-type", "--ssl-cname", "--gpus", "--image"),
      ("--vm-size", "--traffic", "--deployment")),
     ("aks", ("--image", "--target"), ("--create-cluster", "--ssl-cname", "--allow-insecure", "--traffic")),
-    ("traffic", ("--vm-size", "--model-dir", "--create-cluster"), ("--endpoint",)),
+    ("traffic", ("--vm-size", "--create-cluster", "--deployment"), ("--endpoint", "--model-dir", "--entry-script")),
+    ("teardown", ("--vm-size", "--create-cluster"), ("--endpoint", "--model-dir", "--entry-script")),
 ])
 def test_help_lists_only_the_flags_that_apply(command, absent, present):
     done = scorehost_cli("deploy", command, "--help")

@@ -4,6 +4,7 @@ The real v1 configuration objects are built; only the calls that would reach Azu
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import warnings
@@ -147,3 +148,26 @@ def test_v1_teardown_detaches_an_attached_cluster_and_deletes_one_it_created(set
     deleted = azure_v1.teardown("workspace", settings, with_compute=True, say=lambda m: None)
     assert calls == ["service delete", expected]
     assert deleted[-1] == "compute gpu-aks (" + ("deleted, with its cluster)" if created else "detached)")
+
+
+def test_v1_reads_kubernetes_quantities(settings):
+    objects = azure_v1.build(dataclasses.replace(settings, cpu="500m", memory="512Mi"))
+    shutil.rmtree(objects["inference_config"].source_directory, ignore_errors=True)
+    config = objects["deployment_config"]
+    assert (config.cpu_cores, config.memory_gb) == (0.5, 0.5)
+
+
+def test_v1_teardown_of_a_service_that_is_gone_goes_on(settings, monkeypatch):
+    """Webservice(ws, name) reads the service; where the workspace has none, azureml-core raises WebserviceNotFound:
+    said, and the compute is still detached."""
+    calls = []
+    monkeypatch.setattr("azureml.core.webservice.Webservice._get", staticmethod(lambda ws, name=None: None))
+    monkeypatch.setattr("azureml.core.compute.AksCompute.__new__", lambda cls, ws, name: object.__new__(cls),
+                        raising=False)
+    monkeypatch.setattr("azureml.core.compute.AksCompute.__init__",
+                        lambda self, *a, **k: setattr(self, "is_attached", True), raising=False)
+    monkeypatch.setattr("azureml.core.compute.AksCompute.detach", lambda self: calls.append("detach"))
+    said = []
+    assert azure_v1.teardown("workspace", settings, with_compute=True, say=said.append) == [
+        "compute gpu-aks (detached)"]
+    assert said[0] == f"service {settings.endpoint} does not exist" and calls == ["detach"]

@@ -143,3 +143,18 @@ def test_the_readmes_outputs_stay_out_of_git_and_the_image():
     for name, patterns in ((".gitignore", ("/models/", "/plan/", "/k8s/")), (".dockerignore", ("models", "plan", "k8s"))):
         lines = read(name).splitlines()
         assert all(p in lines for p in patterns), name
+
+
+def test_deploy_k8s_builds_on_what_this_image_has():
+    """`deploy k8s` writes a Dockerfile FROM this image: the user's environment is built with this image's micromamba,
+    scorehost installed into it from this image's checkout, the model and code put under its app root, and the
+    reference environment is the myenv.yml this image was built from."""
+    from deploy import k8s
+
+    env = dict(re.findall(r"(\w+)=(\S+)", " ".join(instructions("ENV"))))
+    assert env["AZUREML_MODEL_DIR"] == k8s.MODEL_MOUNT and env["AML_APP_ROOT"] == k8s.APP_ROOT
+    assert "/usr/local/bin/micromamba" in " ".join(instructions("COPY"))
+    assert instructions("WORKDIR")[0] == k8s.SCOREHOST_SOURCE
+    assert "pip install --no-cache-dir -e '.[gpu]'" in " ".join(instructions("RUN"))
+    assert k8s.BASE_CONDA_FILE == os.path.join(ROOT, "myenv.yml") and "COPY myenv.yml /tmp/myenv.yml" in DOCKERFILE
+    assert instructions("USER")[-1] == "1000" and "USER 1000\n" in k8s.USER_ENV_DOCKERFILE
