@@ -41,6 +41,7 @@ MAX_HEADERS = 100
 MAX_HEADER_FIELD = 8190
 MAX_HEAD = MAX_REQUEST_LINE + MAX_HEADERS * (MAX_HEADER_FIELD + 2) + 4
 MAX_PIPELINED = 32  # complete requests that may wait behind the one being answered
+CHUNK_FRAMING = 32  # bytes a chunk's size line and line ends may take (a 16-hex-digit size is 20)
 LINGER_S = 2.0  # after a closing answer, how long unread bytes from the client are drained before the socket closes
 
 CLOSE, KEEP_ALIVE = b"Connection: close\r\n\r\n", b"Connection: keep-alive\r\n\r\n"  # an answer's last header
@@ -156,6 +157,7 @@ class Connection:
         self.pending: collections.deque[Request] = collections.deque()  # complete, waiting their turn
         self.in_head = True  # between requests too: bytes before a request line count towards its head
         self.head_bytes = 0
+        self.chunks = 0  # of the chunked body being read
         self.stop_reading = False  # the last request closes the connection: what follows it is discarded
         self.out: Optional[memoryview] = None
         self.unsent = b""  # the part of a 100 Continue the socket did not take: it precedes the answer
@@ -182,10 +184,11 @@ class Connection:
                 self._protocol_error(errors.HeaderFieldsTooLarge(f"request head over {MAX_HEAD} bytes"))
                 return
         elif self.request is not None and self.request.head_done:
-            # A chunked body's framing (chunk sizes, extensions, trailer fields) is bounded too: an outside attack
-            # sent 12 GB of trailer fields on one request, never refused. 1-byte chunks take 5 bytes each.
+            # A chunked body's framing (chunk size lines, extensions, trailer fields) is bounded too: an outside
+            # attack sent 12 GB of trailer fields on one request, never refused. A chunk's own framing is a few
+            # bytes (1-byte chunks take 5 each); extensions and trailer fields share the head's limit.
             self.head_bytes += len(data)
-            if self.head_bytes - self.request.body_size > max(MAX_HEAD, 8 * self.request.body_size):
+            if self.head_bytes - self.request.body_size > MAX_HEAD + CHUNK_FRAMING * self.chunks:
                 self._protocol_error(errors.HeaderFieldsTooLarge(
                     "the chunked body's framing (chunk extensions, trailer fields) is too large"))
                 return
@@ -233,7 +236,8 @@ class Connection:
         this one: they were accepted, so they are answered first (a close was sent on this answer, and the
         pipelined ones behind it went unanswered). `streamed`: only its head and first part, the rest to come through `part`
         (request.stream is set). False: not taken."""
-        close = close or not request.keep_alive or ((self.eof or not self.hooks.keep_alive()) and not self.pending)
+        behind = self.pending or (self.request is not None and self.request.head_done)  # accepted, to answer next
+        close = close or not request.keep_alive or ((self.eof or not self.hooks.keep_alive()) and not behind)
         return self._give(request, head + (CLOSE if close else KEEP_ALIVE) + body, close, streamed)
 
     def _give(self, request: Request, data: bytes, close: bool, streamed: bool = False) -> bool:
@@ -243,8 +247,8 @@ class Connection:
         request.answered = True
         self._release(request)
         self.streaming = streamed
-        self._write(self.unsent + data if self.unsent else data, close or not request.keep_alive)
-        self.unsent = b""
+        data, self.unsent = (self.unsent + data if self.unsent else data), b""  # before the write: writing it may
+        self._write(data, close or not request.keep_alive)  # start the next request, whose 100 Continue goes here
         return True
 
     def part(self, request: Request, data: bytes, last: bool, close: bool = False) -> bool:
@@ -253,7 +257,8 @@ class Connection:
         if request is not self.current or self.state != STREAMING:
             return False
         self.streaming = not last
-        self._write(data + self.after_stream if last else data, self.close_after or close)
+        # A stream cut short (close) ends without its last chunk: answers after it would be read as its body.
+        self._write(data + self.after_stream if last and not close else data, self.close_after or close)
         return True
 
     def _write(self, data: bytes, close_after: bool) -> None:
@@ -317,7 +322,9 @@ class Connection:
                 r.answered = True
                 self._release(r)
             tail = b"".join(answer(r) for r in held)
-            if self.streaming:  # after the stream's end, which the app is still making
+            if self.close_after:
+                pass  # the answer being written closes the connection (or ends with it): nothing can follow it
+            elif self.streaming:  # after the stream's end, which the app is still making
                 self.after_stream += tail
             elif self.out is not None and tail:
                 self.out = memoryview(bytes(self.out) + tail)
@@ -388,7 +395,7 @@ class Connection:
     def on_headers_complete(self) -> None:
         request = self.request
         assert request is not None and self.parser is not None
-        self.in_head, self.head_bytes = False, 0  # from now on: the bytes received after the head
+        self.in_head, self.head_bytes, self.chunks = False, 0, 0  # from now on: the bytes received after the head
         request.head_done = True
         parser = self.parser
         request.method = parser.get_method().decode("latin-1")
@@ -440,6 +447,9 @@ class Connection:
             self._release(request)
         if self.state == READING:  # never inside an answer being written: else when that answer is (_written)
             self._continue(request)
+
+    def on_chunk_header(self) -> None:
+        self.chunks += 1
 
     def on_body(self, data: bytes) -> None:
         request = self.request

@@ -7,7 +7,9 @@ gunicorn's master still forks, supervises, pins and replaces workers (`runner`).
   back to the loop through one queue with a wake-up (gunicorn gthread's PollableMethodQueue, uvicorn's
   single-threaded protocol). The loop writes it;
 - an answer the app streams (no Content-Length: a generator) goes to the loop part by part (`_stream`), each once
-  the one before it is written, chunked, as gunicorn writes it for Azure ML's server;
+  the one before it is written, chunked, as gunicorn writes it for Azure ML's server. Its app thread is held until
+  the stream ends, as Azure ML's sync worker is: a client that reads it slowly (each part within `send_timeout`)
+  holds a thread, unlike any other answer;
 - `GET /` and `GET /ready` are answered by the loop itself (readiness is a cached flag: nothing there can block);
   `/metrics` by a side thread of its own, so a scrape waits neither behind run() nor blocks the loop.
 What that buys, measured in bench/RESULTS.md (section 6), against gunicorn's gthread worker and granian:
@@ -260,18 +262,21 @@ class FrontWorker(Worker):
                     self._stop_accepting()
                     for conn in self.conns.values():
                         conn.drain(DRAIN_IDLE_S)
-                if drain_until is not None and (now >= drain_until or
-                                                not any(c.busy or c.awaited(now) for c in self.conns.values())):
-                    self._evacuate(self.hung or "the server is stopping")
-                    if self.hung:
-                        logging.shutdown()
-                        os._exit(EXIT_HUNG)
-                    return
+            # Every turn, not every tick: at drain_until the exit's write window starts at once (a tick late, it
+            # could end past the master's SIGKILL with a short --graceful-timeout).
+            if drain_until is not None and (now >= drain_until or
+                                            not any(c.busy or c.awaited(now) for c in self.conns.values())):
+                self._evacuate(self.hung or "the server is stopping")
+                if self.hung:
+                    logging.shutdown()
+                    os._exit(EXIT_HUNG)
+                return
             if self.yielding and (not self.alive or self.shares.may_accept(self.share_slot, len(self.conns))):
                 self.yielding = False
                 if self.alive and self.listeners and now >= self.accept_paused_until:
                     self._accepting(True)
-            self._poll(SHARE_RECHECK_S if self.yielding else TICK_S)
+            timeout = SHARE_RECHECK_S if self.yielding else TICK_S
+            self._poll(timeout if drain_until is None else max(0.0, min(timeout, drain_until - now)))
 
     def _poll(self, timeout: float) -> None:
         for fd, events in self.epoll.poll(timeout):
@@ -481,12 +486,15 @@ class FrontWorker(Worker):
                 head, body, close, streamed = self._respond(conn, request)
             except BaseException:  # noqa: B036 - nothing may kill an app thread
                 log.exception("error while answering a request")
-                head, body, close = _head_and_body(errors.raw_error_response(errors.InternalError())), True
+                (head, body), close = _head_and_body(errors.raw_error_response(errors.InternalError())), True
             request.responded = time.perf_counter()
             if streamed is None:
                 self._hand(conn, request, body, close, WHOLE, head)
-            else:
+                continue
+            try:
                 self._stream(conn, request, head, body, close, streamed)
+            except BaseException:  # noqa: B036 - nothing may kill an app thread
+                log.exception("error while streaming an answer")
 
     def _hand(self, conn: Connection, request: Request, data: bytes, close: bool, kind: int,
               head: bytes = b"") -> None:
@@ -557,7 +565,7 @@ class FrontWorker(Worker):
         without the last chunk, which tells an HTTP/1.1 client the answer is incomplete (as gunicorn does)."""
         request.stream = handoff = Stream()
         self._hand(conn, request, first, close, FIRST, head)
-        size, end, cut = 0, b"", False
+        size, cut = len(first), True
         try:
             for chunk in streamed.iterable:
                 if not chunk:
@@ -569,16 +577,19 @@ class FrontWorker(Worker):
                 size += len(chunk)
                 self._hand(conn, request, streamed.frame(chunk), close, PART)
             else:
-                end = streamed.end()
+                cut = False
         except BaseException:  # noqa: B036 - nothing may kill an app thread
             log.exception("a streamed answer failed after its head was sent: its connection is closed")
-            cut = True
         finally:
-            if hasattr(streamed.iterable, "close"):
-                streamed.iterable.close()
-        handoff.ready.wait()
-        if not handoff.gone:
-            self._hand(conn, request, end, close or cut, END)
+            try:
+                if hasattr(streamed.iterable, "close"):
+                    streamed.iterable.close()  # a generator's own finally, Flask's call_on_close: the script's code
+            except BaseException:  # noqa: B036
+                log.exception("closing a streamed answer failed: its connection is closed")
+                cut = True
+            handoff.ready.wait()  # set by the loop once the last part is written, or the connection is gone
+            if not handoff.gone:
+                self._hand(conn, request, b"" if cut else streamed.end(), close or cut, END)
         if self.log_access:
             self._log_access(conn, request, streamed.code, size)
 

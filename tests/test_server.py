@@ -271,3 +271,12 @@ def test_a_streamed_answer_comes_part_by_part_and_a_failure_mid_stream_cuts_it_n
     conn.close()
     assert send(server.url, Case("streamed.py", "GET", "/score?parts=2")).body == b"part 0 of 2\npart 1 of 2\n"
     assert "a streamed answer failed after its head was sent" in server.output()
+    # A close callback that raises (the script's code, run after the last part) cuts that stream, and its app
+    # thread (the worker's only one) lives on: it killed the thread, and the worker then answered nothing more.
+    conn = http.client.HTTPConnection("127.0.0.1", server.port, timeout=30)
+    conn.request("GET", "/score?parts=2&close_fails=1")
+    with pytest.raises(http.client.IncompleteRead):
+        conn.getresponse().read()
+    conn.close()
+    assert send(server.url, Case("streamed.py", "GET", "/score?parts=1"), timeout=10).body == b"part 0 of 1\n"
+    assert "closing a streamed answer failed" in server.output()

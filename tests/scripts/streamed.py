@@ -1,5 +1,6 @@
 """A @rawhttp script that streams its answer (Flask's `Response(generator)`, as a script streaming tokens does):
-`?parts=N&gap_ms=M` yields N lines M ms apart; `?fail_at=K` raises after K parts (the head is out by then)."""
+`?parts=N&gap_ms=M` yields N lines M ms apart; `?fail_at=K` raises after K parts (the head is out by then);
+`?close_fails=1` registers a close callback that raises (it runs once the stream has ended)."""
 import time
 
 from azureml.contrib.services.aml_request import rawhttp
@@ -24,4 +25,7 @@ def run(request):
                 time.sleep(gap_s)
             yield f"part {i} of {parts}\n"
 
-    return Response(lines(), mimetype="text/plain")
+    response = Response(lines(), mimetype="text/plain")
+    if request.args.get("close_fails"):
+        response.call_on_close(lambda: 1 / 0)
+    return response
