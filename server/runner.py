@@ -69,8 +69,10 @@ class BootWatch:
         self.ever_ready = self.ever_ready or serving
         worker.replacement = self.ever_ready  # a replacement that cannot boot is retried, not fatal
         if self.failures >= MAX_BOOT_FAILURES and not serving:  # no worker can start, none serves: give up
-            raise HaltServer(f"{self.failures} workers in a row died before they were ready; a worker killed during "
-                             "init() ('was sent SIGKILL' above) is usually out of memory", BOOT_ERROR)
+            raise HaltServer(f"{self.failures} workers in a row died before they were ready (each exit is logged "
+                             "above): one 'sent SIGKILL' during init() is usually out of memory; one that 'exited with "
+                             "code N' ended the process itself (os._exit, a native crash)",
+                             BOOT_ERROR)
         if self.failures:
             time.sleep(min(0.5 * 2 ** (self.failures - 1), 4.0))
 
