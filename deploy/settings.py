@@ -271,7 +271,8 @@ _SCALE = {None: 1, "m": 1e-3, "k": 1e3, "M": 1e6, "G": 1e9, "T": 1e12, "P": 1e15
 
 def quantity(value: str, what: str) -> float:
     """A Kubernetes quantity (`500m`, `2`, `512Mi`, `4Gi`, `1G`) as a number, as the cluster reads it; anything else
-    is refused in one line, here, rather than by Azure after the model and endpoint exist."""
+    is refused in one line, here, rather than by Azure after the model and endpoint exist. Not the kubernetes
+    client's parse_quantity: SDK v1's environment (`.[deploy-v1]`) has no kubernetes package."""
     match = _QUANTITY.fullmatch(str(value).strip())
     if not match:
         raise DeployError(f"{what} {value!r} is not a Kubernetes quantity (e.g. 500m or 2 CPUs, 512Mi or 4Gi memory)")

@@ -99,18 +99,15 @@ def cmd_serve(args: argparse.Namespace) -> int:
     from server.runner import debugging, plan, serve
 
     from .extras import install_line, missing
-    from server.settings import BY_NAME, SETTINGS, SettingError, check, resolve, script_environment
+    from server.settings import BY_NAME, SettingError, check, read_as_off, resolve, script_environment
 
     flags = {name: getattr(args, name) for name in BY_NAME}
     settings = resolve(flags)
     if args.appinsights_key:  # as azmlinfsrv: giving the key on the command line turns Application Insights on
         settings = settings.replace(appinsights_enabled=True)
-    for s in SETTINGS:  # a variable azmlinfsrv reads as off although it looks on ("True", "1"): say so, once
-        text = os.environ.get(s.env or "", "")
-        if s.env_type and flags[s.name] is None and text.lower() in ("1", "true", "yes", "on") \
-                and not s.env_type(text):
-            print(f"scorehost: {s.env}={text} is off: azmlinfsrv reads it so (see --help), and so does scorehost",
-                  file=sys.stderr)
+    # the key's flag turns Application Insights on, as its own flag would: AML_APP_INSIGHTS_ENABLED is not read then
+    for line in read_as_off({**flags, "appinsights_enabled": True} if args.appinsights_key else flags):
+        print(line, file=sys.stderr)
     if settings.appinsights_enabled and not telemetry.connection_string(settings):
         print("scorehost: Application Insights is disabled: AML_APP_INSIGHTS_KEY (--appinsights-instrumentation-"
               "key) is missing or not a valid instrumentation key (a GUID)", file=sys.stderr)

@@ -234,8 +234,8 @@ class Connection:
         status line and header lines but Connection, which is decided here: close when `close` (the client's or
         the app's wish), and when the worker stops (or the client half-closed), but not while requests wait behind
         this one: they were accepted, so they are answered first (a close was sent on this answer, and the
-        pipelined ones behind it went unanswered). `streamed`: only its head and first part, the rest to come through `part`
-        (request.stream is set). False: not taken."""
+        pipelined ones behind it went unanswered). `streamed`: only its head and first part, the rest to come
+        through `part` (request.stream is set). False: not taken."""
         behind = self.pending or (self.request is not None and self.request.head_done)  # accepted, to answer next
         close = close or not request.keep_alive or ((self.eof or not self.hooks.keep_alive()) and not behind)
         return self._give(request, head + (CLOSE if close else KEEP_ALIVE) + body, close, streamed)

@@ -230,12 +230,19 @@ def error_response(error: ServerError, request_id: Optional[str]) -> AMLResponse
 
 def raw_error_response(error: ServerError) -> bytes:
     """A whole HTTP answer for an error met before (or without) the app: JSON with a new request id, then close."""
+    head, body = raw_error_parts(error)
+    return head + b"Connection: close\r\n\r\n" + body
+
+
+def raw_error_parts(error: ServerError) -> tuple[bytes, bytes]:
+    """That answer's head, but its Connection line and the blank line, and its body: as an app thread hands an
+    answer to the connection, which decides Connection (server/connection.py, `answer`)."""
     status = status_of(error)
     reason = http.HTTPStatus(status).phrase
     request_id = str(uuid.uuid4())
     message = f"{reason}: {error.message}" if isinstance(error, ProtocolError) else error.message
     body = json.dumps({"message": message, "request_id": request_id}).encode()
     extra = "".join(f"{name}: {value}\r\n" for name, value in error.extra_headers.items())
-    head = (f"HTTP/1.1 {status} {reason}\r\nConnection: close\r\nContent-Type: application/json\r\n"
-            f"Content-Length: {len(body)}\r\nx-request-id: {request_id}\r\n{extra}\r\n")
-    return head.encode("latin-1") + body
+    head = (f"HTTP/1.1 {status} {reason}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\nx-request-id: {request_id}\r\n{extra}")
+    return head.encode("latin-1"), body

@@ -486,7 +486,7 @@ class FrontWorker(Worker):
                 head, body, close, streamed = self._respond(conn, request)
             except BaseException:  # noqa: B036 - nothing may kill an app thread
                 log.exception("error while answering a request")
-                (head, body), close = _head_and_body(errors.raw_error_response(errors.InternalError())), True
+                (head, body), close = errors.raw_error_parts(errors.InternalError()), True
             request.responded = time.perf_counter()
             if streamed is None:
                 self._hand(conn, request, body, close, WHOLE, head)
@@ -527,7 +527,7 @@ class FrontWorker(Worker):
         code = int(status[:3])
         bodiless = request.method == "HEAD" or code < 200 or code in (204, 304)
         streamed = None if bodiless or not captured or any(n.lower() == "content-length" for n, _ in headers) \
-            else _Streamed(result, request.version == "1.1")
+            else _Streamed(result, request.version == "1.1", code)
         if streamed is None:
             try:
                 chunks = written + [chunk for chunk in result if chunk]
@@ -553,9 +553,7 @@ class FrontWorker(Worker):
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append(f"Date: {_date()}\r\n")
         if self.log_access and streamed is None:
-            self._log_access(conn, request, code, len(body))
-        elif streamed is not None:
-            streamed.code = code
+            self._log_access(conn, request, code, len(body))  # a streamed one's when it ends (_stream)
         return "".join(lines).encode("latin-1"), body, close, streamed
 
     def _stream(self, conn: Connection, request: Request, head: bytes, first: bytes, close: bool,
@@ -625,21 +623,13 @@ class FrontWorker(Worker):
         return environ
 
 
-def _head_and_body(answer: bytes) -> tuple[bytes, bytes]:
-    """A whole answer made elsewhere (errors.raw_error_response) as `_respond` gives one: its head without the
-    Connection line and the blank line, and its body."""
-    head, _, body = answer.partition(b"\r\n\r\n")
-    return b"\r\n".join(line for line in head.split(b"\r\n") if not line.lower().startswith(b"connection:")) + \
-        b"\r\n", body
-
-
 class _Streamed:
     """The rest of a streamed answer: the app's iterable, and how its parts are framed on the wire."""
 
     __slots__ = ("iterable", "chunked", "code")
 
-    def __init__(self, iterable: Any, chunked: bool):
-        self.iterable, self.chunked, self.code = iterable, chunked, 200
+    def __init__(self, iterable: Any, chunked: bool, code: int):
+        self.iterable, self.chunked, self.code = iterable, chunked, code
 
     def frame(self, data: bytes) -> bytes:
         return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data

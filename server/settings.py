@@ -40,8 +40,11 @@ def _true_in_any_case(text: str) -> bool:
     return text.lower() == "true"
 
 
+TRUE_WORDS = ("1", "true", "yes", "on")
+
+
 def _bool(text: str) -> bool:
-    if text.lower() in ("1", "true", "yes", "on"):
+    if text.lower() in TRUE_WORDS:
         return True
     if text.lower() in ("0", "false", "no", "off"):
         return False
@@ -488,6 +491,15 @@ def server_version(settings: Settings, environ: Optional[Mapping[str, str]] = No
 
     environ = os.environ if environ is None else environ
     return f"scorehost/{__version__}" if settings.server_version_header else environ.get("HTTP_X_MS_SERVER_VERSION", "")
+
+
+def read_as_off(flags: Mapping[str, Any], environ: Optional[Mapping[str, str]] = None) -> list[str]:
+    """The variables, not overridden by their flag, that look on ("True", "1") but that azmlinfsrv reads as off, and
+    so does scorehost (`env_type`): one line each, for the console."""
+    environ = os.environ if environ is None else environ
+    return [f"scorehost: {s.env}={environ[s.env]} is off: azmlinfsrv reads it so (see --help), and so does scorehost"
+            for s in SETTINGS if s.env_type and s.env and flags.get(s.name) is None
+            and environ.get(s.env, "").lower() in TRUE_WORDS and not s.env_type(environ[s.env])]
 
 
 def _parsed(setting: Setting, text: str, where: str) -> Any:

@@ -12,7 +12,7 @@ import pytest
 
 from corpus import Case, send
 from scorehost import __version__, processes
-from server.settings import resolve
+from server.settings import read_as_off, resolve
 
 GUID = "0c4a6b2e-1f3d-4a5b-9c8d-7e6f5a4b3c2d"
 SEEN = ("AML_APP_ROOT", "AZUREML_ENTRY_SCRIPT", "AZUREML_MODEL_DIR", "WORKER_COUNT", "SERVER_PORT", "HEALTH_PORT",
@@ -184,6 +184,9 @@ def test_azmlinfsrvs_variables_read_as_it_reads_them_and_scorehosts_flags_as_boo
 
     for text in ("true", "True", "TRUE", "1", "yes", "on", "false", "0", "junk"):
         assert resolve({}, {variable: text, "AML_APP_ROOT": "/nonexistent"}).values[name] is (text in on), text
+    assert read_as_off({}, {variable: "1"}) == [f"scorehost: {variable}=1 is off: azmlinfsrv reads it so (see --help), "
+                                                "and so does scorehost"]
+    assert read_as_off({name: True}, {variable: "1"}) == read_as_off({}, {variable: "false"}) == []
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     flag = "--" + name.replace("_", "-")
