@@ -322,6 +322,15 @@ def test_requests_pipelined_on_a_connection_when_sigterm_comes_are_all_answered(
         server.stop()
 
 
+def test_chunked_framing_past_the_heads_limit_is_431_json_and_the_server_serves_on(framing):
+    """Attacked from outside: trailer fields after a 5-byte chunked body were read for as long as they came (12 GB)."""
+    flood = b"T: " + b"a" * 8000 + b"\r\n"
+    reply = answers_until_closed(framing.port, b"POST /score HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: chunked\r\n"
+                                 b"\r\n5\r\nhello\r\n0\r\n" + flood * 130)
+    assert statuses(reply) == [431] and b'"request_id"' in reply and b"chunked body's framing" in reply
+    assert send(framing.url, Case("x", "POST", "/score", b"next")).status == 200
+
+
 @pytest.mark.parametrize("request_bytes", [
     b"GET /\r\n\r\n",
     b"GET / HTTP/2.0\r\nHost: x\r\n\r\n",
