@@ -24,6 +24,7 @@ Used when the script has `run_batch` and batching is on (the default on a GPU ma
 from __future__ import annotations
 
 import collections
+import copy
 import io
 import itertools
 import logging
@@ -174,6 +175,20 @@ class _Item:
         self.traceparent: Optional[str] = None  # the request span's, when its HTTP worker traces (telemetry)
 
 
+def _padding(last: Any, count: int) -> list:
+    """What fills a batch up to its padded size: one copy of the last item, repeated. Not the item itself: a
+    run_batch() that changes its inputs in place (`x *= 2`, an in-place normalisation) would change that request's
+    input once per padding entry. One copy a batch is enough, since the padding's results are dropped. An item that
+    cannot be copied (a rebuilt request object) is repeated as it is."""
+    if count <= 0:
+        return []
+    try:
+        filler = copy.deepcopy(last)
+    except Exception:  # noqa: BLE001 - whatever the object's __deepcopy__ or __reduce__ raises
+        filler = last
+    return [filler] * count
+
+
 class ModelServer:
     """The batching queue and loop of one model process (see the module docstring). Built without a socket:
     tests drive `submit` and `step` directly with Peer-like objects."""
@@ -293,7 +308,7 @@ class ModelServer:
     def _score(self, batch: list[_Item]) -> None:
         n = len(batch)
         values = [item.value for item in batch]
-        values += [values[-1]] * (self.padded(n) - n)
+        values += _padding(values[-1], self.padded(n) - n)
         self.current = batch
         started = time.monotonic()
         span = self.tracing.batch([item.traceparent for item in batch], [item.arrived for item in batch], n,

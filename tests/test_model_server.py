@@ -57,6 +57,22 @@ def test_padding_to_the_allowed_sizes():
     assert seen == [4] and [a.payload for a in peer.answers] == [0, 1, 2]
 
 
+def test_padding_is_a_copy_so_a_run_batch_that_changes_its_inputs_in_place_changes_each_once():
+    """A batch of 3 padded to 4 (or 5 to 8) used to repeat the last request's own array: `x *= 2` doubled it once
+    per padding entry, and that client got 4x (or 16x) its answer, with no error anywhere."""
+    def double_in_place(items):
+        for x in items:
+            x *= 2
+        return [float(x[0]) for x in items]
+
+    model = server(double_in_place, sizes=(1, 2, 4, 8), batch_max=8)
+    peer = FakePeer()
+    for i in range(1, 6):
+        model.submit(peer, i, np.array([float(i)]), far())
+    model.step(wait_s=0)
+    assert [a.payload for a in peer.answers] == [2.0, 4.0, 6.0, 8.0, 10.0]
+
+
 def test_a_full_queue_or_a_hopeless_deadline_is_refused_at_once():
     model = server(lambda items: items, queue_max=2, queue_bytes=100)
     peer = FakePeer()
