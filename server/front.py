@@ -44,13 +44,12 @@ import time
 from email.utils import formatdate
 from typing import Any, Callable, Optional
 
-from gunicorn.workers.base import Worker
 
 from . import errors
 from .app import BODY_ERROR, DEADLINE, TIMED_OUT
 from .body import WHOLE_BODY
 from .connection import BUSY, CLOSED, CLOSING, STREAMING, WRITING, Connection, Limits, Request, Stream
-from .model_process import EXIT_HUNG
+from .model_process import EXIT_HUNG, ScoreWorker
 from .settings import drain_plan
 from .telemetry import TRACE
 
@@ -114,7 +113,7 @@ class SocketTransport:
         self.sock.close()
 
 
-class FrontWorker(Worker):
+class FrontWorker(ScoreWorker):
     """gunicorn worker: one epoll loop thread that owns all sockets, `threads` app threads, one side thread."""
 
     # Set by the master before the fork (runner.ScoreServer._pre_fork).
@@ -129,10 +128,6 @@ class FrontWorker(Worker):
     def handle_exit(self, sig: int, frame: Any) -> None:
         self.alive = False
         self.stop_asked = self.stop_asked or time.monotonic()
-
-    def handle_quit(self, sig: int, frame: Any) -> None:
-        """SIGINT and SIGQUIT (Ctrl-C) stop this worker as SIGTERM does: what it accepted is answered first."""
-        self.handle_exit(sig, frame)
 
     def init_process(self) -> None:
         soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)

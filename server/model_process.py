@@ -29,6 +29,7 @@ import io
 import itertools
 import logging
 import os
+import signal
 import socket
 import threading
 import time
@@ -468,7 +469,25 @@ class ModelServer:
             peer.stalled(on)
 
 
-class ModelWorker(Worker):
+def _ignore(sig: int, frame: Any) -> None:
+    """A handler that does nothing (not SIG_IGN, which a process the script starts would inherit)."""
+
+
+class ScoreWorker(Worker):
+    """What both of scorehost's worker kinds (`front.FrontWorker`, `ModelWorker`) do with signals: SIGINT and
+    SIGQUIT (Ctrl-C) stop them as SIGTERM does, answering what they accepted first. SIGHUP is the master's (a
+    reload): gunicorn leaves it at its default in a worker, which ended the worker and every request it held when
+    the whole process group got it (a closed terminal, a dropped ssh session, `kill -HUP -PGID`)."""
+
+    def init_signals(self) -> None:
+        super().init_signals()
+        signal.signal(signal.SIGHUP, _ignore)
+
+    def handle_quit(self, sig: int, frame: Any) -> None:
+        self.handle_exit(sig, frame)
+
+
+class ModelWorker(ScoreWorker):
     """The gunicorn worker class of a model slot: no HTTP, just the script's init() and the batching loop. The
     master (runner.ScoreArbiter) starts this class for a free model slot and fills in `slot` before the fork."""
 
@@ -476,10 +495,6 @@ class ModelWorker(Worker):
     generation = 0
     replacement = False
     gpu: Optional[str] = None
-
-    def handle_quit(self, sig: int, frame: Any) -> None:
-        """SIGINT and SIGQUIT (Ctrl-C) stop this worker as SIGTERM does: what it accepted is answered first."""
-        self.alive = False
 
     def load_wsgi(self) -> None:
         # The fork gave this process the HTTP listeners, which it never accepts on: held open, connections made

@@ -96,9 +96,15 @@ class ScoreArbiter(gunicorn.arbiter.Arbiter):
     """gunicorn's master, with a reload (SIGHUP) that never leaves the server without ready workers: a new
     generation of workers starts beside the old one, which keeps serving; once every new worker is ready (model
     processes warm), the old ones stop gracefully. If a new worker dies before it is ready (the new script fails to
-    load), the new generation is stopped and the old one goes on serving the old script."""
+    load), the new generation is stopped and the old one goes on serving the old script. A stopped worker still
+    alive --graceful-timeout later is killed, as gunicorn's own stop does: a model process hung in run_batch() would
+    otherwise hold a second copy of the model beside the new one until its scoring timeout."""
 
     rolling: Optional[tuple[set[int], set[int]]] = None  # (old pids, new pids) while a reload is under way
+
+    def __init__(self, app: Any):
+        super().__init__(app)
+        self.retiring: dict[int, float] = {}  # pid -> when it is killed, for the workers a reload stopped
 
     def handle_int(self) -> None:
         """Ctrl-C: workers stop as on SIGTERM (answering what they accepted), and the server exits 130."""
@@ -123,23 +129,36 @@ class ScoreArbiter(gunicorn.arbiter.Arbiter):
             self.spawn_worker()
         self.rolling = (old, set(self.WORKERS) - old)
 
+    def retire(self, pids: Iterable[int]) -> None:
+        """Stop these workers gracefully, and kill those still alive --graceful-timeout later (`manage_workers`)."""
+        until = time.monotonic() + self.cfg.graceful_timeout
+        for pid in pids:
+            self.retiring[pid] = until
+            self.kill_worker(pid, signal.SIGTERM)
+
     def manage_workers(self) -> None:
+        now = time.monotonic()
+        for pid, until in list(self.retiring.items()):
+            if pid not in self.WORKERS:
+                del self.retiring[pid]
+            elif now >= until:
+                self.log.warning("worker %d stopped by a reload is still alive after --graceful-timeout: killed", pid)
+                del self.retiring[pid]
+                self.kill_worker(pid, signal.SIGKILL)
         if self.rolling is None:
             super().manage_workers()
             return
         old, new = self.rolling
         live = set(self.WORKERS)
         if not new <= live:
-            for pid in new & live:
-                self.kill_worker(pid, signal.SIGTERM)
+            self.retire(new & live)
             self.app.generation -= 1
             self.app.boots.failures = 0
             self.rolling = None
             self.log.error("reload failed: a new worker died before it was ready (see above); the old workers go on "
                            "serving the old script")
         elif all(self.app.boots.is_ready(pid) for pid in new):
-            for pid in old & live:
-                self.kill_worker(pid, signal.SIGTERM)
+            self.retire(old & live)
             self.rolling = None
             self.log.info("reload: the new workers are ready; the old ones stop after their requests")
 

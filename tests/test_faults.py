@@ -230,8 +230,10 @@ def test_a_connection_whose_request_comes_after_sigterm_is_answered_not_reset():
         server.stop()
 
 
-def test_sighup_reload_in_batching_mode_answers_every_request():
-    """Finding 4: 6-7 of ~450 requests got 503 across a reload."""
+@pytest.mark.parametrize("to", ["master", "group"])
+def test_sighup_reload_in_batching_mode_answers_every_request(to):
+    """Finding 4: 6-7 of ~450 requests got 503 across a reload. A SIGHUP to the whole process group (a closed
+    terminal, `kill -HUP -PGID`) ended every worker at once, and what they held got no answer at all."""
     server = _napping()
     got: list[int] = []
     try:
@@ -243,13 +245,37 @@ def test_sighup_reload_in_batching_mode_answers_every_request():
         with concurrent.futures.ThreadPoolExecutor(6) as pool:
             clients = [pool.submit(load, 7) for _ in range(6)]
             time.sleep(1)
-            os.kill(server.pid, signal.SIGHUP)
+            (os.kill if to == "master" else os.killpg)(server.pid, signal.SIGHUP)
             for c in clients:
                 c.result()
         assert len(got) > 30 and set(got) == {200}, {s: got.count(s) for s in set(got)}
         assert "reload: the new workers are ready" in server.output()
     finally:
         server.stop()
+
+
+def test_a_model_process_hung_when_a_reload_stops_it_is_killed_after_the_graceful_timeout(start_server):
+    """It lived until its scoring timeout and --hung-grace (up to an hour by default), holding a second copy of the
+    model beside the new generation's. Its hung request is answered 503 by its HTTP worker at the graceful end."""
+    server = start_server("scorehost", script("pipeline.py"), env={"CUDA_VISIBLE_DEVICES": "0"}, workers=1,
+                          extra_args=("--graceful-timeout", "2", "--scoring-timeout-ms", "120000",
+                                      "--hung-grace", "120"))
+    old = set(_children(server.pid))
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        hung = pool.submit(send, server.url, Case("x", "POST", "/score?hang=1", jpeg(colour(1)), ()), 60)
+        time.sleep(1)
+        os.kill(server.pid, signal.SIGHUP)
+        deadline = time.monotonic() + 60
+        while "reload: the new workers are ready" not in server.output() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        retired = time.monotonic()
+        assert hung.result().status == 503
+    while any(os.path.exists(f"/proc/{pid}") for pid in old) and time.monotonic() < retired + 10:
+        time.sleep(0.2)
+    assert not any(os.path.exists(f"/proc/{pid}") for pid in old), server.output()[-2000:]
+    assert time.monotonic() - retired < 6
+    assert "still alive after --graceful-timeout: killed" in server.output()
+    assert post(server, jpeg(colour(2))).status == 200
 
 
 # --- 5, 12, 13, 14, 15: HTTP as a mature server does it --------------------------------------------------------
