@@ -42,6 +42,13 @@ BODY_ERROR = "scorehost.body_error"  # set by the HTTP front when a body could n
 TIMED_OUT = "scorehost.timed_out"  # set by the HTTP front to have a call stuck past the scoring timeout answered
 DEADLINE = "scorehost.deadline"  # the request's scoring deadline (time.monotonic()), set by the HTTP front when an
 # app thread takes the request; run(), preprocess(), the model queue, run_batch() and the wait for its answer keep it
+# A call past its deadline is answered by a second run of the app (TIMED_OUT) while the first may still return: the
+# front gives both runs the request's one id (REQUEST_ID, when the client sent none) and one claim (ANSWER_CLAIM, a
+# lock). The run that finishes first takes it and is the request's answer: counted, traced and recorded once; the
+# other is marked LATE (the front neither logs nor sends it).
+REQUEST_ID = "scorehost.request_id"
+ANSWER_CLAIM = "scorehost.answer_claim"
+LATE = "scorehost.late"
 PROTECTED = ("/score", "/swagger.json", "/metrics")
 
 
@@ -152,6 +159,8 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
     def _finish(response: flask.Response) -> flask.Response:
         request, g = _current()
         contract_headers(response, request.environ, g, version_header)
+        if not first_answer(request.environ):
+            return response  # a late return past the scoring timeout: the timed-out answer was the request's
         trace = request.environ.get(telemetry.TRACE)
         if trace is not None:
             response.headers["traceparent"] = trace.traceparent()
@@ -160,8 +169,7 @@ def create_app(settings: Settings, script: Optional[EntryScript] = None,
         started = getattr(g, "started", None)
         metrics.observe_request(rule.rule if rule else "unmatched", request.method, response.status_code,
                                 time.perf_counter() - started if started is not None else 0.0)
-        if recorder is not None and not request.environ.get(TIMED_OUT) and recorder.wants(request.path,
-                                                                                            response.status_code):
+        if recorder is not None and recorder.wants(request.path, response.status_code):
             recorder.save(exchange_of(request, response))
         return response
 
@@ -172,6 +180,15 @@ def _current() -> tuple[flask.Request, Any]:
     """This request and its `g`, the objects themselves: each use of Flask's proxies (`flask.request`, `flask.g`)
     looks them up again (28 lookups a request had cost ~45 us of the app's ~160, in process)."""
     return flask.request._get_current_object(), flask.g._get_current_object()  # type: ignore[attr-defined]
+
+
+def first_answer(environ: dict) -> bool:
+    """Whether this run of the app is its request's answer (see ANSWER_CLAIM); a run that is not is marked LATE."""
+    claim = environ.get(ANSWER_CLAIM)
+    if claim is None or claim.acquire(blocking=False):
+        return True
+    environ[LATE] = True
+    return False
 
 
 def protected(path: str) -> bool:
@@ -218,7 +235,7 @@ def request_ids(environ: dict, g: Any) -> None:
     g.request_id = g.client_request_id = g.legacy_client_request_id = ""
     request_id = environ.get("HTTP_X_REQUEST_ID")
     if request_id is None:
-        request_id = str(uuid.uuid4())
+        request_id = environ.get(REQUEST_ID) or str(uuid.uuid4())
     if len(request_id) > HEADER_LIMIT:
         raise HeaderTooLong(f"x-request-id must not exceed {HEADER_LIMIT} characters")
     g.request_id = request_id

@@ -82,7 +82,7 @@ class Request:
     __slots__ = ("method", "url", "path", "query", "version", "headers", "body", "body_size", "keep_alive",
                  "body_error", "expect_continue", "content_length", "started", "deadline", "reserved",
                  "head_done", "answered", "returned", "error", "dispatched", "responded", "trace", "continued",
-                 "stream")
+                 "stream", "app_shared")
 
     def __init__(self) -> None:
         self.method: Optional[str] = None
@@ -110,6 +110,7 @@ class Request:
         self.dispatched = self.responded = 0.0
         self.trace: Any = None  # telemetry.RequestTrace when tracing is on
         self.stream: Optional[Stream] = None  # set by the app thread before the first part of a streamed answer
+        self.app_shared: Any = None  # set by the app thread that takes it (front.FrontWorker._app_thread)
 
 
 class Stream:

@@ -41,12 +41,13 @@ import select
 import socket
 import threading
 import time
+import uuid
 from email.utils import formatdate
 from typing import Any, Callable, Optional
 
 
 from . import errors
-from .app import BODY_ERROR, DEADLINE, TIMED_OUT
+from .app import ANSWER_CLAIM, BODY_ERROR, DEADLINE, LATE, REQUEST_ID, TIMED_OUT
 from .body import WHOLE_BODY
 from .connection import BUSY, CLOSED, CLOSING, STREAMING, WRITING, Connection, Limits, Request, Stream
 from .model_process import EXIT_HUNG, ScoreWorker
@@ -472,6 +473,8 @@ class FrontWorker(ScoreWorker):
             conn, request = item
             if request.answered:
                 continue  # answered meanwhile (evacuated)
+            # what a timed-out answer (_overdue) shares with this run: the request's id and who answered first
+            request.app_shared = (str(uuid.uuid4()), threading.Lock())
             request.deadline = time.monotonic() + self.timeout_s  # its one scoring deadline starts now
             self.metrics.stages["queue"].observe(time.perf_counter() - request.dispatched)
             if request.trace is not None:
@@ -547,7 +550,7 @@ class FrontWorker(ScoreWorker):
         elif not bodiless:
             lines.append(f"Content-Length: {len(body)}\r\n")
         lines.append(f"Date: {_date()}\r\n")
-        if self.log_access and streamed is None:
+        if self.log_access and streamed is None and not environ.get(LATE):
             self._log_access(conn, request, code, len(body))  # a streamed one's when it ends (_stream)
         return "".join(lines).encode("latin-1"), body, close, streamed
 
@@ -612,6 +615,8 @@ class FrontWorker(ScoreWorker):
         environ["wsgi.input"] = io.BytesIO(body[0] if len(body) == 1 else b"".join(body))
         environ[WHOLE_BODY] = True
         environ[DEADLINE] = request.deadline
+        if request.app_shared is not None:
+            environ[REQUEST_ID], environ[ANSWER_CLAIM] = request.app_shared
         environ[TRACE] = request.trace
         if request.body_error:
             environ[BODY_ERROR] = request.body_error

@@ -331,6 +331,24 @@ def test_requests_pipelined_behind_a_timed_out_one_are_answered(start_server):
     assert reply.count(b"Connection: keep-alive") >= 2 and b"Connection: close" not in reply.partition(b"nap:0.000")[0]
 
 
+def test_a_call_past_the_scoring_timeout_is_one_request_counted_logged_and_recorded_once(start_server, tmp_path):
+    """Attacked from outside: the timeout's 500 and the call's late return (dropped) were each counted in /metrics
+    and logged, and --record kept the dropped late answer, under a request id the client never saw."""
+    record = tmp_path / "rec"
+    server = start_server("scorehost", script("sleeper.py"), workers=1,
+                          extra_args=("--scoring-timeout-ms", "500", "--access-log", "true", "--record", str(record)))
+    answer = post(server, b"1.2")  # time.sleep in C: the call returns 0.7 s after its timeout's answer
+    assert answer.status == 500 and b"Scoring timeout" in answer.body
+    time.sleep(1.5)  # the late return comes and is dropped
+    metrics = send(server.url, Case("x", "GET", "/metrics")).body.decode()
+    assert re.findall(r'scorehost_requests_total\{[^}]*route="/score"[^}]*\} (\S+)', metrics) == ["1.0"], metrics
+    assert len(re.findall(r'"POST /score HTTP/1.1" ', server.output())) == 1, server.output()[-3000:]
+    recorded, = (json.loads(f.read_text()) for f in record.glob("*.json"))
+    assert recorded["response"]["status"] == 500
+    assert ["x-request-id", answer.header("x-request-id")] in [[k.lower(), v] for k, v in
+                                                               recorded["response"]["headers"]]
+
+
 def test_requests_pipelined_on_a_connection_when_sigterm_comes_are_all_answered():
     """Attacked from outside: 10 pipelined requests, then SIGTERM: the answer being made said close, and the 9
     behind it got nothing (1-3 of 10 answered, 7 runs of 7). They are served within the graceful stop."""
