@@ -330,7 +330,7 @@ def _scorer(script: EntryScript, settings: Settings, metrics: Metrics,
             span = trace.child("preprocess") if trace is not None else None
             try:
                 preprocessed = invoker.invoke(lambda: script.batch_item(request), deadline,  # preprocess(), on time
-                                              passthrough=(ServerError, HTTPException))
+                                              passthrough=(ServerError, HTTPException), name="preprocess()")
             finally:
                 if span is not None:
                     span.end()

@@ -48,9 +48,10 @@ class Invoker:
         threading.Thread(target=self._watch, name="scoring-deadlines", daemon=True).start()
 
     def invoke(self, call: Callable[[], Any], deadline: Optional[float] = None,
-               passthrough: tuple[type[BaseException], ...] = ()) -> Timed:
-        """Run `call` (run() with its arguments bound) until `deadline` (time.monotonic(); the request's scoring
-        deadline) and time it; every failure becomes a ServerError, except the `passthrough` types."""
+               passthrough: tuple[type[BaseException], ...] = (), name: str = "run()") -> Timed:
+        """Run `call` (run() with its arguments bound, or what `name` says) until `deadline` (time.monotonic(); the
+        request's scoring deadline) and time it; every failure becomes a ServerError, except the `passthrough`
+        types."""
         started = time.perf_counter()
         if deadline is None:
             deadline = time.monotonic() + self.timeout_ms / 1000
@@ -67,7 +68,7 @@ class Invoker:
             if entry.interrupted:  # the script swallowed the interruption and returned: still a timeout
                 raise _Overran()
         except _Overran:
-            log.error("run() passed the scoring timeout of %d ms", self.timeout_ms)
+            log.error("%s passed the scoring timeout of %d ms", name, self.timeout_ms)
             raise ScoringTimeout(self.timeout_ms) from None
         except passthrough:
             if entry.interrupted:
@@ -76,7 +77,7 @@ class Invoker:
         except BaseException as ex:  # noqa: B036 - SystemExit from a script must not end the worker
             if entry.interrupted:  # the interrupt landed inside the script's own exception handling
                 raise ScoringTimeout(self.timeout_ms) from None
-            log.exception("run() raised")
+            log.exception("%s raised", name)
             raise script_error(ex) from None
         return Timed(output, (time.perf_counter() - started) * 1000)
 

@@ -37,6 +37,7 @@ from typing import Any, Callable, Iterable, NamedTuple, Optional
 
 import flask
 from gunicorn.workers.base import Worker
+from werkzeug.exceptions import HTTPException
 
 from . import errors, wire
 from .batching import BatchPolicy
@@ -316,8 +317,9 @@ class ModelServer:
                                   len(values)) if self.tracing is not None else None
         try:
             returned = self.run_batch(values)
-            if isinstance(returned, (str, bytes, dict)) or not hasattr(returned, "__iter__"):
-                raise TypeError(f"run_batch() returned a {type(returned).__name__}, not a list of results")
+            if isinstance(returned, (str, bytes, dict, set, frozenset)) or not hasattr(returned, "__iter__"):
+                raise TypeError(f"run_batch() returned a {type(returned).__name__}, not a list of results in the "
+                                "order of its inputs")
             outputs = list(returned)
             if len(outputs) != len(values):  # too many is as wrong as too few: the results may not be the inputs'
                 raise ValueError(f"run_batch() returned {len(outputs)} results for {len(values)} inputs")
@@ -337,10 +339,11 @@ class ModelServer:
         results = []
         for item, output in zip(batch, outputs):
             if isinstance(output, BaseException):
-                if not isinstance(output, errors.ServerError):
-                    log.error("run_batch() failed one item: %r", output)
-                error = output if isinstance(output, errors.ServerError) else errors.script_error(output)
-                results.append((item, False, error))
+                if isinstance(output, (errors.ServerError, HTTPException)):  # its status, as from preprocess()
+                    results.append((item, False, output))
+                    continue
+                log.error("run_batch() failed one item: %r", output)
+                results.append((item, False, errors.script_error(output)))
             elif isinstance(output, flask.Response):
                 try:  # its body is read here: a stream that fails, or a file in passthrough mode, fails alone
                     results.append((item, True, ResponseData.of(output)))
@@ -445,7 +448,10 @@ class ModelServer:
         """Answers the items of a run_batch() that overran their deadline, and ends a process that stays stuck."""
         while True:
             time.sleep(0.05)
-            heartbeat()
+            try:
+                heartbeat()
+            except (OSError, ValueError):  # the worker is exiting: gunicorn closed the file it beats on
+                return
             batch, now = self.current, time.monotonic()
             overdue = [item for item in batch if now >= item.deadline and not item.answered]
             if overdue:
@@ -688,6 +694,7 @@ class ModelClient:
             raise errors.ResultUnusable("run_batch()'s result for this request cannot be read back "
                                         f"({frame.payload}).")
         if frame.type == wire.Type.ERROR:
-            raise frame.payload if isinstance(frame.payload, errors.ServerError) else errors.InternalError()
+            raise frame.payload if isinstance(frame.payload, (errors.ServerError, HTTPException)) \
+                else errors.InternalError()
         output = frame.payload.response() if isinstance(frame.payload, ResponseData) else frame.payload
         return Timed(output, frame.value)

@@ -88,6 +88,13 @@ def test_a_result_that_does_not_pickle_fails_that_request_only_and_the_model_pro
 
 # --- 3: a hung call does not take its neighbours --------------------------------------------------------------
 
+def test_an_http_error_run_batch_gives_one_item_is_that_items_status(odd):
+    """As preprocess() may raise BadRequest for its status, run_batch() may give one as an item's result: it was 500."""
+    answer = post(odd, b"refused")
+    assert answer.status == 400 and b"This item is not for this model." in answer.body
+    assert post(odd, b"fine").status == 200
+
+
 def test_a_hung_run_answers_every_request_its_worker_holds_before_it_restarts(start_server):
     """Finding 3: past --hung-grace the worker os._exit()ed and closed the 10 requests it held unanswered."""
     stuck = start_server("scorehost", script("stuck.py"), extra_args=("--scoring-timeout-ms", "500",

@@ -122,6 +122,7 @@ def test_a_raising_batch_and_a_failing_item_fail_only_their_own_requests():
     (lambda items: {str(i): x for i, x in enumerate(items)}, "returned a dict, not a list"),
     (lambda items: "abc", "returned a str, not a list"),
     (lambda items: None, "returned a NoneType, not a list"),
+    (lambda items: set(items), "returned a set, not a list"),  # no order: results would go to the wrong requests
 ])
 def test_a_run_batch_that_returns_other_than_one_result_an_input_fails_its_batch(returned, said, caplog):
     """Attacked from outside: n + 3 results were cut to n and answered 200, and a dict or a string was served as

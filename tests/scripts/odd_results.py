@@ -1,12 +1,14 @@
 """A run_batch() script whose results misbehave on the way back, for the model-process fault tests:
 'lock' returns a result that does not pickle (it holds a lock); 'local' returns an instance of a class that only
-init() created, so the HTTP worker cannot unpickle it; preprocess('nap:S') sleeps S seconds (in C: the scoring
+init() created, so the HTTP worker cannot unpickle it; 'refused' returns werkzeug's BadRequest (its status); preprocess('nap:S') sleeps S seconds (in C: the scoring
 deadline cannot interrupt it); anything else is echoed with the model process's pid."""
 import os
 import sys
 import threading
 import time
 import types
+
+from werkzeug.exceptions import BadRequest
 
 
 def init():
@@ -34,6 +36,8 @@ def run_batch(items):
             out.append({"lock": threading.Lock()})
         elif item == "local":
             out.append(Result(item))
+        elif item == "refused":
+            out.append(BadRequest("This item is not for this model."))
         else:
             out.append({"echo": item, "pid": os.getpid()})
     return out
