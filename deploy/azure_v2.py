@@ -151,7 +151,8 @@ def export(s: DeploySettings, out_dir: str) -> list[str]:
 
 def apply_by_hand(s: DeploySettings, paths: list[str]) -> list[str]:
     """The commands that apply what `export` wrote, in order, with what they need that the YAML cannot say: on AKS
-    the instance type (kubectl) and the compute attach with its identity before the endpoint."""
+    the instance type (kubectl) and the compute attach with its identity before the endpoint; and the traffic, which
+    a new endpoint gives no deployment (endpoint.yml's `traffic: {}`): all of it to the first, as `deploy` does."""
     ws = f"-g {s.resource_group or '<resource-group>'} -w {s.workspace or '<workspace>'}"
     lines = []
     if s.target != "managed":
@@ -160,7 +161,7 @@ def apply_by_hand(s: DeploySettings, paths: list[str]) -> list[str]:
                   f"az ml compute attach {ws} --type Kubernetes --name {s.compute} --resource-id {s.aks_resource_id}"
                   " --namespace azureml --identity-type SystemAssigned"]
     return lines + [f"az ml online-endpoint create {ws} -f {paths[0]}",
-                    f"az ml online-deployment create {ws} -f {paths[1]}"]
+                    f"az ml online-deployment create {ws} -f {paths[1]} --all-traffic"]
 
 
 def _plain(data: Any) -> Any:

@@ -47,6 +47,12 @@ def add_settings_flags(parser: argparse.ArgumentParser, command: str) -> None:
             parser.add_argument(flag, dest=field.name, type=kind, default=None, help=doc.replace("%", "%%"))
 
 
+def add_no_load_check(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--no-load-check", action="store_true", help="skip loading the script with the model (it "
+                        "loads in this environment: a script whose packages are in its conda file alone needs them "
+                        "installed here, or this)")
+
+
 def settings_from(args: argparse.Namespace, **fixed: Any) -> DeploySettings:
     names = {f.name for f in dataclasses.fields(DeploySettings)}
     return DeploySettings.load(args.config, **{k: v for k, v in vars(args).items() if k in names}, **fixed)
@@ -86,7 +92,7 @@ def _confirm(question: str, yes: bool) -> bool:
 
 def cmd_plan(args: argparse.Namespace) -> int:
     require("deploy plan", ("yaml", "azure.ai.ml") if args.out else ("yaml",))
-    from deploy import plan
+    from deploy import plan, source
 
     s, no_workspace = _demo_model(settings_from(args), PLAN), ""
     try:
@@ -94,6 +100,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     except WorkspaceNotFound as ex:
         s, no_workspace = s.named(), ex.reason  # a plan needs no workspace: it says none is known yet, and why
     found = plan.problems(s, load_check=not args.no_load_check)
+    if args.out and (occupied := source.output_problem(args.out)):
+        found.append(occupied)
     if args.out and s.endpoint_pending:
         found.append("--out writes the endpoint's name, whose last 6 characters come from the workspace: give the "
                      "workspace (above) or --endpoint NAME")
@@ -208,7 +216,7 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     from deploy.plan import sha256
 
     s = _demo_model(settings_from(args), K8S).named(azure_ml=False)  # names of the cluster's own: no workspace
-    found = k8s.problems(s, args.out)
+    found = k8s.problems(s, args.out, load_check=not args.no_load_check)
     if found:
         raise DeployError("scorehost deploy k8s: " + "; ".join(found))
     paths = k8s.write(s, args.out, args.image)
@@ -224,7 +232,8 @@ def cmd_k8s(args: argparse.Namespace) -> int:
     print(f"1. build and push the model image: see {paths[0]}\n"
           f"2. the GPU nodes must offer nvidia.com/gpu, which takes NVIDIA's device plugin: {k8s.GPU_CHECK}\n"
           f"   shows a number for each GPU node; where it shows <none>: kubectl apply -f {k8s.DEVICE_PLUGIN}\n"
-          f"3. kubectl apply -f {args.out}   (the API key is in {args.out}/secret.yaml, readable by you alone)")
+          f"3. kubectl apply -f {args.out}   (the API key is in {os.path.join(args.out, k8s.SECRET_FILE)}, readable "
+          "by you alone)")
     return 0
 
 
@@ -249,7 +258,7 @@ def register(sub: Any) -> None:
 
     p = step(PLAN, "validate locally and print every resource `deploy aks` (or --target managed) would create",
              cmd_plan)
-    p.add_argument("--no-load-check", action="store_true", help="skip loading the script with the model")
+    add_no_load_check(p)
     p.add_argument("--out", help="also write the endpoint and deployment as az ml YAML into this folder")
     for name, help, func in ((AKS, "deploy to an AKS cluster through Azure ML, checked by the parity replay",
                               cmd_aks),
@@ -275,6 +284,7 @@ def register(sub: Any) -> None:
     p.add_argument("--yes", action="store_true", help="do not ask for confirmation")
     p = step(K8S, "write plain Kubernetes manifests and a Dockerfile that bakes the model into the image", cmd_k8s)
     p.add_argument("--out", required=True, help="folder to write the manifests into")
+    add_no_load_check(p)
     p.add_argument("--image", required=True,
                    help="the model image in a registry the cluster pulls from, e.g. myregistry.azurecr.io/model:1")
 

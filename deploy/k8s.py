@@ -11,7 +11,7 @@ ML keeps a registered folder's name (deploy/plan.py's lay_out_model): one script
 base image's Python environment is the reference score.py's (myenv.yml); a script with another conda file gets its
 own environment built from it, with scorehost installed into it, as Azure ML builds the script's environment and adds
 its inference server. DIR also holds the Secret with the API key, so its .dockerignore sends the build only what the
-Dockerfile copies. The result is pushed to a registry the cluster pulls from.
+Dockerfile copies; a rerun keeps that key (existing_key). The result is pushed to a registry the cluster pulls from.
 """
 
 from __future__ import annotations
@@ -24,9 +24,11 @@ import shutil
 import secrets
 from typing import Any
 
+import yaml
+
 from deploy import plan, source
 from deploy.files import write_yaml
-from deploy.settings import DeploySettings
+from deploy.settings import DeployError, DeploySettings
 from scorehost import REPO_ROOT
 from server import settings as server_settings
 
@@ -44,7 +46,10 @@ GPU_CHECK = "kubectl get nodes -o custom-columns=NODE:.metadata.name,GPUS:.statu
 BASE_CONDA_FILE = os.path.join(REPO_ROOT, "myenv.yml")
 SCOREHOST_SOURCE = "/opt/scorehost"
 USER_ENV = "/opt/user-env"
-CONDA_FILE = "conda.yml"  # the script's conda file, in the build context
+# The script's conda file, in the build context: in a folder, since `kubectl apply -f DIR` reads every .yml, .yaml and
+# .json at DIR's top as a manifest (and fails on one that is none).
+CONDA_FILE = "env/conda.yml"
+SECRET_FILE = "secret.yaml"
 
 MODEL_DOCKERFILE = f"""\
 # The scorehost GPU image with the entry script and the model inside it, so the cluster needs no volume. Build the
@@ -64,11 +69,11 @@ USER_ENV_DOCKERFILE = f"""\
 # The script's environment, built from its conda file as Azure ML builds it, with scorehost installed into it (as Azure
 # ML adds its inference server) and first on PATH: the base image's own environment is the reference score.py's.
 USER 0
-COPY {CONDA_FILE} /tmp/{CONDA_FILE}
-RUN micromamba create --yes --prefix {USER_ENV} --file /tmp/{CONDA_FILE} \\
+COPY {CONDA_FILE} /tmp/conda.yml
+RUN micromamba create --yes --prefix {USER_ENV} --file /tmp/conda.yml \\
     && {USER_ENV}/bin/python -m pip install --no-cache-dir '{SCOREHOST_SOURCE}[gpu]' \\
     && micromamba clean --all --yes \\
-    && rm /tmp/{CONDA_FILE}
+    && rm /tmp/conda.yml
 ENV PATH={USER_ENV}/bin:$PATH
 USER 1000
 """
@@ -79,7 +84,7 @@ DOCKERIGNORE = """\
 *
 !code
 !model
-!{conda_file}
+!{conda_folder}
 """
 
 # Liveness and readiness wait for the first answer to GET /: a worker runs init() before it answers, for as long as the
@@ -113,8 +118,8 @@ def manifests(s: DeploySettings, image: str, key: str) -> dict[str, dict[str, An
         "securityContext": {"runAsNonRoot": True, "runAsUser": 1000, "allowPrivilegeEscalation": False},
     }
     return {
-        "secret.yaml": {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-key", "labels": labels},
-                        "type": "Opaque", "data": {"key": base64.b64encode(key.encode()).decode()}},
+        SECRET_FILE: {"apiVersion": "v1", "kind": "Secret", "metadata": {"name": f"{name}-key", "labels": labels},
+                      "type": "Opaque", "data": {"key": base64.b64encode(key.encode()).decode()}},
         "deployment.yaml": {
             "apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "labels": labels},
             "spec": {"replicas": s.instance_count, "selector": {"matchLabels": labels},
@@ -142,22 +147,22 @@ def _within(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + os.sep)
 
 
-def problems(s: DeploySettings, out_dir: str) -> list[str]:
-    found = [] if os.path.isfile(s.entry_script) else [f"entry script {s.entry_script} is not a file"]
-    too_big = source.problem(s)
-    if too_big:
-        found.append(too_big)
-    # out/code and out/model are replaced, and out is the image's build context: it must hold neither the originals
-    # nor be the script's folder (whose code/ copy would take the Secret into the image).
+def problems(s: DeploySettings, out_dir: str, load_check: bool = True) -> list[str]:
+    """What `deploy plan` checks of the code and the model (the image lays the model out as Azure ML does), and what
+    the output folder must be."""
+    found = plan.code_and_model_problems(s, load_check, azure_ml=False)
+    # out/code, out/model and out/env are replaced, and out is the image's build context: it must hold neither the
+    # originals nor be the script's folder (whose code/ copy would take the Secret into the image).
     if os.path.realpath(out_dir) == os.path.realpath(source.root(s.entry_script)) or any(
             _within(original, os.path.join(out_dir, folder)) for original in (s.entry_script, s.model_dir)
-            for folder in ("code", "model")):
+            for folder in ("code", "model", os.path.dirname(CONDA_FILE))):
         found.append(f"--out {out_dir} holds the entry script or the model: write into a folder of its own")
-    if not os.path.isdir(s.model_dir):
-        found.append(f"model directory {s.model_dir} is not a directory")
-    found += plan.conda_file_problems(s, azure_ml=False)
-    if s.gpus < 1 or s.instance_count < 1:
-        found.append("--gpus and --instance-count must be at least 1")
+    elif occupied := source.output_problem(out_dir):
+        found.append(occupied)
+    if s.gpus < 1:
+        found.append(plan.NO_GPU)
+    elif s.instance_count < 1:
+        found.append("--instance-count must be at least 1")
     elif s.cluster_gpus and s.cluster_gpus < s.instance_count * s.gpus:
         found.append(f"--cluster-gpus {s.cluster_gpus} cannot hold {s.instance_count} instances of {s.gpus} GPU each")
     return found
@@ -184,18 +189,37 @@ def bake(s: DeploySettings, out_dir: str) -> None:
     shutil.rmtree(os.path.join(out_dir, "model"), ignore_errors=True)
     shutil.copytree(s.model_dir, os.path.join(out_dir, "model"))
     conda = os.path.join(out_dir, CONDA_FILE)
-    if os.path.exists(conda):
-        os.remove(conda)
+    shutil.rmtree(os.path.dirname(conda), ignore_errors=True)
     if needs_own_env(s):
+        os.makedirs(os.path.dirname(conda))
         shutil.copyfile(s.conda_file, conda)
     with open(os.path.join(out_dir, ".dockerignore"), "w", encoding="utf-8") as f:
-        f.write(DOCKERIGNORE.format(conda_file=CONDA_FILE))
+        f.write(DOCKERIGNORE.format(conda_folder=os.path.dirname(CONDA_FILE)))
+
+
+def existing_key(out_dir: str) -> str:
+    """The API key of the Secret an earlier run wrote into `out_dir`, "" where there is none. A rerun keeps it:
+    `kubectl apply` leaves the pods whose template did not change running with the key they started with, so a new
+    one would lock their clients out of some replicas and not others."""
+    path = os.path.join(out_dir, SECRET_FILE)
+    try:
+        with open(path, encoding="utf-8") as f:
+            return base64.b64decode(yaml.safe_load(f)["data"]["key"], validate=True).decode()
+    except FileNotFoundError:
+        return ""
+    except (OSError, yaml.YAMLError, KeyError, TypeError, ValueError) as ex:
+        raise DeployError(f"scorehost deploy k8s: {path} holds no API key to keep ({type(ex).__name__}: {ex}): "
+                          "delete it for a new key") from ex
 
 
 def write(s: DeploySettings, out_dir: str, image: str, key: str = "") -> list[str]:
-    """Write the manifests, the build context and its Dockerfile; a new random key unless one is given (only the
-    Secret holds it)."""
+    """Write the manifests, the build context and its Dockerfile; the key given, else the one of the Secret already
+    in `out_dir` (existing_key), else a new random one (only the Secret holds it)."""
     source.mark_output(out_dir)
+    if not key:
+        key = existing_key(out_dir)
+        if key:
+            print(f"API key: kept from {os.path.join(out_dir, SECRET_FILE)} (delete that file for a new one)")
     paths = []
     for filename, manifest in manifests(s, image, key or secrets.token_urlsafe(32)).items():
         paths.append(write_yaml(os.path.join(out_dir, filename), manifest,

@@ -29,6 +29,9 @@ KUBERNETES_NAMES_TOTAL = (6, 62)
 INSTANCE_TYPE_NAME = re.compile(r"^[a-z0-9]([-a-z0-9]{0,61}[a-z0-9])?$")  # a Kubernetes object's name
 COMPUTE_NAME = re.compile(r"^[a-zA-Z][a-zA-Z0-9-]{1,14}[a-zA-Z0-9]$")  # 3-16 characters
 ASSET_NAME = re.compile(r"^[a-zA-Z0-9][a-zA-Z0-9_.-]{0,254}$")
+# Why --gpus 0 is refused (plan, aks, k8s): every target is built for GPUs, and a CPU one would change each of them.
+NO_GPU = ("gpus must be at least 1: scorehost deploys to GPUs only (GPU VM sizes and node pool, a CUDA image, an "
+          "nvidia.com/gpu limit per instance); a CPU-only deployment is out of its scope")
 
 
 def sha256(path: str) -> str:
@@ -87,15 +90,23 @@ def problems(s: DeploySettings, load_check: bool = True) -> list[str]:
     elif not GPU_SIZE.match(s.vm_size):
         where = "a managed online endpoint" if s.target == "managed" else "an AKS GPU node pool"
         found.append(f"vm_size {s.vm_size} is not a GPU size for {where} (e.g. Standard_NC4as_T4_v3)")
-    if s.instance_count < 1 or s.gpus < 1 or s.max_concurrent_requests < 1:
-        found.append("instance_count, gpus and max_concurrent_requests must be at least 1")
+    if s.gpus < 1:
+        found.append(NO_GPU)
+    if s.instance_count < 1 or s.max_concurrent_requests < 1:
+        found.append("instance_count and max_concurrent_requests must be at least 1")
     if s.target == "aks" and s.create_cluster and s.node_count < s.instance_count * s.gpus:
         found.append(f"{s.node_count} GPU nodes cannot hold {s.instance_count} instances of {s.gpus} GPU each")
     if s.target == "aks" and s.sdk == "v2":  # v1 provisions its own AKS, without the extension
         found += https_problems(s)
-    if not os.path.isfile(s.entry_script):
-        found.append(f"entry script {s.entry_script} does not exist")
-    found += conda_file_problems(s)
+    return found + code_and_model_problems(s, load_check)
+
+
+def code_and_model_problems(s: DeploySettings, load_check: bool = True, azure_ml: bool = True) -> list[str]:
+    """The entry script, its conda file, its code folder and the model, loaded together (script_load_error) as the
+    endpoint loads them: shared by `deploy plan` and `deploy k8s` (not `azure_ml`), whose image lays the model out
+    as Azure ML does, so a script that would crash-loop there is refused before anything is built."""
+    found = [] if os.path.isfile(s.entry_script) else [f"entry script {s.entry_script} does not exist"]
+    found += conda_file_problems(s, azure_ml)
     too_big = source.problem(s)
     if too_big:
         found.append(too_big)
@@ -254,7 +265,8 @@ def resources(s: DeploySettings) -> list[tuple[str, str, dict]]:
              {"auth_mode": "key", **({"compute": s.compute} if s.target == "aks" else {})}),
             (f"{kind} deployment", f"{s.endpoint}/{s.deployment}",
              {"code": source.root(s.entry_script),
-              "scoring_script": f"{os.path.basename(s.entry_script)} sha256={sha256(s.entry_script)[:16]}...",
+              "scoring_script": f"{os.path.basename(s.entry_script)} " + (  # a missing one is among the problems
+                  f"sha256={sha256(s.entry_script)[:16]}..." if os.path.isfile(s.entry_script) else "(missing)"),
               "instance_type": s.vm_size if s.target == "managed" else s.instance_type,
               "instance_count": s.instance_count, "scale_settings": "default",
               "request_timeout_ms": s.request_timeout_ms, "max_queue_wait_ms": s.max_queue_wait_ms,

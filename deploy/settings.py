@@ -43,6 +43,10 @@ ON_AKS = (PLAN, AKS)
 
 # Azure ML studio's config.json ('Download config file'): what the SDKs read from it for the workspace.
 WORKSPACE_KEYS = ("subscription_id", "resource_group", "workspace_name")
+WORKSPACE_CONFIG = "config.json"
+# Where the SDKs look for it when given none (v2's MLClient.from_config, v1's Workspace.from_config): in these
+# folders by priority, each in the current directory, then in each of its parents up to this many levels.
+WORKSPACE_CONFIG_FOLDERS, WORKSPACE_CONFIG_LEVELS = (".azureml", "aml_config", ""), 20
 # The endpoint name's 6 characters from the workspace, while no workspace is known (`deploy plan` without one): a
 # glob that the name `deploy` creates matches, so a plan shows the name's shape, never another name.
 UNKNOWN_SUFFIX = "??????"
@@ -64,7 +68,8 @@ class DeploySettings:
     resource_group: str = setting("", "resource group of the workspace and the cluster (default: config.json's)",
                                   *CLOUD)
     workspace: str = setting("", "Azure ML workspace (default: config.json's)", *CLOUD)
-    config_file: str = setting("config.json", "the workspace's config.json (Azure ML studio: 'Download config file')",
+    config_file: str = setting(WORKSPACE_CONFIG, "the workspace's config.json (Azure ML studio: 'Download config "
+                               "file'; default: found as the Azure ML SDKs find it, from the current directory up)",
                                *CLOUD)
     # What is deployed
     # traffic and teardown take what names the endpoint too, so they find the one deploy made (see named())
@@ -179,9 +184,10 @@ class DeploySettings:
             return self.named()
         given = {"subscription_id": self.subscription_id, "resource_group": self.resource_group,
                  "workspace_name": self.workspace}
-        config = workspace_config(self.config_file, [key for key in WORKSPACE_KEYS if not given[key]])
+        path = find_workspace_config(self.config_file)
+        config = workspace_config(path, [key for key in WORKSPACE_KEYS if not given[key]])
         values = {key: given[key] or config[key] for key in WORKSPACE_KEYS}
-        return dataclasses.replace(self, subscription_id=values["subscription_id"],
+        return dataclasses.replace(self, config_file=path, subscription_id=values["subscription_id"],
                                    resource_group=values["resource_group"],
                                    workspace=values["workspace_name"]).named()
 
@@ -245,12 +251,27 @@ def endpoint_name(model_name: str, workspace_id: Optional[str], folder: str = ""
     return (base + suffix) if len(base + suffix) >= 3 else (base + "-ep")[:32]
 
 
+def find_workspace_config(path: str) -> str:
+    """The default config.json where the Azure ML SDKs find it: .azureml/config.json, then aml_config/config.json,
+    then config.json, each first in the current directory, then in its parents; a user who runs `deploy` from a
+    subfolder of the project gets the workspace that `MLClient.from_config()` gets there. A path given is taken as it
+    is, and so is the default where none is found (the caller says so)."""
+    if path != WORKSPACE_CONFIG:
+        return path
+    folders = [os.getcwd()]
+    while len(folders) <= WORKSPACE_CONFIG_LEVELS and os.path.dirname(folders[-1]) != folders[-1]:
+        folders.append(os.path.dirname(folders[-1]))
+    return next((found for sub in WORKSPACE_CONFIG_FOLDERS for folder in folders
+                 if os.path.isfile(found := os.path.join(folder, sub, path))), path)
+
+
 def workspace_config(path: str, needed: list[str]) -> dict[str, str]:
     """The workspace keys `needed` from Azure ML studio's config.json at `path`. A config.json without them, such as
     azmlinfsrv's server settings (the same file name, in the same folder by default), is no workspace: said in one
     line naming the file, never read as one (nor a KeyError)."""
     if not os.path.exists(path):
-        raise WorkspaceNotFound(f"no {os.path.abspath(path)}")
+        raise WorkspaceNotFound(f"no {os.path.abspath(path)}" + (
+            ", nor one in a parent folder or an .azureml/ folder" if path == WORKSPACE_CONFIG else ""))
     try:
         with open(path, encoding="utf-8") as f:
             config = json.load(f)

@@ -37,7 +37,24 @@ def root(entry_script: str) -> str:
     return entry_script if is_reference(entry_script) else os.path.dirname(os.path.abspath(entry_script))
 
 
+def output_problem(folder: str) -> Optional[str]:
+    """`--out` is replaced in part (code/, model/, the manifests): only a new or empty folder, or one scorehost wrote
+    before (its OUTPUT_MARK), never a user's own files (`--out .` at a project's root)."""
+    if not os.path.exists(folder) or os.path.isfile(os.path.join(folder, OUTPUT_MARK)):
+        return None
+    if not os.path.isdir(folder):
+        return f"--out {folder} is a file, not a folder"
+    if not os.listdir(folder):
+        return None
+    return (f"--out {folder} is not empty and was not written by scorehost (it has no {OUTPUT_MARK}); what is there "
+            "would be overwritten: give a new or empty folder")
+
+
 def mark_output(folder: str) -> None:
+    """Mark `folder` as scorehost's before writing into it; refused (DeployError) where output_problem says so."""
+    problem = output_problem(folder)
+    if problem:
+        raise DeployError(f"scorehost deploy: {problem}")
     os.makedirs(folder, exist_ok=True)
     with open(os.path.join(folder, OUTPUT_MARK), "w", encoding="utf-8") as f:
         f.write("written by scorehost deploy: left out of the code folder it sends\n")

@@ -135,10 +135,17 @@ def test_plan_prints_every_resource_and_passes(colors_model):
     (("--ssl-cname", "x.example.com"), "HTTPS needs --ssl-cert"),
     (("--ssl-cname", "x.example.com", "--ssl-cert", "/no/cert.pem", "--ssl-key", "/no/key.pem"), "is not a file"),
     (("--allow-insecure", "--ssl-cname", "x.example.com"), "exclude each other"),
+    (("--gpus", "0"), "gpus must be at least 1: scorehost deploys to GPUs only"),
 ])
 def test_plan_refuses_bad_settings(colors_model, flags, problem):
     done = scorehost_cli("deploy", "plan", "--no-load-check", "--model-dir", colors_model, *flags)
     assert done.returncode == 1 and problem in done.stdout, done.stdout
+
+
+def test_plan_of_a_missing_entry_script_is_its_problem_line_not_a_traceback(tmp_path):
+    done = scorehost_cli("deploy", "plan", "--entry-script", "missing.py", "--model-dir", "X", cwd=tmp_path)
+    assert done.returncode == 1 and "Traceback" not in done.stderr, done.stderr
+    assert "  - entry script missing.py does not exist" in done.stdout and "missing.py (missing)" in done.stdout
 
 
 def test_plan_catches_a_script_that_does_not_load(colors_model, tmp_path):
@@ -256,8 +263,11 @@ def test_plan_out_writes_az_ml_yaml_that_the_sdk_loads(users_own, workspace_conf
     else:
         assert deployment.instance_type == "Standard_NC4as_T4_v3" and not (out / "instance-type.yaml").exists()
         assert "compute attach" not in done.stdout
+    # The new endpoint routes nothing (traffic: {}) until its first deployment takes it all, as `deploy` does.
+    assert yaml.safe_load((out / "endpoint.yml").read_text()).get("traffic", {}) == {}
     assert apply[-2:] == [f"  az ml online-endpoint create -g rg-ml -w ws-ml -f {out / 'endpoint.yml'}",
-                          f"  az ml online-deployment create -g rg-ml -w ws-ml -f {out / 'deployment.yml'}"]
+                          f"  az ml online-deployment create -g rg-ml -w ws-ml -f {out / 'deployment.yml'} "
+                          "--all-traffic"]
     for name in os.listdir(out):
         if name.endswith((".yml", ".yaml")):
             assert "&id" not in (out / name).read_text()
@@ -975,6 +985,27 @@ def test_sku_not_available_is_explained():
     assert "not available in this region" in azure_v2.explain(HttpResponseError("SkuNotAvailable: NC4as_T4_v3"))
 
 
+def test_the_workspace_config_json_is_found_as_the_sdk_finds_it(tmp_path, monkeypatch):
+    """As MLClient.from_config: from the current directory up, .azureml/config.json before a plain config.json (a
+    server settings file of the same name, say, in the project's folder); a path given is taken as it is."""
+    project = tmp_path / "project"
+    (project / "src" / "deep").mkdir(parents=True)
+    (project / ".azureml").mkdir()
+    workspace = project / ".azureml" / "config.json"
+    workspace.write_text(json.dumps({"subscription_id": SUBSCRIPTION, "resource_group": "rg-ml",
+                                     "workspace_name": "ws-ml"}))
+    (project / "config.json").write_text(json.dumps({"SCORING_TIMEOUT_MS": 5000}))
+    monkeypatch.chdir(project / "src" / "deep")
+    s = DeploySettings().with_workspace()
+    assert s.workspace_id == WORKSPACE_ID and s.config_file == str(workspace)
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    with pytest.raises(DeployError, match="nor one in a parent folder or an .azureml/ folder"):
+        DeploySettings().with_workspace()
+    with pytest.raises(DeployError, match="is not an Azure ML workspace config"):  # a path given is that file alone
+        DeploySettings(config_file=str(project / "config.json")).with_workspace()
+
+
 def test_missing_config_json_is_a_clear_error(colors_model, tmp_path):
     done = scorehost_cli("deploy", "aks", "--yes", "--allow-insecure", "--model-dir", colors_model,
                          "--config-file", str(tmp_path / "config.json"), cwd=tmp_path)
@@ -1217,9 +1248,9 @@ def test_k8s_builds_the_scripts_own_environment_from_its_conda_file(users_own, t
     assert done.returncode == 0, done.stderr
     assert (out / k8s.CONDA_FILE).read_text() == SKLEARN_ENV
     dockerfile = (out / "Dockerfile").read_text()
-    build = (f"RUN micromamba create --yes --prefix /opt/user-env --file /tmp/{k8s.CONDA_FILE} \\\n"
-             f"    && /opt/user-env/bin/python -m pip install --no-cache-dir '/opt/scorehost[gpu]' \\\n")
-    assert f"USER 0\nCOPY {k8s.CONDA_FILE} /tmp/{k8s.CONDA_FILE}\n{build}" in dockerfile
+    build = ("RUN micromamba create --yes --prefix /opt/user-env --file /tmp/conda.yml \\\n"
+             "    && /opt/user-env/bin/python -m pip install --no-cache-dir '/opt/scorehost[gpu]' \\\n")
+    assert f"USER 0\nCOPY {k8s.CONDA_FILE} /tmp/conda.yml\n{build}" in dockerfile
     assert "ENV PATH=/opt/user-env/bin:$PATH\nUSER 1000\n" in dockerfile
     assert dockerfile.index("ENV PATH=/opt/user-env") < dockerfile.index("COPY --chown=1000 code/")
     lint = subprocess.run([hadolint(), str(out / "Dockerfile")], capture_output=True, text=True)
@@ -1274,9 +1305,102 @@ def test_k8s_waits_for_init_before_liveness_and_sends_no_key_to_the_build(users_
                    for name in names)
     copied = {re.split(r'[ "/\]]+', line.split("COPY ", 1)[1].replace("--chown=1000 ", "").lstrip('["'))[0]
               for line in (out / "Dockerfile").read_text().splitlines() if line.startswith("COPY")}
-    assert copied == {"code", "model", k8s.CONDA_FILE}
+    assert copied == {"code", "model", os.path.dirname(k8s.CONDA_FILE)}
     assert [f for f in files if sent(f)] == [f for f in files if f.split("/")[0] in copied]
     assert "secret.yaml" in files and not sent("secret.yaml")
+
+
+def test_deploy_out_never_overwrites_a_folder_of_the_users_own(users_own, tmp_path):
+    """`--out .` at a project's root would replace its model/ and code/ folders and its Dockerfile: a folder that is
+    not empty is refused in one line unless scorehost wrote it (its marker file), which a rerun may rewrite."""
+    import shutil
+
+    repo = tmp_path / "repo"
+    shutil.copytree(users_own, repo / "src")
+    for name, text in (("model/train.py", "train"), ("code/README", "readme"), ("Dockerfile", "FROM mine"),
+                       ("deployment.yaml", "mine: true")):
+        (repo / name).parent.mkdir(exist_ok=True)
+        (repo / name).write_text(text)
+    before = {p: p.read_text() for p in repo.rglob("*") if p.is_file()}
+    flags = ("--entry-script", "src/score.py", "--model-dir", "src/models", "--out", ".")
+    done = scorehost_cli("deploy", "k8s", "--image", "r.io/g:1", *flags, cwd=repo)
+    assert done.returncode == 1 and done.stderr.strip() == (
+        "scorehost deploy k8s: --out . is not empty and was not written by scorehost (it has no .scorehost-output); "
+        "what is there would be overwritten: give a new or empty folder")
+    done = scorehost_cli("deploy", "plan", "--no-load-check", "--endpoint", "my-greeter", *flags, cwd=repo)
+    assert done.returncode == 1 and "  - --out . is not empty and was not written by scorehost" in done.stdout
+    assert "Written" not in done.stdout and "Traceback" not in done.stderr
+    assert {p: p.read_text() for p in repo.rglob("*") if p.is_file()} == before
+    with pytest.raises(DeployError, match="not empty"):
+        k8s.write(DeploySettings(entry_script=str(repo / "src" / "score.py"), model_dir=str(repo / "src" / "models"),
+                                 endpoint="my-greeter"), str(repo), "r.io/g:1")
+    # A new or empty folder, then the same folder again.
+    (tmp_path / "empty").mkdir()
+    for out in (tmp_path / "empty", tmp_path / "empty", tmp_path / "new"):
+        done = scorehost_cli("deploy", "k8s", "--image", "r.io/g:1", "--entry-script", str(users_own / "score.py"),
+                             "--model-dir", str(users_own / "models"), "--out", str(out), "--no-load-check")
+        assert done.returncode == 0, done.stderr
+
+
+def test_kubectl_apply_of_the_k8s_folder_reads_manifests_alone(users_own, tmp_path):
+    """Step 3, `kubectl apply -f OUT`, reads every .json, .yaml and .yml at OUT's top as a manifest (not below it):
+    the build context's conda file must not be one of them."""
+    import kubernetes_validate
+
+    (users_own / "myenv.yml").write_text(SKLEARN_ENV)
+    out = tmp_path / "k8s"
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "r.io/g:1", "--out", str(out))
+    assert done.returncode == 0, done.stderr
+    assert f"kubectl apply -f {out} " in done.stdout and (out / k8s.CONDA_FILE).read_text() == SKLEARN_ENV
+    read_by_kubectl = [name for name in os.listdir(out) if name.endswith((".json", ".yaml", ".yml"))]
+    assert sorted(read_by_kubectl) == ["deployment.yaml", "hpa.yaml", "secret.yaml", "service.yaml"]
+    for name in read_by_kubectl:
+        kubernetes_validate.validate(yaml.safe_load((out / name).read_text()), "1.32.0", strict=True)
+
+
+def test_k8s_checks_that_the_script_loads_its_model_where_the_image_puts_it(users_own, tmp_path):
+    """The image lays the model out as Azure ML does ($AZUREML_MODEL_DIR/<folder's name>/): a script that reads the
+    folder itself would crash-loop there, so `deploy k8s` refuses it with `deploy plan`'s own line."""
+    flat = users_own / "score.py"
+    flat.write_text(USER_SCRIPT.replace('"**", "greeter"', '"greeter"').replace(", recursive=True", ""))
+    s = DeploySettings(entry_script=str(flat), model_dir=str(users_own / "models"))
+    out = tmp_path / "k8s"
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(flat), "--model-dir", str(users_own / "models"),
+                         "--image", "r.io/g:1", "--out", str(out))
+    assert done.returncode == 1 and done.stderr.strip() == "scorehost deploy k8s: " + plan.problems(s)[0]
+    assert "Azure ML keeps the registered folder's name" in done.stderr and not out.exists()
+    assert scorehost_cli("deploy", "k8s", "--entry-script", str(flat), "--model-dir", str(users_own / "models"),
+                         "--image", "r.io/g:1", "--out", str(out), "--no-load-check").returncode == 0
+
+
+def test_k8s_keeps_the_key_of_the_secret_it_wrote_before(users_own, tmp_path, capsys):
+    """Pods whose template did not change keep the key they started with after a re-apply: a rerun keeps it."""
+    s = DeploySettings(entry_script=str(users_own / "score.py"), model_dir=str(users_own / "models")).named(False)
+    out = tmp_path / "k8s"
+
+    def key() -> str:
+        return base64.b64decode(yaml.safe_load((out / "secret.yaml").read_text())["data"]["key"]).decode()
+
+    k8s.write(s, str(out), "r.io/g:1")
+    first = key()
+    assert "API key" not in capsys.readouterr().out
+    k8s.write(s, str(out), "r.io/g:2")
+    assert key() == first and f"API key: kept from {out / 'secret.yaml'}" in capsys.readouterr().out
+    (out / "secret.yaml").unlink()
+    k8s.write(s, str(out), "r.io/g:2")
+    assert key() != first
+    (out / "secret.yaml").write_text("not: a secret\n")
+    with pytest.raises(DeployError, match="holds no API key to keep"):
+        k8s.write(s, str(out), "r.io/g:2")
+
+
+def test_k8s_refuses_zero_gpus_saying_why(users_own, tmp_path):
+    done = scorehost_cli("deploy", "k8s", "--entry-script", str(users_own / "score.py"), "--model-dir",
+                         str(users_own / "models"), "--image", "r.io/g:1", "--out", str(tmp_path / "k8s"), "--gpus",
+                         "0")
+    assert done.returncode == 1 and len(done.stderr.strip().splitlines()) == 1
+    assert done.stderr.startswith("scorehost deploy k8s: gpus must be at least 1: scorehost deploys to GPUs only")
 
 
 def test_k8s_says_when_the_image_names_no_registry(tmp_path, colors_model):
