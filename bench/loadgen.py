@@ -79,24 +79,41 @@ class LoadResult:
     scheduled_s: list[float] = dataclasses.field(default_factory=list)  # open loop: each answer's send time, from start
     stopped_early: bool = False  # open loop: ended once its latency bound was already missed (see open_loop)
     error_samples: dict[str, str] = dataclasses.field(default_factory=dict)  # status -> one answer's message
+    ok: list[bool] = dataclasses.field(default_factory=list)  # per latency: a 2xx (a result made without: all)
+
+    def __post_init__(self) -> None:
+        if not self.ok:
+            self.ok = [True] * len(self.latencies_ms)
 
     @property
     def answered(self) -> int:
         return sum(self.statuses.values())
 
     @property
+    def successes(self) -> int:
+        """Answers with a 2xx: the requests a server carried (an error answer, however fast, carried none)."""
+        return self.answered - sum(n for status, n in self.errors().items() if status != "no answer")
+
+    @property
     def sent(self) -> int:
         return self.answered + self.dropped + self.unanswered
 
-    def percentile(self, q: float) -> float:
-        """Over every request sent: one without an answer counts as slower than any answered (LATE)."""
+    def percentile(self, q: float, with_errors: bool = True) -> float:
+        """Over every request sent, or without those answered with an error (`with_errors` False: a fast 500 is no
+        fast answer); one without an answer counts as slower than any answered (LATE) either way."""
         missing = self.dropped + self.unanswered
-        n = len(self.latencies_ms) + missing
+        ordered = sorted(self.latencies_ms if with_errors else
+                         [ms for ms, ok in zip(self.latencies_ms, self.ok) if ok])
+        n = len(ordered) + missing
         if not n:
             return 0.0
         i = min(n - 1, int(q / 100 * n))
-        ordered = sorted(self.latencies_ms)
         return ordered[i] if i < len(ordered) else LATE
+
+    def missed(self, bound_ms: float) -> int:
+        """Requests that missed a latency bound: answered after it or with an error, or never answered."""
+        return sum(not ok or ms > bound_ms for ms, ok in zip(self.latencies_ms, self.ok)) + self.dropped \
+            + self.unanswered
 
     def errors(self) -> dict[str, int]:
         """Failures by status ("no answer": dropped or unanswered). Any answer but a 2xx is one: a script that
@@ -134,7 +151,8 @@ class LoadResult:
         return LoadResult(max(self.seconds, other.seconds), self.latencies_ms + other.latencies_ms, statuses,
                           self.dropped + other.dropped, self.run_ms + other.run_ms,
                           self.unanswered + other.unanswered, self.scheduled_s + other.scheduled_s,
-                          self.stopped_early or other.stopped_early, {**other.error_samples, **self.error_samples})
+                          self.stopped_early or other.stopped_early, {**other.error_samples, **self.error_samples},
+                          self.ok + other.ok)
 
 
 def succeeded(status: int) -> bool:
@@ -195,6 +213,7 @@ class _Target:
                      f"{len(body)}\r\n\r\n".encode("latin-1") + body)  # latin-1: recorded values are WSGI's bytes
         status, headers, answer = await _read_response(reader, method)
         result.latencies_ms.append((time.monotonic() - started) * 1000)
+        result.ok.append(succeeded(status))
         name = f"{label} {status}"
         result.statuses[name] = result.statuses.get(name, 0) + 1
         if not succeeded(status) and str(status) not in result.error_samples:
@@ -487,6 +506,16 @@ class trivial_server:
             p.terminate()
             p.join()
         self.sock.close()
+
+
+def connect_error(url: str) -> str:
+    """Why no connection to `url` opens ("" when one does): a run against it would measure nothing but errors."""
+    target = _Target(url, "")
+    try:
+        socket.create_connection((target.host, target.port), timeout=10).close()
+    except OSError as ex:
+        return ex.strerror or str(ex)
+    return ""
 
 
 def client_ceiling(bodies: Optional[Bodies] = None, processes: int = 1, seconds: float = 2.0) -> float:

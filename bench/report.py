@@ -14,6 +14,7 @@ import itertools
 import json
 import os
 import platform
+import subprocess
 import time
 from typing import Optional
 
@@ -82,12 +83,29 @@ def _fmt(x: Optional[float]) -> str:
     return "-" if x is None else f"{x:.2f}x"
 
 
+def commit() -> str:
+    """The checkout's commit (`-dirty` with changes), "-" outside one."""
+    try:
+        here = os.path.dirname(os.path.abspath(__file__))
+        return subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
+                              text=True, timeout=10).stdout.strip() or "-"
+    except OSError:
+        return "-"
+
+
+def head(command: str) -> str:
+    """The lines every report (bench's matrix and scenarios, tune's frontier) opens with, so that a figure can be
+    traced to what ran it: command, code, date, machine and versions."""
+    from scorehost import __version__
+
+    return (f"- command: `{command}`\n- commit: {commit()}\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
+            f"- machine: {platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, "
+            f"Python {platform.python_version()}, scorehost {__version__}\n")
+
+
 def markdown(results: list[Result], command: str, seconds: float, servers: str = "") -> str:
     """The report; `servers`: what each server was (run.Roster.markdown), after the head."""
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
-              f"Python {platform.python_version()}"
-    parts = [f"# scorehost bench\n\n- command: `{command}`\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n"
-             f"- machine: {machine}\n- budget: {seconds:g} s per cell, closed-loop clients\n",
+    parts = [f"# scorehost bench\n\n{head(command)}- budget: {seconds:g} s per cell, closed-loop clients\n",
              *([servers] if servers else []),
              "## Results\n\n" + table(list(COLUMNS), [_row(r) for r in results])]
     thin = [r for r in results if r.requests < MIN_REQUESTS_FOR_P99]

@@ -186,7 +186,8 @@ def loadgen_cell(cell: Cell, url: str, seconds: float, bodies: "loadgen.Bodies",
     mean = sum(r.latencies_ms) / len(r.latencies_ms) if r.latencies_ms else 0.0
     run_mean = sum(r.run_ms) / len(r.run_ms) if r.run_ms else (None if cell.server in peers.NAMES else 0.0)
     ok = total - errors
-    return Result(cell, total, errors, total / seconds, ok / seconds * batch, r.percentile(50), r.percentile(95),
+    # r.seconds: until the last answer, which counts the requests still in flight at the budget's end
+    return Result(cell, total, errors, total / r.seconds, ok / r.seconds * batch, r.percentile(50), r.percentile(95),
                   r.percentile(99), mean, run_mean, top_error=r.top_error())
 
 
@@ -206,6 +207,30 @@ def _with_usage(result: Result, usage: "ServerUsage") -> Result:
     result.rss_mb = usage.peak
     result.cpu_ms_per_request = usage.cpu_s * 1000 / result.requests if result.requests else None
     return result
+
+
+READY_S = 300  # how long a local server may take to answer (the demo model's first build, a large init())
+# `scorehost serve` flags bench sets itself (processes.start, started): given again with --scorehost-arg they were
+# silently overridden, or made bench wait for the wrong port; by setting name, the bench flag to use instead.
+SET_BY_BENCH = {"entry_script": "--scripts", "model_dir": "--model-dir", "workers": "--workers", "port": "",
+                "auth_key": "--key", "auth_key_file": "--key"}
+
+
+def refused_serve_arg(scorehost_args: list[str]) -> str:
+    """The first of `scorehost_args` that sets what bench sets itself, as one line ("" when none does). argparse
+    takes a unique prefix of a flag (--work=2) as the flag: so does this."""
+    from server.settings import SETTINGS
+
+    spellings = {flag: s.name for s in SETTINGS for flag in (s.flag, s.aihs_flag) if flag}
+    for arg in scorehost_args:
+        given = arg.split("=", 1)[0]
+        names = {spellings[given]} if given in spellings else {name for flag, name in spellings.items()
+                                                                if given.startswith("--") and flag.startswith(given)}
+        if len(names) == 1 and (name := names.pop()) in SET_BY_BENCH:
+            instead = SET_BY_BENCH[name]
+            return (f"scorehost bench: --scorehost-arg={arg}: bench sets this itself: "
+                    + (f"use bench's {instead}" if instead else "it gives each server a free port"))
+    return ""
 
 
 WARM_UP_S = 2.0  # each server's load before it is measured: a JIT compiler, caches, a batching policy's learning
@@ -318,7 +343,9 @@ def started(servers: list[str], entry_script: str, model_dir: Optional[str], bod
                         skip(server, why)
                 else:
                     try:
-                        process.wait_healthy(300)
+                        process.wait_healthy(READY_S, progress=lambda waited, server=server, process=process: print(
+                            f"scorehost bench: {server} not ready after {waited:.0f} s; waiting up to {READY_S} s "
+                            f"(its log: {process.log_path})", file=sys.stderr, flush=True))
                     except RuntimeError as ex:  # the user's script or flags: their words, not our traceback
                         why = peers.skip_reason(process, ex)
                         raise SystemExit(f"scorehost bench: {server} did not start with "

@@ -15,19 +15,26 @@ that answers at once, and marks a result that comes near it as limited by the cl
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import os
-import platform
-import subprocess
+import sys
 import time
 from typing import Callable, Optional
 
 from bench import loadgen, peers
-from bench.report import ERROR_SHARE, MIN_REQUESTS_FOR_P99, OWN_REQUESTS, table
+from bench.report import ERROR_SHARE, MIN_REQUESTS_FOR_P99, OWN_REQUESTS, head, table
 
 SCENARIOS = ("server", "offline", "single-stream")
 CLIENT_BOUND_SHARE = 0.7  # a rate above this share of the client's own ceiling may be the client's limit
+P99_CONFIDENCE = 0.7  # a step meets its bound only this sure of it (bound_held): 120 requests with no miss, about
+# the 125 a p99 rested on before; 0.95 (299) made a search at low rates take minutes a step, for a local tool
+MAX_STEP_MISSES = 2  # a step is lengthened until this many misses could still hold its bound, no further
+CONFIDENCE_RULE = (f"a rate meets the bound only when its misses (answers over the bound, errors, requests never "
+                   f"answered) are so few that a server missing it 1% of the time would show as few at most "
+                   f"{1 - P99_CONFIDENCE:.0%} of the time: at least {{n}} requests with none missed, longer after "
+                   f"one or {MAX_STEP_MISSES} (after MLPerf's early-stopping rule)")
 
 
 def add_arguments(bench) -> None:
@@ -99,6 +106,7 @@ class Step:
     p99_ms: Optional[float]  # None: more than 1% had no answer
     met: bool
     ended_early: bool  # stopped once more than 1% of its planned requests had missed the bound
+    misses: int = 0  # requests over the bound, failed or never answered (bound_held)
 
 
 @dataclasses.dataclass
@@ -120,6 +128,7 @@ class Outcome:
     p99_by_second_ms: list = dataclasses.field(default_factory=list)  # server scenario at a fixed rate
     client_bound: bool = False
     beaten: float = 0.0  # a search told to beat this rate that could not (offered_qps 0: not measured further)
+    at_least: bool = False  # p99 search: every rate tried met the bound; the highest is a lower bound
 
     @property
     def name(self) -> str:
@@ -148,8 +157,8 @@ def _ms(x: Optional[float]) -> Optional[float]:
 def _outcome(server: str, script: str, scenario: str, r: loadgen.LoadResult, seconds: float) -> Outcome:
     ends = [s + ms / 1000 for s, ms in zip(r.scheduled_s, r.latencies_ms)]
     span = max([r.seconds] + ends)
-    return Outcome(server, script, scenario, r.sent, None, r.answered / span, *(_ms(r.percentile(q))
-                   for q in (50, 90, 99, 99.9)), r.errors(), r.top_error())
+    return Outcome(server, script, scenario, r.sent, None, r.successes / span,
+                   *(_ms(r.percentile(q, with_errors=False)) for q in (50, 90, 99, 99.9)), r.errors(), r.top_error())
 
 
 def _by_second(r: loadgen.LoadResult, seconds: float) -> list[Optional[float]]:
@@ -180,13 +189,42 @@ def single_stream(url: str, load: Load, seconds: float, server: str = "", script
     return _outcome(server, script, "single-stream", load.closed(url, 1, seconds), seconds)
 
 
+def bound_held(requests: int, misses: int) -> bool:
+    """Whether p99 <= the bound holds with P99_CONFIDENCE: a server whose requests missed it 1% of the time would
+    show `misses` or fewer of `requests` at most 1 - P99_CONFIDENCE of the time (a binomial tail). A p99 read off
+    ~125 requests is their second slowest: a server with a 2% tail shows it under the bound about 1 time in 4, and
+    a search that took one such pass reported a rate its server did not hold."""
+    if misses >= requests:
+        return False
+    tail = sum(math.exp(math.lgamma(requests + 1) - math.lgamma(i + 1) - math.lgamma(requests - i + 1)
+                        + i * math.log(0.01) + (requests - i) * math.log(0.99)) for i in range(misses + 1))
+    return tail <= 1 - P99_CONFIDENCE
+
+
+@functools.lru_cache(maxsize=None)
+def requests_for(misses: int) -> int:
+    """The fewest requests with which `misses` of them still hold the bound (bound_held): 120 for none."""
+    n = misses + 1
+    while not bound_held(n, misses):
+        n += 1
+    return n
+
+
 def _step(url: str, load: Load, rate: float, seconds: float, bound_ms: float, seed: int) -> Step:
-    """One rate, long enough for its p99 to rest on MIN_REQUESTS_FOR_P99 requests."""
-    length = max(seconds, 1.25 * MIN_REQUESTS_FOR_P99 / rate)  # 1.25: a Poisson count can fall short of its mean
-    r = load.open(url, rate, length, drain_s=bound_ms / 1000 + 1, bound_ms=bound_ms, seed=seed)
-    p99 = _ms(r.percentile(99))
-    met = not r.stopped_early and p99 is not None and p99 <= bound_ms and r.failures() <= ERROR_SHARE * r.sent
-    return Step(rate, r.sent, p99, met, r.stopped_early)
+    """One rate, at least `seconds` and until its bound holds with confidence (bound_held) or cannot: first for
+    the requests that hold it with no miss, then, after a miss or MAX_STEP_MISSES, for the more that hold it with
+    that many. More misses, or a run ended early (open_loop's bound_ms), miss the bound."""
+    r: Optional[loadgen.LoadResult] = None
+    part = 0
+    while True:
+        misses = r.missed(bound_ms) if r else 0
+        if r is not None and (r.stopped_early or bound_held(r.sent, misses) or misses > MAX_STEP_MISSES):
+            return Step(rate, r.sent, _ms(r.percentile(99)), not r.stopped_early and bound_held(r.sent, misses),
+                        r.stopped_early, misses)
+        more = max(requests_for(misses) - (r.sent if r else 0), requests_for(0) // 10)
+        length = max(0.0 if r else seconds, 1.1 * more / rate)  # 1.1: a Poisson count may fall short (then: more)
+        more_r = load.open(url, rate, length, drain_s=bound_ms / 1000 + 1, bound_ms=bound_ms, seed=16 * seed + part)
+        r, part = more_r if r is None else r.merge(more_r), part + 1
 
 
 def search(url: str, load: Load, bound_ms: float, seconds: float, precision: float = 0.1,
@@ -194,8 +232,9 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
            on_step: Callable[[Step], None] = lambda s: None, beat: float = 0.0, ceiling: float = 0.0) -> Outcome:
     """The highest rate (the load's arrivals) whose p99 stays under `bound_ms`: bisection between 0 and a little
     above the offline throughput (doubled while it still meets the bound), until the rates that met and missed are
-    within `precision` of each other, or `deadline` (time.monotonic()) passes. offered_qps is the highest rate that met
-    the bound (0: none did); its p99 is that step's.
+    within `precision` of each other, or `deadline` (time.monotonic()) passes. A rate meets the bound only with
+    confidence (_step, bound_held). offered_qps is the highest rate that met the bound (0: none did); its p99 is that
+    step's; `at_least` when no higher rate was seen to miss (the doubling stopped at its step limit or the deadline).
 
     `beat` (a tuner's best so far): only whether this server does better matters. If it misses the bound at
     `beat` x (1 + precision), the search ends there (offered_qps 0, `beaten` set): a loser costs one step (short:
@@ -208,9 +247,9 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
         return Outcome(server, script, "server", alone.requests, 0.0, bound_ms=bound_ms, p50_ms=alone.p50_ms,
                        errors=alone.errors, top_error=alone.top_error)
     ceiling = ceiling or offline(url, load, 64, min(seconds, 3.0)).answered_qps
-    lo, hi, best, steps = 0.0, max(1.0, 1.2 * ceiling), None, []
+    hi, best, steps = max(1.0, 1.2 * ceiling), None, []
     beaten = Outcome(server, script, "server", 0, 0.0, bound_ms=bound_ms, steps=steps, beaten=beat)
-    slowest = MIN_REQUESTS_FOR_P99 * 1.25 / 120  # no rate whose step would need more than 2 minutes
+    slowest = 1.1 * requests_for(0) / 120  # no rate whose step would need more than 2 minutes
 
     def attempt(rate: float) -> bool:
         nonlocal best
@@ -222,13 +261,13 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
         return step.met
 
     if beat and time.monotonic() < deadline:
-        lo = beat * (1 + precision)
-        if not attempt(lo):
+        if not attempt(beat * (1 + precision)):
             return beaten
-        hi = max(hi, 2 * lo)
+        hi = max(hi, 2 * beat * (1 + precision))
     doublings = len(steps) + 4
     while attempt(hi) and len(steps) < doublings and time.monotonic() < deadline:
-        lo, hi = hi, 2 * hi
+        hi *= 2
+    lo = best.rate if best else 0.0  # the last rate the doubling met (hi too, when it stopped at its step limit)
     if best is None or best.rate < hi:
         while hi - lo > precision * hi and hi > max(slowest, ceiling / 64) and time.monotonic() < deadline:
             mid = (lo + hi) / 2
@@ -236,10 +275,11 @@ def search(url: str, load: Load, bound_ms: float, seconds: float, precision: flo
                 lo = mid
             else:
                 hi = mid
-    out = Outcome(server, script, "server", best.requests if best else 0, lo, bound_ms=bound_ms, steps=steps)
+    rate = best.rate if best else 0.0
+    out = Outcome(server, script, "server", best.requests if best else 0, rate, rate, bound_ms=bound_ms, steps=steps,
+                  at_least=bool(best) and not any(s.rate > rate for s in steps))
     out.p99_ms = best.p99_ms if best else None
-    out.answered_qps = lo
-    out.client_bound = load.bound_by_client(lo)
+    out.client_bound = load.bound_by_client(rate)
     return out
 
 
@@ -259,10 +299,11 @@ def line(o: Outcome) -> str:
             return f"{who} none: one request alone takes {_fmt_ms(o.p50_ms)} (median), over the bound"
         if not o.offered_qps:
             return f"{who} no rate tried kept p99 under {o.bound_ms:g} ms ({len(o.steps)} tried)"
-        text = f"{who} {o.offered_qps:,.1f} req/s with p99 {_fmt_ms(o.p99_ms)} (<= {o.bound_ms:g} ms; {len(o.steps)} rates tried)"
+        text = (f"{who} {_rate(o)} req/s with p99 {_fmt_ms(o.p99_ms)} (<= {o.bound_ms:g} ms; {len(o.steps)} rates "
+                "tried" + ("; every one met it" if o.at_least else "") + ")")
     else:
         offered = f"offered {o.offered_qps:,.1f} req/s, " if o.offered_qps is not None else ""
-        text = (f"{who} {offered}answered {o.answered_qps:,.1f} req/s, {o.requests:,} requests; p50 {_fmt_ms(o.p50_ms)}"
+        text = (f"{who} {offered}succeeded {o.answered_qps:,.1f} req/s, {o.requests:,} requests; p50 {_fmt_ms(o.p50_ms)}"
                 f"  p90 {_fmt_ms(o.p90_ms)}  p99 {_fmt_ms(o.p99_ms)}  p99.9 {_fmt_ms(o.p999_ms)}")
         errors = ", ".join(f"{k}: {v:,}" for k, v in sorted(o.errors.items()))
         text += f"; errors {errors or 'none'}" + (f" (most common {o.top_error})" if o.top_error else "")
@@ -271,6 +312,11 @@ def line(o: Outcome) -> str:
         if o.scenario != "single-stream" and not o.enough_for_p99:
             text += f"; p99 from fewer than {MIN_REQUESTS_FOR_P99} requests"
     return text + ("; near the client's own ceiling: may be client-bound" if o.client_bound else "")
+
+
+def _rate(o: Outcome) -> str:
+    """A p99 search's rate, "at least" where no rate above it was seen to miss."""
+    return ("at least " if o.at_least else "") + f"{o.offered_qps:,.1f}"
 
 
 def refused(o: Outcome) -> str:
@@ -293,37 +339,42 @@ def ratios(outcomes: list[Outcome]) -> list[list[str]]:
             what, a, b = "p99 latency (lower is better)", ours.p99_ms, theirs.p99_ms
         else:
             what, a, b = "req/s (higher is better)", ours.answered_qps, theirs.answered_qps
-        rows.append([server, script, name, what, f"{a / b:.2f}x" if a and b else "-"])
+        compared = a and b and not ours.erred and not theirs.erred  # errors make a figure nobody's speed
+        rows.append([server, script, name, what, f"{a / b:.2f}x" if compared else "-"])
     return rows
 
 
 def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float, servers: str = "") -> str:
-    machine = f"{platform.node()}: {os.cpu_count()} cores, {platform.system()} {platform.machine()}, " \
-              f"Python {platform.python_version()}"
     ceiling = (f"{load.ceiling:,.0f} req/s with {load.processes} client process(es) against a server that answers "
                f"at once on this machine; results above {CLIENT_BOUND_SHARE:.0%} of it are marked client-bound"
                if load.ceiling else "not measured")
-    rows = [[o.server, o.script, o.name, "-" if o.offered_qps is None else f"{o.offered_qps:,.1f}",
-             f"{o.answered_qps:,.1f}", str(o.requests),
-             *(_fmt_ms(x) if o.bound_ms is None or x is o.p99_ms else "-" for x in (o.p50_ms, o.p90_ms, o.p99_ms,
-                                                                                   o.p999_ms)),
+    rows = [[o.server, o.script, o.name, "-" if o.offered_qps is None else _rate(o) if o.bound_ms is not None
+             else f"{o.offered_qps:,.1f}", f"{o.answered_qps:,.1f}", str(o.requests),
+             *(_fmt_ms(x) if o.bound_ms is None else "-" for x in (o.p50_ms, o.p90_ms)),
+             "-" if o.bound_ms is not None and not o.offered_qps else _fmt_ms(o.p99_ms),
+             _fmt_ms(o.p999_ms) if o.bound_ms is None else "-",
              ", ".join(f"{k}: {v}" for k, v in sorted(o.errors.items())) or "none",
              "; ".join(n for n, on in (("client-bound", o.client_bound), ("queue grows", o.queue_grows),
                                        (f"p99 from < {MIN_REQUESTS_FOR_P99}", o.scenario != "single-stream"
                                         and not o.enough_for_p99 and o.requests))
                        if on)]
             for o in outcomes]
-    parts = [f"# scorehost bench: scenarios\n\n- command: `{command}`\n- commit: {_commit()}\n"
-             f"- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- machine: {machine}\n- client ceiling: {ceiling}\n"
-             f"- arrivals (server scenario): {load.arrivals}\n"
-             f"- {seconds:g} s a run (p99 search: each rate at least that long and {MIN_REQUESTS_FOR_P99} requests)\n",
-             "## Results\n\nFor the p99 searches (`server p99<=B`), offered and answered are the highest rate found "
-             "and its p99 is that run's; latencies are from each request's scheduled send time.\n\n"
-             + table(["server", "script", "scenario", "offered req/s", "answered req/s", "requests", "p50", "p90",
+    parts = [f"# scorehost bench: scenarios\n\n{head(command)}- client ceiling: {ceiling}\n"
+             f"- arrivals (server scenario): {load.arrivals}\n- {seconds:g} s a run (p99 search: each rate at least "
+             f"that long; {CONFIDENCE_RULE.format(n=requests_for(0))})\n",
+             "## Results\n\nFor the p99 searches (`server p99<=B`), offered and succeeded are the highest rate found "
+             "(\"at least\" where every rate tried met the bound) and its p99 is that run's; latencies are from each "
+             "request's scheduled send time. Succeeded req/s and the percentiles count the answers with a 2xx (a "
+             "request never answered as slower than any); errors are counted apart.\n\n"
+             + table(["server", "script", "scenario", "offered req/s", "succeeded req/s", "requests", "p50", "p90",
                       "p99", "p99.9", "errors", "notes"], rows),
              "## Console summary\n\n```\n" + "\n".join(line(o) for o in outcomes) + "\n```"]
     if servers:
         parts.insert(1, servers)
+    failing = [o for o in outcomes if o.erred]
+    if failing:
+        parts.insert(-1, f"**Warning**: more than {ERROR_SHARE:.0%} of the answers were errors in "
+                     + "; ".join(map(warning, failing)) + ". Their figures count the successful answers alone.")
     rs = ratios(outcomes)
     if rs:
         parts.append("## scorehost / each other server\n\n" + table(["against", "script", "scenario", "figure",
@@ -333,18 +384,22 @@ def markdown(outcomes: list[Outcome], command: str, load: Load, seconds: float, 
         parts.append("## p99 search steps\n\n" + table(
             ["server", "script", "bound", "rate req/s", "requests", "p99", "met"],
             [[o.server, o.script, f"{o.bound_ms:g} ms", f"{s.rate:,.1f}", str(s.requests), _fmt_ms(s.p99_ms),
-              "yes" if s.met else ("no (ended early)" if s.ended_early else "no")] for o in steps for s in o.steps])
+              _met(s)] for o in steps for s in o.steps])
             + "\n\n![p99 against the offered rate](p99_vs_rate.png)")
     return "\n\n".join(parts) + "\n"
 
 
-def _commit() -> str:
-    try:
-        here = os.path.dirname(os.path.abspath(__file__))
-        return subprocess.run(["git", "-C", here, "describe", "--always", "--dirty"], capture_output=True,
-                              text=True, timeout=10).stdout.strip() or "-"
-    except OSError:
-        return "-"
+def _met(s: Step) -> str:
+    if s.met:
+        return "yes"
+    if s.ended_early:
+        return "no (ended early)"
+    return f"no ({s.misses} of {s.requests} missed: not sure of it)" if s.misses <= 0.01 * s.requests else "no"
+
+
+def warning(o: Outcome) -> str:
+    """An outcome whose answers were more than ERROR_SHARE errors, in one line (console and report alike)."""
+    return f"{o.server}/{o.script}/{o.name}: {refused(o)}"
 
 
 def p99_plot(series: dict[str, list[Step]], bounds: list[float], path: str, title: str,
@@ -412,6 +467,9 @@ def run_all(url: str, server: str, script: str, args, load: Load, deadline: floa
             outcomes.append(offline(url, load, args.in_flight, args.seconds, server, script) if scenario == "offline"
                             else single_stream(url, load, args.seconds, server, script))
             print(line(outcomes[-1]), flush=True)
+    for o in outcomes:
+        if o.erred:
+            print(f"WARNING: {warning(o)}", file=sys.stderr, flush=True)
     return outcomes
 
 
@@ -423,6 +481,8 @@ def cmd(args, scripts: dict[str, tuple[str, Optional[str]]], out: str) -> int:
         raise SystemExit("scorehost bench: --scenario server needs --qps N (a fixed rate) or --p99-ms B (a search)")
     if args.client_processes < 1 or args.in_flight < 1 or (args.qps is not None and args.qps <= 0):
         raise SystemExit("scorehost bench: --client-processes, --in-flight and --qps must be above 0")
+    if args.url and (why := loadgen.connect_error(args.url)):
+        raise SystemExit(f"scorehost bench: cannot connect to {args.url}: {why}")
     bodies = bodies_of(args, "bench")
     load = Load(bodies, args.key or "", args.client_processes, arrivals=args.arrivals)
     print("scorehost bench: the client's own ceiling (2 s against a server that answers at once)...", flush=True)

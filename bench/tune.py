@@ -20,14 +20,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
 import os
 import sys
 import time
 from typing import Iterator, Optional
 
 from bench import loadgen, scenarios
-from bench.report import ERROR_SHARE, table
+from bench.report import ERROR_SHARE, head, table
 
 PASS_ORDER = ("batch_max", "workers", "batch_delay_ms", "threads", "batch_sizes")
 
@@ -122,6 +121,7 @@ class Trial:
     beaten: float = 0.0  # measured only far enough to see it does not beat this rate (the best then)
     ceiling: float = 0.0  # offline throughput, req/s (the probe)
     effective: Optional[dict] = None  # what serve ran (effective()): a resumed row counts only if it still is
+    at_least: bool = False  # every rate its search tried met the bound (rate is a lower bound)
 
 
 @contextlib.contextmanager
@@ -159,7 +159,7 @@ def measure(config: dict, args, load: scenarios.Load, deadline: float, beat: flo
     if not out.steps and out.erred:  # its answers were failures: no rate is worth anything
         return Trial(config, error=scenarios.refused(out), ceiling=ceiling)
     return Trial(config, out.offered_qps or 0.0, out.p99_ms, [dataclasses.asdict(s) for s in out.steps],
-                 time.monotonic() < deadline, beaten=out.beaten, ceiling=ceiling)
+                 time.monotonic() < deadline, beaten=out.beaten, ceiling=ceiling, at_least=out.at_least)
 
 
 def report(trials: list[Trial], args, best: Trial, out: str) -> str:
@@ -173,8 +173,8 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
     rows = [[_flags(t.config), _rate(t), scenarios._fmt_ms(t.p99_ms) if t.rate else "-",
              str(len(t.steps)), t.error or ("best" if t is best else "")] for t in trials]
     with open(os.path.join(out, "frontier.md"), "w") as f:
-        f.write(f"# scorehost tune: {args.entry_script}, p99 <= {args.p99_ms:g} ms\n\n- commit: {scenarios._commit()}"
-                f"\n- date: {time.strftime('%Y-%m-%d %H:%M %Z')}\n- cores: {os.cpu_count()}\n- client ceiling: "
+        f.write(f"# scorehost tune: {args.entry_script}, p99 <= {args.p99_ms:g} ms\n\n"
+                f"{head(' '.join(['scorehost tune', *getattr(args, 'argv', [])]))}- client ceiling: "
                 f"{load_ceiling(out):,.0f} req/s\n\n"
                 + table(["serve flags", "req/s at p99 bound", "p99", "rates tried", "note"], rows)
                 + f"\n\n{winner}\n\n![frontier](frontier.png)\n")
@@ -194,7 +194,7 @@ def report(trials: list[Trial], args, best: Trial, out: str) -> str:
 def _rate(t: Trial) -> str:
     if t.beaten and not t.rate:
         return f"not above {t.beaten:,.1f} (stopped there)"
-    return f"{t.rate:,.1f}" + ("" if t.complete else " (at least)")
+    return f"{t.rate:,.1f}" + ("" if t.complete and not t.at_least else " (at least)")
 
 
 def load_ceiling(out: str) -> float:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import signal
 import sys
 import time
 from typing import Optional
@@ -83,12 +84,9 @@ def announce_ready(host: str, port: int, every_s: float = 0.25) -> None:
     threading.Thread(target=poll, name="announce-ready", daemon=True).start()
 
 
-def reads_model_dir(entry_script: str) -> bool:
-    try:
-        with open(entry_script, encoding="utf-8", errors="replace") as f:
-            return "AZUREML_MODEL_DIR" in f.read()
-    except OSError:
-        return False
+# What a script's load error says when it is about a model directory it was not given: it names the variable
+# (os.environ["AZUREML_MODEL_DIR"]), or a path was built from None (os.path.join(os.getenv(...), ...), f"{None}/...").
+MODEL_DIR_SIGNS = ("AZUREML_MODEL_DIR", "os.PathLike object, not NoneType", "'None/")
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -149,14 +147,17 @@ def cmd_serve(args: argparse.Namespace) -> int:
     os.environ.update(script_environment(settings, {**flags, "rest": args.rest}))
     _banner(settings, f"{mode}\n{debug_line}" if debug_line else mode)
     announce_ready(settings.host, settings.port)
-    code = serve(settings, model_slots) or 0
-    if code == 3 and "AZUREML_MODEL_DIR" not in os.environ and reads_model_dir(settings.entry_script):
+    code, error = serve(settings, model_slots)
+    if code != 3:
+        return code
+    # gunicorn's "Worker failed to boot" would be the last line: say what failed (the worker's own line), and where
+    if "AZUREML_MODEL_DIR" not in os.environ and any(sign in error for sign in MODEL_DIR_SIGNS):
         why = ("the config file's AZUREML_MODEL_DIR configures the server alone, as in azmlinfsrv"
                if settings.model_dir else "no model directory was given")
-        print(f"scorehost: {why}, and {os.path.basename(settings.entry_script)} reads AZUREML_MODEL_DIR: pass "
-              "--model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
-    elif code == 3:  # gunicorn's "Worker failed to boot" would be the last line: say what failed, and where
-        print(f"scorehost: {settings.entry_script} did not load: its error is above", file=sys.stderr)
+        print(f"scorehost: {error}\nscorehost: {why}, and {os.path.basename(settings.entry_script)} needs one: "
+              "pass --model-dir DIR (or set AZUREML_MODEL_DIR=DIR)", file=sys.stderr)
+    else:
+        print(f"scorehost: {error or settings.entry_script + ' did not load: its error is above'}", file=sys.stderr)
     return code
 
 
@@ -167,6 +168,9 @@ def default_entry_script(app_root: str) -> str:
     if os.path.isfile(own) and os.path.realpath(own) != os.path.realpath(REFERENCE_SCRIPT):
         print(f"scorehost: no --entry-script given: serving {own}, the score.py in the app root", file=sys.stderr)
         return own
+    if not os.path.isfile(own):  # a user who meant their own script learns at once that the demo is served
+        print(f"scorehost: no --entry-script given and no score.py in the app root ({os.path.abspath(app_root)}): "
+              f"serving the reference demo script {REFERENCE_SCRIPT}", file=sys.stderr)
     return REFERENCE_SCRIPT
 
 
@@ -239,6 +243,14 @@ def _bench_checks(args: argparse.Namespace) -> None:
     if named and args.client != "loadgen" and not args.scenario:
         raise SystemExit(f"scorehost bench: {who} are loaded by bench/loadgen.py (their bodies differ from "
                          "scorehost's): drop --client locust")
+    from bench.run import refused_serve_arg
+
+    refused = refused_serve_arg(args.scorehost_arg)
+    if refused:
+        raise SystemExit(refused)
+    if args.client == "locust" and not args.scenario and (args.seconds != int(args.seconds) or args.seconds < 1):
+        raise SystemExit(f"scorehost bench: Locust runs whole seconds (its -t): --seconds {args.seconds:g} would "
+                         "run another length than the report says; give a whole number, or --client loadgen")
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
@@ -266,6 +278,8 @@ def cmd_bench(args: argparse.Namespace) -> int:
             label, _, path = name.partition("=")
             if not path and os.path.isfile(name):  # a bare path: named after its file
                 label, path = os.path.splitext(os.path.basename(name))[0], name
+            if path and not os.path.isfile(path) or not path and (name.endswith(".py") or os.sep in name):
+                raise SystemExit(f"scorehost bench: --scripts {name}: no such file" + (f" ({path})" if path else ""))
             if not path:
                 raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50, proxy, "
                                  "NAME=PATH or the path of an entry script")
@@ -386,16 +400,36 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)[1:]
     args.from_command_line = argv is None
+    # bench and tune start servers in sessions of their own, stopped on the way out (run.started, tune.serving):
+    # SIGTERM (kill, a CI's timeout) unwinds them as Ctrl-C does, instead of ending this process and leaving them.
+    # serve's master handles SIGTERM itself (a graceful stop).
+    terminated = signal.signal(signal.SIGTERM, _terminate) if args.command in ("bench", "tune") else None
     try:
         return args.func(args)
-    except KeyboardInterrupt:  # Ctrl-C at any moment: one line, the shell's code for SIGINT
-        print("\nscorehost: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as ex:  # Ctrl-C (or SIGTERM) at any moment: one line, the shell's code for the signal
+        print("\nscorehost: " + ("terminated" if isinstance(ex, Terminated) else "interrupted"), file=sys.stderr)
+        return 128 + (signal.SIGTERM if isinstance(ex, Terminated) else signal.SIGINT)
     except SystemExit as ex:  # DeployError and friends: their message, exit code 1, no traceback
         if isinstance(ex.code, str):
             print(ex.code, file=sys.stderr)
             return 1
         raise
+    finally:
+        if terminated is not None:
+            signal.signal(signal.SIGTERM, terminated)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM in bench or tune, raised where the main thread is, so that what it started is stopped."""
+
+
+def _terminate(signum: int, frame: object) -> None:
+    if os.getpid() != _MAIN_PID:  # a process bench forked (a trivial server) inherits this: it just ends
+        os._exit(128 + signal.SIGTERM)
+    raise Terminated()
+
+
+_MAIN_PID = os.getpid()
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ import sys
 import tempfile
 import time
 import urllib.request
-from typing import Iterable, Iterator, Optional
+from typing import Callable, Iterable, Iterator, Optional
 
 
 def free_port() -> int:
@@ -55,9 +55,16 @@ class ServerProcess:
         with open(self.log.name, encoding="utf-8", errors="replace") as f:
             return f.read()
 
-    def wait_healthy(self, timeout: float) -> "ServerProcess":
-        deadline = time.monotonic() + timeout
+    def wait_healthy(self, timeout: float, progress: Optional[Callable[[float], None]] = None,
+                     every_s: float = 30.0) -> "ServerProcess":
+        """Until it answers (scorehost: /ready; AIHS: /); `progress(seconds waited)` every `every_s` meanwhile, so a
+        slow start is not silence. RuntimeError with its output when it exits first or `timeout` passes."""
+        started = time.monotonic()
+        deadline, said = started + timeout, started
         while time.monotonic() < deadline:
+            if progress is not None and time.monotonic() - said >= every_s:
+                said = time.monotonic()
+                progress(said - started)
             if self.proc.poll() is not None:
                 raise RuntimeError(f"{self.kind} exited with {self.proc.returncode} before it was healthy:\n"
                                    f"{self.output()[-5000:]}")

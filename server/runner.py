@@ -76,6 +76,30 @@ class BootWatch:
         if self.failures:
             time.sleep(min(0.5 * 2 ** (self.failures - 1), 4.0))
 
+    def fail(self, why: str, details: str = "", replacement: bool = False) -> None:
+        """In a worker that cannot boot: say why, leave `why` (one line) in the run directory for the master
+        (`last_error`: the CLI's last line names the cause, not only exit code 3), and exit. At start-up with
+        BOOT_ERROR, which stops the server (exit 3, as Azure ML's server); a replacement exits 1 and is retried by
+        the master with back-off, since the others still serve."""
+        print(f"scorehost: {why}" + (f"\n{details}" if details else ""), file=sys.stderr, flush=True)
+        if self.run_dir:
+            with open(os.path.join(self.run_dir, f"error-{os.getpid()}"), "w", encoding="utf-8") as f:
+                f.write(why)
+        if replacement:
+            print("scorehost: this replacement worker will be retried", file=sys.stderr, flush=True)
+        os._exit(1 if replacement else BOOT_ERROR)
+
+    def last_error(self) -> str:
+        """The newest boot failure's line (`fail`), "" when none."""
+        try:
+            files = [e for e in os.scandir(self.run_dir) if e.name.startswith("error-")] if self.run_dir else []
+            if not files:
+                return ""
+            with open(max(files, key=lambda e: e.stat().st_mtime_ns).path, encoding="utf-8") as f:
+                return f.read()
+        except OSError:
+            return ""
+
     def exited(self, worker: Any) -> None:
         if self.is_ready(worker.pid):
             os.unlink(self.marker(worker.pid))
@@ -291,12 +315,13 @@ class ScoreServer(gunicorn.app.base.BaseApplication):
                 signal.signal(sig, handler)
         replacement = self._worker.replacement if self._worker is not None else False
         if thread.is_alive():
-            _fail(f"init() did not finish within {self.settings.init_timeout} s (--init-timeout); "
-                  f"the entry script {self.settings.entry_script} is hung or too slow to load.", replacement)
+            self.boots.fail(f"init() did not finish within {self.settings.init_timeout} s (--init-timeout); the "
+                            f"entry script {self.settings.entry_script} is hung or too slow to load.",
+                            replacement=replacement)
         if "error" in result:
             first = result["error"].strip().splitlines()[-1]
-            _fail(f"The entry script {self.settings.entry_script} failed to load or init() raised: {first}\n"
-                  f"{result['error']}", replacement)
+            self.boots.fail(f"The entry script {self.settings.entry_script} failed to load or init() raised: {first}",
+                            result["error"], replacement)
         if mark_ready:
             self.boots.mark_ready()
         logging.getLogger("scorehost.runner").info("worker %d ready for serving traffic", os.getpid())
@@ -349,15 +374,6 @@ def _exit_at_once(signum: int, frame: Any) -> None:
     os._exit(0)
 
 
-def _fail(message: str, replacement: bool = False) -> None:
-    """At start-up a worker that cannot boot stops the server (exit 3, as Azure ML's server); a replacement that
-    cannot boot is retried by the master with back-off (BootWatch), since the others still serve."""
-    print(f"scorehost: {message}", file=sys.stderr, flush=True)
-    if replacement:
-        print("scorehost: this replacement worker will be retried", file=sys.stderr, flush=True)
-    os._exit(1 if replacement else BOOT_ERROR)
-
-
 def plan(settings: Settings, gpus: list[str]) -> tuple[Settings, tuple[Optional[str], ...], str]:
     """Fill the settings left to defaults (each setting's computed default, server/settings.py), and say why:
     (settings, model slots, one line for the banner).
@@ -403,8 +419,9 @@ def debugging(settings: Settings) -> tuple[Settings, str]:
                       "no scoring timeout, worker timeout or init timeout. Not for production.")
 
 
-def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Optional[int]:
-    """Run until stopped; returns the master's exit code (3 when a worker could not boot)."""
+def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> tuple[int, str]:
+    """Run until stopped; returns the master's exit code (3 when a worker could not boot) and, with 3, the line
+    that says why (BootWatch.fail)."""
     import shutil
 
     own_dirs = [metrics.own_temp_dir("run")]  # the model processes' sockets
@@ -416,12 +433,13 @@ def serve(settings: Settings, model_slots: tuple[Optional[str], ...] = ()) -> Op
     except SystemExit as ex:
         if server.interrupted and os.getpid() == master:
             print("scorehost: interrupted", file=sys.stderr, flush=True)
-            return 130
-        return ex.code if isinstance(ex.code, int) else 1
+            return 130, ""
+        code = ex.code if isinstance(ex.code, int) else 1
+        return code, server.boots.last_error() if code == BOOT_ERROR else ""
     finally:
         # Workers are forked inside run(): an exiting worker unwinds through here too, and must leave them alone.
         if os.getpid() == master:
             for path in own_dirs:
                 if path:
                     shutil.rmtree(path, ignore_errors=True)
-    return 0
+    return 0, ""

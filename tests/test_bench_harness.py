@@ -194,6 +194,13 @@ def test_bench_with_no_server_to_measure_says_why(scenario, tmp_path, capsys):
     (["--url", "http://127.0.0.1:9"], "--url is for the scenarios"),
     (["--remote", "http://127.0.0.1:9", "--scenario", "offline"], "with --url, not --remote"),
     (["--requests", "/nonexistent"], "--requests: /nonexistent is not a directory of recorded requests"),
+    # flags bench sets itself were overridden in silence, or made it wait for the wrong port (/nonexistent: a run
+    # that is not refused ends at once all the same)
+    (["--scripts", "/nonexistent/x.py", "--scorehost-arg=--workers=2"], "sets this itself: use bench's --workers"),
+    (["--scripts", "/nonexistent/x.py", "--scorehost-arg=--worker_count", "--scorehost-arg=2"], "bench's --workers"),
+    (["--scripts", "/nonexistent/x.py", "--scorehost-arg=--port=9"], "it gives each server a free port"),
+    (["--scripts", "nosuch.py"], "scorehost bench: --scripts nosuch.py: no such file"),
+    (["--scripts", "/nonexistent/x.py", "--seconds", "2.5"], "Locust runs whole seconds"),
 ])
 def test_bench_refuses_what_the_proxy_or_a_peer_cannot_serve(flags, says, capsys):
     from scorehost.cli import main
@@ -425,3 +432,60 @@ def test_a_locust_cell_counts_every_request_the_server_answered(start_server):
                                                 metrics, re.M))
     assert error == "" and rows["/score"]["Failure Count"] == 0
     assert answered - 2 <= rows["/score"]["Request Count"] <= answered and answered > 20, (rows["/score"], answered)
+
+
+def test_a_loadgen_cell_divides_by_the_time_measured(monkeypatch):
+    """Requests in flight at the budget's end are answered after it: counted, so the time is the measured one."""
+    from bench import loadgen, run
+
+    measured = loadgen.LoadResult(2.5, [1.0] * 250, {"image 200": 250})
+    monkeypatch.setattr(loadgen, "run", lambda *args, **kwargs: measured)
+    result = run.loadgen_cell(run.Cell("scorehost", "trivial", 1), "http://x", 2.0, loadgen.Bodies((("x", "", b""),)))
+    assert result.req_s == result.img_s == 100.0
+
+
+def test_a_server_slow_to_be_ready_is_said_while_it_is_waited_for(tmp_path):
+    server = processes.ServerProcess("fake", ["sleep", "600"], dict(os.environ), processes.free_port(), str(tmp_path))
+    said = []
+    with pytest.raises(RuntimeError, match="not healthy"):
+        server.wait_healthy(0.5, progress=said.append, every_s=0.0)
+    assert said and said == sorted(said)
+
+
+def test_the_matrix_report_names_the_commit_and_versions():
+    from bench import report
+    from scorehost import __version__
+
+    text = report.markdown([], "scorehost bench --seconds 1", 1.0)
+    assert f"- commit: {report.commit()}\n" in text and f"scorehost {__version__}" in text
+
+
+def test_sigterm_to_bench_stops_the_servers_it_started(tmp_path):
+    """As Ctrl-C does: what bench started (in sessions of their own) is stopped on the way out, exit 143."""
+    import signal
+    import sys
+    import time
+
+    program = f"""
+import os, sys
+from scorehost import cli, processes
+def fake_bench(args):
+    server = processes.ServerProcess("fake", ["sleep", "600"], dict(os.environ), processes.free_port(), ".")
+    try:
+        open({str(tmp_path / "pid")!r}, "w").write(str(server.pid))
+        server.proc.wait()
+    finally:
+        server.stop(timeout=5)
+cli.cmd_bench = fake_bench
+sys.exit(cli.main(["bench"]))
+"""
+    bench_process = subprocess.Popen([sys.executable, "-c", program], stderr=subprocess.PIPE, text=True)
+    pid_file = tmp_path / "pid"
+    while not pid_file.exists() or not pid_file.read_text():
+        assert bench_process.poll() is None, bench_process.stderr.read()
+        time.sleep(0.05)
+    server = int(pid_file.read_text())
+    bench_process.send_signal(signal.SIGTERM)
+    assert bench_process.wait(30) == 143
+    assert bench_process.stderr.read().strip() == "scorehost: terminated"
+    assert processes._identity(server) is None  # gone (or a zombie until init reaps it)

@@ -77,3 +77,5 @@ def test_tune_recommends_nothing_when_every_answer_is_an_error(tmp_path):
     assert "no configuration kept p99 <= 100 ms with at most 1% errors: nothing to recommend" in done.stderr
     assert "400" in done.stderr.splitlines()[-1] and "best under" not in done.stdout
     assert not (tmp_path / "best.txt").exists()
+    frontier = (tmp_path / "frontier.md").read_text()  # traceable to what ran it, as bench's reports
+    assert "- command: `scorehost tune --entry-script" in frontier and "- commit: " in frontier, frontier

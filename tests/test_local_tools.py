@@ -478,3 +478,33 @@ def test_a_call_stuck_past_the_scoring_timeout_still_ends_its_trace(start_server
     span_id = answer.header("traceparent").split("-")[2]
     root = recorder.wait_for(lambda: next((s for s in recorder.spans() if s["spanId"] == span_id), None))
     assert attributes(root)["http.status_code"] == "500" and root["status"]["code"] == 2  # ERROR
+
+
+@pytest.mark.parametrize("init, last", [
+    # reads AZUREML_MODEL_DIR, but fails on an import: the model directory is not blamed, the error is quoted
+    ("import no_such_module_xyz\n    os.listdir(os.environ['AZUREML_MODEL_DIR'])",
+     ["failed to load or init() raised: ModuleNotFoundError: No module named 'no_such_module_xyz'"]),
+    # a path built from the missing variable: that is the model directory's failure
+    ("os.listdir(os.path.join(os.getenv('AZUREML_MODEL_DIR'), 'model'))",
+     ["raised: TypeError: expected str, bytes or os.PathLike object, not NoneType",
+      "no model directory was given, and score.py needs one: pass --model-dir DIR"]),
+])
+def test_the_last_line_of_a_failed_start_says_what_failed(tmp_path, init, last):
+    """The master learns only exit code 3; the worker leaves its one line in the run directory (BootWatch.fail)."""
+    (tmp_path / "score.py").write_text(f"import os\n\ndef init():\n    {init}\n\ndef run(raw):\n    return raw\n")
+    server = processes.start("scorehost", str(tmp_path / "score.py"))
+    try:
+        assert server.proc.wait(120) == 3
+    finally:
+        server.stop()
+    lines = server.output().strip().splitlines()[-len(last):]
+    assert all(want in line for want, line in zip(last, lines)), server.output()[-3000:]
+
+
+def test_serving_the_demo_for_want_of_a_score_py_is_said(tmp_path, capsys):
+    from scorehost import REFERENCE_SCRIPT
+    from scorehost.cli import default_entry_script
+
+    assert default_entry_script(str(tmp_path)) == REFERENCE_SCRIPT
+    assert capsys.readouterr().err == (f"scorehost: no --entry-script given and no score.py in the app root "
+                                       f"({tmp_path}): serving the reference demo script {REFERENCE_SCRIPT}\n")

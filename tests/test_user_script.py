@@ -80,7 +80,7 @@ def test_a_script_reading_the_model_dir_without_one_is_told_how_to_give_it(tmp_p
     output, _ = server.communicate(timeout=60)
     assert server.returncode == 3
     assert output.strip().splitlines()[-1] == (
-        "scorehost: no model directory was given, and score.py reads AZUREML_MODEL_DIR: pass --model-dir DIR (or "
+        "scorehost: no model directory was given, and score.py needs one: pass --model-dir DIR (or "
         "set AZUREML_MODEL_DIR=DIR)")
 
 
@@ -99,7 +99,8 @@ def test_a_script_that_does_not_load_ends_with_scorehosts_line_not_gunicorns(tmp
     server = _scorehost("serve", "--entry-script", str(tmp_path / "score.py"), "--port", str(processes.free_port()))
     output, _ = server.communicate(timeout=60)
     assert server.returncode == 3 and "RuntimeError: no feature store" in output
-    assert output.strip().splitlines()[-1].startswith(f"scorehost: {tmp_path / 'score.py'} did not load")
+    assert output.strip().splitlines()[-1] == (f"scorehost: The entry script {tmp_path / 'score.py'} failed to load "
+                                               "or init() raised: RuntimeError: no feature store")
 
 
 def test_a_module_beside_a_script_in_a_subfolder_is_not_on_sys_path_as_under_azure_ml(tmp_path):
