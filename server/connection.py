@@ -164,6 +164,7 @@ class Connection:
         self.unsent = b""  # the part of a 100 Continue the socket did not take: it precedes the answer
         self.close_after = False
         self.streaming = False  # the answer being written is a streamed one's part, and more are to come
+        self.streaming_since = 0.0  # when its last part was written: the producer owes the next since then
         self.after_stream = b""  # answers to pipelined requests, held on an evacuation until the stream ends
         self.eof = False
         self.fresh = True  # nothing received yet: a client that connected has its first request on the way
@@ -533,7 +534,8 @@ class Connection:
         streamed answer's part: its producer is told to make the next."""
         if self.streaming:
             self.state = STREAMING
-            self.deadline = float("inf")
+            self.deadline = float("inf")  # a producer that never makes its next part is the worker's (front._overdue)
+            self.streaming_since = self.clock()
             assert self.current is not None and self.current.stream is not None
             self.current.stream.ready.set()
             return

@@ -145,6 +145,7 @@ class FrontWorker(ScoreWorker):
         self._admits_body: Callable[[str, Optional[str], Optional[int]], bool] = scorehost["admits_body"]
         self.log_access = bool(settings.access_log)
         self.hung_grace_s = float(settings.hung_grace)
+        self.worker_timeout_s = float(settings.worker_timeout)
         self.body_budget = int(settings.max_body_bytes_in_flight)
         self.body_bytes = 0  # loop-owned: body bytes of the requests this worker holds
         self.metrics = scorehost["metrics"]
@@ -423,16 +424,23 @@ class FrontWorker(ScoreWorker):
                 self.overdue.add(request)
                 if request.trace is not None:  # its late answer will be dropped: the trace ends with this one
                     request.trace.end(time.perf_counter())
+            elif conn.state == STREAMING and now - conn.streaming_since >= self.worker_timeout_s and not self.hung:
+                self._hung(f"a streamed answer has made no part for {self.worker_timeout_s:.0f} s (--worker-timeout)",
+                           "hung stream")
         for request in list(self.overdue):
             if request.returned:
                 self.overdue.discard(request)
             elif now >= request.deadline + self.hung_grace_s and not self.hung:
-                log.error("a call has not returned %.0f s after the scoring timeout (--hung-grace): worker %d "
-                          "finishes what it holds and exits; the master starts another", self.hung_grace_s,
-                          os.getpid())
-                self.metrics.restarts.labels("hung run()").inc()
-                self.hung = "a call in this worker is stuck and the worker is restarting"
-                self.alive = False
+                self._hung(f"a call has not returned {self.hung_grace_s:.0f} s after the scoring timeout "
+                           "(--hung-grace)", "hung run()")
+
+    def _hung(self, why: str, kind: str) -> None:
+        """An app thread is stuck for good: the worker answers everything it holds and exits, and the master starts
+        another (as gunicorn's --timeout would end a sync worker, but answering first)."""
+        log.error("%s: worker %d finishes what it holds and exits; the master starts another", why, os.getpid())
+        self.metrics.restarts.labels(kind).inc()
+        self.hung = "a call in this worker is stuck and the worker is restarting"
+        self.alive = False
 
     def _evacuate(self, why: str) -> None:
         """Answer every request still held here (503 + Retry-After where no answer is ready), and write the
@@ -485,6 +493,8 @@ class FrontWorker(ScoreWorker):
             except BaseException:  # noqa: B036 - nothing may kill an app thread
                 log.exception("error while answering a request")
                 (head, body), close = errors.raw_error_parts(errors.InternalError()), True
+            if os.getpid() != self.pid:  # a child that run() forked, back here: not this worker (it held its port)
+                os._exit(0)
             request.responded = time.perf_counter()
             if streamed is None:
                 self._hand(conn, request, body, close, WHOLE, head)
@@ -535,6 +545,7 @@ class FrontWorker(ScoreWorker):
             status, headers = captured
         close = not request.keep_alive or self.limits.keepalive <= 0 or (streamed is not None and not streamed.chunked)
         body = b"" if bodiless else b"".join(written if streamed else chunks)
+        _check_head(status, headers)
         lines = [f"HTTP/1.1 {status}\r\n"]
         for name, value in headers:
             lname = name.lower()
@@ -552,7 +563,7 @@ class FrontWorker(ScoreWorker):
         lines.append(f"Date: {_date()}\r\n")
         if self.log_access and streamed is None and not environ.get(LATE):
             self._log_access(conn, request, code, len(body))  # a streamed one's when it ends (_stream)
-        return "".join(lines).encode("latin-1"), body, close, streamed
+        return "".join(lines).encode("latin-1"), body, close, streamed  # _check_head: latin-1 throughout
 
     def _stream(self, conn: Connection, request: Request, head: bytes, first: bytes, close: bool,
                 streamed: "_Streamed") -> None:
@@ -566,12 +577,13 @@ class FrontWorker(ScoreWorker):
             for chunk in streamed.iterable:
                 if not chunk:
                     continue
+                data = streamed.frame(chunk)  # before the wait's clear: a part that is no bytes ends the stream
                 handoff.ready.wait()
                 if handoff.gone:
                     break
                 handoff.ready.clear()
                 size += len(chunk)
-                self._hand(conn, request, streamed.frame(chunk), close, PART)
+                self._hand(conn, request, data, close, PART)
             else:
                 cut = False
         except BaseException:  # noqa: B036 - nothing may kill an app thread
@@ -623,6 +635,21 @@ class FrontWorker(ScoreWorker):
         return environ
 
 
+_TOKEN = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]+\Z")  # RFC 9110 field names, as gunicorn checks them
+_FIELD_TEXT = re.compile(r"[\t\x20-\x7e\x80-\xff]*\Z")  # no CR, LF or other control: latin-1, as it is sent
+
+
+def _check_head(status: str, headers: list) -> None:
+    """The app's status line and fields go to the wire as they are: a CR or LF there (a reason or a header name the
+    script built from the request) would split the answer and forge another (werkzeug checks header values only).
+    Refused as gunicorn refuses them: the request gets a 500 instead."""
+    if not (status[:3].isdigit() and status[3:4] in ("", " ") and _FIELD_TEXT.match(status)):
+        raise ValueError(f"invalid status line from the app: {status!r}")
+    for name, value in headers:
+        if not (isinstance(name, str) and isinstance(value, str) and _TOKEN.match(name) and _FIELD_TEXT.match(value)):
+            raise ValueError(f"invalid header field from the app: {name!r}: {value!r}")
+
+
 class _Streamed:
     """The rest of a streamed answer: the app's iterable, and how its parts are framed on the wire."""
 
@@ -632,6 +659,8 @@ class _Streamed:
         self.iterable, self.chunked, self.code = iterable, chunked, code
 
     def frame(self, data: bytes) -> bytes:
+        if not isinstance(data, bytes):  # werkzeug encodes str; a dict yielded by mistake would reach the socket
+            raise TypeError(f"a streamed answer's part must be bytes or str, not {type(data).__name__}")
         return b"%x\r\n%s\r\n" % (len(data), data) if self.chunked else data
 
     def end(self) -> bytes:

@@ -394,6 +394,74 @@ def test_what_gunicorn_and_aihs_refuse_is_400(framing, request_bytes):
     assert statuses(reply) == [400] and b'"request_id"' in reply
 
 
+@pytest.mark.parametrize("query", [
+    "reason=OK%0d%0aSet-Cookie:%20session=attacker%0d%0aContent-Length:%200%0d%0a%0d%0aHTTP/1.1%20200%20OK",
+    "header=Y%0d%0aSet-Cookie:%20session=attacker",
+])
+def test_a_line_break_the_script_puts_in_its_status_or_a_header_name_is_a_500_not_a_forged_answer(framing, query):
+    """Attacked from outside: werkzeug checks header values, not a status reason or a header name, and the front
+    wrote them as they were: the client got an injected Set-Cookie (and a whole forged second answer). gunicorn
+    (AIHS) refuses both with a 500."""
+    reply = answers_until_closed(framing.port, f"GET /score?{query} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n"
+                                 "\r\n".encode())
+    assert statuses(reply) == [500] and b"Set-Cookie" not in reply, reply
+    assert post(framing, b"fine").status == 200
+
+
+def test_a_child_that_run_forks_and_that_returns_exits_instead_of_serving(framing):
+    """Attacked from outside: the child went back to the app thread's loop and lived on, holding the worker's
+    listening sockets after the server stopped (the port stayed taken). AIHS's child exits."""
+    assert json.loads(post(framing, b"fork").body) == {"child": False}
+    def live(pid: int) -> bool:
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+    workers = _children(framing.pid)
+    deadline = time.monotonic() + 10
+    while any(live(c) for w in workers for c in _children(w)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert not any(live(c) for w in workers for c in _children(w))
+
+
+@pytest.fixture(scope="module")
+def streaming(start_server):
+    return start_server("scorehost", script("streamed.py"), workers=1, extra_args=("--worker-timeout", "3"))
+
+
+@pytest.mark.parametrize("version", ["1.1", "1.0"])
+def test_a_streamed_part_that_is_not_bytes_cuts_that_answer_and_the_worker_serves_on(streaming, version):
+    """Attacked from outside: a generator that yielded a dict after its first part left the app thread waiting
+    for good (HTTP/1.1: every later request to the worker hung) or killed the loop thread (HTTP/1.0: the worker
+    died with what it held). AIHS cuts that answer short and serves the next."""
+    worker, = _children(streaming.pid)
+    reply = answers_until_closed(streaming.port, f"GET /score?parts=3&odd_at=1 HTTP/{version}\r\nHost: x\r\n"
+                                 "Connection: close\r\n\r\n".encode())
+    assert statuses(reply) == [200] and b"part 0 of 3" in reply and not reply.endswith(b"0\r\n\r\n"), reply
+    assert send(streaming.url, Case("x", "GET", "/score?parts=1"), timeout=10).body == b"part 0 of 1\n"
+    assert _children(streaming.pid) == [worker]
+    assert "must be bytes or str, not dict" in streaming.output()
+
+
+def test_a_stream_that_makes_no_part_for_the_worker_timeout_restarts_the_worker(streaming):
+    """Attacked from outside: a generator stuck after its first part held the worker's only app thread for good,
+    and every later request hung (the scoring timeout covers run() and the first part; the loop kept gunicorn's
+    --worker-timeout from firing). As AIHS's sync worker after --worker-timeout, the worker is replaced; scorehost
+    answers what it holds first."""
+    worker, = _children(streaming.pid)
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        stuck = pool.submit(answers_until_closed, streaming.port, b"GET /score?parts=2&gap_ms=600000 HTTP/1.1\r\n"
+                            b"Host: x\r\n\r\n", timeout=30)
+        time.sleep(0.5)
+        behind = pool.submit(send, streaming.url, Case("x", "GET", "/score?parts=1"), 30)
+        assert b"part 0 of 2" in stuck.result() and b"part 1" not in stuck.result()
+        assert behind.result().status in (200, 503)  # answered: by the stuck worker's evacuation or its successor
+    assert send(streaming.url, Case("x", "GET", "/score?parts=1"), timeout=20).body == b"part 0 of 1\n"
+    assert _children(streaming.pid) != [worker]
+    assert "a streamed answer has made no part for 3 s (--worker-timeout)" in streaming.output()
+
+
 def test_no_100_continue_for_http_1_0(framing):
     reply = answers_until_closed(framing.port, b"POST /score HTTP/1.0\r\nContent-Length: 2\r\nExpect: 100-continue"
                                  b"\r\n\r\nok")
