@@ -278,7 +278,7 @@ def cmd_bench(args: argparse.Namespace) -> int:
             label, _, path = name.partition("=")
             if not path and os.path.isfile(name):  # a bare path: named after its file
                 label, path = os.path.splitext(os.path.basename(name))[0], name
-            if path and not os.path.isfile(path) or not path and (name.endswith(".py") or os.sep in name):
+            if (path and not os.path.isfile(path)) or (not path and (name.endswith(".py") or os.sep in name)):
                 raise SystemExit(f"scorehost bench: --scripts {name}: no such file" + (f" ({path})" if path else ""))
             if not path:
                 raise SystemExit(f"scorehost bench: unknown script {name!r}: use trivial, resnet50, proxy, "

@@ -45,7 +45,6 @@ import uuid
 from email.utils import formatdate
 from typing import Any, Callable, Optional
 
-
 from . import errors
 from .app import ANSWER_CLAIM, BODY_ERROR, DEADLINE, LATE, REQUEST_ID, TIMED_OUT
 from .body import WHOLE_BODY
@@ -563,7 +562,7 @@ class FrontWorker(ScoreWorker):
         lines.append(f"Date: {_date()}\r\n")
         if self.log_access and streamed is None and not environ.get(LATE):
             self._log_access(conn, request, code, len(body))  # a streamed one's when it ends (_stream)
-        return "".join(lines).encode("latin-1"), body, close, streamed  # _check_head: latin-1 throughout
+        return "".join(lines).encode("latin-1"), body, close, streamed  # latin-1 holds: _check_head refused the rest
 
     def _stream(self, conn: Connection, request: Request, head: bytes, first: bytes, close: bool,
                 streamed: "_Streamed") -> None:
